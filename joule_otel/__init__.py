@@ -1,0 +1,36 @@
+"""joule_otel: see where your joules go.
+
+Joule Cloud bills inference in joules and says so on every response (``X-Energy-Joules``,
+``X-Carbon-mg``, ``X-Routed-To``, ``X-Tier``, ``X-Receipt-Id``). One line captures those headers
+on every call made through httpx/httpx2 (the openai SDK, LangChain, plain httpx), records them as
+OpenTelemetry span attributes and metrics, and writes every billed call to a local DuckDB ledger::
+
+    import joule_otel
+
+    joule_otel.instrument()
+
+    with joule_otel.workload("support-bot"):
+        client.chat.completions.create(model="auto", messages=[...])
+
+    joule_otel.read_ledger()          # a pandas DataFrame of inference_calls
+
+Zero-code: ``opentelemetry-instrument python app.py`` does the same through the ``joule``
+instrumentor. ``joule-otel dashboard`` charts the ledger; ``joule-otel demo`` shows it all offline.
+"""
+
+from __future__ import annotations
+
+from joule_otel._instrument import flush, instrument, stats, uninstrument
+from joule_otel._version import __version__
+from joule_otel.ledger.reader import read_calls as read_ledger
+from joule_otel.workload import workload
+
+__all__ = [
+    "__version__",
+    "flush",
+    "instrument",
+    "read_ledger",
+    "stats",
+    "uninstrument",
+    "workload",
+]

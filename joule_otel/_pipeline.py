@@ -1,0 +1,389 @@
+"""The background half of capture: finished calls → parsed facts → metrics and ledger rows.
+
+One daemon thread per process drains a bounded deque every flush interval (or sooner, under load),
+parses what the app's thread only kept references to, records metrics, and hands rows to the
+ledger writer. It restarts itself after ``fork`` and is flushed at exit and on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+import zlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from joule_otel import attributes as attr
+from joule_otel.capture import SEMCONV_OPERATIONS, CallRecord, error_type_for, parse_request_body
+from joule_otel.headers import REGION, EnergyReading, read_energy
+from joule_otel.instruments import Instruments
+from joule_otel.ledger.writer import LedgerWriter
+
+_log = logging.getLogger("joule_otel")
+
+MAX_QUEUED_CALLS = 50_000
+"""Calls waiting for the background thread; past this they are dropped and counted."""
+WAKE_AT = 2_000
+"""Wake the background thread early when this many calls wait."""
+SEGMENT_MAX_ROWS = 100_000
+RECENT_RECEIPTS = 100_000
+DECODED_CAP = 16 << 20
+
+
+@dataclass
+class BodyFacts:
+    """What the response body said."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    stream_energy_j: float | None = None
+    stream_carbon_mg: float | None = None
+    error_code: str | None = None
+
+
+def _decode(call: CallRecord) -> bytes:
+    data = b"".join(call.chunks)
+    if not call.encoded or not data:
+        return data
+    encoding = (call.response_headers.get("content-encoding") or "").strip().lower()
+    if encoding in ("", "identity"):
+        return data
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        wbits = 47 if encoding != "deflate" else 15
+        for bits in (wbits, -15):
+            try:
+                return zlib.decompressobj(bits).decompress(data, DECODED_CAP)
+            except zlib.error:
+                continue
+        return b""
+    if encoding == "br":
+        try:
+            import brotli
+
+            return bytes(brotli.decompress(data))
+        except Exception:
+            return b""
+    if encoding == "zstd":
+        try:
+            import zstandard
+
+            return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(data))
+        except Exception:
+            return b""
+    return b""
+
+
+def _usage_tokens(usage: Any) -> tuple[int | None, int | None]:
+    if not isinstance(usage, dict):
+        return None, None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    return (prompt if isinstance(prompt, int) and prompt >= 0 else None,
+            completion if isinstance(completion, int) and completion >= 0 else None)
+
+
+def _joule_extension(event: dict[str, Any], facts: BodyFacts) -> None:
+    from joule_otel.headers import parse_quantity
+
+    joule = event.get("joule")
+    if isinstance(joule, dict) and facts.stream_energy_j is None:
+        energy = joule.get("energy_joules")
+        carbon = joule.get("carbon_mg")
+        facts.stream_energy_j = parse_quantity(str(energy)) if energy is not None else None
+        facts.stream_carbon_mg = parse_quantity(str(carbon)) if carbon is not None else None
+
+
+def parse_body(call: CallRecord, is_sse: bool) -> BodyFacts:
+    """Usage, the stream's final energy figure and the error code, from the kept body bytes."""
+    facts = BodyFacts()
+    data = _decode(call)
+    if not data:
+        return facts
+    if is_sse:
+        seen = 0
+        for line in reversed(data.split(b"\n")):
+            if not line.startswith(b"data:") or b"[DONE]" in line:
+                continue
+            seen += 1
+            if seen > 8 or (facts.input_tokens is not None and facts.stream_energy_j is not None):
+                break
+            try:
+                event = json.loads(line[5:])
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            if facts.input_tokens is None and facts.output_tokens is None:
+                facts.input_tokens, facts.output_tokens = _usage_tokens(event.get("usage"))
+            _joule_extension(event, facts)
+        return facts
+    if call.status_code is not None and call.status_code >= 400:
+        try:
+            error = json.loads(data).get("error") or {}
+            code = error.get("code") or error.get("type")
+            facts.error_code = str(code)[:64] if code else None
+        except (ValueError, AttributeError):
+            pass
+        return facts
+    at = data.rfind(b'"usage"')
+    if at >= 0:
+        brace = data.find(b"{", at)
+        if brace >= 0:
+            try:
+                usage, _ = json.JSONDecoder().raw_decode(data[brace:].decode("utf-8", "replace"))
+            except ValueError:
+                usage = None
+            facts.input_tokens, facts.output_tokens = _usage_tokens(usage)
+    return facts
+
+
+def other_genai_metrics_recorder() -> str | None:
+    """Name of another GenAI instrumentation in this process that records ``gen_ai.client.*`` metrics."""
+    for module_name, label in (("opentelemetry.instrumentation.openai_v2", "opentelemetry-instrumentation-openai-v2"),
+                               ("opentelemetry.instrumentation.openai", "OpenLLMetry")):
+        module = sys.modules.get(module_name)
+        instrumentor = getattr(module, "OpenAIInstrumentor", None) if module else None
+        if instrumentor is not None and getattr(instrumentor(), "_is_instrumented_by_opentelemetry", False):
+            return label
+    if "logfire._internal.integrations.llm_providers.openai" in sys.modules:
+        return "Logfire"
+    if "openlit.instrumentation.openai" in sys.modules:
+        return "OpenLIT"
+    return None
+
+
+def _no_header(name: str) -> None:
+    return None
+
+
+class Pipeline:
+    """The background thread, its queue, and what it does with each call."""
+
+    def __init__(self, *, service_name: str, default_workload: str | None, flush_interval_s: float,
+                 max_workloads: int, instruments: Instruments | None, writer: LedgerWriter | None,
+                 capture_stats: Any) -> None:
+        self.service_name = service_name
+        self.default_workload = default_workload
+        self.flush_interval_s = flush_interval_s
+        self.max_workloads = max_workloads
+        self.instruments = instruments
+        self.writer = writer
+        self.capture_stats = capture_stats
+        self.calls_seen = 0
+        self.calls_dropped = 0
+        self.duplicate_receipts = 0
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._metric_workloads: set[str] = set()
+        self._reset_thread_state()
+
+    def _reset_thread_state(self) -> None:
+        self._queue: deque[CallRecord] = deque()
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._flush_requested = 0
+        self._flush_done = 0
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._last_segment = time.monotonic()
+
+    # -- app thread side ----------------------------------------------------------------------
+    def submit(self, call: CallRecord) -> None:
+        """Queue a finished call (called on the app's thread; O(1), no I/O)."""
+        queue = self._queue
+        if len(queue) >= MAX_QUEUED_CALLS:
+            self.calls_dropped += 1
+            return
+        queue.append(call)
+        if len(queue) >= WAKE_AT:
+            self._wake.set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background thread."""
+        self._thread = threading.Thread(target=self._run, name="joule-otel-ledger", daemon=True)
+        self._thread.start()
+
+    def after_fork_in_child(self) -> None:
+        """The parent's thread did not survive the fork: start afresh (the parent's queue is its own)."""
+        self._reset_thread_state()
+        if self.writer is not None:
+            self.writer._rows = []
+        self.start()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Process everything queued so far, write a segment and compact; True if done in time."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            self._cycle(final=True, compact_timeout_s=timeout_s)
+            return True
+        with self._cond:
+            self._flush_requested += 1
+            target = self._flush_requested
+            self._wake.set()
+            return self._cond.wait_for(lambda: self._flush_done >= target, timeout=timeout_s)
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Stop the thread, then flush and compact in the caller (waiting up to ``timeout_s`` for the lock)."""
+        thread = self._thread
+        self._stop = True
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=timeout_s)
+        self._thread = None
+        self._cycle(final=True, compact_timeout_s=timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            if self._stop:
+                break
+            with self._cond:
+                target = self._flush_requested
+            try:
+                self._cycle(final=target > self._flush_done, compact_timeout_s=1.0)
+            except Exception:
+                _log.exception("joule_otel: background ledger cycle failed; continuing")
+            if target > self._flush_done:
+                with self._cond:
+                    self._flush_done = target
+                    self._cond.notify_all()
+
+    def _cycle(self, *, final: bool, compact_timeout_s: float) -> None:
+        rows = self._drain()
+        writer = self.writer
+        if writer is None:
+            return
+        if rows:
+            writer.append(rows)
+        now = time.monotonic()
+        if final or now - self._last_segment >= self.flush_interval_s or writer.stats.pending_rows >= SEGMENT_MAX_ROWS:
+            self._last_segment = now
+            writer.write_segment()
+        writer.compact(force=final, timeout_s=compact_timeout_s if final else 0.0)
+
+    # -- processing ---------------------------------------------------------------------------
+    def _drain(self) -> list[tuple[Any, ...]]:
+        queue = self._queue
+        rows: list[tuple[Any, ...]] = []
+        skip_genai = other_genai_metrics_recorder() is not None if self.instruments is not None else True
+        while queue:
+            call = queue.popleft()
+            try:
+                row = self._process(call, skip_genai)
+            except Exception:
+                self.capture_stats.internal_error("background parsing")
+                continue
+            if row is not None:
+                rows.append(row)
+        return rows
+
+    def _process(self, call: CallRecord, skip_genai: bool) -> tuple[Any, ...] | None:
+        self.calls_seen += 1
+        headers = call.response_headers
+        reading = call.reading
+        if reading is None:
+            reading = read_energy(headers.get if headers is not None else _no_header,
+                                  call.request_headers.get(REGION))
+        if reading.invalid:
+            self.capture_stats.invalid_headers += len(reading.invalid)
+        receipt = reading.receipt_id
+        if receipt is not None:
+            if receipt in self._recent:
+                self.duplicate_receipts += 1
+                return None
+            self._recent[receipt] = None
+            if len(self._recent) > RECENT_RECEIPTS:
+                self._recent.popitem(last=False)
+        request = parse_request_body(call.request_body)
+        content_type = (headers.get("content-type") or "") if headers is not None else ""
+        is_sse = content_type.startswith("text/event-stream")
+        facts = parse_body(call, is_sse) if call.chunks else BodyFacts()
+        energy, carbon = reading.energy_j, reading.carbon_mg
+        source = "header" if energy is not None else "absent"
+        if facts.stream_energy_j is not None:
+            energy, source = facts.stream_energy_j, "stream_final"
+            if facts.stream_carbon_mg is not None:
+                carbon = facts.stream_carbon_mg
+        error_type = call.error or error_type_for(call.status_code, facts.error_code)
+        workload = call.workload or self.default_workload or self.service_name
+        duration_s = max(call.t_end - call.t0, 0) / 1e9
+        ttft_s = (call.t_first - call.t0) / 1e9 if is_sse and call.t_first else None
+        model = request.get("model")
+        requested_model = model.strip()[:256] if isinstance(model, str) else None
+        if self.instruments is not None:
+            self._record_metrics(call, reading, workload, requested_model, error_type, energy, carbon,
+                                 facts, duration_s, ttft_s, skip_genai)
+        return (
+            receipt,
+            call.started_ns // 1000,
+            duration_s * 1000.0,
+            ttft_s * 1000.0 if ttft_s is not None else None,
+            self.service_name,
+            workload,
+            call.operation,
+            call.server_address,
+            call.status_code,
+            error_type,
+            requested_model,
+            reading.routed_to,
+            reading.tier,
+            reading.region,
+            energy,
+            carbon,
+            facts.input_tokens,
+            facts.output_tokens,
+            bool(request.get("stream")) if request else is_sse,
+            f"{call.trace_id:032x}" if call.trace_id else None,
+            f"{call.span_id:016x}" if call.span_id else None,
+        )
+
+    def _metric_workload(self, workload: str) -> str:
+        if workload in self._metric_workloads:
+            return workload
+        if len(self._metric_workloads) < self.max_workloads:
+            self._metric_workloads.add(workload)
+            return workload
+        return "other"
+
+    def _record_metrics(self, call: CallRecord, reading: EnergyReading, workload: str, requested_model: str | None,
+                        error_type: str | None, energy: float | None, carbon: float | None, facts: BodyFacts,
+                        duration_s: float, ttft_s: float | None, skip_genai: bool) -> None:
+        inst = self.instruments
+        assert inst is not None
+        attrs: dict[str, Any] = {attr.JOULE_WORKLOAD: self._metric_workload(workload),
+                                 attr.GEN_AI_PROVIDER_NAME: attr.PROVIDER}
+        for key, value in ((attr.GEN_AI_OPERATION_NAME, SEMCONV_OPERATIONS.get(call.operation)),
+                           (attr.GEN_AI_REQUEST_MODEL, requested_model),
+                           (attr.GEN_AI_RESPONSE_MODEL, reading.routed_to),
+                           (attr.JOULE_TIER, reading.tier),
+                           (attr.JOULE_REGION, reading.region),
+                           (attr.ERROR_TYPE, error_type)):
+            if value is not None:
+                attrs[key] = value
+        ctx = None
+        if call.trace_id and call.span_id:
+            span_context = SpanContext(call.trace_id, call.span_id, is_remote=False,
+                                       trace_flags=TraceFlags(TraceFlags.SAMPLED))
+            ctx = trace.set_span_in_context(NonRecordingSpan(span_context))
+        if energy is not None:
+            inst.energy.add(energy, attrs)
+            inst.request_energy.record(energy, attrs, context=ctx)
+        if carbon is not None:
+            inst.carbon.add(carbon, attrs)
+        if skip_genai:
+            return
+        inst.duration.record(duration_s, attrs, context=ctx)
+        if facts.input_tokens is not None:
+            inst.token_usage.record(facts.input_tokens, {**attrs, attr.GEN_AI_TOKEN_TYPE: "input"}, context=ctx)
+        if facts.output_tokens is not None:
+            inst.token_usage.record(facts.output_tokens, {**attrs, attr.GEN_AI_TOKEN_TYPE: "output"}, context=ctx)
+        if ttft_s is not None:
+            inst.time_to_first_chunk.record(ttft_s, attrs, context=ctx)

@@ -1,0 +1,377 @@
+"""The transport wrapper: what runs on the app's thread for every HTTP call through httpx/httpx2.
+
+Only what must happen on the request path happens here: two clock reads, a route check, the
+workload lookup, span attributes while the HTTP client span is still open, and wrapping the
+response byte stream so its end is seen. Parsing, metrics and the ledger happen in the background
+(:mod:`joule_otel._pipeline`). Nothing in this module raises into the app: every failure is
+swallowed, logged once and counted.
+
+The wrapper is placed *inside* any OpenTelemetry httpx wrapper (whichever was installed first), so
+that the HTTP client span is the current span when the response headers arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from time import perf_counter_ns, time_ns
+from typing import Any
+
+import wrapt
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from joule_otel import attributes as attr
+from joule_otel.headers import REGION, RESPONSE_HEADERS, EnergyReading, read_energy
+from joule_otel.workload import current_workload
+
+_log = logging.getLogger("joule_otel")
+
+BODY_CAP_BYTES = 4 << 20
+"""Body bytes kept for parsing usage; past this only a tail is kept (or, if encoded, nothing)."""
+TAIL_BYTES = 64 << 10
+
+_ROUTES: dict[str, str] = {
+    "chat/completions": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+    "responses": "responses",
+    "images": "images",
+    "audio": "audio",
+    "models": "models",
+    "moderations": "moderations",
+}
+INFERENCE_OPERATIONS = frozenset({"chat", "text_completion", "embeddings", "responses", "images", "audio"})
+SEMCONV_OPERATIONS = {"chat": "chat", "text_completion": "text_completion", "embeddings": "embeddings",
+                      "responses": "chat"}
+"""Route name → ``gen_ai.operation.name``; only values the semantic conventions define."""
+
+_route_cache: dict[bytes, str | None] = {}
+
+
+def route_operation(raw_path: bytes) -> str | None:
+    """The operation name of an OpenAI-compatible route (``/v1/chat/completions`` → ``chat``), else None."""
+    cached = _route_cache.get(raw_path, "")
+    if cached != "":
+        return cached
+    path = raw_path.split(b"?", 1)[0].decode("latin-1").rstrip("/")
+    operation = None
+    marker = path.rfind("/v1/")
+    if marker >= 0:
+        rest = path[marker + 4:]
+        for prefix, name in _ROUTES.items():
+            if rest == prefix or rest.startswith(prefix + "/"):
+                operation = name
+                break
+    if len(_route_cache) < 4096:
+        _route_cache[raw_path] = operation
+    return operation
+
+
+class CallRecord:
+    """One captured call, filled in on the app's thread and finished once, then parsed in the background."""
+
+    __slots__ = ("chunks", "encoded", "error", "kept", "method", "operation", "reading", "request_body", "request_headers",
+                 "response_headers", "server_address", "span_id", "started_ns", "status_code", "t0", "t_end",
+                 "t_first", "trace_id", "workload")
+
+    def __init__(self, request: Any, operation: str, t0: int, started_ns: int) -> None:
+        self.t0 = t0
+        self.started_ns = started_ns
+        self.t_first = 0
+        self.t_end = 0
+        self.operation = operation
+        self.method = request.method
+        self.server_address: str | None = request.url.host
+        self.request_headers = request.headers
+        try:
+            self.request_body: bytes | None = request.content
+        except Exception:  # a streaming upload has no content to read
+            self.request_body = None
+        self.workload = current_workload()
+        self.status_code: int | None = None
+        self.response_headers: Any = None
+        self.reading: EnergyReading | None = None
+        self.trace_id: int | None = None
+        self.span_id: int | None = None
+        self.error: str | None = None
+        self.chunks: list[bytes] = []
+        self.kept = 0
+        self.encoded = False
+
+    def keep(self, chunk: bytes) -> None:
+        """Keep body bytes for usage parsing, bounded: a tail for plain bodies, nothing past the cap if encoded."""
+        if self.kept < 0:
+            return
+        self.chunks.append(chunk)
+        self.kept += len(chunk)
+        if self.kept > BODY_CAP_BYTES:
+            if self.encoded:  # a compressed body cannot be parsed from a tail
+                self.chunks, self.kept = [], -1
+                return
+            tail = b"".join(self.chunks)[-TAIL_BYTES:]
+            self.chunks, self.kept = [tail], len(tail)
+
+
+class Capture:
+    """The wrappers installed on the transports, and the calls whose bodies are still streaming."""
+
+    def __init__(self, sink: Callable[[CallRecord], None], *, capture_content: bool = False) -> None:
+        self._sink = sink
+        self.capture_content = capture_content
+        self.inflight: dict[CallRecord, None] = {}
+        self.errors = 0
+        self.invalid_headers = 0
+        self._logged: set[str] = set()
+        self._stream_classes: dict[Any, tuple[type, type]] = {}
+        self._lock = threading.Lock()
+
+    # -- failure handling -------------------------------------------------------------------
+    def internal_error(self, where: str) -> None:
+        """Count a capture failure and log it once per place; never raise."""
+        self.errors += 1
+        if where not in self._logged:
+            self._logged.add(where)
+            _log.warning("joule_otel: capture failed in %s; the call went through untouched", where, exc_info=True)
+
+    # -- lifecycle of a call ----------------------------------------------------------------
+    def finish(self, call: CallRecord) -> None:
+        """Hand a call to the background exactly once (close, exhaustion, GC and exit may all try)."""
+        try:
+            del self.inflight[call]
+        except KeyError:
+            return
+        if not call.t_end:
+            call.t_end = perf_counter_ns()
+        self._sink(call)
+
+    def finish_all(self) -> None:
+        """Finish every call still streaming (at exit): its row is written with what arrived so far."""
+        for call in list(self.inflight):
+            self.finish(call)
+
+    def _begin(self, request: Any, response: Any, t0: int, started_ns: int) -> CallRecord | None:
+        operation = route_operation(request.url.raw_path)
+        headers = response.headers
+        if operation is None:
+            if not any(name in headers for name in RESPONSE_HEADERS):
+                return None
+            operation = "other"
+        call = CallRecord(request, operation, t0, started_ns)
+        call.status_code = response.status_code
+        call.response_headers = headers
+        call.encoded = "content-encoding" in headers
+        span = trace.get_current_span()
+        if span.is_recording() and _is_http_client_span(span):
+            self._annotate(span, call)
+        return call
+
+    def _annotate(self, span: Any, call: CallRecord) -> None:
+        """Span attributes, while the HTTP client span is open (it ends when the headers arrive)."""
+        reading = read_energy(call.response_headers.get, call.request_headers.get(REGION))
+        call.reading = reading
+        ctx = span.get_span_context()
+        call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
+        request = parse_request_body(call.request_body)
+        values: dict[str, Any] = {
+            attr.GEN_AI_PROVIDER_NAME: attr.PROVIDER,
+            attr.GEN_AI_OPERATION_NAME: SEMCONV_OPERATIONS.get(call.operation),
+            attr.GEN_AI_REQUEST_MODEL: request.get("model"),
+            attr.GEN_AI_RESPONSE_MODEL: reading.routed_to,
+            attr.JOULE_ENERGY: reading.energy_j,
+            attr.JOULE_CARBON: reading.carbon_mg,
+            attr.JOULE_TIER: reading.tier,
+            attr.JOULE_REGION: reading.region,
+            attr.JOULE_RECEIPT_ID: reading.receipt_id,
+            attr.JOULE_WORKLOAD: call.workload,
+            attr.JOULE_ENERGY_SOURCE: "header" if reading.energy_j is not None else "absent",
+            attr.ERROR_TYPE: error_type_for(call.status_code, None),
+        }
+        if self.capture_content and "messages" in request:
+            values[attr.GEN_AI_INPUT_MESSAGES] = json.dumps(request["messages"], default=str)[:65536]
+        span.set_attributes({k: v for k, v in values.items() if v is not None})
+
+    def _transport_error(self, request: Any, exc: BaseException, t0: int, started_ns: int) -> None:
+        operation = route_operation(request.url.raw_path)
+        if operation not in INFERENCE_OPERATIONS:
+            return
+        call = CallRecord(request, operation, t0, started_ns)
+        call.error = type(exc).__qualname__
+        self.inflight[call] = None
+        self.finish(call)
+
+    # -- the wrappers -----------------------------------------------------------------------
+    def sync_wrapper(self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+        """Wraps ``HTTPTransport.handle_request`` of httpx and httpx2."""
+        t0, started_ns = perf_counter_ns(), time_ns()
+        try:
+            response = wrapped(*args, **kwargs)
+        except Exception as exc:
+            try:
+                self._transport_error(args[0] if args else kwargs["request"], exc, t0, started_ns)
+            except Exception:
+                self.internal_error("transport error handling")
+            raise
+        try:
+            call = self._begin(args[0] if args else kwargs["request"], response, t0, started_ns)
+            if call is not None:
+                self.inflight[call] = None
+                sync_cls, _ = self._streams_for(type(response))
+                response.stream = sync_cls(response.stream, call, self)
+        except Exception:
+            self.internal_error("response handling")
+        return response
+
+    async def async_wrapper(self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                            kwargs: dict[str, Any]) -> Any:
+        """Wraps ``AsyncHTTPTransport.handle_async_request`` of httpx and httpx2."""
+        t0, started_ns = perf_counter_ns(), time_ns()
+        try:
+            response = await wrapped(*args, **kwargs)
+        except Exception as exc:
+            try:
+                self._transport_error(args[0] if args else kwargs["request"], exc, t0, started_ns)
+            except Exception:
+                self.internal_error("transport error handling")
+            raise
+        try:
+            call = self._begin(args[0] if args else kwargs["request"], response, t0, started_ns)
+            if call is not None:
+                self.inflight[call] = None
+                _, async_cls = self._streams_for(type(response))
+                response.stream = async_cls(response.stream, call, self)
+        except Exception:
+            self.internal_error("response handling")
+        return response
+
+    def _streams_for(self, response_type: type) -> tuple[type, type]:
+        classes = self._stream_classes.get(response_type)
+        if classes is None:
+            import importlib
+
+            module = importlib.import_module(response_type.__module__.split(".")[0])
+            classes = _make_stream_classes(module.SyncByteStream, module.AsyncByteStream)
+            self._stream_classes[response_type] = classes
+        return classes
+
+
+def _is_http_client_span(span: Any) -> bool:
+    scope = getattr(span, "instrumentation_scope", None)
+    return (getattr(span, "kind", None) is SpanKind.CLIENT and scope is not None
+            and scope.name.startswith("opentelemetry.instrumentation.httpx"))
+
+
+def _make_stream_classes(sync_base: type, async_base: type) -> tuple[type, type]:
+    """Byte-stream wrappers subclassing the module's own stream bases (httpx checks isinstance)."""
+
+    class SyncCaptureStream(sync_base):  # type: ignore[misc,valid-type]
+        def __init__(self, inner: Any, call: CallRecord, capture: Capture) -> None:
+            self._inner, self._call, self._capture = inner, call, capture
+
+        def __iter__(self) -> Iterator[bytes]:
+            call = self._call
+            for chunk in self._inner:
+                if not call.t_first and chunk:
+                    call.t_first = perf_counter_ns()
+                call.keep(chunk)
+                yield chunk
+            call.t_end = perf_counter_ns()
+
+        def close(self) -> None:
+            try:
+                close = getattr(self._inner, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                self._capture.finish(self._call)
+
+        def __del__(self) -> None:
+            self._capture.finish(self._call)
+
+    class AsyncCaptureStream(async_base):  # type: ignore[misc,valid-type]
+        def __init__(self, inner: Any, call: CallRecord, capture: Capture) -> None:
+            self._inner, self._call, self._capture = inner, call, capture
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            call = self._call
+            async for chunk in self._inner:
+                if not call.t_first and chunk:
+                    call.t_first = perf_counter_ns()
+                call.keep(chunk)
+                yield chunk
+            call.t_end = perf_counter_ns()
+
+        async def aclose(self) -> None:
+            try:
+                aclose = getattr(self._inner, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                self._capture.finish(self._call)
+
+        def __del__(self) -> None:
+            self._capture.finish(self._call)
+
+    return SyncCaptureStream, AsyncCaptureStream
+
+
+def parse_request_body(body: bytes | None) -> dict[str, Any]:
+    """The JSON object of a request body, or ``{}`` (never raises)."""
+    if not body or body[:1] != b"{" or len(body) > BODY_CAP_BYTES:
+        return {}
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def error_type_for(status_code: int | None, error_code: str | None) -> str | None:
+    """``error.type``: None on success, ``insufficient_balance`` for a 402, else the HTTP status."""
+    if status_code is None or status_code < 400:
+        return None
+    if status_code == 402 or error_code == "insufficient_balance":
+        return "insufficient_balance"
+    return str(status_code)
+
+
+# -- installing the wrappers ----------------------------------------------------------------
+
+_PATCHES = (("HTTPTransport", "handle_request", "sync_wrapper"),
+            ("AsyncHTTPTransport", "handle_async_request", "async_wrapper"))
+
+
+def install(capture: Capture, module: Any) -> None:
+    """Wrap the module's transports innermost, below any wrapper another instrumentation put there."""
+    for class_name, method, wrapper_name in _PATCHES:
+        cls = getattr(module, class_name)
+        wrapper = getattr(capture, wrapper_name)
+        current = cls.__dict__[method]
+        if not isinstance(current, wrapt.FunctionWrapper):
+            setattr(cls, method, wrapt.FunctionWrapper(current, wrapper))
+            continue
+        holder = current
+        while isinstance(holder.__wrapped__, wrapt.FunctionWrapper):
+            holder = holder.__wrapped__
+        holder.__wrapped__ = wrapt.FunctionWrapper(holder.__wrapped__, wrapper)
+
+
+def uninstall(capture: Capture, module: Any) -> None:
+    """Remove this capture's wrappers, wherever they stand in the chain."""
+    for class_name, method, wrapper_name in _PATCHES:
+        cls = getattr(module, class_name)
+        wrapper = getattr(capture, wrapper_name)
+        current = cls.__dict__[method]
+        if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper == wrapper:
+            setattr(cls, method, current.__wrapped__)
+            continue
+        holder = current
+        while isinstance(holder, wrapt.FunctionWrapper):
+            inner = holder.__wrapped__
+            if isinstance(inner, wrapt.FunctionWrapper) and inner._self_wrapper == wrapper:
+                holder.__wrapped__ = inner.__wrapped__
+                break
+            holder = inner

@@ -1,0 +1,141 @@
+"""Where telemetry goes: reuse the app's providers, or set up OTLP / Prometheus when asked.
+
+Never replaces a provider the app (or ``opentelemetry-instrument``) already set. When none is set:
+OTLP export is configured from the standard ``OTEL_EXPORTER_OTLP_*`` variables (or
+``instrument(otlp_endpoint=...)``), and a Prometheus scrape endpoint from ``prometheus_port``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+
+from joule_otel.config import Settings
+
+_log = logging.getLogger("joule_otel")
+
+_OTLP_HINT = "install the exporter with: pip install 'joule-otel[otlp]'"
+
+
+@dataclass
+class Providers:
+    """The providers capture uses, and what this module started (to stop on uninstrument)."""
+
+    tracer_provider: Any | None
+    meter_provider: Any
+    service_name: str
+    created: list[Any] = field(default_factory=list)
+    prometheus_server: Any | None = None
+
+
+def _signal_configured(signal: str, settings: Settings) -> bool:
+    exporter = os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "").strip().lower()
+    if exporter and "otlp" not in exporter.split(","):
+        return False
+    return bool(settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"))
+
+
+def _protocol(signal: str) -> str:
+    return (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip().lower()
+
+
+def _otlp_exporter(signal: str, settings: Settings) -> Any | None:
+    """An OTLP span or metric exporter configured by the standard env vars (or ``otlp_endpoint``)."""
+    kind = "trace" if signal == "traces" else "metric"
+    cls_name = "OTLPSpanExporter" if signal == "traces" else "OTLPMetricExporter"
+    kwargs: dict[str, Any] = {}
+    try:
+        if _protocol(signal) == "grpc":
+            module = __import__(f"opentelemetry.exporter.otlp.proto.grpc.{kind}_exporter", fromlist=[cls_name])
+            if settings.otlp_endpoint:
+                kwargs["endpoint"] = settings.otlp_endpoint
+        else:
+            module = __import__(f"opentelemetry.exporter.otlp.proto.http.{kind}_exporter", fromlist=[cls_name])
+            if settings.otlp_endpoint:
+                kwargs["endpoint"] = settings.otlp_endpoint.rstrip("/") + f"/v1/{signal}"
+    except ImportError:
+        _log.warning("joule_otel: OTLP %s export is configured but its exporter is missing; %s", signal, _OTLP_HINT)
+        return None
+    return getattr(module, cls_name)(**kwargs)
+
+
+def _service_name(*providers: Any) -> str:
+    for provider in providers:
+        resource = getattr(provider, "resource", None) or getattr(provider, "_sdk_config", None)
+        resource = getattr(resource, "resource", resource)
+        name = getattr(resource, "attributes", {}).get(SERVICE_NAME) if resource is not None else None
+        if name:
+            return str(name)
+    return str(Resource.create().attributes.get(SERVICE_NAME, "unknown_service"))
+
+
+def resolve_providers(settings: Settings, tracer_provider: Any | None, meter_provider: Any | None) -> Providers:
+    """Reuse what the app configured; create (and set globally) only what is missing and asked for."""
+    created: list[Any] = []
+    global_tp = trace.get_tracer_provider()
+    tp = tracer_provider
+    if tp is None and isinstance(global_tp, SdkTracerProvider):
+        tp = global_tp
+    if tp is None and _signal_configured("traces", settings):
+        exporter = _otlp_exporter("traces", settings)
+        if exporter is not None:
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            tp = SdkTracerProvider(resource=Resource.create())
+            tp.add_span_processor(BatchSpanProcessor(exporter))
+            trace.set_tracer_provider(tp)
+            created.append(tp)
+
+    global_mp = metrics.get_meter_provider()
+    mp = meter_provider
+    if mp is None and isinstance(global_mp, SdkMeterProvider):
+        mp = global_mp
+        if settings.prometheus_port is not None:
+            _log.warning("joule_otel: the app already set a MeterProvider; add a PrometheusMetricReader to it "
+                         "yourself (prometheus_port is ignored)")
+    prometheus_server = None
+    if mp is None:
+        readers: list[Any] = []
+        if _signal_configured("metrics", settings):
+            exporter = _otlp_exporter("metrics", settings)
+            if exporter is not None:
+                from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+                readers.append(PeriodicExportingMetricReader(exporter))
+        if settings.prometheus_port is not None:
+            reader, prometheus_server = _prometheus(settings)
+            if reader is not None:
+                readers.append(reader)
+        if readers:
+            mp = SdkMeterProvider(metric_readers=readers, resource=Resource.create())
+            metrics.set_meter_provider(mp)
+            created.append(mp)
+        else:
+            mp = global_mp  # a proxy: recording is nearly free, and starts counting once the app sets one
+    return Providers(tp, mp, _service_name(tp, mp), created, prometheus_server)
+
+
+def _prometheus(settings: Settings) -> tuple[Any | None, Any | None]:
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+    except ImportError:
+        _log.warning("joule_otel: prometheus_port is set but the Prometheus exporter is missing; %s", _OTLP_HINT)
+        return None, None
+    reader = PrometheusMetricReader()
+    try:
+        started = start_http_server(settings.prometheus_port or 0, addr=settings.prometheus_host)
+    except OSError as exc:
+        _log.error("joule_otel: cannot serve Prometheus metrics on %s:%s (%s); with several worker processes "
+                   "give each its own port or use OTLP", settings.prometheus_host, settings.prometheus_port, exc)
+        return reader, None
+    return reader, started

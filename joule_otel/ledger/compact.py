@@ -1,0 +1,135 @@
+"""Compaction: move spooled segments into the DuckDB file, exactly once.
+
+Each batch of segments is inserted and its names recorded in ``joule_segments`` in one transaction,
+so a compactor killed after the commit but before deleting the files never inserts them twice;
+receipt ids are unique (``INSERT OR IGNORE`` over a unique index), so the same receipt seen twice is
+one row. Unreadable segments are quarantined, never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from joule_otel.ledger import schema
+from joule_otel.ledger.spool import Spool
+
+_log = logging.getLogger("joule_otel")
+
+BATCH_SEGMENTS = 256
+
+
+class LedgerUnavailable(Exception):
+    """The DuckDB file cannot be opened for writing (held by a foreign process, corrupt, or not DuckDB)."""
+
+
+@dataclass
+class CompactResult:
+    """What one compaction did."""
+
+    segments: int = 0
+    rows_inserted: int = 0
+    already_compacted: int = 0
+    quarantined: list[Path] = field(default_factory=list)
+
+
+def open_writable(db_path: Path) -> object:
+    """Open the DuckDB file read-write and migrate it; :class:`LedgerUnavailable` says why it cannot."""
+    import duckdb
+
+    try:
+        con = duckdb.connect(str(db_path))
+    except duckdb.IOException as exc:
+        message = str(exc)
+        if "lock" in message.lower():
+            raise LedgerUnavailable(f"{db_path} is held by another process: {message}") from exc
+        raise LedgerUnavailable(f"{db_path} is not a DuckDB ledger that can be opened: {message}") from exc
+    except duckdb.Error as exc:
+        raise LedgerUnavailable(f"{db_path} cannot be opened: {exc}") from exc
+    try:
+        schema.migrate(con)
+    except duckdb.Error as exc:
+        con.close()
+        raise LedgerUnavailable(f"{db_path} is not a joule-otel ledger: {exc}") from exc
+    return con
+
+
+def _readable(segment: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(segment)
+    except Exception:
+        return False
+    return bool(meta.num_columns)
+
+
+def compact_locked(spool: Spool) -> CompactResult:
+    """Compact every segment into the ledger. The caller holds the exclusive lock."""
+    result = CompactResult()
+    spool.sweep_torn()
+    segments = spool.segments()
+    if not segments and spool.db_path.exists():
+        return result
+    con = open_writable(spool.db_path)
+    try:
+        names = [s.name for s in segments]
+        done: set[str] = set()
+        if names:
+            done = {r[0] for r in con.execute(  # type: ignore[attr-defined]
+                "SELECT name FROM joule_segments WHERE name IN (SELECT unnest(?))", [names]).fetchall()}
+        pending: list[Path] = []
+        for segment in segments:
+            if segment.name in done:
+                result.already_compacted += 1
+            elif _readable(segment):
+                pending.append(segment)
+            else:
+                result.quarantined.append(spool.quarantine(segment))
+                _log.error("joule_otel: ledger segment %s is unreadable; moved to %s", segment.name,
+                           spool.quarantine_dir)
+        for start in range(0, len(pending), BATCH_SEGMENTS):
+            batch = pending[start:start + BATCH_SEGMENTS]
+            files = [str(p) for p in batch]
+            columns = ", ".join(schema.COLUMN_NAMES)
+            con.execute("BEGIN TRANSACTION")  # type: ignore[attr-defined]
+            try:
+                before = con.execute(f"SELECT count(*) FROM {schema.TABLE}").fetchone()[0]  # type: ignore[attr-defined]
+                con.execute(  # type: ignore[attr-defined]
+                    f"INSERT OR IGNORE INTO {schema.TABLE} ({columns}) "
+                    f"SELECT {columns} FROM read_parquet(?, union_by_name = true) "
+                    "QUALIFY receipt_id IS NULL OR row_number() OVER (PARTITION BY receipt_id ORDER BY started_at) = 1",
+                    [files])
+                after = con.execute(f"SELECT count(*) FROM {schema.TABLE}").fetchone()[0]  # type: ignore[attr-defined]
+                con.execute(  # type: ignore[attr-defined]
+                    "INSERT OR IGNORE INTO joule_segments SELECT unnest(?), NULL, now()", [[p.name for p in batch]])
+                con.execute("COMMIT")  # type: ignore[attr-defined]
+            except Exception:
+                con.execute("ROLLBACK")  # type: ignore[attr-defined]
+                raise
+            result.rows_inserted += after - before
+            result.segments += len(batch)
+            done.update(p.name for p in batch)
+        con.execute(  # type: ignore[attr-defined]
+            "DELETE FROM joule_segments WHERE compacted_at < now() - INTERVAL 30 DAY")
+    finally:
+        con.close()  # type: ignore[attr-defined]
+    for segment in segments:
+        if segment.name in done:
+            with contextlib.suppress(FileNotFoundError):
+                segment.unlink()
+    return result
+
+
+def compact(db_path: Path, *, timeout_s: float = 0.0) -> CompactResult:
+    """Take the exclusive lock (waiting up to ``timeout_s``) and compact.
+
+    Raises:
+        LockBusy: another process holds the lock.
+        LedgerUnavailable: the DuckDB file cannot be opened for writing.
+    """
+    spool = Spool(db_path)
+    with spool.locked(exclusive=True, timeout_s=timeout_s):
+        return compact_locked(spool)

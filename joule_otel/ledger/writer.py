@@ -1,0 +1,127 @@
+"""The per-process ledger writer: rows → spooled segments → (now and then) the DuckDB file.
+
+Runs on the background thread only. Rows reach disk as a segment every flush interval whether or
+not the DuckDB file is free, so a busy file never costs a row and memory stays bounded. Only when
+the disk refuses segments do rows wait in memory, up to ``max_pending_rows``; past that the oldest
+are dropped, counted and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from joule_otel.ledger import schema
+from joule_otel.ledger.compact import LedgerUnavailable, compact_locked
+from joule_otel.ledger.spool import LockBusy, Spool
+
+_log = logging.getLogger("joule_otel")
+
+DEFAULT_MAX_PENDING_ROWS = 200_000
+COMPACT_INTERVAL_S = 5.0
+
+
+@dataclass
+class WriterStats:
+    """Counters a user can read with ``joule_otel.stats()``."""
+
+    rows_spooled: int = 0
+    segments_written: int = 0
+    rows_compacted: int = 0
+    rows_dropped: int = 0
+    spool_errors: int = 0
+    compact_errors: int = 0
+    pending_rows: int = 0
+
+
+def rows_to_arrow(rows: list[tuple[Any, ...]]) -> Any:
+    """Row tuples (in :data:`schema.COLUMNS` order, ``started_at`` in µs since the epoch) → Arrow table."""
+    import pyarrow as pa
+
+    arrow_schema = schema.arrow_schema()
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in arrow_schema]
+    arrays = [pa.array(col, type=f.type) for col, f in zip(columns, arrow_schema, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=arrow_schema)
+
+
+class LedgerWriter:
+    """Buffers rows, writes segments, compacts. Not thread-safe: one background thread owns it."""
+
+    def __init__(self, db_path: Path, *, max_pending_rows: int = DEFAULT_MAX_PENDING_ROWS,
+                 compact_interval_s: float = COMPACT_INTERVAL_S) -> None:
+        self.spool = Spool(db_path)
+        self.max_pending_rows = max_pending_rows
+        self.compact_interval_s = compact_interval_s
+        self.stats = WriterStats()
+        self._rows: list[tuple[Any, ...]] = []
+        self._last_compact = 0.0
+        self._reported: set[str] = set()
+
+    @property
+    def db_path(self) -> Path:
+        """The ledger file."""
+        return self.spool.db_path
+
+    def _report(self, key: str, message: str, *args: object) -> None:
+        """Log an error once per kind until it clears, so a full disk is one line, not thousands."""
+        if key not in self._reported:
+            self._reported.add(key)
+            _log.error(message, *args)
+
+    def append(self, rows: list[tuple[Any, ...]]) -> None:
+        """Queue rows for the next segment."""
+        self._rows.extend(rows)
+        overflow = len(self._rows) - self.max_pending_rows
+        if overflow > 0:
+            del self._rows[:overflow]
+            self.stats.rows_dropped += overflow
+            self._report("dropped", "joule_otel: ledger rows could not be written and the memory bound of %d rows "
+                         "was reached; %d rows dropped so far (see joule_otel.stats())",
+                         self.max_pending_rows, self.stats.rows_dropped)
+        self.stats.pending_rows = len(self._rows)
+
+    def write_segment(self) -> bool:
+        """Write buffered rows as one segment; False (rows kept) if the disk refused."""
+        if not self._rows:
+            return True
+        try:
+            self.spool.write_segment(rows_to_arrow(self._rows))
+        except OSError as exc:
+            self.stats.spool_errors += 1
+            self._report("spool", "joule_otel: cannot write ledger segments to %s (%s); %d rows wait in memory "
+                         "and the app keeps running", self.spool.dir, exc, len(self._rows))
+            return False
+        self._reported.discard("spool")
+        self.stats.rows_spooled += len(self._rows)
+        self.stats.segments_written += 1
+        self._rows = []
+        self.stats.pending_rows = 0
+        return True
+
+    def compact(self, *, force: bool = False, timeout_s: float = 0.0) -> None:
+        """Compact the spool into the DuckDB file when due (or ``force``); never raises."""
+        now = time.monotonic()
+        if not force and now - self._last_compact < self.compact_interval_s:
+            return
+        self._last_compact = now
+        try:
+            with self.spool.locked(exclusive=True, timeout_s=timeout_s):
+                result = compact_locked(self.spool)
+        except LockBusy:
+            return  # another process is compacting or a reader is reading: our segments wait
+        except LedgerUnavailable as exc:
+            self.stats.compact_errors += 1
+            if "held by another process" in str(exc):
+                return  # a foreign DuckDB client has the file open; segments wait on disk
+            self._report("compact", "joule_otel: %s. Rows wait in %s; move the file away or set JOULE_OTEL_DB",
+                         exc, self.spool.dir)
+            return
+        except Exception as exc:
+            self.stats.compact_errors += 1
+            self._report("compact-other", "joule_otel: compacting the ledger %s failed: %s", self.db_path, exc)
+            return
+        self._reported.discard("compact")
+        self.stats.rows_compacted += result.rows_inserted

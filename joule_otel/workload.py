@@ -1,0 +1,88 @@
+"""``workload(name)``: tag every inference call inside a block, function or coroutine.
+
+The tag is kept in a context variable (so it follows asyncio tasks and threads started with
+``contextvars.copy_context()``) and in OTel baggage under ``joule.workload``, so a propagator
+carries it to the services this one calls.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from opentelemetry import baggage, context
+
+from joule_otel.attributes import JOULE_WORKLOAD
+from joule_otel.headers import clean_string
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("joule_otel_workload", default=None)
+
+
+def current_workload() -> str | None:
+    """The innermost ``workload()`` tag, else the ``joule.workload`` baggage, else ``None``."""
+    name = _current.get()
+    if name is not None:
+        return name
+    value = baggage.get_baggage(JOULE_WORKLOAD)
+    return clean_string(str(value)) if value is not None else None
+
+
+class workload:  # noqa: N801 - reads as a function at the call site, like contextlib's helpers
+    """Tag inference calls with a workload name.
+
+    Usage::
+
+        with joule_otel.workload("support-bot"):
+            client.chat.completions.create(...)
+
+        @joule_otel.workload("nightly-summaries")
+        async def summarise(...): ...
+    """
+
+    def __init__(self, name: str) -> None:
+        cleaned = clean_string(name) if isinstance(name, str) else None
+        if not cleaned:
+            raise ValueError("workload name must be a non-empty string")
+        self.name = cleaned
+        self._tokens: list[tuple[contextvars.Token[str | None], object]] = []
+
+    def __enter__(self) -> workload:
+        var_token = _current.set(self.name)
+        ctx_token = context.attach(baggage.set_baggage(JOULE_WORKLOAD, self.name))
+        self._tokens.append((var_token, ctx_token))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        var_token, ctx_token = self._tokens.pop()
+        context.detach(ctx_token)  # type: ignore[arg-type]
+        _current.reset(var_token)
+
+    async def __aenter__(self) -> workload:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__(*exc_info)
+
+    def __call__(self, func: F) -> F:
+        """Use as a decorator on a function or a coroutine function."""
+        name = self.name
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with workload(name):
+                    return await func(*args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with workload(name):
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
