@@ -8,7 +8,9 @@ are dropped, counted and reported.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,10 +80,19 @@ class LedgerWriter:
         if overflow > 0:
             del self._rows[:overflow]
             self.stats.rows_dropped += overflow
+            self._persist_dropped()
             self._report("dropped", "joule_otel: ledger rows could not be written and the memory bound of %d rows "
                          "was reached; %d rows dropped so far (see joule_otel.stats())",
                          self.max_pending_rows, self.stats.rows_dropped)
         self.stats.pending_rows = len(self._rows)
+
+    def _persist_dropped(self) -> None:
+        """Best effort: leave the drop count where ``joule-otel ledger stats`` finds it."""
+        try:
+            report = self.spool.dir / f"dropped-{os.getpid()}.json"
+            report.write_text(json.dumps({"pid": os.getpid(), "rows_dropped": self.stats.rows_dropped}))
+        except OSError:
+            pass
 
     def write_segment(self) -> bool:
         """Write buffered rows as one segment; False (rows kept) if the disk refused."""

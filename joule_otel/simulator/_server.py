@@ -512,4 +512,12 @@ class SimulatorHTTPServer(ThreadingHTTPServer):
         self.state = state
         super().__init__(address, Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up is normal (keep-alive pools closing); anything else is printed."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
 

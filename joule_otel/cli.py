@@ -1,0 +1,191 @@
+"""``joule-otel``: the demo, the simulator, the dashboard and ledger maintenance.
+
+    joule-otel demo [--calls N] [--no-browser] [--no-dashboard]
+    joule-otel simulate [--port 8088] [--seed 0] [--budget TOKEN=JOULES] [--token-delay S]
+    joule-otel dashboard [--db PATH] [--port 8501] [--host 127.0.0.1] [--no-browser]
+    joule-otel ledger stats|compact|export|query [--db PATH] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from joule_otel._version import __version__
+
+
+def _db(args: argparse.Namespace) -> Path:
+    from joule_otel.config import db_path_from_env
+
+    if args.db:
+        return Path(args.db).expanduser()
+    path = db_path_from_env()
+    if path is None:
+        raise SystemExit("joule-otel: the ledger is off (JOULE_OTEL_DB=off); pass --db PATH")
+    return path
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from joule_otel.simulator import Simulator, SimulatorConfig
+
+    budgets: dict[str, float] = {}
+    for item in args.budget or []:
+        token, _, joules = item.partition("=")
+        try:
+            budgets[token] = float(joules)
+        except ValueError:
+            raise SystemExit(f"joule-otel simulate: --budget wants TOKEN=JOULES, got {item!r}") from None
+    config = SimulatorConfig(seed=args.seed, token_delay_s=args.token_delay, latency_s=args.latency,
+                             energy_budgets=budgets, require_auth=True)
+    sim = Simulator(config, host=args.host, port=args.port)
+    print(f"Joule Cloud simulator serving {sim.base_url.replace('127.0.0.1', args.host)}  (Ctrl-C stops)",
+          flush=True)
+    print(f'  curl {sim.base_url}/chat/completions -H "Authorization: Bearer jc_test" '
+          "-H 'Content-Type: application/json' -d '{\"model\":\"auto\",\"messages\":[{\"role\":\"user\","
+          "\"content\":\"hi\"}]}'", flush=True)
+    try:
+        sim.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.stop()
+    return 0
+
+
+def dashboard_command(db: Path | None, *, host: str, port: int, browser: bool) -> list[str]:
+    """The ``streamlit run`` command line for the packaged dashboard, private by default."""
+    app = Path(__file__).parent / "dashboard" / "app.py"
+    return [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", host, "--server.port", str(port),
+            "--browser.gatherUsageStats", "false", "--server.headless", "false" if browser else "true",
+            "--global.developmentMode", "false"]
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    try:
+        import streamlit  # noqa: F401
+    except ImportError:
+        raise SystemExit("joule-otel dashboard needs Streamlit: pip install 'joule-otel[dashboard]'") from None
+    env = dict(os.environ)
+    if args.db:
+        env["JOULE_OTEL_DB"] = str(Path(args.db).expanduser())
+    cmd = dashboard_command(None, host=args.host, port=args.port, browser=not args.no_browser)
+    print(f"Dashboard on http://{args.host}:{args.port}  (Ctrl-C stops)", flush=True)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from joule_otel.demo import run_demo
+
+    return run_demo(calls=args.calls, db=Path(args.db).expanduser() if args.db else None, browser=not args.no_browser,
+                    dashboard=not args.no_dashboard, port=args.port, seed=args.seed)
+
+
+def _print_rows(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
+    text = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in text:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    from joule_otel.ledger import maintenance
+
+    path = _db(args)
+    if args.ledger_command == "stats":
+        info = maintenance.ledger_stats(path)
+        if args.json:
+            print(json.dumps(info, default=str, indent=2))
+        else:
+            for key, value in info.items():
+                print(f"{key:>22}: {value}")
+        return 0
+    if args.ledger_command == "compact":
+        result = maintenance.compact_now(path, timeout_s=args.timeout)
+        print(f"compacted {result.segments} segments, {result.rows_inserted} new rows"
+              + (f", {len(result.quarantined)} unreadable segments quarantined" if result.quarantined else ""))
+        return 0
+    if args.ledger_command == "export":
+        count = maintenance.export(path, Path(args.output), fmt=args.format, where=args.where)
+        print(f"wrote {count} rows to {args.output}")
+        return 0
+    columns, rows = maintenance.query(path, args.sql)
+    if args.json:
+        print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=2))
+    else:
+        _print_rows(columns, rows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``joule-otel`` argument parser."""
+    parser = argparse.ArgumentParser(prog="joule-otel", description="Energy observability for Joule Cloud.")
+    parser.add_argument("--version", action="version", version=f"joule-otel {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="simulator + realistic traffic + ledger + dashboard, offline")
+    demo.add_argument("--calls", type=int, default=400, help="inference calls to make (default 400)")
+    demo.add_argument("--db", help="ledger to write (default: demo.duckdb in the user data folder)")
+    demo.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    demo.add_argument("--no-dashboard", action="store_true", help="exit after the traffic instead of serving")
+    demo.add_argument("--port", type=int, default=8501, help="dashboard port (default 8501)")
+    demo.add_argument("--seed", type=int, default=42)
+    demo.set_defaults(func=_cmd_demo)
+
+    sim = sub.add_parser("simulate", help="serve the Joule Cloud simulator until Ctrl-C")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8088)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--budget", action="append", metavar="TOKEN=JOULES",
+                     help="monthly energy budget of an API token (repeatable)")
+    sim.add_argument("--token-delay", type=float, default=0.02, help="seconds between streamed tokens")
+    sim.add_argument("--latency", type=float, default=0.05, help="seconds before the first byte")
+    sim.set_defaults(func=_cmd_simulate)
+
+    dash = sub.add_parser("dashboard", help="serve the Streamlit dashboard on 127.0.0.1")
+    dash.add_argument("--db", help="ledger to show (default: JOULE_OTEL_DB or the per-user ledger)")
+    dash.add_argument("--host", default="127.0.0.1")
+    dash.add_argument("--port", type=int, default=8501)
+    dash.add_argument("--no-browser", action="store_true")
+    dash.set_defaults(func=_cmd_dashboard)
+
+    ledger = sub.add_parser("ledger", help="inspect and maintain the ledger")
+    ledger.add_argument("--db", help="ledger path (default: JOULE_OTEL_DB or the per-user ledger)")
+    lsub = ledger.add_subparsers(dest="ledger_command", required=True)
+    stats = lsub.add_parser("stats", help="rows, receipts, time span, pending segments")
+    stats.add_argument("--json", action="store_true")
+    compact = lsub.add_parser("compact", help="move spooled segments into the DuckDB file now")
+    compact.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the lock")
+    export = lsub.add_parser("export", help="write inference_calls to Parquet or CSV")
+    export.add_argument("output")
+    export.add_argument("--format", choices=("parquet", "csv"), default=None,
+                        help="default: from the output's suffix")
+    export.add_argument("--where", help="SQL filter, e.g. \"workload = 'support-bot'\"")
+    query = lsub.add_parser("query", help="run SQL against inference_calls")
+    query.add_argument("sql")
+    query.add_argument("--json", action="store_true")
+    ledger.set_defaults(func=_cmd_ledger)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``joule-otel`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, OSError) as exc:
+        print(f"joule-otel: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import hypothesis.strategies  # noqa: F401 - import before any test starts threads (CPython 3.11.7 AST race)
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import joule_otel
+
+
+@dataclass
+class Telemetry:
+    db: Path
+    metrics: InMemoryMetricReader
+    spans: InMemorySpanExporter
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+    def metric_points(self, name: str) -> list:
+        data = self.metrics.get_metrics_data()
+        points = []
+        for rm in data.resource_metrics if data else []:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == name:
+                        points.extend(metric.data.data_points)
+        return points
+
+    def metric_units(self) -> dict[str, str]:
+        data = self.metrics.get_metrics_data()
+        return {m.name: m.unit for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger" / "joule.duckdb"
+
+
+@pytest.fixture
+def telemetry(ledger_path: Path) -> Iterator[Telemetry]:
+    """instrument() with in-memory OTel readers and a real ledger file; uninstrumented afterwards."""
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2, tracer_provider=tracer_provider,
+                          meter_provider=meter_provider)
+    try:
+        yield Telemetry(ledger_path, reader, exporter, tracer_provider, meter_provider)
+    finally:
+        joule_otel.uninstrument()
+        meter_provider.shutdown()
+        tracer_provider.shutdown()
+
+
+@pytest.fixture
+def ledger_only(ledger_path: Path) -> Iterator[Path]:
+    """instrument() with no tracing configured: ledger and (proxy) metrics only."""
+    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2)
+    try:
+        yield ledger_path
+    finally:
+        joule_otel.uninstrument()

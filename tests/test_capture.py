@@ -1,0 +1,478 @@
+"""Capture: every Joule call through httpx/httpx2 lands on spans, metrics and the ledger, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import threading
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry import baggage, context
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+import joule_otel
+
+HI = [{"role": "user", "content": "hi"}]
+SECRET = "jc_live_SECRET_KEY_123"
+
+
+def rows(db) -> list[dict]:
+    assert joule_otel.flush(timeout_s=20)
+    frame = joule_otel.read_ledger(db)
+    return [{k: (None if v is None or v != v else v) for k, v in r.items()} for r in frame.to_dict("records")]
+
+
+def by_receipt(db) -> dict[str, dict]:
+    found = [r for r in rows(db) if r["receipt_id"]]
+    receipts = [r["receipt_id"] for r in found]
+    assert len(receipts) == len(set(receipts)), "a receipt landed twice"
+    return {r["receipt_id"]: r for r in found}
+
+
+def oai(sim, key: str = SECRET) -> openai.OpenAI:
+    return openai.OpenAI(base_url=sim.base_url, api_key=key, max_retries=0)
+
+
+def assert_matches_receipt(row: dict, receipt) -> None:
+    assert row["energy_j"] == receipt.energy_j
+    assert row["carbon_mg"] == receipt.carbon_mg
+    assert row["routed_to"] == receipt.routed_to
+    assert row["tier"] == receipt.tier
+    assert row["region"] == receipt.region
+    assert row["requested_model"] == receipt.requested_model
+    assert row["status_code"] == 200
+    assert row["error_type"] is None
+
+
+def test_every_receipt_lands_once_with_exact_values(telemetry, joule_simulator):
+    client = oai(joule_simulator)
+    client.chat.completions.create(model="auto", messages=HI)
+    client.chat.completions.create(model="llama-3.3-405b-instruct", messages=HI, extra_headers={"X-Region": "eu-fi"})
+    for _ in client.chat.completions.create(model="auto", messages=HI, stream=True,
+                                            stream_options={"include_usage": True}):
+        pass
+    client.embeddings.create(model="auto", input=["a", "b"])
+
+    async def async_calls() -> None:
+        aclient = openai.AsyncOpenAI(base_url=joule_simulator.base_url, api_key=SECRET, max_retries=0)
+        await asyncio.gather(*(aclient.chat.completions.create(model="auto", messages=HI) for _ in range(5)))
+        stream = await aclient.chat.completions.create(model="auto", messages=HI, stream=True)
+        async for _ in stream:
+            pass
+
+    asyncio.run(async_calls())
+    ledger = by_receipt(telemetry.db)
+    issued = {r.receipt_id: r for r in joule_simulator.receipts}
+    assert set(ledger) == set(issued)
+    for receipt_id, receipt in issued.items():
+        row = ledger[receipt_id]
+        assert_matches_receipt(row, receipt)
+        assert row["operation"] == receipt.operation
+        assert row["server_address"] == "127.0.0.1"
+        assert row["stream"] == receipt.stream
+        if receipt_id == joule_simulator.receipts[-1].receipt_id:  # the stream without include_usage
+            assert row["input_tokens"] is row["output_tokens"] is None
+        else:
+            assert row["input_tokens"] == receipt.input_tokens
+            assert row["output_tokens"] == (receipt.output_tokens if receipt.operation == "chat" else None)
+        assert row["duration_ms"] > 0
+        assert (row["ttft_ms"] is not None) == receipt.stream
+        assert row["trace_id"] and len(row["trace_id"]) == 32 and len(row["span_id"]) == 16
+    assert ledger[joule_simulator.receipts[1].receipt_id]["region"] == "eu-fi"
+
+
+def test_span_attributes_on_the_http_client_span(telemetry, joule_simulator):
+    with joule_otel.workload("spans"):
+        oai(joule_simulator).chat.completions.create(model="auto", messages=HI)
+    receipt = joule_simulator.receipts[-1]
+    spans = [s for s in telemetry.spans.get_finished_spans() if s.attributes.get("joule.receipt_id")]
+    assert len(spans) == 1
+    attrs = spans[0].attributes
+    assert attrs["gen_ai.provider.name"] == "joule_cloud"
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.request.model"] == "auto"
+    assert attrs["gen_ai.response.model"] == receipt.routed_to
+    assert attrs["joule.energy"] == receipt.energy_j
+    assert attrs["joule.carbon"] == receipt.carbon_mg
+    assert attrs["joule.tier"] == receipt.tier
+    assert attrs["joule.region"] == receipt.region
+    assert attrs["joule.workload"] == "spans"
+    assert attrs["joule.energy.source"] == "header"
+    assert "gen_ai.input.messages" not in attrs
+    row = by_receipt(telemetry.db)[receipt.receipt_id]
+    assert row["trace_id"] == format(spans[0].context.trace_id, "032x")
+    assert row["span_id"] == format(spans[0].context.span_id, "016x")
+
+
+def test_metric_sums_equal_ledger_sums_per_workload(telemetry, joule_simulator):
+    client = oai(joule_simulator)
+    for name, count in (("alpha", 4), ("beta", 3)):
+        with joule_otel.workload(name):
+            for _ in range(count):
+                client.chat.completions.create(model="auto", messages=HI)
+            for _ in client.chat.completions.create(model="auto", messages=HI, stream=True):
+                pass
+    ledger_sums: dict[str, float] = defaultdict(float)
+    ledger_tokens: dict[str, int] = defaultdict(int)
+    for row in rows(telemetry.db):
+        ledger_sums[row["workload"]] += row["energy_j"]
+        ledger_tokens[row["workload"]] += row["output_tokens"] or 0
+    metric_sums: dict[str, float] = defaultdict(float)
+    for point in telemetry.metric_points("joule.client.energy"):
+        metric_sums[point.attributes["joule.workload"]] += point.value
+    assert metric_sums == pytest.approx(dict(ledger_sums))
+    histogram_counts: dict[str, int] = defaultdict(int)
+    for point in telemetry.metric_points("joule.client.request.energy"):
+        histogram_counts[point.attributes["joule.workload"]] += point.count
+    assert histogram_counts == {"alpha": 5, "beta": 4}
+    token_sums: dict[str, int] = defaultdict(int)
+    for point in telemetry.metric_points("gen_ai.client.token.usage"):
+        if point.attributes["gen_ai.token.type"] == "output":
+            token_sums[point.attributes["joule.workload"]] += point.sum
+    # the streams without include_usage carry no token counts, in the ledger or the metrics
+    assert token_sums == dict(ledger_tokens)
+    ttfc = telemetry.metric_points("gen_ai.client.operation.time_to_first_chunk")
+    assert sum(p.count for p in ttfc) == 2
+    units = telemetry.metric_units()
+    assert units["joule.client.energy"] == "J"
+    assert units["joule.client.carbon"] == "mg"
+    assert units["gen_ai.client.operation.duration"] == "s"
+    assert units["gen_ai.client.token.usage"] == "{token}"
+    for point in telemetry.metric_points("joule.client.energy"):
+        assert "joule.receipt_id" not in point.attributes
+        assert set(point.attributes) <= {"joule.workload", "gen_ai.operation.name", "gen_ai.provider.name",
+                                         "gen_ai.request.model", "gen_ai.response.model", "joule.tier",
+                                         "joule.region", "error.type"}
+
+
+def test_workload_resolution_nested_async_and_decorated(ledger_path, joule_simulator, monkeypatch):
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "checkout-svc")
+    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2, workload="default-wl")
+    try:
+        client = oai(joule_simulator)
+        aclient = openai.AsyncOpenAI(base_url=joule_simulator.base_url, api_key=SECRET, max_retries=0)
+
+        def call(tag: str) -> None:
+            client.chat.completions.create(model="auto", messages=[{"role": "user", "content": tag}])
+
+        @joule_otel.workload("decorated")
+        def decorated() -> None:
+            call("decorated")
+
+        @joule_otel.workload("async-decorated")
+        async def async_decorated() -> None:
+            await aclient.chat.completions.create(model="auto", messages=[{"role": "user", "content": "ad"}])
+
+        async def tagged(name: str) -> None:
+            with joule_otel.workload(name):
+                await asyncio.sleep(0.01)
+                await aclient.chat.completions.create(model="auto", messages=[{"role": "user", "content": name}])
+
+        async def main() -> None:
+            await asyncio.gather(tagged("task-a"), tagged("task-b"), async_decorated())
+
+        with joule_otel.workload("outer"):
+            call("outer")
+            with joule_otel.workload("inner"):
+                call("inner")
+            call("outer-again")
+        decorated()
+        asyncio.run(main())
+        token = context.attach(baggage.set_baggage("joule.workload", "from-baggage"))
+        try:
+            call("baggage")
+        finally:
+            context.detach(token)
+        call("default")
+        found = {r["workload"] for r in rows(ledger_path)}
+        assert found == {"outer", "inner", "decorated", "async-decorated", "task-a", "task-b", "from-baggage",
+                         "default-wl"}
+        assert {r["service"] for r in rows(ledger_path)} == {"checkout-svc"}
+    finally:
+        joule_otel.uninstrument()
+    with pytest.raises(ValueError):
+        joule_otel.workload("")
+
+
+def test_service_name_is_the_last_resort_workload(ledger_path, joule_simulator, monkeypatch):
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "svc-fallback")
+    monkeypatch.delenv("JOULE_OTEL_WORKLOAD", raising=False)
+    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2)
+    try:
+        oai(joule_simulator).chat.completions.create(model="auto", messages=HI)
+        assert [r["workload"] for r in rows(ledger_path)] == ["svc-fallback"]
+    finally:
+        joule_otel.uninstrument()
+
+
+def test_streams_full_partial_closed_and_garbage_collected(ledger_only, joule_simulator):
+    client = oai(joule_simulator)
+    for _ in client.chat.completions.create(model="auto", messages=HI, stream=True,
+                                            stream_options={"include_usage": True}):
+        pass
+    full = joule_simulator.receipts[-1]
+    stream = client.chat.completions.create(model="auto", messages=HI, stream=True, max_tokens=200)
+    for _ in stream:
+        break
+    stream.close()
+    closed = joule_simulator.receipts[-1]
+    with client.chat.completions.create(model="auto", messages=HI, stream=True, max_tokens=200) as stream2:
+        next(iter(stream2))
+    context_managed = joule_simulator.receipts[-1]
+    abandoned_stream = client.chat.completions.create(model="auto", messages=HI, stream=True, max_tokens=300)
+    next(iter(abandoned_stream))
+    abandoned = joule_simulator.receipts[-1]
+    del abandoned_stream
+    gc.collect()
+    ledger = by_receipt(ledger_only)
+    assert set(ledger) == {full.receipt_id, closed.receipt_id, context_managed.receipt_id, abandoned.receipt_id}
+    full_row = ledger[full.receipt_id]
+    assert full_row["output_tokens"] == full.output_tokens
+    assert full_row["energy_j"] == full.energy_j
+    assert 0 < full_row["ttft_ms"] <= full_row["duration_ms"]
+    for receipt in (closed, context_managed, abandoned):
+        row = ledger[receipt.receipt_id]
+        assert row["energy_j"] == receipt.energy_j  # from the header: the stream never reached its end
+        assert row["output_tokens"] is None
+        assert row["ttft_ms"] is not None
+    assert full_row["trace_id"] is None  # no tracing configured: no spans, no ids
+    assert joule_otel.stats()["calls_in_flight"] == 0
+
+
+def test_sampler_always_off_keeps_ledger_and_metrics(ledger_path, joule_simulator):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider(sampler=ALWAYS_OFF)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2, tracer_provider=tracer_provider,
+                          meter_provider=MeterProvider(metric_readers=[reader]))
+    try:
+        client = oai(joule_simulator)
+        for _ in range(6):
+            client.chat.completions.create(model="auto", messages=HI)
+        ledger = by_receipt(ledger_path)
+    finally:
+        joule_otel.uninstrument()
+    assert len(ledger) == 6
+    assert exporter.get_finished_spans() == ()
+    total = sum(p.value for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
+                for m in sm.metrics if m.name == "joule.client.energy" for p in m.data.data_points)
+    assert total == pytest.approx(sum(r.energy_j for r in joule_simulator.receipts))
+
+
+@pytest.mark.parametrize("order", ["httpx-instrumented-first", "joule-first"])
+def test_works_whichever_httpx_instrumentation_ran_first(order, ledger_path, joule_simulator):
+    from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor, HTTPXClientInstrumentor
+
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumentors = [HTTPXClientInstrumentor(), HTTPX2ClientInstrumentor()]
+    if order == "httpx-instrumented-first":
+        for inst in instrumentors:
+            inst.instrument(tracer_provider=tracer_provider)
+        joule_otel.instrument(db=ledger_path, flush_interval_s=0.2, tracer_provider=tracer_provider)
+    else:
+        joule_otel.instrument(db=ledger_path, flush_interval_s=0.2)  # no tracing yet
+        for inst in instrumentors:
+            inst.instrument(tracer_provider=tracer_provider)
+    try:
+        oai(joule_simulator).chat.completions.create(model="auto", messages=HI)  # httpx2 (openai >= 3)
+        httpx.post(joule_simulator.base_url + "/chat/completions", json={"model": "auto", "messages": HI},
+                   headers={"Authorization": f"Bearer {SECRET}"})  # plain httpx
+        ledger = by_receipt(ledger_path)
+    finally:
+        for inst in instrumentors:
+            inst.uninstrument()
+        joule_otel.uninstrument()
+    assert set(ledger) == {r.receipt_id for r in joule_simulator.receipts}
+    annotated = [s for s in exporter.get_finished_spans() if "joule.energy" in s.attributes]
+    assert len(annotated) == 2
+    for span in annotated:
+        assert ledger[span.attributes["joule.receipt_id"]]["trace_id"] == format(span.context.trace_id, "032x")
+
+
+def test_langchain_calls_are_captured(ledger_only, joule_simulator):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=joule_simulator.base_url, api_key=SECRET, model="auto", max_retries=0)
+    with joule_otel.workload("lc"):
+        llm.invoke("hello")
+        "".join(c.content for c in llm.stream("stream"))
+    ledger = by_receipt(ledger_only)
+    assert set(ledger) == {r.receipt_id for r in joule_simulator.receipts}
+    assert {r["workload"] for r in ledger.values()} == {"lc"}
+
+
+def test_refused_and_failed_calls_are_rows_and_other_traffic_is_not(ledger_only, joule_simulator):
+    joule_simulator.set_energy_budget("jc_tiny", 0.5)
+    tiny = oai(joule_simulator, "jc_tiny")
+    tiny.chat.completions.create(model="auto", messages=HI)
+    with pytest.raises(openai.APIStatusError):
+        tiny.chat.completions.create(model="auto", messages=HI)
+    with pytest.raises(openai.NotFoundError):
+        tiny.chat.completions.create(model="nope", messages=HI)
+    httpx.get(joule_simulator.base_url.replace("/v1", "/healthz"))  # not inference: left alone
+    with pytest.raises(openai.APIConnectionError):
+        openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key=SECRET, max_retries=0).chat.completions.create(
+            model="auto", messages=HI)
+    found = rows(ledger_only)
+    errors = sorted((r["status_code"] or 0, r["error_type"]) for r in found if r["error_type"])
+    assert errors == [(0, "ConnectError"), (402, "insufficient_balance"), (404, "404")]
+    assert len(found) == 4
+    assert all(r["receipt_id"] is None for r in found if r["error_type"])
+
+
+def test_secrets_and_content_never_reach_ledger_or_spans(telemetry, joule_simulator):
+    oai(joule_simulator).chat.completions.create(model="auto", messages=[{"role": "user", "content": "PRIVATE-PROMPT"}])
+    assert joule_otel.flush()
+    blob = telemetry.db.read_bytes()
+    assert SECRET.encode() not in blob
+    assert b"PRIVATE-PROMPT" not in blob
+    for span in telemetry.spans.get_finished_spans():
+        text = json.dumps(dict(span.attributes), default=str)
+        assert SECRET not in text
+        assert "PRIVATE-PROMPT" not in text
+
+
+def test_content_capture_is_opt_in_and_spans_only(ledger_path, joule_simulator):
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2, tracer_provider=tracer_provider,
+                          capture_content=True)
+    try:
+        oai(joule_simulator).chat.completions.create(model="auto", messages=[{"role": "user", "content": "OPT-IN"}])
+        assert joule_otel.flush()
+    finally:
+        joule_otel.uninstrument()
+    span = next(s for s in exporter.get_finished_spans() if "joule.energy" in s.attributes)
+    assert "OPT-IN" in span.attributes["gen_ai.input.messages"]
+    assert b"OPT-IN" not in ledger_path.read_bytes()
+
+
+def test_instrument_validates_arguments_and_is_idempotent(ledger_path):
+    with pytest.raises(ValueError):
+        joule_otel.instrument(flush_interval_s=0)
+    with pytest.raises(ValueError):
+        joule_otel.instrument(prometheus_port=70000)
+    with pytest.raises(ValueError):
+        joule_otel.instrument(otlp_endpoint="not a url")
+    joule_otel.instrument(db=ledger_path)
+    joule_otel.instrument(db=ledger_path)
+    try:
+        assert joule_otel.stats()["instrumented"] is True
+    finally:
+        joule_otel.uninstrument()
+    joule_otel.uninstrument()
+    assert joule_otel.stats() == {"instrumented": False}
+
+
+def test_invalid_env_is_warned_and_defaulted(monkeypatch, caplog, ledger_path):
+    monkeypatch.setenv("JOULE_OTEL_FLUSH_INTERVAL", "soon")
+    joule_otel.instrument(db=ledger_path)
+    try:
+        assert "JOULE_OTEL_FLUSH_INTERVAL" in caplog.text
+    finally:
+        joule_otel.uninstrument()
+
+
+def test_capture_failures_never_reach_the_app(ledger_only, joule_simulator, monkeypatch):
+    from joule_otel import _instrument
+
+    state = _instrument._state
+
+    def broken(call):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(state.capture, "_begin", lambda *a: broken(None))
+    out = oai(joule_simulator).chat.completions.create(model="auto", messages=HI)
+    assert out.choices[0].message.content
+    assert joule_otel.stats()["capture_errors"] == 1
+
+
+class _ScriptedHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    headers_to_send: dict[str, str] = {}
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}).encode()
+        self.send_response(200)
+        for name, value in type(self).headers_to_send.items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def scripted_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+header_value = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=24).map(str.strip)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(energy=header_value, carbon=header_value, tier=header_value)
+def test_garbage_header_values_never_break_the_call(scripted_server, tmp_path_factory, energy, carbon, tier):
+    from joule_otel.headers import parse_quantity
+
+    server, base_url = scripted_server
+    _ScriptedHandler.headers_to_send = {"X-Energy-Joules": energy, "X-Carbon-mg": carbon, "X-Tier": tier}
+    db = tmp_path_factory.mktemp("garbage") / "l.duckdb"
+    joule_otel.instrument(db=db, flush_interval_s=0.2)
+    try:
+        out = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0).chat.completions.create(
+            model="auto", messages=HI)
+        assert out.choices[0].message.content == "ok"
+        [row] = rows(db)
+        stats = joule_otel.stats()
+    finally:
+        joule_otel.uninstrument()
+    assert row["energy_j"] == parse_quantity(energy)
+    assert row["carbon_mg"] == parse_quantity(carbon)
+    # both headers are always sent: an empty or unparsable value is missing *and* counted
+    expected_invalid = sum(1 for v in (energy, carbon) if parse_quantity(v) is None)
+    assert stats["invalid_headers"] == expected_invalid
+    assert row["input_tokens"] == 1 and row["output_tokens"] == 2
+
+
+def test_same_receipt_seen_twice_is_one_row(scripted_server, ledger_path):
+    _, base_url = scripted_server
+    _ScriptedHandler.headers_to_send = {"X-Energy-Joules": "5", "X-Receipt-Id": "rcpt_replayed"}
+    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2)
+    try:
+        client = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0)
+        client.chat.completions.create(model="auto", messages=HI)
+        client.chat.completions.create(model="auto", messages=HI)
+        found = rows(ledger_path)
+        assert joule_otel.stats()["duplicate_receipts"] == 1
+    finally:
+        joule_otel.uninstrument()
+    assert [r["receipt_id"] for r in found] == ["rcpt_replayed"]

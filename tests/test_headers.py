@@ -1,0 +1,65 @@
+"""Header parsing: invalid values are missing (never 0, never an exception)."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from joule_otel.headers import MAX_STRING, clean_string, parse_quantity, read_energy
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("12.5", 12.5), (" 1.25e1 ", 12.5), ("0", 0.0), ("-0", 0.0), ("\t7\n", 7.0), (b"3.5", 3.5),
+    ("abc", None), ("NaN", None), ("nan", None), ("inf", None), ("-inf", None), ("-5", None),
+    ("1e400", None), ("", None), ("  ", None), (None, None), ("0x10", None), ("1,5", None),
+])
+def test_parse_quantity(raw, expected):
+    assert parse_quantity(raw) == expected
+
+
+@given(st.text())
+def test_parse_quantity_never_raises_and_is_finite_nonnegative_or_none(raw):
+    value = parse_quantity(raw)
+    assert value is None or (math.isfinite(value) and value >= 0)
+
+
+@given(st.floats(min_value=0, allow_nan=False, allow_infinity=False))
+def test_any_valid_float_round_trips(value):
+    assert parse_quantity(repr(value)) == value
+
+
+@given(st.binary())
+def test_clean_string_never_raises_and_strips_control_characters(raw):
+    value = clean_string(raw)
+    assert value is None or (0 < len(value) <= MAX_STRING and not any(ord(c) < 32 for c in value))
+
+
+@given(energy=st.one_of(st.none(), st.text(max_size=30), st.floats().map(repr)),
+       carbon=st.one_of(st.none(), st.text(max_size=30)),
+       routed=st.one_of(st.none(), st.text(max_size=400)))
+def test_read_energy_is_total_over_garbage(energy, carbon, routed):
+    headers = {}
+    for name, value in (("X-Energy-Joules", energy), ("X-Carbon-mg", carbon), ("X-Routed-To", routed)):
+        if value is not None and value.isprintable() and value.isascii():
+            headers[name] = value
+    reading = read_energy(httpx.Headers(headers).get)
+    for number in (reading.energy_j, reading.carbon_mg):
+        assert number is None or (math.isfinite(number) and number >= 0)
+    invalid = {"x-energy-joules": reading.energy_j, "x-carbon-mg": reading.carbon_mg}
+    for name in reading.invalid:
+        assert invalid[name] is None
+
+
+def test_read_energy_case_insensitive_and_region_fallback():
+    headers = httpx.Headers({"x-ENERGY-joules": "1.5E2", "X-TIER": " Batch ", "x-receipt-id": "r1\x00\x1b"})
+    reading = read_energy(headers.get, request_region="EU-FI")
+    assert reading.energy_j == 150.0
+    assert reading.tier == "batch"
+    assert reading.region == "eu-fi"
+    assert reading.receipt_id == "r1"
+    assert read_energy(httpx.Headers({"x-region": "ap-in"}).get, "eu-fi").region == "ap-in"
+    assert read_energy(httpx.Headers({"x-routed-to": "m" * 1000}).get).routed_to == "m" * MAX_STRING
