@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -76,9 +77,14 @@ def instrument(
         ValueError: an argument is invalid. Nothing raises later, while capturing.
     """
     global _state
-    settings = Settings.resolve(db=db, workload=workload, flush_interval_s=flush_interval_s,
-                                prometheus_port=prometheus_port, otlp_endpoint=otlp_endpoint,
-                                capture_content=capture_content)
+    settings = Settings.resolve(
+        db=db,
+        workload=workload,
+        flush_interval_s=flush_interval_s,
+        prometheus_port=prometheus_port,
+        otlp_endpoint=otlp_endpoint,
+        capture_content=capture_content,
+    )
     with _lock:
         if _state is not None:
             return
@@ -86,9 +92,15 @@ def instrument(
         meter = metrics.get_meter("joule_otel", __version__, meter_provider=providers.meter_provider)
         capture = Capture(lambda call: None, capture_content=settings.capture_content)
         writer = LedgerWriter(settings.db_path) if settings.db_path is not None else None
-        pipeline = Pipeline(service_name=providers.service_name, default_workload=settings.workload,
-                            flush_interval_s=settings.flush_interval_s, max_workloads=settings.max_workloads,
-                            instruments=create_instruments(meter), writer=writer, capture_stats=capture)
+        pipeline = Pipeline(
+            service_name=providers.service_name,
+            default_workload=settings.workload,
+            flush_interval_s=settings.flush_interval_s,
+            max_workloads=settings.max_workloads,
+            instruments=create_instruments(meter),
+            writer=writer,
+            capture_stats=capture,
+        )
         capture._sink = pipeline.submit
         modules = []
         for name in HTTP_MODULES:
@@ -113,7 +125,10 @@ def _enable_http_spans(tracer_provider: Any, modules: list[Any]) -> list[Any]:
         return []
     enabled = []
     names = {m.__name__ for m in modules}
-    for module_name, cls_name in (("httpx", "HTTPXClientInstrumentor"), ("httpx2", "HTTPX2ClientInstrumentor")):
+    for module_name, cls_name in (
+        ("httpx", "HTTPXClientInstrumentor"),
+        ("httpx2", "HTTPX2ClientInstrumentor"),
+    ):
         cls = getattr(httpx_instrumentation, cls_name, None)
         if cls is None or module_name not in names:
             continue
@@ -212,10 +227,8 @@ def uninstrument() -> None:
         state.capture.finish_all()
         state.pipeline.shutdown(EXIT_FLUSH_TIMEOUT_S)
         if state.sigterm_installed and signal.getsignal(signal.SIGTERM) is _on_sigterm:
-            try:
+            with contextlib.suppress(ValueError, OSError, TypeError):
                 signal.signal(signal.SIGTERM, state.previous_sigterm)
-            except (ValueError, OSError, TypeError):
-                pass
         if state.providers.prometheus_server is not None:
             server = state.providers.prometheus_server
             server = server[0] if isinstance(server, tuple) else server

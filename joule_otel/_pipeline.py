@@ -85,8 +85,10 @@ def _usage_tokens(usage: Any) -> tuple[int | None, int | None]:
         return None, None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
     completion = usage.get("completion_tokens", usage.get("output_tokens"))
-    return (prompt if isinstance(prompt, int) and prompt >= 0 else None,
-            completion if isinstance(completion, int) and completion >= 0 else None)
+    return (
+        prompt if isinstance(prompt, int) and prompt >= 0 else None,
+        completion if isinstance(completion, int) and completion >= 0 else None,
+    )
 
 
 def _joule_extension(event: dict[str, Any], facts: BodyFacts) -> None:
@@ -146,8 +148,10 @@ def parse_body(call: CallRecord, is_sse: bool) -> BodyFacts:
 
 def other_genai_metrics_recorder() -> str | None:
     """Name of another GenAI instrumentation in this process that records ``gen_ai.client.*`` metrics."""
-    for module_name, label in (("opentelemetry.instrumentation.openai_v2", "opentelemetry-instrumentation-openai-v2"),
-                               ("opentelemetry.instrumentation.openai", "OpenLLMetry")):
+    for module_name, label in (
+        ("opentelemetry.instrumentation.openai_v2", "opentelemetry-instrumentation-openai-v2"),
+        ("opentelemetry.instrumentation.openai", "OpenLLMetry"),
+    ):
         module = sys.modules.get(module_name)
         instrumentor = getattr(module, "OpenAIInstrumentor", None) if module else None
         if instrumentor is not None and getattr(instrumentor(), "_is_instrumented_by_opentelemetry", False):
@@ -166,9 +170,17 @@ def _no_header(name: str) -> None:
 class Pipeline:
     """The background thread, its queue, and what it does with each call."""
 
-    def __init__(self, *, service_name: str, default_workload: str | None, flush_interval_s: float,
-                 max_workloads: int, instruments: Instruments | None, writer: LedgerWriter | None,
-                 capture_stats: Any) -> None:
+    def __init__(
+        self,
+        *,
+        service_name: str,
+        default_workload: str | None,
+        flush_interval_s: float,
+        max_workloads: int,
+        instruments: Instruments | None,
+        writer: LedgerWriter | None,
+        capture_stats: Any,
+    ) -> None:
         self.service_name = service_name
         self.default_workload = default_workload
         self.flush_interval_s = flush_interval_s
@@ -290,8 +302,7 @@ class Pipeline:
         headers = call.response_headers
         reading = call.reading
         if reading is None:
-            reading = read_energy(headers.get if headers is not None else _no_header,
-                                  call.request_headers.get(REGION))
+            reading = read_energy(headers.get if headers is not None else _no_header, call.request_headers.get(REGION))
         if reading.invalid:
             self.capture_stats.invalid_headers += len(reading.invalid)
         receipt = reading.receipt_id
@@ -307,9 +318,8 @@ class Pipeline:
         is_sse = content_type.startswith("text/event-stream")
         facts = parse_body(call, is_sse) if call.chunks else BodyFacts()
         energy, carbon = reading.energy_j, reading.carbon_mg
-        source = "header" if energy is not None else "absent"
-        if facts.stream_energy_j is not None:
-            energy, source = facts.stream_energy_j, "stream_final"
+        if facts.stream_energy_j is not None:  # the final stream event wins over the header
+            energy = facts.stream_energy_j
             if facts.stream_carbon_mg is not None:
                 carbon = facts.stream_carbon_mg
         error_type = call.error or error_type_for(call.status_code, facts.error_code)
@@ -319,8 +329,19 @@ class Pipeline:
         model = request.get("model")
         requested_model = model.strip()[:256] if isinstance(model, str) else None
         if self.instruments is not None:
-            self._record_metrics(call, reading, workload, requested_model, error_type, energy, carbon,
-                                 facts, duration_s, ttft_s, skip_genai)
+            self._record_metrics(
+                call,
+                reading,
+                workload,
+                requested_model,
+                error_type,
+                energy,
+                carbon,
+                facts,
+                duration_s,
+                ttft_s,
+                skip_genai,
+            )
         return (
             receipt,
             call.started_ns // 1000,
@@ -353,25 +374,41 @@ class Pipeline:
             return workload
         return "other"
 
-    def _record_metrics(self, call: CallRecord, reading: EnergyReading, workload: str, requested_model: str | None,
-                        error_type: str | None, energy: float | None, carbon: float | None, facts: BodyFacts,
-                        duration_s: float, ttft_s: float | None, skip_genai: bool) -> None:
+    def _record_metrics(
+        self,
+        call: CallRecord,
+        reading: EnergyReading,
+        workload: str,
+        requested_model: str | None,
+        error_type: str | None,
+        energy: float | None,
+        carbon: float | None,
+        facts: BodyFacts,
+        duration_s: float,
+        ttft_s: float | None,
+        skip_genai: bool,
+    ) -> None:
         inst = self.instruments
         assert inst is not None
-        attrs: dict[str, Any] = {attr.JOULE_WORKLOAD: self._metric_workload(workload),
-                                 attr.GEN_AI_PROVIDER_NAME: attr.PROVIDER}
-        for key, value in ((attr.GEN_AI_OPERATION_NAME, SEMCONV_OPERATIONS.get(call.operation)),
-                           (attr.GEN_AI_REQUEST_MODEL, requested_model),
-                           (attr.GEN_AI_RESPONSE_MODEL, reading.routed_to),
-                           (attr.JOULE_TIER, reading.tier),
-                           (attr.JOULE_REGION, reading.region),
-                           (attr.ERROR_TYPE, error_type)):
+        attrs: dict[str, Any] = {
+            attr.JOULE_WORKLOAD: self._metric_workload(workload),
+            attr.GEN_AI_PROVIDER_NAME: attr.PROVIDER,
+        }
+        for key, value in (
+            (attr.GEN_AI_OPERATION_NAME, SEMCONV_OPERATIONS.get(call.operation)),
+            (attr.GEN_AI_REQUEST_MODEL, requested_model),
+            (attr.GEN_AI_RESPONSE_MODEL, reading.routed_to),
+            (attr.JOULE_TIER, reading.tier),
+            (attr.JOULE_REGION, reading.region),
+            (attr.ERROR_TYPE, error_type),
+        ):
             if value is not None:
                 attrs[key] = value
         ctx = None
         if call.trace_id and call.span_id:
-            span_context = SpanContext(call.trace_id, call.span_id, is_remote=False,
-                                       trace_flags=TraceFlags(TraceFlags.SAMPLED))
+            span_context = SpanContext(
+                call.trace_id, call.span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)
+            )
             ctx = trace.set_span_in_context(NonRecordingSpan(span_context))
         if energy is not None:
             inst.energy.add(energy, attrs)

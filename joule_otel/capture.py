@@ -44,8 +44,12 @@ _ROUTES: dict[str, str] = {
     "moderations": "moderations",
 }
 INFERENCE_OPERATIONS = frozenset({"chat", "text_completion", "embeddings", "responses", "images", "audio"})
-SEMCONV_OPERATIONS = {"chat": "chat", "text_completion": "text_completion", "embeddings": "embeddings",
-                      "responses": "chat"}
+SEMCONV_OPERATIONS = {
+    "chat": "chat",
+    "text_completion": "text_completion",
+    "embeddings": "embeddings",
+    "responses": "chat",
+}
 """Route name → ``gen_ai.operation.name``; only values the semantic conventions define."""
 
 _route_cache: dict[bytes, str | None] = {}
@@ -60,7 +64,7 @@ def route_operation(raw_path: bytes) -> str | None:
     operation = None
     marker = path.rfind("/v1/")
     if marker >= 0:
-        rest = path[marker + 4:]
+        rest = path[marker + 4 :]
         for prefix, name in _ROUTES.items():
             if rest == prefix or rest.startswith(prefix + "/"):
                 operation = name
@@ -73,9 +77,27 @@ def route_operation(raw_path: bytes) -> str | None:
 class CallRecord:
     """One captured call, filled in on the app's thread and finished once, then parsed in the background."""
 
-    __slots__ = ("chunks", "encoded", "error", "kept", "method", "operation", "reading", "request_body", "request_headers",
-                 "response_headers", "server_address", "span_id", "started_ns", "status_code", "t0", "t_end",
-                 "t_first", "trace_id", "workload")
+    __slots__ = (
+        "chunks",
+        "encoded",
+        "error",
+        "kept",
+        "method",
+        "operation",
+        "reading",
+        "request_body",
+        "request_headers",
+        "response_headers",
+        "server_address",
+        "span_id",
+        "started_ns",
+        "status_code",
+        "t0",
+        "t_end",
+        "t_first",
+        "trace_id",
+        "workload",
+    )
 
     def __init__(self, request: Any, operation: str, t0: int, started_ns: int) -> None:
         self.t0 = t0
@@ -203,8 +225,9 @@ class Capture:
         self.finish(call)
 
     # -- the wrappers -----------------------------------------------------------------------
-    def sync_wrapper(self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                     kwargs: dict[str, Any]) -> Any:
+    def sync_wrapper(
+        self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         """Wraps ``HTTPTransport.handle_request`` of httpx and httpx2."""
         t0, started_ns = perf_counter_ns(), time_ns()
         try:
@@ -225,8 +248,9 @@ class Capture:
             self.internal_error("response handling")
         return response
 
-    async def async_wrapper(self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                            kwargs: dict[str, Any]) -> Any:
+    async def async_wrapper(
+        self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         """Wraps ``AsyncHTTPTransport.handle_async_request`` of httpx and httpx2."""
         t0, started_ns = perf_counter_ns(), time_ns()
         try:
@@ -260,14 +284,17 @@ class Capture:
 
 def _is_http_client_span(span: Any) -> bool:
     scope = getattr(span, "instrumentation_scope", None)
-    return (getattr(span, "kind", None) is SpanKind.CLIENT and scope is not None
-            and scope.name.startswith("opentelemetry.instrumentation.httpx"))
+    return (
+        getattr(span, "kind", None) is SpanKind.CLIENT
+        and scope is not None
+        and scope.name.startswith("opentelemetry.instrumentation.httpx")
+    )
 
 
 def _make_stream_classes(sync_base: type, async_base: type) -> tuple[type, type]:
     """Byte-stream wrappers subclassing the module's own stream bases (httpx checks isinstance)."""
 
-    class SyncCaptureStream(sync_base):  # type: ignore[misc,valid-type]
+    class SyncCaptureStream(sync_base):  # type: ignore[misc]
         def __init__(self, inner: Any, call: CallRecord, capture: Capture) -> None:
             self._inner, self._call, self._capture = inner, call, capture
 
@@ -291,7 +318,7 @@ def _make_stream_classes(sync_base: type, async_base: type) -> tuple[type, type]
         def __del__(self) -> None:
             self._capture.finish(self._call)
 
-    class AsyncCaptureStream(async_base):  # type: ignore[misc,valid-type]
+    class AsyncCaptureStream(async_base):  # type: ignore[misc]
         def __init__(self, inner: Any, call: CallRecord, capture: Capture) -> None:
             self._inner, self._call, self._capture = inner, call, capture
 
@@ -340,8 +367,10 @@ def error_type_for(status_code: int | None, error_code: str | None) -> str | Non
 
 # -- installing the wrappers ----------------------------------------------------------------
 
-_PATCHES = (("HTTPTransport", "handle_request", "sync_wrapper"),
-            ("AsyncHTTPTransport", "handle_async_request", "async_wrapper"))
+_PATCHES = (
+    ("HTTPTransport", "handle_request", "sync_wrapper"),
+    ("AsyncHTTPTransport", "handle_async_request", "async_wrapper"),
+)
 
 
 def install(capture: Capture, module: Any) -> None:

@@ -1,9 +1,9 @@
 """``joule-otel``: the demo, the simulator, the dashboard and ledger maintenance.
 
-    joule-otel demo [--calls N] [--no-browser] [--no-dashboard]
-    joule-otel simulate [--port 8088] [--seed 0] [--budget TOKEN=JOULES] [--token-delay S]
-    joule-otel dashboard [--db PATH] [--port 8501] [--host 127.0.0.1] [--no-browser]
-    joule-otel ledger stats|compact|export|query [--db PATH] ...
+joule-otel demo [--calls N] [--no-browser] [--no-dashboard]
+joule-otel simulate [--port 8088] [--seed 0] [--budget TOKEN=JOULES] [--token-delay S]
+joule-otel dashboard [--db PATH] [--port 8501] [--host 127.0.0.1] [--no-browser]
+joule-otel ledger stats|compact|export|query [--db PATH] ...
 """
 
 from __future__ import annotations
@@ -40,14 +40,24 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             budgets[token] = float(joules)
         except ValueError:
             raise SystemExit(f"joule-otel simulate: --budget wants TOKEN=JOULES, got {item!r}") from None
-    config = SimulatorConfig(seed=args.seed, token_delay_s=args.token_delay, latency_s=args.latency,
-                             energy_budgets=budgets, require_auth=True)
+    config = SimulatorConfig(
+        seed=args.seed,
+        token_delay_s=args.token_delay,
+        latency_s=args.latency,
+        energy_budgets=budgets,
+        require_auth=True,
+    )
     sim = Simulator(config, host=args.host, port=args.port)
-    print(f"Joule Cloud simulator serving {sim.base_url.replace('127.0.0.1', args.host)}  (Ctrl-C stops)",
-          flush=True)
-    print(f'  curl {sim.base_url}/chat/completions -H "Authorization: Bearer jc_test" '
-          "-H 'Content-Type: application/json' -d '{\"model\":\"auto\",\"messages\":[{\"role\":\"user\","
-          "\"content\":\"hi\"}]}'", flush=True)
+    print(
+        f"Joule Cloud simulator serving {sim.base_url.replace('127.0.0.1', args.host)}  (Ctrl-C stops)",
+        flush=True,
+    )
+    print(
+        f'  curl {sim.base_url}/chat/completions -H "Authorization: Bearer jc_test" '
+        '-H \'Content-Type: application/json\' -d \'{"model":"auto","messages":[{"role":"user",'
+        '"content":"hi"}]}\'',
+        flush=True,
+    )
     try:
         sim.serve_forever()
     except KeyboardInterrupt:
@@ -60,9 +70,23 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def dashboard_command(db: Path | None, *, host: str, port: int, browser: bool) -> list[str]:
     """The ``streamlit run`` command line for the packaged dashboard, private by default."""
     app = Path(__file__).parent / "dashboard" / "app.py"
-    return [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", host, "--server.port", str(port),
-            "--browser.gatherUsageStats", "false", "--server.headless", "false" if browser else "true",
-            "--global.developmentMode", "false"]
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.headless",
+        "false" if browser else "true",
+        "--global.developmentMode",
+        "false",
+    ]
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
@@ -84,8 +108,14 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from joule_otel.demo import run_demo
 
-    return run_demo(calls=args.calls, db=Path(args.db).expanduser() if args.db else None, browser=not args.no_browser,
-                    dashboard=not args.no_dashboard, port=args.port, seed=args.seed)
+    return run_demo(
+        calls=args.calls,
+        db=Path(args.db).expanduser() if args.db else None,
+        browser=not args.no_browser,
+        dashboard=not args.no_dashboard,
+        port=args.port,
+        seed=args.seed,
+    )
 
 
 def _print_rows(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
@@ -111,8 +141,10 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
         return 0
     if args.ledger_command == "compact":
         result = maintenance.compact_now(path, timeout_s=args.timeout)
-        print(f"compacted {result.segments} segments, {result.rows_inserted} new rows"
-              + (f", {len(result.quarantined)} unreadable segments quarantined" if result.quarantined else ""))
+        print(
+            f"compacted {result.segments} segments, {result.rows_inserted} new rows"
+            + (f", {len(result.quarantined)} unreadable segments quarantined" if result.quarantined else "")
+        )
         return 0
     if args.ledger_command == "export":
         count = maintenance.export(path, Path(args.output), fmt=args.format, where=args.where)
@@ -145,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8088)
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--budget", action="append", metavar="TOKEN=JOULES",
-                     help="monthly energy budget of an API token (repeatable)")
+    sim.add_argument(
+        "--budget",
+        action="append",
+        metavar="TOKEN=JOULES",
+        help="monthly energy budget of an API token (repeatable)",
+    )
     sim.add_argument("--token-delay", type=float, default=0.02, help="seconds between streamed tokens")
     sim.add_argument("--latency", type=float, default=0.05, help="seconds before the first byte")
     sim.set_defaults(func=_cmd_simulate)
@@ -167,8 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the lock")
     export = lsub.add_parser("export", help="write inference_calls to Parquet or CSV")
     export.add_argument("output")
-    export.add_argument("--format", choices=("parquet", "csv"), default=None,
-                        help="default: from the output's suffix")
+    export.add_argument("--format", choices=("parquet", "csv"), default=None, help="default: from the output's suffix")
     export.add_argument("--where", help="SQL filter, e.g. \"workload = 'support-bot'\"")
     query = lsub.add_parser("query", help="run SQL against inference_calls")
     query.add_argument("sql")

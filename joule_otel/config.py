@@ -109,12 +109,14 @@ class Settings:
         if workload is not None and (not isinstance(workload, str) or not workload.strip()):
             raise ValueError("workload must be a non-empty string")
         if flush_interval_s is not None and (
-            isinstance(flush_interval_s, bool) or not isinstance(flush_interval_s, (int, float))
+            isinstance(flush_interval_s, bool)
+            or not isinstance(flush_interval_s, (int, float))
             or not 0 < flush_interval_s <= 60
         ):
             raise ValueError(f"flush_interval_s must be a number in (0, 60], not {flush_interval_s!r}")
         if prometheus_port is not None and (
-            isinstance(prometheus_port, bool) or not isinstance(prometheus_port, int)
+            isinstance(prometheus_port, bool)
+            or not isinstance(prometheus_port, int)
             or not 0 <= prometheus_port < 65536
         ):
             raise ValueError(f"prometheus_port must be a TCP port number, not {prometheus_port!r}")
@@ -131,12 +133,14 @@ class Settings:
         return cls(
             db_path=db_path,
             workload=(workload or os.environ.get(JOULE_OTEL_WORKLOAD, "").strip() or None),
-            flush_interval_s=float(flush_interval_s) if flush_interval_s is not None else _env_float(
-                JOULE_OTEL_FLUSH_INTERVAL, DEFAULT_FLUSH_INTERVAL_S, 0, 60),
+            flush_interval_s=float(flush_interval_s)
+            if flush_interval_s is not None
+            else _env_float(JOULE_OTEL_FLUSH_INTERVAL, DEFAULT_FLUSH_INTERVAL_S, 0, 60),
             prometheus_port=prometheus_port if prometheus_port is not None else _env_port(JOULE_OTEL_PROMETHEUS_PORT),
             prometheus_host=os.environ.get(JOULE_OTEL_PROMETHEUS_HOST, "").strip() or "127.0.0.1",
             otlp_endpoint=otlp_endpoint,
-            capture_content=capture_content if capture_content is not None else _truthy(
-                os.environ.get(OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT)),
+            capture_content=capture_content
+            if capture_content is not None
+            else _truthy(os.environ.get(OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT)),
             max_workloads=max_workloads,
         )

@@ -1,4 +1,4 @@
-"""``joule-otel demo``: the simulator, a realistic mixed workload through the real openai SDK, the ledger, the dashboard.
+"""``joule-otel demo``: simulator, a realistic mixed workload through the real openai SDK, ledger, dashboard.
 
 Five workloads, as a small company on Joule Cloud would run them:
 
@@ -28,18 +28,38 @@ from typing import Any
 import joule_otel
 from joule_otel.simulator import running
 
-DEMO_BUDGETS_J = {"batch-enrichment": 6_000.0, "support-bot": 150_000.0, "nightly-summaries": 400_000.0,
-                  "search-embeddings": 500.0, "ops-agent": 60_000.0}
+DEMO_BUDGETS_J = {
+    "batch-enrichment": 6_000.0,
+    "support-bot": 150_000.0,
+    "nightly-summaries": 400_000.0,
+    "search-embeddings": 500.0,
+    "ops-agent": 60_000.0,
+}
 """Energy budgets the demo's dashboard shows (J per month)."""
 BATCH_TOKEN_BUDGET_J = 3_000.0
 
-_QUESTIONS = ["My invoice shows more joules than last month, why?", "How do I pin my calls to an EU region?",
-              "Can I get a receipt for yesterday's batch job?", "What does the auto router pick for short prompts?",
-              "Why was my request refused with 402?"]
+_QUESTIONS = [
+    "My invoice shows more joules than last month, why?",
+    "How do I pin my calls to an EU region?",
+    "Can I get a receipt for yesterday's batch job?",
+    "What does the auto router pick for short prompts?",
+    "Why was my request refused with 402?",
+]
 _DOCUMENT = ("Quarterly operations report. " * 120).strip()
-_TOOLS = [{"type": "function", "function": {
-    "name": "lookup_incident", "description": "Find an incident by service name",
-    "parameters": {"type": "object", "properties": {"service": {"type": "string"}}, "required": ["service"]}}}]
+_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup_incident",
+            "description": "Find an incident by service name",
+            "parameters": {
+                "type": "object",
+                "properties": {"service": {"type": "string"}},
+                "required": ["service"],
+            },
+        },
+    }
+]
 
 
 def default_demo_db() -> Path:
@@ -51,46 +71,68 @@ def default_demo_db() -> Path:
 
 def _support_bot(client: Any, rng: random.Random) -> None:
     stream = client.chat.completions.create(
-        model="auto", stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "system", "content": "You are Joule Cloud's support assistant."},
-                  {"role": "user", "content": rng.choice(_QUESTIONS)}],
-        max_tokens=rng.randint(60, 220), extra_headers={"X-Region": "eu-fi"})
+        model="auto",
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[
+            {"role": "system", "content": "You are Joule Cloud's support assistant."},
+            {"role": "user", "content": rng.choice(_QUESTIONS)},
+        ],
+        max_tokens=rng.randint(60, 220),
+        extra_headers={"X-Region": "eu-fi"},
+    )
     for _ in stream:
         pass
 
 
 def _nightly_summary(client: Any, rng: random.Random) -> None:
     client.chat.completions.create(
-        model="llama-3.3-405b-instruct", max_tokens=rng.randint(250, 600),
+        model="llama-3.3-405b-instruct",
+        max_tokens=rng.randint(250, 600),
         messages=[{"role": "user", "content": "Summarise:\n" + _DOCUMENT[: rng.randint(2_000, 3_400)]}],
-        extra_headers={"X-Tier": "batch"})
+        extra_headers={"X-Tier": "batch"},
+    )
 
 
 def _embeddings(client: Any, rng: random.Random) -> None:
-    docs = [f"knowledge base article {rng.randint(1, 10_000)}: " + " ".join(rng.choices(_QUESTIONS, k=3))
-            for _ in range(rng.randint(4, 16))]
+    docs = [
+        f"knowledge base article {rng.randint(1, 10_000)}: " + " ".join(rng.choices(_QUESTIONS, k=3))
+        for _ in range(rng.randint(4, 16))
+    ]
     client.embeddings.create(model="auto", input=docs, extra_headers={"X-Region": "eu-se"})
 
 
 def _agent(client: Any, rng: random.Random) -> None:
     messages: list[dict[str, Any]] = [{"role": "user", "content": "Is the checkout service degraded?"}]
-    first = client.chat.completions.create(model="auto", messages=messages, tools=_TOOLS,
-                                           extra_headers={"X-Tier": "priority", "X-Region": "us-east"})
+    first = client.chat.completions.create(
+        model="auto",
+        messages=messages,
+        tools=_TOOLS,
+        extra_headers={"X-Tier": "priority", "X-Region": "us-east"},
+    )
     call = first.choices[0].message.tool_calls[0]
-    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"status": "degraded"})}]
-    client.chat.completions.create(model="auto", messages=messages, tools=_TOOLS,
-                                   extra_headers={"X-Tier": "priority", "X-Region": "us-east"})
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"status": "degraded"})},
+    ]
+    client.chat.completions.create(
+        model="auto",
+        messages=messages,
+        tools=_TOOLS,
+        extra_headers={"X-Tier": "priority", "X-Region": "us-east"},
+    )
 
 
 def _batch_enrichment(client: Any, rng: random.Random) -> None:
     import openai
 
     try:
-        client.chat.completions.create(model="llama-3.3-70b-instruct", max_tokens=rng.randint(150, 400),
-                                       messages=[{"role": "user", "content": "Enrich this CRM record: " +
-                                                  str(rng.randint(1, 99_999))}],
-                                       extra_headers={"X-Tier": "batch"})
+        client.chat.completions.create(
+            model="llama-3.3-70b-instruct",
+            max_tokens=rng.randint(150, 400),
+            messages=[{"role": "user", "content": "Enrich this CRM record: " + str(rng.randint(1, 99_999))}],
+            extra_headers={"X-Tier": "batch"},
+        )
     except openai.APIStatusError as exc:
         if exc.status_code != 402:
             raise
@@ -117,8 +159,10 @@ def run_traffic(base_url: str, calls: int, seed: int) -> None:
     """Send ``calls`` tasks of the mix through the openai SDK, four at a time, with a progress bar."""
     import openai
 
-    clients = {"main": openai.OpenAI(base_url=base_url, api_key="jc_demo_main", max_retries=0),
-               "batch": openai.OpenAI(base_url=base_url, api_key="jc_demo_batch", max_retries=0)}
+    clients = {
+        "main": openai.OpenAI(base_url=base_url, api_key="jc_demo_main", max_retries=0),
+        "batch": openai.OpenAI(base_url=base_url, api_key="jc_demo_batch", max_retries=0),
+    }
     rng = random.Random(seed)
     plan = rng.choices(_MIX, weights=[w for _, w, _, _ in _MIX], k=calls)
     started = time.monotonic()
@@ -139,8 +183,15 @@ def run_traffic(base_url: str, calls: int, seed: int) -> None:
     sys.stderr.write("\n")
 
 
-def run_demo(*, calls: int = 400, db: Path | None = None, browser: bool = True, dashboard: bool = True,
-             port: int = 8501, seed: int = 42) -> int:
+def run_demo(
+    *,
+    calls: int = 400,
+    db: Path | None = None,
+    browser: bool = True,
+    dashboard: bool = True,
+    port: int = 8501,
+    seed: int = 42,
+) -> int:
     """Run the demo end to end; returns an exit code."""
     if calls < 1:
         raise ValueError("--calls must be at least 1")
@@ -155,8 +206,12 @@ def run_demo(*, calls: int = 400, db: Path | None = None, browser: bool = True, 
     print(f"joule-otel demo: {calls} calls through the openai SDK to a local Joule Cloud simulator")
     joule_otel.instrument(db=db, flush_interval_s=0.5)
     try:
-        with running(seed=seed, token_delay_s=0.002, latency_s=0.01,
-                     energy_budgets={"jc_demo_batch": BATCH_TOKEN_BUDGET_J}) as sim:
+        with running(
+            seed=seed,
+            token_delay_s=0.002,
+            latency_s=0.01,
+            energy_budgets={"jc_demo_batch": BATCH_TOKEN_BUDGET_J},
+        ) as sim:
             print(f"  simulator: {sim.base_url}")
             run_traffic(sim.base_url, calls, seed)
             joule_otel.flush(timeout_s=30)
@@ -165,9 +220,12 @@ def run_demo(*, calls: int = 400, db: Path | None = None, browser: bool = True, 
 
     from joule_otel.ledger.maintenance import query
 
-    columns, rows = query(db, "SELECT workload, count(*) AS calls, round(sum(energy_j)) AS joules, "
-                              "round(sum(carbon_mg) / 1000, 2) AS carbon_g, count(error_type) AS errors "
-                              "FROM inference_calls GROUP BY 1 ORDER BY joules DESC NULLS LAST")
+    columns, rows = query(
+        db,
+        "SELECT workload, count(*) AS calls, round(sum(energy_j)) AS joules, "
+        "round(sum(carbon_mg) / 1000, 2) AS carbon_g, count(error_type) AS errors "
+        "FROM inference_calls GROUP BY 1 ORDER BY joules DESC NULLS LAST",
+    )
     print(f"  ledger: {db}")
     from joule_otel.cli import _print_rows
 

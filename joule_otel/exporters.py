@@ -39,13 +39,23 @@ def _signal_configured(signal: str, settings: Settings) -> bool:
     exporter = os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "").strip().lower()
     if exporter and "otlp" not in exporter.split(","):
         return False
-    return bool(settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"))
+    return bool(
+        settings.otlp_endpoint
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+    )
 
 
 def _protocol(signal: str) -> str:
-    return (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
-            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip().lower()
+    return (
+        (
+            os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "http/protobuf"
+        )
+        .strip()
+        .lower()
+    )
 
 
 def _otlp_exporter(signal: str, settings: Settings) -> Any | None:
@@ -100,8 +110,10 @@ def resolve_providers(settings: Settings, tracer_provider: Any | None, meter_pro
     if mp is None and isinstance(global_mp, SdkMeterProvider):
         mp = global_mp
         if settings.prometheus_port is not None:
-            _log.warning("joule_otel: the app already set a MeterProvider; add a PrometheusMetricReader to it "
-                         "yourself (prometheus_port is ignored)")
+            _log.warning(
+                "joule_otel: the app already set a MeterProvider; add a PrometheusMetricReader to it "
+                "yourself (prometheus_port is ignored)"
+            )
     prometheus_server = None
     if mp is None:
         readers: list[Any] = []
@@ -135,7 +147,12 @@ def _prometheus(settings: Settings) -> tuple[Any | None, Any | None]:
     try:
         started = start_http_server(settings.prometheus_port or 0, addr=settings.prometheus_host)
     except OSError as exc:
-        _log.error("joule_otel: cannot serve Prometheus metrics on %s:%s (%s); with several worker processes "
-                   "give each its own port or use OTLP", settings.prometheus_host, settings.prometheus_port, exc)
+        _log.error(
+            "joule_otel: cannot serve Prometheus metrics on %s:%s (%s); with several worker processes "
+            "give each its own port or use OTLP",
+            settings.prometheus_host,
+            settings.prometheus_port,
+            exc,
+        )
         return reader, None
     return reader, started

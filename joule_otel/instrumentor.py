@@ -22,8 +22,9 @@ class JouleInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ()
 
     def _instrument(self, **kwargs: Any) -> None:
-        _instrument.instrument(tracer_provider=kwargs.get("tracer_provider"),
-                               meter_provider=kwargs.get("meter_provider"))
+        _instrument.instrument(
+            tracer_provider=kwargs.get("tracer_provider"), meter_provider=kwargs.get("meter_provider")
+        )
 
     def _uninstrument(self, **kwargs: Any) -> None:
         _instrument.uninstrument()

@@ -32,7 +32,7 @@ def current_workload() -> str | None:
     return clean_string(str(value)) if value is not None else None
 
 
-class workload:  # noqa: N801 - reads as a function at the call site, like contextlib's helpers
+class workload:
     """Tag inference calls with a workload name.
 
     Usage::

@@ -51,8 +51,9 @@ def telemetry(ledger_path: Path) -> Iterator[Telemetry]:
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2, tracer_provider=tracer_provider,
-                          meter_provider=meter_provider)
+    joule_otel.instrument(
+        db=ledger_path, flush_interval_s=0.2, tracer_provider=tracer_provider, meter_provider=meter_provider
+    )
     try:
         yield Telemetry(ledger_path, reader, exporter, tracer_provider, meter_provider)
     finally:

@@ -58,8 +58,9 @@ def test_every_receipt_lands_once_with_exact_values(telemetry, joule_simulator):
     client = oai(joule_simulator)
     client.chat.completions.create(model="auto", messages=HI)
     client.chat.completions.create(model="llama-3.3-405b-instruct", messages=HI, extra_headers={"X-Region": "eu-fi"})
-    for _ in client.chat.completions.create(model="auto", messages=HI, stream=True,
-                                            stream_options={"include_usage": True}):
+    for _ in client.chat.completions.create(
+        model="auto", messages=HI, stream=True, stream_options={"include_usage": True}
+    ):
         pass
     client.embeddings.create(model="auto", input=["a", "b"])
 
@@ -150,9 +151,16 @@ def test_metric_sums_equal_ledger_sums_per_workload(telemetry, joule_simulator):
     assert units["gen_ai.client.token.usage"] == "{token}"
     for point in telemetry.metric_points("joule.client.energy"):
         assert "joule.receipt_id" not in point.attributes
-        assert set(point.attributes) <= {"joule.workload", "gen_ai.operation.name", "gen_ai.provider.name",
-                                         "gen_ai.request.model", "gen_ai.response.model", "joule.tier",
-                                         "joule.region", "error.type"}
+        assert set(point.attributes) <= {
+            "joule.workload",
+            "gen_ai.operation.name",
+            "gen_ai.provider.name",
+            "gen_ai.request.model",
+            "gen_ai.response.model",
+            "joule.tier",
+            "joule.region",
+            "error.type",
+        }
 
 
 def test_workload_resolution_nested_async_and_decorated(ledger_path, joule_simulator, monkeypatch):
@@ -195,8 +203,16 @@ def test_workload_resolution_nested_async_and_decorated(ledger_path, joule_simul
             context.detach(token)
         call("default")
         found = {r["workload"] for r in rows(ledger_path)}
-        assert found == {"outer", "inner", "decorated", "async-decorated", "task-a", "task-b", "from-baggage",
-                         "default-wl"}
+        assert found == {
+            "outer",
+            "inner",
+            "decorated",
+            "async-decorated",
+            "task-a",
+            "task-b",
+            "from-baggage",
+            "default-wl",
+        }
         assert {r["service"] for r in rows(ledger_path)} == {"checkout-svc"}
     finally:
         joule_otel.uninstrument()
@@ -217,8 +233,9 @@ def test_service_name_is_the_last_resort_workload(ledger_path, joule_simulator, 
 
 def test_streams_full_partial_closed_and_garbage_collected(ledger_only, joule_simulator):
     client = oai(joule_simulator)
-    for _ in client.chat.completions.create(model="auto", messages=HI, stream=True,
-                                            stream_options={"include_usage": True}):
+    for _ in client.chat.completions.create(
+        model="auto", messages=HI, stream=True, stream_options={"include_usage": True}
+    ):
         pass
     full = joule_simulator.receipts[-1]
     stream = client.chat.completions.create(model="auto", messages=HI, stream=True, max_tokens=200)
@@ -235,7 +252,12 @@ def test_streams_full_partial_closed_and_garbage_collected(ledger_only, joule_si
     del abandoned_stream
     gc.collect()
     ledger = by_receipt(ledger_only)
-    assert set(ledger) == {full.receipt_id, closed.receipt_id, context_managed.receipt_id, abandoned.receipt_id}
+    assert set(ledger) == {
+        full.receipt_id,
+        closed.receipt_id,
+        context_managed.receipt_id,
+        abandoned.receipt_id,
+    }
     full_row = ledger[full.receipt_id]
     assert full_row["output_tokens"] == full.output_tokens
     assert full_row["energy_j"] == full.energy_j
@@ -257,8 +279,12 @@ def test_sampler_always_off_keeps_ledger_and_metrics(ledger_path, joule_simulato
     tracer_provider = TracerProvider(sampler=ALWAYS_OFF)
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
-    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2, tracer_provider=tracer_provider,
-                          meter_provider=MeterProvider(metric_readers=[reader]))
+    joule_otel.instrument(
+        db=ledger_path,
+        flush_interval_s=0.2,
+        tracer_provider=tracer_provider,
+        meter_provider=MeterProvider(metric_readers=[reader]),
+    )
     try:
         client = oai(joule_simulator)
         for _ in range(6):
@@ -268,8 +294,14 @@ def test_sampler_always_off_keeps_ledger_and_metrics(ledger_path, joule_simulato
         joule_otel.uninstrument()
     assert len(ledger) == 6
     assert exporter.get_finished_spans() == ()
-    total = sum(p.value for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
-                for m in sm.metrics if m.name == "joule.client.energy" for p in m.data.data_points)
+    total = sum(
+        p.value
+        for rm in reader.get_metrics_data().resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "joule.client.energy"
+        for p in m.data.data_points
+    )
     assert total == pytest.approx(sum(r.energy_j for r in joule_simulator.receipts))
 
 
@@ -291,8 +323,11 @@ def test_works_whichever_httpx_instrumentation_ran_first(order, ledger_path, jou
             inst.instrument(tracer_provider=tracer_provider)
     try:
         oai(joule_simulator).chat.completions.create(model="auto", messages=HI)  # httpx2 (openai >= 3)
-        httpx.post(joule_simulator.base_url + "/chat/completions", json={"model": "auto", "messages": HI},
-                   headers={"Authorization": f"Bearer {SECRET}"})  # plain httpx
+        httpx.post(
+            joule_simulator.base_url + "/chat/completions",
+            json={"model": "auto", "messages": HI},
+            headers={"Authorization": f"Bearer {SECRET}"},
+        )  # plain httpx
         ledger = by_receipt(ledger_path)
     finally:
         for inst in instrumentors:
@@ -328,7 +363,8 @@ def test_refused_and_failed_calls_are_rows_and_other_traffic_is_not(ledger_only,
     httpx.get(joule_simulator.base_url.replace("/v1", "/healthz"))  # not inference: left alone
     with pytest.raises(openai.APIConnectionError):
         openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key=SECRET, max_retries=0).chat.completions.create(
-            model="auto", messages=HI)
+            model="auto", messages=HI
+        )
     found = rows(ledger_only)
     errors = sorted((r["status_code"] or 0, r["error_type"]) for r in found if r["error_type"])
     assert errors == [(0, "ConnectError"), (402, "insufficient_balance"), (404, "404")]
@@ -352,8 +388,7 @@ def test_content_capture_is_opt_in_and_spans_only(ledger_path, joule_simulator):
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2, tracer_provider=tracer_provider,
-                          capture_content=True)
+    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2, tracer_provider=tracer_provider, capture_content=True)
     try:
         oai(joule_simulator).chat.completions.create(model="auto", messages=[{"role": "user", "content": "OPT-IN"}])
         assert joule_otel.flush()
@@ -413,9 +448,16 @@ class _ScriptedHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}).encode()
+        body = json.dumps(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+            }
+        ).encode()
         self.send_response(200)
         for name, value in type(self).headers_to_send.items():
             self.send_header(name, value)
@@ -443,13 +485,14 @@ header_value = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=12
 def test_garbage_header_values_never_break_the_call(scripted_server, tmp_path_factory, energy, carbon, tier):
     from joule_otel.headers import parse_quantity
 
-    server, base_url = scripted_server
+    _, base_url = scripted_server
     _ScriptedHandler.headers_to_send = {"X-Energy-Joules": energy, "X-Carbon-mg": carbon, "X-Tier": tier}
     db = tmp_path_factory.mktemp("garbage") / "l.duckdb"
     joule_otel.instrument(db=db, flush_interval_s=0.2)
     try:
         out = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0).chat.completions.create(
-            model="auto", messages=HI)
+            model="auto", messages=HI
+        )
         assert out.choices[0].message.content == "ok"
         [row] = rows(db)
         stats = joule_otel.stats()

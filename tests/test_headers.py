@@ -12,11 +12,29 @@ from hypothesis import strategies as st
 from joule_otel.headers import MAX_STRING, clean_string, parse_quantity, read_energy
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ("12.5", 12.5), (" 1.25e1 ", 12.5), ("0", 0.0), ("-0", 0.0), ("\t7\n", 7.0), (b"3.5", 3.5),
-    ("abc", None), ("NaN", None), ("nan", None), ("inf", None), ("-inf", None), ("-5", None),
-    ("1e400", None), ("", None), ("  ", None), (None, None), ("0x10", None), ("1,5", None),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("12.5", 12.5),
+        (" 1.25e1 ", 12.5),
+        ("0", 0.0),
+        ("-0", 0.0),
+        ("\t7\n", 7.0),
+        (b"3.5", 3.5),
+        ("abc", None),
+        ("NaN", None),
+        ("nan", None),
+        ("inf", None),
+        ("-inf", None),
+        ("-5", None),
+        ("1e400", None),
+        ("", None),
+        ("  ", None),
+        (None, None),
+        ("0x10", None),
+        ("1,5", None),
+    ],
+)
 def test_parse_quantity(raw, expected):
     assert parse_quantity(raw) == expected
 
@@ -38,9 +56,11 @@ def test_clean_string_never_raises_and_strips_control_characters(raw):
     assert value is None or (0 < len(value) <= MAX_STRING and not any(ord(c) < 32 for c in value))
 
 
-@given(energy=st.one_of(st.none(), st.text(max_size=30), st.floats().map(repr)),
-       carbon=st.one_of(st.none(), st.text(max_size=30)),
-       routed=st.one_of(st.none(), st.text(max_size=400)))
+@given(
+    energy=st.one_of(st.none(), st.text(max_size=30), st.floats().map(repr)),
+    carbon=st.one_of(st.none(), st.text(max_size=30)),
+    routed=st.one_of(st.none(), st.text(max_size=400)),
+)
 def test_read_energy_is_total_over_garbage(energy, carbon, routed):
     headers = {}
     for name, value in (("X-Energy-Joules", energy), ("X-Carbon-mg", carbon), ("X-Routed-To", routed)):

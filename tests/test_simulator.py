@@ -44,13 +44,15 @@ def test_energy_model_and_carbon_formula(joule_simulator):
     c = client(joule_simulator)
     for region in GRID_G_PER_KWH:
         raw = c.chat.completions.with_raw_response.create(
-            model="llama-3.3-70b-instruct", messages=HI, max_tokens=300, extra_headers={"X-Region": region})
+            model="llama-3.3-70b-instruct", messages=HI, max_tokens=300, extra_headers={"X-Region": region}
+        )
         energy, carbon = float(raw.headers["x-energy-joules"]), float(raw.headers["x-carbon-mg"])
         assert raw.headers["x-region"] == region
         assert carbon == pytest.approx(energy * GRID_G_PER_KWH[region] / 3600, abs=1e-4)
         receipt = joule_simulator.receipts[-1]
         expected = MODELS["llama-3.3-70b-instruct"].joules_per_output_token * (
-            receipt.output_tokens + PREFILL_SHARE * receipt.input_tokens)
+            receipt.output_tokens + PREFILL_SHARE * receipt.input_tokens
+        )
         assert expected * 0.95 <= energy <= expected * 1.05
         # a response of a few hundred tokens is a few hundred joules
         assert 200 < energy < 500
@@ -60,8 +62,9 @@ def test_tiers_scale_energy_and_405b_costs_more_than_small_models(joule_simulato
     c = client(joule_simulator)
 
     def per_token(model: str, tier: str) -> float:
-        raw = c.chat.completions.with_raw_response.create(model=model, messages=HI, max_tokens=200,
-                                                          extra_headers={"X-Tier": tier})
+        raw = c.chat.completions.with_raw_response.create(
+            model=model, messages=HI, max_tokens=200, extra_headers={"X-Tier": tier}
+        )
         assert raw.headers["x-tier"] == tier
         return float(raw.headers["x-energy-joules"]) / joule_simulator.receipts[-1].output_tokens
 
@@ -77,12 +80,29 @@ def test_tiers_scale_energy_and_405b_costs_more_than_small_models(joule_simulato
 def test_auto_router_picks_by_capability(joule_simulator):
     c = client(joule_simulator)
     short = c.chat.completions.create(model="auto", messages=HI)
-    tools = c.chat.completions.create(model="auto", messages=HI, tools=[
-        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    tools = c.chat.completions.create(
+        model="auto",
+        messages=HI,
+        tools=[
+            {
+                "type": "function",
+                "function": {"name": "f", "parameters": {"type": "object", "properties": {}}},
+            }
+        ],
+    )
     long = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": "word " * 6000}])
-    image = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+    image = c.chat.completions.create(
+        model="auto",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                ],
+            }
+        ],
+    )
     assert short.model == "gpt-oss-120b"
     assert tools.model == "llama-3.3-70b-instruct"
     assert long.model == "deepseek-v3"
@@ -93,8 +113,9 @@ def test_auto_router_picks_by_capability(joule_simulator):
 
 def test_streaming_with_and_without_usage(joule_simulator):
     c = client(joule_simulator)
-    chunks = list(c.chat.completions.create(model="auto", messages=HI, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(model="auto", messages=HI, stream=True, stream_options={"include_usage": True})
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     receipt = joule_simulator.receipts[-1]
     assert receipt.stream
@@ -109,28 +130,46 @@ def test_streaming_with_and_without_usage(joule_simulator):
 
 
 def test_streamed_tool_calls_and_tool_loop(joule_simulator):
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-        "required": ["city", "days"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                    "required": ["city", "days"],
+                },
+            },
+        }
+    ]
     c = client(joule_simulator)
     first = c.chat.completions.create(model="auto", messages=HI, tools=tools)
     call = first.choices[0].message.tool_calls[0]
     assert first.choices[0].finish_reason == "tool_calls"
     assert call.function.name == "get_weather"
     assert set(json.loads(call.function.arguments)) == {"city", "days"}
-    answer = c.chat.completions.create(model="auto", tools=tools, messages=[
-        *HI, {"role": "assistant", "tool_calls": [call.model_dump()]},
-        {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])
+    answer = c.chat.completions.create(
+        model="auto",
+        tools=tools,
+        messages=[
+            *HI,
+            {"role": "assistant", "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+        ],
+    )
     assert answer.choices[0].message.content
     streamed = list(c.chat.completions.create(model="auto", messages=HI, tools=tools, stream=True))
-    args = "".join(tc.function.arguments or "" for ch in streamed if ch.choices
-                   for tc in (ch.choices[0].delta.tool_calls or []))
+    args = "".join(
+        tc.function.arguments or "" for ch in streamed if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])
+    )
     assert set(json.loads(args)) == {"city", "days"}
 
 
 def test_json_mode_returns_valid_json(joule_simulator):
-    out = client(joule_simulator).chat.completions.create(model="auto", messages=HI,
-                                                          response_format={"type": "json_object"})
+    out = client(joule_simulator).chat.completions.create(
+        model="auto", messages=HI, response_format={"type": "json_object"}
+    )
     assert isinstance(json.loads(out.choices[0].message.content), dict)
 
 
@@ -168,8 +207,9 @@ def test_error_statuses_surface_as_openai_exceptions(joule_simulator):
 
 def test_missing_model_is_400():
     with running(seed=3) as sim:
-        r = httpx.post(sim.base_url + "/chat/completions", json={"messages": HI},
-                       headers={"Authorization": "Bearer jc"})
+        r = httpx.post(
+            sim.base_url + "/chat/completions", json={"messages": HI}, headers={"Authorization": "Bearer jc"}
+        )
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "model"
 
@@ -186,8 +226,12 @@ def test_async_client_and_concurrency(joule_simulator):
     ids = asyncio.run(main())
     assert len(set(ids)) == 20
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda _: client(joule_simulator).chat.completions.create(model="auto", messages=HI),
-                      range(40)))
+        list(
+            pool.map(
+                lambda _: client(joule_simulator).chat.completions.create(model="auto", messages=HI),
+                range(40),
+            )
+        )
     receipts = [r.receipt_id for r in joule_simulator.receipts]
     assert len(receipts) == len(set(receipts)) == 61
 
@@ -205,9 +249,16 @@ def test_deterministic_under_a_seed():
 
 def test_gzip_when_accepted_and_curl_style_requests(joule_simulator):
     body = json.dumps({"model": "auto", "messages": HI}).encode()
-    request = urllib.request.Request(joule_simulator.base_url + "/chat/completions", data=body, headers={
-        "Authorization": "Bearer jc_test", "Content-Type": "application/json", "Accept-Encoding": "gzip"})
-    with urllib.request.urlopen(request) as response:  # noqa: S310 - loopback simulator
+    request = urllib.request.Request(
+        joule_simulator.base_url + "/chat/completions",
+        data=body,
+        headers={
+            "Authorization": "Bearer jc_test",
+            "Content-Type": "application/json",
+            "Accept-Encoding": "gzip",
+        },
+    )
+    with urllib.request.urlopen(request) as response:
         assert response.headers["Content-Encoding"] == "gzip"
         payload = json.loads(gzip.decompress(response.read()))
         assert response.headers["X-Receipt-Id"] == joule_simulator.receipts[-1].receipt_id
@@ -228,16 +279,33 @@ def test_langchain_chat_openai(joule_simulator):
 
 
 def test_cli_simulate_serves_until_terminated(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "joule_otel.cli", "simulate", "--port", "0", "--token-delay", "0",
-                             "--latency", "0"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "joule_otel.cli",
+            "simulate",
+            "--port",
+            "0",
+            "--token-delay",
+            "0",
+            "--latency",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         base_url = line.split()[4]
         assert base_url.startswith("http://127.0.0.1:")
         for _ in range(50):
             try:
-                r = httpx.post(base_url + "/chat/completions", json={"model": "auto", "messages": HI},
-                               headers={"Authorization": "Bearer jc"})
+                r = httpx.post(
+                    base_url + "/chat/completions",
+                    json={"model": "auto", "messages": HI},
+                    headers={"Authorization": "Bearer jc"},
+                )
                 break
             except httpx.ConnectError:
                 time.sleep(0.1)

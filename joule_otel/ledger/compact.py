@@ -78,8 +78,12 @@ def compact_locked(spool: Spool) -> CompactResult:
         names = [s.name for s in segments]
         done: set[str] = set()
         if names:
-            done = {r[0] for r in con.execute(  # type: ignore[attr-defined]
-                "SELECT name FROM joule_segments WHERE name IN (SELECT unnest(?))", [names]).fetchall()}
+            done = {
+                r[0]
+                for r in con.execute(  # type: ignore[attr-defined]
+                    "SELECT name FROM joule_segments WHERE name IN (SELECT unnest(?))", [names]
+                ).fetchall()
+            }
         pending: list[Path] = []
         for segment in segments:
             if segment.name in done:
@@ -88,10 +92,13 @@ def compact_locked(spool: Spool) -> CompactResult:
                 pending.append(segment)
             else:
                 result.quarantined.append(spool.quarantine(segment))
-                _log.error("joule_otel: ledger segment %s is unreadable; moved to %s", segment.name,
-                           spool.quarantine_dir)
+                _log.error(
+                    "joule_otel: ledger segment %s is unreadable; moved to %s",
+                    segment.name,
+                    spool.quarantine_dir,
+                )
         for start in range(0, len(pending), BATCH_SEGMENTS):
-            batch = pending[start:start + BATCH_SEGMENTS]
+            batch = pending[start : start + BATCH_SEGMENTS]
             files = [str(p) for p in batch]
             columns = ", ".join(schema.COLUMN_NAMES)
             con.execute("BEGIN TRANSACTION")  # type: ignore[attr-defined]
@@ -101,10 +108,13 @@ def compact_locked(spool: Spool) -> CompactResult:
                     f"INSERT OR IGNORE INTO {schema.TABLE} ({columns}) "
                     f"SELECT {columns} FROM read_parquet(?, union_by_name = true) "
                     "QUALIFY receipt_id IS NULL OR row_number() OVER (PARTITION BY receipt_id ORDER BY started_at) = 1",
-                    [files])
+                    [files],
+                )
                 after = con.execute(f"SELECT count(*) FROM {schema.TABLE}").fetchone()[0]  # type: ignore[attr-defined]
                 con.execute(  # type: ignore[attr-defined]
-                    "INSERT OR IGNORE INTO joule_segments SELECT unnest(?), NULL, now()", [[p.name for p in batch]])
+                    "INSERT OR IGNORE INTO joule_segments SELECT unnest(?), NULL, now()",
+                    [[p.name for p in batch]],
+                )
                 con.execute("COMMIT")  # type: ignore[attr-defined]
             except Exception:
                 con.execute("ROLLBACK")  # type: ignore[attr-defined]
@@ -113,7 +123,8 @@ def compact_locked(spool: Spool) -> CompactResult:
             result.segments += len(batch)
             done.update(p.name for p in batch)
         con.execute(  # type: ignore[attr-defined]
-            "DELETE FROM joule_segments WHERE compacted_at < now() - INTERVAL 30 DAY")
+            "DELETE FROM joule_segments WHERE compacted_at < now() - INTERVAL 30 DAY"
+        )
     finally:
         con.close()  # type: ignore[attr-defined]
     for segment in segments:

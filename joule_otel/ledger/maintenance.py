@@ -28,7 +28,8 @@ def ledger_stats(db_path: Path) -> dict[str, Any]:
     with reader.connect(db_path) as con:
         rows, receipts, errors, first, last, energy = con.execute(
             f"SELECT count(*), count(DISTINCT receipt_id), count(error_type), min(started_at), max(started_at), "
-            f"sum(energy_j) FROM {schema.TABLE}").fetchone()
+            f"sum(energy_j) FROM {schema.TABLE}"
+        ).fetchone()
         version = None
         try:
             found = con.execute("SELECT value FROM ledger.joule_meta WHERE key = 'schema_version'").fetchone()

@@ -51,14 +51,25 @@ def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iter
             if path.exists() and path.stat().st_size > 0:
                 try:
                     con.execute(f"ATTACH {_quote(str(path))} AS ledger (READ_ONLY)")
-                    tables = {r[0] for r in con.execute(
-                        "SELECT table_name FROM duckdb_tables() WHERE database_name = 'ledger'").fetchall()}
+                    tables = {
+                        r[0]
+                        for r in con.execute(
+                            "SELECT table_name FROM duckdb_tables() WHERE database_name = 'ledger'"
+                        ).fetchall()
+                    }
                     if schema.TABLE in tables:
-                        present = {r[0] for r in con.execute(
-                            "SELECT column_name FROM duckdb_columns() WHERE database_name = 'ledger' "
-                            "AND table_name = ?", [schema.TABLE]).fetchall()}
-                        cols = ", ".join(name if name in present else f"CAST(NULL AS {kind}) AS {name}"
-                                         for name, kind in schema.COLUMNS)
+                        present = {
+                            r[0]
+                            for r in con.execute(
+                                "SELECT column_name FROM duckdb_columns() WHERE database_name = 'ledger' "
+                                "AND table_name = ?",
+                                [schema.TABLE],
+                            ).fetchall()
+                        }
+                        cols = ", ".join(
+                            name if name in present else f"CAST(NULL AS {kind}) AS {name}"
+                            for name, kind in schema.COLUMNS
+                        )
                         parts.append(f"SELECT {cols} FROM ledger.{schema.TABLE}")
                     if "joule_segments" in tables:
                         compacted = {r[0] for r in con.execute("SELECT name FROM ledger.joule_segments").fetchall()}
@@ -68,8 +79,11 @@ def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iter
             if pending:
                 columns = ", ".join(schema.COLUMN_NAMES)
                 try:
-                    con.execute(f"CREATE TEMP TABLE pending_calls AS SELECT {columns} "
-                                "FROM read_parquet(?, union_by_name = true)", [pending])
+                    con.execute(
+                        f"CREATE TEMP TABLE pending_calls AS SELECT {columns} "
+                        "FROM read_parquet(?, union_by_name = true)",
+                        [pending],
+                    )
                     parts.append("SELECT * FROM pending_calls")
                 except duckdb.Error as exc:
                     _log.warning("joule_otel: skipping unreadable spooled segments: %s", exc)
@@ -103,9 +117,14 @@ def read_calls(
     path = Path(db_path) if db_path is not None else db_path_from_env()
     if path is None:
         raise ValueError("the ledger is off (JOULE_OTEL_DB=off); pass db_path")
-    where, params = [], []
-    for clause, value in (("started_at >= ?", since), ("started_at < ?", until), ("workload = ?", workload),
-                          ("service = ?", service)):
+    where: list[str] = []
+    params: list[object] = []
+    for clause, value in (
+        ("started_at >= ?", since),
+        ("started_at < ?", until),
+        ("workload = ?", workload),
+        ("service = ?", service),
+    ):
         if value is not None:
             where.append(clause)
             params.append(value)

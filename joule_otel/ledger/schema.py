@@ -72,14 +72,19 @@ def migrate(con: Any) -> int:
         con.execute(statement)
     row = con.execute("SELECT value FROM joule_meta WHERE key = 'schema_version'").fetchone()
     found = int(row[0]) if row else 0
-    existing = {r[0] for r in con.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = ? AND table_schema = 'main'",
-        [TABLE]).fetchall()}
+    existing = {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ? AND table_schema = 'main'",
+            [TABLE],
+        ).fetchall()
+    }
     for name, kind in COLUMNS:
         if name not in existing:
             con.execute(f"ALTER TABLE {TABLE} ADD COLUMN {name} {kind}")
-    indexes = {r[0] for r in con.execute(
-        "SELECT index_name FROM duckdb_indexes() WHERE table_name = ?", [TABLE]).fetchall()}
+    indexes = {
+        r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes() WHERE table_name = ?", [TABLE]).fetchall()
+    }
     if "inference_calls_receipt" not in indexes:
         con.execute(f"CREATE UNIQUE INDEX inference_calls_receipt ON {TABLE} (receipt_id)")
     if found != SCHEMA_VERSION:

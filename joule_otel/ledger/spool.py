@@ -64,9 +64,10 @@ class Spool:
     def segments(self) -> list[Path]:
         """Complete segments, oldest first."""
         try:
-            names = sorted(e.name for e in os.scandir(self.dir) if e.name.endswith(SEGMENT_SUFFIX)
-                           and not e.name.startswith("."))
-        except FileNotFoundError:
+            names = sorted(
+                e.name for e in os.scandir(self.dir) if e.name.endswith(SEGMENT_SUFFIX) and not e.name.startswith(".")
+            )
+        except OSError:  # not created yet, or not a folder we can read
             return []
         return [self.dir / name for name in names]
 

@@ -52,8 +52,13 @@ def rows_to_arrow(rows: list[tuple[Any, ...]]) -> Any:
 class LedgerWriter:
     """Buffers rows, writes segments, compacts. Not thread-safe: one background thread owns it."""
 
-    def __init__(self, db_path: Path, *, max_pending_rows: int = DEFAULT_MAX_PENDING_ROWS,
-                 compact_interval_s: float = COMPACT_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        db_path: Path,
+        *,
+        max_pending_rows: int = DEFAULT_MAX_PENDING_ROWS,
+        compact_interval_s: float = COMPACT_INTERVAL_S,
+    ) -> None:
         self.spool = Spool(db_path)
         self.max_pending_rows = max_pending_rows
         self.compact_interval_s = compact_interval_s
@@ -81,9 +86,13 @@ class LedgerWriter:
             del self._rows[:overflow]
             self.stats.rows_dropped += overflow
             self._persist_dropped()
-            self._report("dropped", "joule_otel: ledger rows could not be written and the memory bound of %d rows "
-                         "was reached; %d rows dropped so far (see joule_otel.stats())",
-                         self.max_pending_rows, self.stats.rows_dropped)
+            self._report(
+                "dropped",
+                "joule_otel: ledger rows could not be written and the memory bound of %d rows "
+                "was reached; %d rows dropped so far (see joule_otel.stats())",
+                self.max_pending_rows,
+                self.stats.rows_dropped,
+            )
         self.stats.pending_rows = len(self._rows)
 
     def _persist_dropped(self) -> None:
@@ -102,8 +111,13 @@ class LedgerWriter:
             self.spool.write_segment(rows_to_arrow(self._rows))
         except OSError as exc:
             self.stats.spool_errors += 1
-            self._report("spool", "joule_otel: cannot write ledger segments to %s (%s); %d rows wait in memory "
-                         "and the app keeps running", self.spool.dir, exc, len(self._rows))
+            self._report(
+                "spool",
+                "joule_otel: cannot write ledger segments to %s (%s); %d rows wait in memory and the app keeps running",
+                self.spool.dir,
+                exc,
+                len(self._rows),
+            )
             return False
         self._reported.discard("spool")
         self.stats.rows_spooled += len(self._rows)
@@ -123,12 +137,25 @@ class LedgerWriter:
                 result = compact_locked(self.spool)
         except LockBusy:
             return  # another process is compacting or a reader is reading: our segments wait
+        except OSError as exc:  # the ledger's folder itself is unusable: the spool error says so already
+            self.stats.compact_errors += 1
+            self._report(
+                "spool",
+                "joule_otel: cannot use the ledger folder %s (%s); the app keeps running",
+                self.db_path.parent,
+                exc,
+            )
+            return
         except LedgerUnavailable as exc:
             self.stats.compact_errors += 1
             if "held by another process" in str(exc):
                 return  # a foreign DuckDB client has the file open; segments wait on disk
-            self._report("compact", "joule_otel: %s. Rows wait in %s; move the file away or set JOULE_OTEL_DB",
-                         exc, self.spool.dir)
+            self._report(
+                "compact",
+                "joule_otel: %s. Rows wait in %s; move the file away or set JOULE_OTEL_DB",
+                exc,
+                self.spool.dir,
+            )
             return
         except Exception as exc:
             self.stats.compact_errors += 1

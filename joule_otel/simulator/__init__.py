@@ -101,9 +101,14 @@ def running(
     port: int = 0,
 ) -> Iterator[Simulator]:
     """Run a simulator on 127.0.0.1 for the duration of the ``with`` block."""
-    config = SimulatorConfig(seed=seed, token_delay_s=token_delay_s, latency_s=latency_s,
-                             energy_budgets=dict(energy_budgets or {}), balances=dict(balances or {}),
-                             require_auth=require_auth)
+    config = SimulatorConfig(
+        seed=seed,
+        token_delay_s=token_delay_s,
+        latency_s=latency_s,
+        energy_budgets=dict(energy_budgets or {}),
+        balances=dict(balances or {}),
+        require_auth=require_auth,
+    )
     sim = Simulator(config, port=port).start()
     try:
         yield sim

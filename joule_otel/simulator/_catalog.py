@@ -127,5 +127,5 @@ def embedding_energy_j(input_tokens: int, tier: str, rng: random.Random) -> floa
 
 
 def carbon_mg(energy_j: float, region: str) -> float:
-    """mg CO2e of ``energy_j`` joules on the grid of ``region``: J × g/kWh ÷ 3600."""
+    """Mg CO2e of ``energy_j`` joules on the grid of ``region``: J × g/kWh ÷ 3600."""
     return round(energy_j * GRID_G_PER_KWH[region] / 3600.0, 4)

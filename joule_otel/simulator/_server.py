@@ -22,12 +22,63 @@ from typing import Any
 
 from joule_otel.simulator import _catalog as catalog
 
-_WORDS = (
-    "energy joules model token carbon grid region tier router receipt latency cache batch "
-    "request stream answer summary search vector agent tool budget cluster node watt power "
-    "efficient green capacity workload window prompt context reply user assistant the a of to "
-    "and in is for on with that this it as be are by at from"
-).split()
+_WORDS = [
+    "energy",
+    "joules",
+    "model",
+    "token",
+    "carbon",
+    "grid",
+    "region",
+    "tier",
+    "router",
+    "receipt",
+    "latency",
+    "cache",
+    "batch",
+    "request",
+    "stream",
+    "answer",
+    "summary",
+    "search",
+    "vector",
+    "agent",
+    "tool",
+    "budget",
+    "cluster",
+    "node",
+    "watt",
+    "power",
+    "efficient",
+    "green",
+    "capacity",
+    "workload",
+    "window",
+    "prompt",
+    "context",
+    "reply",
+    "user",
+    "assistant",
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "for",
+    "on",
+    "with",
+    "that",
+    "this",
+    "it",
+    "as",
+    "be",
+    "are",
+    "by",
+    "at",
+    "from",
+]
 
 _TOOL_DONE = "Done: the tool returned its result and I have summarised it."
 
@@ -219,7 +270,7 @@ class Handler(BaseHTTPRequestHandler):
     server: SimulatorHTTPServer
     server_version = "JouleCloudSimulator/1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the simulator serves tests and demos, not an access log."""
 
     # -- plumbing -------------------------------------------------------------------------
@@ -256,8 +307,12 @@ class Handler(BaseHTTPRequestHandler):
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             if self.server.state.config.require_auth:
-                raise ApiError(401, "Missing bearer token: pass your Joule Cloud API key.", "invalid_request_error",
-                               "invalid_api_key")
+                raise ApiError(
+                    401,
+                    "Missing bearer token: pass your Joule Cloud API key.",
+                    "invalid_request_error",
+                    "invalid_api_key",
+                )
             return "anonymous"
         return token
 
@@ -278,8 +333,7 @@ class Handler(BaseHTTPRequestHandler):
             if handler is None:
                 # Drain the body so the connection stays usable.
                 self._read_body()
-                raise ApiError(404, f"Unknown route {self.command} {path}", "invalid_request_error",
-                               "unknown_url")
+                raise ApiError(404, f"Unknown route {self.command} {path}", "invalid_request_error", "unknown_url")
             handler()
         except ApiError as err:
             self._send_json(err.status, err.body)
@@ -287,8 +341,14 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def do_GET(self) -> None:
-        self._dispatch({"/v1/models": self._models, "/v1/receipts": self._receipts, "/v1/account": self._account,
-                        "/healthz": self._health})
+        self._dispatch(
+            {
+                "/v1/models": self._models,
+                "/v1/receipts": self._receipts,
+                "/v1/account": self._account,
+                "/healthz": self._health,
+            }
+        )
 
     def do_POST(self) -> None:
         self._dispatch({"/v1/chat/completions": self._chat, "/v1/embeddings": self._embeddings})
@@ -301,8 +361,9 @@ class Handler(BaseHTTPRequestHandler):
         self._token()
         created = 1_730_000_000
         data = [{"id": catalog.AUTO, "object": "model", "created": created, "owned_by": "joule-cloud"}]
-        data += [{"id": name, "object": "model", "created": created, "owned_by": "joule-cloud"}
-                 for name in catalog.MODELS]
+        data += [
+            {"id": name, "object": "model", "created": created, "owned_by": "joule-cloud"} for name in catalog.MODELS
+        ]
         self._send_json(200, {"object": "list", "data": data})
 
     def _receipts(self) -> None:
@@ -322,20 +383,39 @@ class Handler(BaseHTTPRequestHandler):
         if not model or not isinstance(model, str):
             raise ApiError(400, "You must provide a model parameter.", "invalid_request_error", None, "model")
         if model != catalog.AUTO and model not in catalog.MODELS:
-            raise ApiError(404, f"The model `{model}` does not exist on the mesh.", "invalid_request_error",
-                           "model_not_found", "model")
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist on the mesh.",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
         tier_request = str(body.get("service_tier") or self.headers.get("X-Tier") or "auto").strip().lower()
         tier = catalog.TIER_ALIASES.get(tier_request)
         if tier is None:
-            raise ApiError(400, f"Unknown service_tier {tier_request!r}; use one of {sorted(catalog.TIER_ALIASES)}.",
-                           "invalid_request_error", None, "service_tier")
+            raise ApiError(
+                400,
+                f"Unknown service_tier {tier_request!r}; use one of {sorted(catalog.TIER_ALIASES)}.",
+                "invalid_request_error",
+                None,
+                "service_tier",
+            )
         region = (self.headers.get("X-Region") or "").strip().lower()
         if region and region not in catalog.GRID_G_PER_KWH:
-            raise ApiError(400, f"Unknown region {region!r}; use one of {sorted(catalog.GRID_G_PER_KWH)}.",
-                           "invalid_request_error", None, "X-Region")
+            raise ApiError(
+                400,
+                f"Unknown region {region!r}; use one of {sorted(catalog.GRID_G_PER_KWH)}.",
+                "invalid_request_error",
+                None,
+                "X-Region",
+            )
         if not self.server.state.admit(token):
-            raise ApiError(402, "Insufficient balance: this token's energy budget is spent.",
-                           "insufficient_balance", "insufficient_balance")
+            raise ApiError(
+                402,
+                "Insufficient balance: this token's energy budget is spent.",
+                "insufficient_balance",
+                "insufficient_balance",
+            )
         return token, model, tier, region
 
     def _joule_headers(self, receipt: Receipt) -> dict[str, str]:
@@ -369,13 +449,32 @@ class Handler(BaseHTTPRequestHandler):
             norm = sum(v * v for v in vector) ** 0.5
             data.append({"object": "embedding", "index": index, "embedding": [round(v / norm, 6) for v in vector]})
         energy = catalog.embedding_energy_j(input_tokens, tier, rng)
-        receipt = Receipt(f"rcpt_{rng.getrandbits(80):020x}", _fingerprint(token), "embeddings", model, routed, tier,
-                          region, energy, catalog.carbon_mg(energy, region), input_tokens, 0, False)
+        receipt = Receipt(
+            f"rcpt_{rng.getrandbits(80):020x}",
+            _fingerprint(token),
+            "embeddings",
+            model,
+            routed,
+            tier,
+            region,
+            energy,
+            catalog.carbon_mg(energy, region),
+            input_tokens,
+            0,
+            False,
+        )
         self.server.state.bill(receipt, token)
         self._pause(self.server.state.config.latency_s)
-        self._send_json(200, {"object": "list", "data": data, "model": routed,
-                              "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens}},
-                        self._joule_headers(receipt))
+        self._send_json(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": routed,
+                "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens},
+            },
+            self._joule_headers(receipt),
+        )
 
     def _plan_chat(self, body: dict[str, Any], token: str, model: str, tier: str, region: str) -> ChatPlan:
         messages = body.get("messages")
@@ -390,11 +489,19 @@ class Handler(BaseHTTPRequestHandler):
         prompt = "\n".join(texts)
         input_tokens = sum(catalog.estimate_tokens(t) + 4 for t in texts)
         tools = body.get("tools") or []
-        wants_tool = bool(tools) and body.get("tool_choice") != "none" and not any(
-            isinstance(m, dict) and m.get("role") == "tool" for m in messages)
+        wants_tool = (
+            bool(tools)
+            and body.get("tool_choice") != "none"
+            and not any(isinstance(m, dict) and m.get("role") == "tool" for m in messages)
+        )
         json_mode = (body.get("response_format") or {}).get("type") in ("json_object", "json_schema")
-        routed = model if model != catalog.AUTO else catalog.route_auto(
-            input_tokens=input_tokens, has_tools=bool(tools), has_images=has_images, json_mode=json_mode)
+        routed = (
+            model
+            if model != catalog.AUTO
+            else catalog.route_auto(
+                input_tokens=input_tokens, has_tools=bool(tools), has_images=has_images, json_mode=json_mode
+            )
+        )
         # Each call draws from the seeded source; the prompt's hash varies the answer with the prompt.
         rng = self.server.state.fork_rng()
         rng.seed(rng.getrandbits(64) ^ zlib.crc32(prompt.encode()))
@@ -406,8 +513,13 @@ class Handler(BaseHTTPRequestHandler):
         if wants_tool:
             tool = tools[0].get("function", {}) if isinstance(tools[0], dict) else {}
             arguments = json.dumps(_fake_arguments(tool.get("parameters"), rng))
-            tool_calls = [{"id": f"call_{rng.getrandbits(48):012x}", "type": "function",
-                           "function": {"name": tool.get("name", "tool"), "arguments": arguments}}]
+            tool_calls = [
+                {
+                    "id": f"call_{rng.getrandbits(48):012x}",
+                    "type": "function",
+                    "function": {"name": tool.get("name", "tool"), "arguments": arguments},
+                }
+            ]
             content, finish, output_tokens = None, "tool_calls", catalog.estimate_tokens(arguments) + 8
         elif json_mode:
             words = _words(rng, max(3, min(length, 60)))
@@ -422,11 +534,31 @@ class Handler(BaseHTTPRequestHandler):
             finish = "length" if isinstance(limit, int) and limit == length else "stop"
             output_tokens = len(words)
         energy = catalog.chat_energy_j(routed, input_tokens, output_tokens, tier, rng)
-        receipt = Receipt(f"rcpt_{rng.getrandbits(80):020x}", _fingerprint(token), "chat", model, routed, tier,
-                          region, energy, catalog.carbon_mg(energy, region), input_tokens, output_tokens,
-                          bool(body.get("stream")))
-        return ChatPlan(f"chatcmpl-{rng.getrandbits(64):016x}", int(time.time()), routed, content, tool_calls,
-                        finish, input_tokens, output_tokens, receipt)
+        receipt = Receipt(
+            f"rcpt_{rng.getrandbits(80):020x}",
+            _fingerprint(token),
+            "chat",
+            model,
+            routed,
+            tier,
+            region,
+            energy,
+            catalog.carbon_mg(energy, region),
+            input_tokens,
+            output_tokens,
+            bool(body.get("stream")),
+        )
+        return ChatPlan(
+            f"chatcmpl-{rng.getrandbits(64):016x}",
+            int(time.time()),
+            routed,
+            content,
+            tool_calls,
+            finish,
+            input_tokens,
+            output_tokens,
+            receipt,
+        )
 
     def _chat(self) -> None:
         body = self._json_request()
@@ -434,8 +566,11 @@ class Handler(BaseHTTPRequestHandler):
         plan = self._plan_chat(body, token, model, tier, region)
         self.server.state.bill(plan.receipt, token)
         self._pause(self.server.state.config.latency_s)
-        usage = {"prompt_tokens": plan.input_tokens, "completion_tokens": plan.output_tokens,
-                 "total_tokens": plan.input_tokens + plan.output_tokens}
+        usage = {
+            "prompt_tokens": plan.input_tokens,
+            "completion_tokens": plan.output_tokens,
+            "total_tokens": plan.input_tokens + plan.output_tokens,
+        }
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             self._stream_chat(plan, usage if include_usage else None)
@@ -443,11 +578,19 @@ class Handler(BaseHTTPRequestHandler):
         message: dict[str, Any] = {"role": "assistant", "content": plan.content, "refusal": None}
         if plan.tool_calls:
             message["tool_calls"] = plan.tool_calls
-        self._send_json(200, {
-            "id": plan.completion_id, "object": "chat.completion", "created": plan.created, "model": plan.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": plan.finish_reason, "logprobs": None}],
-            "usage": usage, "service_tier": plan.receipt.tier,
-        }, self._joule_headers(plan.receipt))
+        self._send_json(
+            200,
+            {
+                "id": plan.completion_id,
+                "object": "chat.completion",
+                "created": plan.created,
+                "model": plan.model,
+                "choices": [{"index": 0, "message": message, "finish_reason": plan.finish_reason, "logprobs": None}],
+                "usage": usage,
+                "service_tier": plan.receipt.tier,
+            },
+            self._joule_headers(plan.receipt),
+        )
 
     def _stream_chat(self, plan: ChatPlan, usage: dict[str, int] | None) -> None:
         self.send_response(200)
@@ -465,8 +608,13 @@ class Handler(BaseHTTPRequestHandler):
         self._write_chunk(b"")
 
     def _chat_events(self, plan: ChatPlan, usage: dict[str, int] | None) -> Iterator[bytes]:
-        base = {"id": plan.completion_id, "object": "chat.completion.chunk", "created": plan.created,
-                "model": plan.model, "service_tier": plan.receipt.tier}
+        base = {
+            "id": plan.completion_id,
+            "object": "chat.completion.chunk",
+            "created": plan.created,
+            "model": plan.model,
+            "service_tier": plan.receipt.tier,
+        }
 
         def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
             choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
@@ -475,10 +623,21 @@ class Handler(BaseHTTPRequestHandler):
         yield event({"role": "assistant", "content": ""})
         if plan.tool_calls:
             for index, call in enumerate(plan.tool_calls):
-                yield event({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                             "function": {"name": call["function"]["name"], "arguments": ""}}]})
-                yield event({"tool_calls": [{"index": index,
-                                             "function": {"arguments": call["function"]["arguments"]}}]})
+                yield event(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": index,
+                                "id": call["id"],
+                                "type": "function",
+                                "function": {"name": call["function"]["name"], "arguments": ""},
+                            }
+                        ]
+                    }
+                )
+                yield event(
+                    {"tool_calls": [{"index": index, "function": {"arguments": call["function"]["arguments"]}}]}
+                )
         elif plan.content is not None:
             words = plan.content.split(" ")
             for index, word in enumerate(words):
@@ -519,5 +678,3 @@ class SimulatorHTTPServer(ThreadingHTTPServer):
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             return
         super().handle_error(request, client_address)
-
-

@@ -1,0 +1,57 @@
+"""Zero-code: ``opentelemetry-instrument python app.py`` fills the ledger with no change to app.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import duckdb
+
+APP = textwrap.dedent("""
+    import sys
+    import openai
+
+    client = openai.OpenAI(base_url=sys.argv[1], api_key="jc_zero_code", max_retries=0)
+    for _ in range(3):
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+    for _ in client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True, stream_options={"include_usage": True}):
+        pass
+""")
+
+
+def test_opentelemetry_instrument_fills_the_ledger(tmp_path: Path, joule_simulator):
+    app = tmp_path / "app.py"
+    app.write_text(APP)
+    db = tmp_path / "zero.duckdb"
+    env = dict(
+        os.environ,
+        JOULE_OTEL_DB=str(db),
+        JOULE_OTEL_WORKLOAD="zero-code",
+        OTEL_SERVICE_NAME="zc-app",
+        OTEL_TRACES_EXPORTER="none",
+        OTEL_METRICS_EXPORTER="none",
+        OTEL_LOGS_EXPORTER="none",
+    )
+    instrument = shutil.which("opentelemetry-instrument", path=str(Path(sys.executable).parent))
+    assert instrument, "opentelemetry-instrument is installed with opentelemetry-instrumentation"
+    result = subprocess.run(
+        [instrument, sys.executable, str(app), joule_simulator.base_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    with duckdb.connect(str(db), read_only=True) as con:
+        found = con.execute("SELECT receipt_id, workload, service, energy_j FROM inference_calls").fetchall()
+        total = con.execute("SELECT workload, sum(energy_j) FROM inference_calls GROUP BY 1").fetchall()
+    issued = {r.receipt_id: r.energy_j for r in joule_simulator.receipts}
+    assert {r[0]: r[3] for r in found} == issued
+    assert {r[1] for r in found} == {"zero-code"}
+    assert {r[2] for r in found} == {"zc-app"}
+    assert total[0][1] == sum(issued.values())
