@@ -118,6 +118,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_sample_data(args: argparse.Namespace) -> int:
+    from joule_otel.dashboard.sample_data import write
+
+    count = write(Path(args.output), calls=args.calls, days=args.days, seed=args.seed)
+    print(f"wrote {count} sample rows to {args.output} (and budgets.json beside it)")
+    return 0
+
+
 def _print_rows(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
     text = [[("" if v is None else str(v)) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
@@ -193,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--port", type=int, default=8501)
     dash.add_argument("--no-browser", action="store_true")
     dash.set_defaults(func=_cmd_dashboard)
+
+    sample = sub.add_parser("sample-data", help="regenerate the bundled sample ledger (Parquet)")
+    sample.add_argument("output")
+    sample.add_argument("--calls", type=int, default=24_000)
+    sample.add_argument("--days", type=int, default=21)
+    sample.add_argument("--seed", type=int, default=7)
+    sample.set_defaults(func=_cmd_sample_data)
 
     ledger = sub.add_parser("ledger", help="inspect and maintain the ledger")
     ledger.add_argument("--db", help="ledger path (default: JOULE_OTEL_DB or the per-user ledger)")

@@ -1,0 +1,135 @@
+"""Where the dashboard's data comes from: a ledger, a Parquet/CSV export, or the bundled sample."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from joule_otel.config import JOULE_OTEL_BUDGETS, JOULE_OTEL_DB, default_db_path
+from joule_otel.ledger import reader
+from joule_otel.ledger.spool import Spool
+
+SAMPLE_PATH = Path(__file__).parent / "sample" / "inference_calls.parquet"
+SAMPLE_BUDGETS_PATH = Path(__file__).parent / "sample" / "budgets.json"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A place to read ``inference_calls`` from."""
+
+    path: Path
+    kind: str  # "ledger" | "parquet" | "csv" | "sample"
+    why: str
+
+    @property
+    def label(self) -> str:
+        """What the sidebar shows."""
+        return {"ledger": "Ledger", "parquet": "Parquet export", "csv": "CSV export",
+                "sample": "Bundled sample data"}[self.kind] + f": {self.path}"
+
+    def signature(self) -> tuple[Any, ...]:
+        """Changes whenever the data may have changed (a cache key for the queries)."""
+        stamps: list[Any] = [self.path]
+        try:
+            stamps.append(self.path.stat().st_mtime_ns)
+        except OSError:
+            stamps.append(None)
+        if self.kind == "ledger":
+            stamps.append(tuple(p.name for p in Spool(self.path).segments()))
+        return tuple(stamps)
+
+    @contextmanager
+    def connect(self) -> Iterator[Any]:
+        """A DuckDB connection with an ``inference_calls`` view over this source."""
+        if self.kind == "ledger":
+            with reader.connect(self.path) as con:
+                yield con
+            return
+        import duckdb
+
+        con = duckdb.connect(":memory:")
+        try:
+            function = "read_csv_auto" if self.kind == "csv" else "read_parquet"
+            quoted = "'" + str(self.path).replace("'", "''") + "'"
+            con.execute(f"CREATE VIEW inference_calls AS SELECT * FROM {function}({quoted})")
+            yield con
+        finally:
+            con.close()
+
+
+def _has_rows(path: Path) -> bool:
+    if not path.exists() and not Spool(path).segments():
+        return False
+    try:
+        with reader.connect(path, timeout_s=2) as con:
+            return bool(con.execute("SELECT count(*) FROM inference_calls").fetchone()[0])
+    except Exception:
+        return False
+
+
+def source_for(path: str | os.PathLike[str], why: str) -> Source:
+    """A source for a user-given path (ledger, ``.parquet`` or ``.csv``)."""
+    resolved = Path(path).expanduser()
+    suffix = resolved.suffix.lower()
+    kind = "parquet" if suffix == ".parquet" else "csv" if suffix == ".csv" else "ledger"
+    return Source(resolved, kind, why)
+
+
+def resolve_source() -> Source:
+    """``JOULE_OTEL_DB``, else the per-user ledger when it holds data, else the bundled sample."""
+    configured = os.environ.get(JOULE_OTEL_DB, "").strip()
+    if configured and configured.lower() != "off":
+        return source_for(configured, f"from {JOULE_OTEL_DB}")
+    default = default_db_path()
+    if _has_rows(default):
+        return Source(default, "ledger", "the per-user default ledger")
+    return Source(SAMPLE_PATH, "sample", "no ledger with data was found, so this is sample data")
+
+
+def load_budgets(path: str | os.PathLike[str] | None = None) -> dict[str, float]:
+    """Monthly energy budgets (J) per workload from JSON, TOML or CSV (``workload,budget_j``).
+
+    Raises:
+        ValueError: the file exists but cannot be read as budgets (the message says why).
+    """
+    if path is None:
+        configured = os.environ.get(JOULE_OTEL_BUDGETS, "").strip()
+        if not configured:
+            return {}
+        path = configured
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read budgets file {file}: {exc}") from exc
+    raw: Any
+    try:
+        if file.suffix.lower() == ".toml":
+            import tomllib  # type: ignore[import-not-found,unused-ignore]
+
+            raw = tomllib.loads(text)
+            raw = raw.get("budgets", raw)
+        elif file.suffix.lower() == ".csv":
+            raw = {row["workload"]: row["budget_j"] for row in csv.DictReader(text.splitlines())}
+        else:
+            raw = json.loads(text)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"budgets file {file} is not valid: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"budgets file {file} must map workload names to joules")
+    budgets: dict[str, float] = {}
+    for name, value in raw.items():
+        try:
+            joules = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"budget of {name!r} in {file} is not a number: {value!r}") from None
+        if joules <= 0:
+            raise ValueError(f"budget of {name!r} in {file} must be positive")
+        budgets[str(name)] = joules
+    return budgets

@@ -1,0 +1,60 @@
+"""Numbers a person reads: J/kJ/MJ, Wh/kWh, mg/g/kg CO2e, and everyday equivalents."""
+
+from __future__ import annotations
+
+import math
+
+J_PER_KWH = 3.6e6
+PHONE_CHARGE_J = 54_000.0
+"""One smartphone charge ≈ 15 Wh."""
+KETTLE_BOIL_J = 360_000.0
+"""Boiling a litre of water in a kettle ≈ 0.1 kWh."""
+CAR_G_PER_KM = 120.0
+"""An average petrol car emits ≈ 120 g CO2e per km."""
+
+
+def _scaled(value: float, units: tuple[tuple[float, str], ...]) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    magnitude = abs(value)
+    factor, name = units[0]
+    for candidate_factor, candidate_name in units:
+        if magnitude >= candidate_factor:
+            factor, name = candidate_factor, candidate_name
+    scaled = value / factor
+    digits = 0 if abs(scaled) >= 100 else 1 if abs(scaled) >= 10 else 2
+    return f"{scaled:,.{digits}f} {name}"
+
+
+def energy(joules: float) -> str:
+    """1234 → '1.23 kJ'."""
+    return _scaled(joules, ((1.0, "J"), (1e3, "kJ"), (1e6, "MJ"), (1e9, "GJ")))
+
+
+def energy_wh(joules: float) -> str:
+    """Joules as Wh / kWh / MWh."""
+    return _scaled(joules / 3600.0 if joules is not None else joules, ((1.0, "Wh"), (1e3, "kWh"), (1e6, "MWh")))
+
+
+def carbon(milligrams: float) -> str:
+    """mg CO2e → '12.3 g CO2e'."""
+    return _scaled(milligrams, ((1.0, "mg"), (1e3, "g"), (1e6, "kg"), (1e9, "t"))) + " CO2e"
+
+
+def energy_equivalent(joules: float) -> str:
+    """A comparison that makes joules tangible."""
+    if not joules or joules <= 0:
+        return ""
+    if joules < PHONE_CHARGE_J:
+        return f"≈ {joules / PHONE_CHARGE_J:.0%} of a phone charge"
+    if joules < KETTLE_BOIL_J * 10:
+        return f"≈ {joules / PHONE_CHARGE_J:,.0f} phone charges"
+    return f"≈ {joules / KETTLE_BOIL_J:,.0f} kettles boiled"
+
+
+def carbon_equivalent(milligrams: float) -> str:
+    """A comparison that makes grams of CO2e tangible."""
+    if not milligrams or milligrams <= 0:
+        return ""
+    metres = milligrams / 1000.0 / CAR_G_PER_KM * 1000.0
+    return f"≈ {metres:,.0f} m by car" if metres < 1000 else f"≈ {metres / 1000:,.1f} km by car"
