@@ -30,8 +30,9 @@ class Source:
     @property
     def label(self) -> str:
         """What the sidebar shows."""
-        return {"ledger": "Ledger", "parquet": "Parquet export", "csv": "CSV export",
-                "sample": "Bundled sample data"}[self.kind] + f": {self.path}"
+        return {"ledger": "Ledger", "parquet": "Parquet export", "csv": "CSV export", "sample": "Bundled sample data"}[
+            self.kind
+        ] + f": {self.path}"
 
     def signature(self) -> tuple[Any, ...]:
         """Changes whenever the data may have changed (a cache key for the queries)."""

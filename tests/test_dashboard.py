@@ -1,0 +1,285 @@
+"""The dashboard: queries against a ledger with known sums, and the Streamlit app driven by AppTest."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from joule_otel.dashboard import queries, units
+from joule_otel.dashboard.sources import SAMPLE_PATH, Source, load_budgets, source_for
+from joule_otel.ledger import reader, schema
+from joule_otel.ledger.compact import compact
+from joule_otel.ledger.spool import Spool
+from joule_otel.ledger.writer import rows_to_arrow
+
+APP = str(Path(__file__).resolve().parent.parent / "joule_otel" / "dashboard" / "app.py")
+T0 = datetime(2026, 11, 10, 12, tzinfo=timezone.utc)
+
+
+def row(**values) -> tuple:
+    record = dict.fromkeys(schema.COLUMN_NAMES)
+    record.update(values)
+    record["started_at"] = int(record["started_at"].timestamp() * 1_000_000)
+    return tuple(record[name] for name in schema.COLUMN_NAMES)
+
+
+KNOWN = [
+    # workload, requested, routed, region, tier, energy, carbon, out tokens, status, minutes after T0
+    ("bot", "auto", "gpt-oss-120b", "eu-fi", "standard", 100.0, 2.0, 200, 200, 0),
+    ("bot", "auto", "gpt-oss-120b", "eu-fi", "standard", 50.0, 1.0, 100, 200, 10),
+    ("bot", "auto", "llama-3.3-70b-instruct", "us-east", "priority", 300.0, 30.8, 250, 200, 20),
+    ("batch", "llama-3.3-405b-instruct", "llama-3.3-405b-instruct", "ap-in", "batch", 1000.0, 196.7, 220, 200, 30),
+    ("batch", "llama-3.3-405b-instruct", None, None, None, None, None, None, 402, 40),
+]
+
+
+@pytest.fixture
+def known_ledger(tmp_path) -> Path:
+    db = tmp_path / "known.duckdb"
+    rows = []
+    for i, (wl, req, routed, region, tier, energy, carbon, out, status, minutes) in enumerate(KNOWN):
+        rows.append(
+            row(
+                receipt_id=f"rcpt_{i}" if status == 200 else None,
+                started_at=T0 + timedelta(minutes=minutes),
+                workload=wl,
+                service="svc",
+                requested_model=req,
+                routed_to=routed,
+                region=region,
+                tier=tier,
+                energy_j=energy,
+                carbon_mg=carbon,
+                output_tokens=out,
+                input_tokens=10,
+                status_code=status,
+                error_type="insufficient_balance" if status == 402 else None,
+                duration_ms=100.0 + i,
+                operation="chat",
+                stream=False,
+            )
+        )
+    Spool(db).write_segment(rows_to_arrow(rows))
+    compact(db)
+    return db
+
+
+def test_kpis_breakdowns_and_previous_period(known_ledger):
+    window = queries.Filters(start=T0, end=T0 + timedelta(hours=1))
+    with reader.connect(known_ledger) as con:
+        kpi = queries.kpis(con, window)
+        assert kpi["energy_j"] == 1450.0
+        assert kpi["carbon_mg"] == pytest.approx(230.5)
+        assert kpi["calls"] == 5
+        assert kpi["refused_402"] == 1
+        assert kpi["mean_j_per_call"] == pytest.approx(1450 / 4)
+        assert kpi["j_per_1k_output"] == pytest.approx(1450 / 770 * 1000)
+        assert kpi["auto_share"] == pytest.approx(3 / 5)
+        assert kpi["previous"]["calls"] == 0
+        by_workload = queries.breakdown(con, window, "workload").set_index("group")
+        assert by_workload.loc["bot", "energy_j"] == 450.0
+        assert by_workload.loc["batch", "errors"] == 1
+        flows = queries.router_flows(con, window)
+        auto = flows[flows.requested == "auto"].set_index("routed")["energy_j"].to_dict()
+        assert auto == {"gpt-oss-120b": 150.0, "llama-3.3-70b-instruct": 300.0}
+        regions = queries.carbon_by_region(con, window).set_index("region")
+        assert regions.loc["eu-fi", "mg_per_j"] == pytest.approx(0.02)
+        assert regions.loc["ap-in", "g_per_kwh"] == pytest.approx(196.7 / 1000 * 3600)
+        efficiency = queries.model_efficiency(con, window).set_index("model")
+        assert efficiency.loc["gpt-oss-120b", "j_per_output_token"] == pytest.approx(0.5)
+        over_time = queries.energy_over_time(con, window, "tier", "1 hour")
+        assert over_time.energy_j.sum() == 1450.0
+        hist = queries.energy_histogram(con, window)
+        assert hist.calls.sum() == 4
+        assert (hist.bin_start_j <= 50).any() and (hist.bin_end_j > 1000).any()
+        savings = queries.carbon_savings(con, window).set_index("workload")
+        assert savings.loc["batch", "cleanest_region"] == "eu-fi"
+        assert savings.loc["batch", "if_cleanest_mg"] == pytest.approx(1000 * 0.02)
+        later = queries.Filters(start=T0 + timedelta(hours=1), end=T0 + timedelta(hours=2))
+        assert queries.kpis(con, later)["previous"]["calls"] == 5
+
+
+def test_filters_are_parameters_never_sql(known_ledger):
+    hostile = "x' OR 1=1 --"
+    with reader.connect(known_ledger) as con:
+        assert queries.receipts(con, queries.Filters(workloads=(hostile,))).empty
+        assert queries.receipts(con, queries.Filters(), search=hostile).empty
+        assert list(queries.receipts(con, queries.Filters(), search="RCPT_3").receipt_id) == ["rcpt_3"]
+        assert len(queries.receipts(con, queries.Filters(status="errors"))) == 1
+        assert len(queries.receipts(con, queries.Filters(status="ok", regions=("eu-fi",)))) == 2
+        assert len(queries.receipts(con, queries.Filters(models=("gpt-oss-120b",), tiers=("standard",)))) == 2
+
+
+def test_budgets_month_to_date(known_ledger, tmp_path):
+    as_of = T0 + timedelta(hours=1)
+    with reader.connect(known_ledger) as con:
+        status = queries.budget_status(con, queries.Filters(), {"batch": 2000.0, "bot": 400.0}, as_of)
+        burn = queries.budget_burn(con, queries.Filters(), ["batch", "bot"], as_of)
+    status = status.set_index("workload")
+    assert status.loc["batch", "spent_j"] == 1000.0
+    assert status.loc["batch", "refused_402"] == 1
+    assert status.loc["bot", "used_share"] == pytest.approx(450 / 400)
+    assert burn.groupby("workload").cumulative_j.max().to_dict() == {"batch": 1000.0, "bot": 450.0}
+    (tmp_path / "b.csv").write_text("workload,budget_j\nbot,12.5\n")
+    (tmp_path / "b.toml").write_text("[budgets]\nbot = 7\n")
+    (tmp_path / "bad.json").write_text('{"bot": "lots"}')
+    assert load_budgets(tmp_path / "b.csv") == {"bot": 12.5}
+    assert load_budgets(tmp_path / "b.toml") == {"bot": 7.0}
+    with pytest.raises(ValueError, match="not a number"):
+        load_budgets(tmp_path / "bad.json")
+
+
+def test_units_read_like_a_person_writes():
+    assert units.energy(950) == "950 J"
+    assert units.energy(1234) == "1.23 kJ"
+    assert units.energy(5_330_000) == "5.33 MJ"
+    assert units.energy_wh(3.6e6) == "1.00 kWh"
+    assert units.carbon(479_000) == "479 g CO2e"
+    assert units.carbon(12) == "12.0 mg CO2e"
+    assert "phone charges" in units.energy_equivalent(540_000)
+    assert "km by car" in units.carbon_equivalent(479_000 * 10)
+
+
+def figure_values(chart, key: str = "y") -> float:
+    spec = json.loads(chart.proto.spec)
+    total = 0.0
+    for trace in spec["data"]:
+        values = trace.get(key)
+        if isinstance(values, dict) and "bdata" in values:
+            values = np.frombuffer(base64.b64decode(values["bdata"]), dtype=np.dtype(values["dtype"]))
+        total += float(np.nansum(np.asarray(values, dtype=float)))
+    return total
+
+
+def charts_by_id(at) -> dict[str, object]:
+    return {c.proto.id.rsplit("-", 1)[-1]: c for c in at.get("plotly_chart")}
+
+
+@pytest.fixture
+def isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("JOULE_OTEL_DB", raising=False)
+    monkeypatch.delenv("JOULE_OTEL_BUDGETS", raising=False)
+    monkeypatch.delenv("JOULE_OTEL_TRACE_URL", raising=False)
+    return tmp_path
+
+
+def run_app() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=90).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_app_on_sample_data_obeys_every_filter(isolated_home):
+    at = run_app()
+    assert "Bundled sample data" in at.sidebar.caption[0].value
+    sample = Source(SAMPLE_PATH, "sample", "")
+    with sample.connect() as con:
+        total = con.execute("SELECT sum(energy_j), count(*) FROM inference_calls").fetchone()
+        opts = queries.options(con)
+    charts = charts_by_id(at)
+    assert {
+        "over_time",
+        "by_workload",
+        "by_model",
+        "by_region",
+        "by_tier",
+        "treemap",
+        "router_sankey",
+        "carbon_regions",
+        "energy_histogram",
+        "latency_energy",
+        "budget_burn",
+    } <= set(charts)
+    assert figure_values(charts["over_time"]) == pytest.approx(total[0])
+    assert figure_values(charts["by_workload"], "x") == pytest.approx(total[0])
+    assert at.metric[2].value == f"{total[1]:,}"
+    assert int(at.metric[6].value.replace(",", "")) > 0, "the sample's batch job ran out of budget"
+
+    for key, values in (
+        ("workloads", ["support-bot"]),
+        ("models", ["gpt-oss-120b"]),
+        ("regions", ["eu-fi"]),
+        ("tiers", ["standard"]),
+        ("services", ["support-api"]),
+    ):
+        at.multiselect(key=key).set_value(values).run()
+        assert not at.exception
+        filters = queries.Filters(**{key: tuple(values)})
+        with sample.connect() as con:
+            expected = queries.kpis(con, filters)["energy_j"]
+        charts = charts_by_id(at)
+        assert figure_values(charts["over_time"]) == pytest.approx(expected), key
+        assert figure_values(charts["by_workload"], "x") == pytest.approx(expected), key
+        at.multiselect(key=key).set_value([]).run()
+
+    at.selectbox(key="status").set_value("402 only").run()
+    assert not at.exception
+    assert at.warning, "a selection of only refused calls explains itself"
+    at.selectbox(key="status").set_value("all").run()
+    first = opts["first"].date()
+    at.date_input(key="dates").set_value((first, first)).run()
+    with sample.connect() as con:
+        one_day = queries.kpis(
+            con,
+            queries.Filters(
+                start=datetime.combine(first, datetime.min.time(), timezone.utc),
+                end=datetime.combine(first, datetime.min.time(), timezone.utc) + timedelta(days=1),
+            ),
+        )["energy_j"]
+    assert figure_values(charts_by_id(at)["over_time"]) == pytest.approx(one_day)
+    at.radio(key="split_by").set_value("region").run()
+    assert not at.exception
+    at.text_input(key="search").set_value("rcpt_").run()
+    assert not at.exception
+    at.toggle(key="live").set_value(True).run()
+    assert not at.exception
+
+
+def test_app_on_a_fresh_ledger_with_trace_links(isolated_home, monkeypatch, joule_simulator):
+    import openai
+
+    import joule_otel
+
+    db = isolated_home / "fresh.duckdb"
+    joule_otel.instrument(db=db, flush_interval_s=0.2)
+    try:
+        client = openai.OpenAI(base_url=joule_simulator.base_url, api_key="k", max_retries=0)
+        with joule_otel.workload("fresh"):
+            for _ in range(5):
+                client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+        joule_otel.flush()
+    finally:
+        joule_otel.uninstrument()
+    monkeypatch.setenv("JOULE_OTEL_DB", str(db))
+    monkeypatch.setenv("JOULE_OTEL_TRACE_URL", "http://127.0.0.1:3000/trace/{trace_id}")
+    at = run_app()
+    assert str(db) in at.sidebar.caption[0].value
+    assert at.metric[2].value == "5"
+    expected = sum(r.energy_j for r in joule_simulator.receipts)
+    assert figure_values(charts_by_id(at)["over_time"]) == pytest.approx(expected)
+    frames = [df.value for df in at.dataframe]
+    receipts_table = next(f for f in frames if "receipt_id" in f.columns)
+    assert set(receipts_table.receipt_id) == {r.receipt_id for r in joule_simulator.receipts}
+    assert "trace" in receipts_table.columns  # the template is applied (no spans here, so no ids to link)
+
+
+def test_empty_ledger_and_missing_path_show_help_not_tracebacks(isolated_home, monkeypatch):
+    monkeypatch.setenv("JOULE_OTEL_DB", str(isolated_home / "empty.duckdb"))
+    at = run_app()
+    assert any("No inference calls" in i.value for i in at.info)
+    at.text_input(key="source_path").set_value(str(isolated_home / "missing.parquet")).run()
+    assert not at.exception
+    assert at.sidebar.error
+
+
+def test_source_for_picks_the_reader_by_suffix(tmp_path):
+    assert source_for(tmp_path / "a.parquet", "").kind == "parquet"
+    assert source_for(tmp_path / "a.csv", "").kind == "csv"
+    assert source_for(tmp_path / "a.duckdb", "").kind == "ledger"
