@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -99,10 +98,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         env["JOULE_OTEL_DB"] = str(Path(args.db).expanduser())
     cmd = dashboard_command(None, host=args.host, port=args.port, browser=not args.no_browser)
     print(f"Dashboard on http://{args.host}:{args.port}  (Ctrl-C stops)", flush=True)
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+    os.execve(sys.executable, cmd, env)  # noqa: S606 - become Streamlit: signals reach the server, no orphan is left
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

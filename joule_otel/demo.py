@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -238,6 +239,7 @@ def run_demo(
     url = f"http://127.0.0.1:{port}"
     print(f"  dashboard: {url}  (Ctrl-C stops)", flush=True)
     proc = subprocess.Popen(dashboard_command(db, host="127.0.0.1", port=port, browser=False), env=env)
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.terminate())  # never leave the server orphaned
     if browser:
         threading.Timer(3.0, lambda: webbrowser.open(url)).start()
     try:

@@ -43,7 +43,7 @@ def served_dashboard(tmp_path):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as response:  # noqa: S310 - loopback
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as response:
                 if response.status == 200:
                     break
         except OSError:

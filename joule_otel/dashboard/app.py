@@ -43,6 +43,7 @@ interval_s = st.sidebar.select_slider(
 
 @st.cache_data(ttl=5, show_spinner=False)
 def load_options(signature: tuple[Any, ...], _source: Source) -> dict[str, Any]:
+    """Filter choices and the data's time span (cached per data signature)."""
     with _source.connect() as con:
         return queries.options(con)
 
@@ -83,6 +84,7 @@ def load_page(
 
 
 def export_rows(source: Source, filters: queries.Filters, search: str, fmt: str) -> bytes:
+    """Every filtered row as CSV or Parquet bytes, computed only when a download is clicked."""
     with source.connect() as con:
         frame = queries.receipts(con, filters, search, limit=None)
     buffer = io.BytesIO()
@@ -125,8 +127,10 @@ filters = queries.Filters(
     models=tuple(st.sidebar.multiselect("Model (routed)", opts["models"], key="models")),
     regions=tuple(st.sidebar.multiselect("Region", opts["regions"], key="regions")),
     tiers=tuple(st.sidebar.multiselect("Tier", opts["tiers"], key="tiers")),
-    status=st.sidebar.selectbox("Status", queries.STATUSES, key="status"),
+    status=st.sidebar.selectbox("Status", queries.STATUSES, key="status") or "all",
 )
+as_of: datetime = min(last, filters.end) if filters.end is not None else last
+"""Budgets are month to date as of the newest call shown (sample data lies in the past)."""
 
 budget_error = None
 try:
@@ -138,6 +142,7 @@ except ValueError as exc:
 
 
 def render() -> None:
+    """The page below the sidebar (a fragment when live refresh is on)."""
     st.title("Where your joules go")
     split_by = st.session_state.get("split_by", "workload")
     search = st.session_state.get("search", "")
@@ -148,7 +153,7 @@ def render() -> None:
         split_by,
         tuple(sorted(budget_map.items())),
         search,
-        min(last, filters.end) if filters.end else last,
+        as_of,
     )
     kpi = page["kpis"]
     prev = kpi["previous"] or {}
@@ -381,7 +386,6 @@ def render() -> None:
                 'monthly joules per workload, e.g. {"support-bot": 150000}.'
             )
         else:
-            as_of = min(last, filters.end)
             month_start = as_of.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
             elapsed_days = max((as_of - month_start).total_seconds() / 86400, 1 / 24)
             rows = []

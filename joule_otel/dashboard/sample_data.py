@@ -1,5 +1,6 @@
-"""The bundled sample ledger: three weeks of a small company's Joule Cloud traffic, made by the simulator's
-energy model, router and grid figures with a fixed seed.
+"""The bundled sample ledger: three weeks of a small company's Joule Cloud traffic.
+
+Made by the simulator's energy model, router and grid figures with a fixed seed.
 
 Regenerate with ``joule-otel sample-data joule_otel/dashboard/sample/inference_calls.parquet``.
 """

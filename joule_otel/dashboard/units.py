@@ -37,7 +37,7 @@ def energy_wh(joules: float) -> str:
 
 
 def carbon(milligrams: float) -> str:
-    """mg CO2e → '12.3 g CO2e'."""
+    """Milligrams CO2e, readable: 12300 → '12.3 g CO2e'."""
     return _scaled(milligrams, ((1.0, "mg"), (1e3, "g"), (1e6, "kg"), (1e9, "t"))) + " CO2e"
 
 

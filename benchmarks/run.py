@@ -1,0 +1,365 @@
+"""joule-otel benchmarks: what instrumenting costs, how fast the ledger and dashboard are.
+
+    python benchmarks/run.py            # default run, a few minutes
+    python benchmarks/run.py --full     # adds the 10M-row dashboard case
+
+Everything is measured side by side in one run and reported as ratios too: the machine is shared
+and noisy, so absolute figures vary between runs while ratios hold. The simulator runs in its own
+process, so its CPU never counts against the client being measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+CLIENT = textwrap.dedent(r"""
+    import asyncio, json, os, resource, sys, time
+    variant, base_url, calls, db = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+
+    def cpu():
+        usage = resource.getrusage(resource.RUSAGE_SELF)   # every thread of the process
+        return usage.ru_utime + usage.ru_stime
+
+    tracer_provider = None
+    if variant in ("otel-httpx", "joule-traced"):
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+        trace.set_tracer_provider(tracer_provider)
+    if variant == "otel-httpx":
+        from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor
+        HTTPX2ClientInstrumentor().instrument()
+    if variant.startswith("joule"):
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+        import joule_otel
+        joule_otel.instrument(db=db)
+
+    import openai
+    client = openai.OpenAI(base_url=base_url, api_key="jc_bench", max_retries=0)
+    aclient = openai.AsyncOpenAI(base_url=base_url, api_key="jc_bench", max_retries=0)
+    msgs = [{"role": "user", "content": "hi"}]
+    for _ in range(30):  # warm up connections, imports, caches
+        client.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
+
+    def measure(kind, n):
+        lat, ttft = [], []
+        start_cpu = cpu()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            if kind == "sync":
+                client.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
+            elif kind == "stream":
+                first = None
+                for chunk in client.chat.completions.create(model="auto", messages=msgs, max_tokens=200, stream=True):
+                    if first is None:
+                        first = time.perf_counter() - t0
+                ttft.append(first)
+            lat.append(time.perf_counter() - t0)
+        return lat, ttft, cpu() - start_cpu
+
+    async def measure_async(n):
+        lat = []
+        start_cpu = cpu()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await aclient.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
+            lat.append(time.perf_counter() - t0)
+        return lat, [], cpu() - start_cpu
+
+    out = {}
+    for kind in ("sync", "stream", "async"):
+        if kind == "async":
+            lat, ttft, used = asyncio.run(measure_async(calls))
+        else:
+            lat, ttft, used = measure(kind, calls if kind == "sync" else calls // 2)
+        if variant.startswith("joule"):
+            flush_cpu = cpu()
+            joule_otel.flush(timeout_s=60)   # the background work these calls caused belongs to them
+            used += cpu() - flush_cpu
+        out[kind] = {"lat": lat, "ttft": ttft, "cpu": used, "n": len(lat)}
+    print(json.dumps(out))
+""")
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def start_simulator() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "joule_otel.cli", "simulate", "--port", "0", "--token-delay", "0", "--latency", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    base_url = proc.stdout.readline().split()[4]
+    time.sleep(0.5)
+    return proc, base_url
+
+
+def overhead(calls: int, rounds: int) -> list[dict[str, object]]:
+    """Per-call latency and total process CPU for each variant, interleaved over ``rounds``."""
+    variants = ["bare", "otel-httpx", "joule-traced", "joule-untraced"]
+    sim, base_url = start_simulator()
+    results: dict[str, dict[str, dict[str, list[float]]]] = {v: {} for v in variants}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            script = Path(tmp) / "client.py"
+            script.write_text(CLIENT)
+            for r in range(rounds):
+                for variant in variants:
+                    db = str(Path(tmp) / f"{variant}-{r}.duckdb")
+                    out = subprocess.run(
+                        [sys.executable, str(script), variant, base_url, str(calls), db],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                        timeout=900,
+                    )
+                    for kind, data in json.loads(out.stdout).items():
+                        slot = results[variant].setdefault(kind, {"lat": [], "ttft": [], "cpu": []})
+                        slot["lat"] += data["lat"]
+                        slot["ttft"] += [t for t in data["ttft"] if t is not None]
+                        slot["cpu"].append(data["cpu"] / data["n"])
+    finally:
+        sim.terminate()
+        sim.wait()
+    rows = []
+    for kind in ("sync", "stream", "async"):
+        base_cpu = statistics.median(results["bare"][kind]["cpu"])
+        httpx_cpu = statistics.median(results["otel-httpx"][kind]["cpu"])
+        for variant in variants:
+            slot = results[variant][kind]
+            cpu_ms = statistics.median(slot["cpu"]) * 1000
+            rows.append(
+                {
+                    "call": kind,
+                    "variant": variant,
+                    "median ms": statistics.median(slot["lat"]) * 1000,
+                    "p99 ms": _pct(slot["lat"], 0.99) * 1000,
+                    "ttft ms": statistics.median(slot["ttft"]) * 1000 if slot["ttft"] else None,
+                    "CPU ms/call": cpu_ms,
+                    "Δ CPU vs bare ms": cpu_ms - base_cpu * 1000,
+                    "CPU vs otel-httpx": cpu_ms / (httpx_cpu * 1000),
+                }
+            )
+    return rows
+
+
+def ledger_ingest(rows_total: int) -> list[dict[str, object]]:
+    """Sustained rows/s from segments into the DuckDB file, bytes per row, RSS across the burst."""
+    import psutil
+
+    from joule_otel.dashboard.sample_data import generate
+    from joule_otel.ledger.compact import compact
+    from joule_otel.ledger.writer import LedgerWriter
+
+    template = generate(calls=20_000)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "ingest.duckdb"
+        writer = LedgerWriter(db)
+        process = psutil.Process()
+        rss: list[int] = []
+        spool_s = compact_s = 0.0
+        written = 0
+        batch = 100_000
+        while written < rows_total:
+            rows = [
+                (f"{r[0]}-{written + i}" if r[0] else None, *r[1:])
+                for i, r in enumerate(template * (batch // len(template) + 1))
+            ][:batch]
+            t0 = time.perf_counter()
+            writer.append(rows)
+            writer.write_segment()
+            spool_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            compact(db, timeout_s=10)
+            compact_s += time.perf_counter() - t0
+            written += batch
+            rss.append(process.memory_info().rss)
+        size = db.stat().st_size
+    out.append(
+        {"measure": f"spool (Arrow → Parquet segment), {written:,} rows", "value": f"{written / spool_s:,.0f} rows/s"}
+    )
+    out.append(
+        {
+            "measure": f"compaction into DuckDB (unique receipts), {written:,} rows",
+            "value": f"{written / compact_s:,.0f} rows/s",
+        }
+    )
+    out.append(
+        {"measure": "end to end (spool + compaction)", "value": f"{written / (spool_s + compact_s):,.0f} rows/s"}
+    )
+    out.append({"measure": "bytes on disk per row (DuckDB file)", "value": f"{size / written:.1f} B"})
+    out.append(
+        {
+            "measure": "RSS growth over the burst (after first batch)",
+            "value": f"{(max(rss) - rss[0]) / 2**20:+.1f} MiB (from {rss[0] / 2**20:.0f} MiB)",
+        }
+    )
+    return out
+
+
+def dashboard(sizes: list[int]) -> list[dict[str, object]]:
+    """Every dashboard query at each ledger size, and the whole page."""
+    import duckdb
+
+    from joule_otel.dashboard import queries
+    from joule_otel.dashboard.sources import SAMPLE_PATH
+    from joule_otel.ledger import reader, schema
+
+    out = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            db = Path(tmp) / "big.duckdb"
+            with duckdb.connect(str(db)) as con:
+                from joule_otel.ledger.schema import migrate
+
+                migrate(con)
+                con.execute("DROP INDEX IF EXISTS inference_calls_receipt")
+                cols = ", ".join(
+                    c if c != "receipt_id" else "receipt_id || '-' || k AS receipt_id" for c in schema.COLUMN_NAMES
+                )
+                sample_rows = con.execute(f"SELECT count(*) FROM read_parquet('{SAMPLE_PATH}')").fetchone()[0]
+                copies = -(-size // sample_rows)
+                con.execute(
+                    f"INSERT INTO inference_calls SELECT {cols} FROM read_parquet('{SAMPLE_PATH}'), "
+                    f"range({copies}) t(k) LIMIT {size}"
+                )
+            with reader.connect(db) as con:
+                opts = queries.options(con)
+            filters = queries.Filters(start=opts["first"].to_pydatetime(), end=opts["last"].to_pydatetime())
+            as_of = filters.end
+            budgets = {"batch-enrichment": 5e8, "support-bot": 1e9}
+            steps = {
+                "options": lambda c: queries.options(c),
+                "kpis (+ previous period)": lambda c: queries.kpis(c, filters),
+                "energy over time": lambda c: queries.energy_over_time(c, filters, "workload", "1 day"),
+                "breakdowns ×4": lambda c: [
+                    queries.breakdown(c, filters, d) for d in ("workload", "model", "region", "tier")
+                ],
+                "treemap + router": lambda c: (queries.workload_model(c, filters), queries.router_flows(c, filters)),
+                "efficiency + histogram": lambda c: (
+                    queries.model_efficiency(c, filters),
+                    queries.energy_histogram(c, filters),
+                ),
+                "carbon + savings": lambda c: (
+                    queries.carbon_by_region(c, filters),
+                    queries.carbon_savings(c, filters),
+                ),
+                "latency sample": lambda c: queries.latency_sample(c, filters),
+                "budgets + burn": lambda c: (
+                    queries.budget_status(c, filters, budgets, as_of),
+                    queries.budget_burn(c, filters, list(budgets), as_of),
+                ),
+                "receipts page": lambda c: queries.receipts(c, filters, "rcpt_"),
+            }
+            timings = {}
+            page_start = time.perf_counter()
+            with reader.connect(db) as con:
+                for name, step in steps.items():
+                    t0 = time.perf_counter()
+                    step(con)
+                    timings[name] = time.perf_counter() - t0
+            page = time.perf_counter() - page_start
+            for name, seconds in timings.items():
+                out.append({"rows": f"{size:,}", "query": name, "ms": seconds * 1000})
+            out.append({"rows": f"{size:,}", "query": "WHOLE PAGE (open ledger + all queries)", "ms": page * 1000})
+    return out
+
+
+def growth(counts: list[int]) -> list[dict[str, object]]:
+    """CPU per call of joule-otel (ledger + metrics, no tracing) as the number of calls grows."""
+    sim, base_url = start_simulator()
+    out = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            script = Path(tmp) / "client.py"
+            script.write_text(CLIENT)
+            for n in counts:
+                for variant in ("bare", "joule-untraced"):
+                    res = subprocess.run(
+                        [
+                            sys.executable,
+                            str(script),
+                            variant,
+                            base_url,
+                            str(n),
+                            str(Path(tmp) / f"g{n}{variant}.duckdb"),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                        timeout=900,
+                    )
+                    data = json.loads(res.stdout)["sync"]
+                    out.append({"calls": n, "variant": variant, "CPU ms/call": data["cpu"] / data["n"] * 1000})
+    finally:
+        sim.terminate()
+        sim.wait()
+    return out
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    if not rows:
+        return ""
+    headers = list(rows[0])
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 10 else f"{value:,.1f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(r[h]) for h in headers) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="add the 10M-row dashboard case and 1M ingest rows")
+    parser.add_argument("--calls", type=int, default=400, help="sync/async calls per variant per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("OTEL_SDK_DISABLED", "false")
+    sections = [
+        (
+            "Per-call overhead (openai SDK → simulator on loopback; CPU = whole process incl. background threads)",
+            overhead(args.calls, args.rounds),
+        ),
+        ("Ledger ingest", ledger_ingest(1_000_000)),
+        ("Dashboard queries", dashboard([100_000, 1_000_000] + ([10_000_000] if args.full else []))),
+        ("Growth", growth([200, 1000, 3000])),
+    ]
+    report = [f"# joule-otel benchmarks ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores)\n"]
+    for title, rows in sections:
+        report.append(f"## {title}\n\n{table(rows)}\n")
+    text = "\n".join(report)
+    print(text)
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    (results / "latest.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
