@@ -194,9 +194,11 @@ def _after_fork_in_child() -> None:
 
 
 def flush(timeout_s: float = 5.0) -> bool:
-    """Write every call captured so far to the ledger (and compact it); True if done within ``timeout_s``.
+    """Write every call captured so far to the ledger's spool; True if done within ``timeout_s``.
 
-    Calls whose response body is still being read are written when it ends.
+    Flushed rows are on disk and visible to every reader (``read_ledger``, the dashboard,
+    ``joule-otel ledger``); they reach the DuckDB file itself at the next compaction (every few
+    seconds, and at exit). Calls whose response body is still being read are written when it ends.
     """
     state = _state
     if state is None:

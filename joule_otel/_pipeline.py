@@ -260,7 +260,9 @@ class Pipeline:
             with self._cond:
                 target = self._flush_requested
             try:
-                self._cycle(final=target > self._flush_done, compact_timeout_s=1.0)
+                # a flush() makes rows durable (a segment on disk, visible to every reader); compaction into
+                # the DuckDB file keeps its own pace (every few seconds, and at exit)
+                self._cycle(final=False, force_segment=target > self._flush_done, compact_timeout_s=0.0)
             except Exception:
                 _log.exception("joule_otel: background ledger cycle failed; continuing")
             if target > self._flush_done:
@@ -268,7 +270,7 @@ class Pipeline:
                     self._flush_done = target
                     self._cond.notify_all()
 
-    def _cycle(self, *, final: bool, compact_timeout_s: float) -> None:
+    def _cycle(self, *, final: bool, compact_timeout_s: float, force_segment: bool = False) -> None:
         rows = self._drain()
         writer = self.writer
         if writer is None:
@@ -276,7 +278,12 @@ class Pipeline:
         if rows:
             writer.append(rows)
         now = time.monotonic()
-        if final or now - self._last_segment >= self.flush_interval_s or writer.stats.pending_rows >= SEGMENT_MAX_ROWS:
+        if (
+            final
+            or force_segment
+            or now - self._last_segment >= self.flush_interval_s
+            or writer.stats.pending_rows >= SEGMENT_MAX_ROWS
+        ):
             self._last_segment = now
             writer.write_segment()
         writer.compact(force=final, timeout_s=compact_timeout_s if final else 0.0)

@@ -287,13 +287,17 @@ def latency_sample(con: Any, filters: Filters, rows: int = 3000) -> Any:
     )
 
 
+def _month_to_date(filters: Filters, workloads: list[str], as_of: datetime) -> Filters:
+    """The filters narrowed to these workloads, from the start of ``as_of``'s month to ``as_of``."""
+    month_start = as_of.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return replace(filters, start=month_start, end=as_of + timedelta(microseconds=1), workloads=tuple(workloads))
+
+
 def budget_status(con: Any, filters: Filters, budgets: dict[str, float], as_of: datetime) -> Any:
     """Month to date per budgeted workload: spend, burn rate, projected exhaustion, 402s."""
     if not budgets:
         return None
-    month_start = as_of.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    scoped = replace(filters, start=month_start, end=as_of + timedelta(microseconds=1), workloads=tuple(budgets))
-    clause, params = where(scoped)
+    clause, params = where(_month_to_date(filters, list(budgets), as_of))
     return _df(
         con,
         f"""
@@ -313,9 +317,7 @@ def budget_status(con: Any, filters: Filters, budgets: dict[str, float], as_of: 
 
 def budget_burn(con: Any, filters: Filters, workloads: list[str], as_of: datetime) -> Any:
     """Cumulative joules per day this month, per budgeted workload (the burn-down)."""
-    month_start = as_of.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    scoped = replace(filters, start=month_start, end=as_of + timedelta(microseconds=1), workloads=tuple(workloads))
-    clause, params = where(scoped)
+    clause, params = where(_month_to_date(filters, workloads, as_of))
     return _df(
         con,
         f"""
