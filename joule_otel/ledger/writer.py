@@ -64,7 +64,9 @@ class LedgerWriter:
         self.compact_interval_s = compact_interval_s
         self.stats = WriterStats()
         self._rows: list[tuple[Any, ...]] = []
-        self._last_compact = 0.0
+        # the first compaction waits one interval: a short-lived process (a cron job, a CLI) pays for DuckDB once,
+        # at exit, and a starting worker does not compete with its siblings for the file
+        self._last_compact = time.monotonic()
         self._reported: set[str] = set()
 
     @property
