@@ -7,6 +7,7 @@ ledger writer. It restarts itself after ``fork`` and is flushed at exit and on S
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -35,6 +36,8 @@ WAKE_AT = 2_000
 SEGMENT_MAX_ROWS = 100_000
 RECENT_RECEIPTS = 100_000
 DECODED_CAP = 16 << 20
+ATTRIBUTE_SETS_CACHED = 4_096
+_JSON_DECODER = json.JSONDecoder()
 
 
 @dataclass
@@ -48,11 +51,11 @@ class BodyFacts:
     error_code: str | None = None
 
 
-def _decode(call: CallRecord) -> bytes:
+def _decode(call: CallRecord, content_encoding: str) -> bytes:
     data = b"".join(call.chunks)
     if not call.encoded or not data:
         return data
-    encoding = (call.response_headers.get("content-encoding") or "").strip().lower()
+    encoding = content_encoding.strip().lower()
     if encoding in ("", "identity"):
         return data
     if encoding in ("gzip", "x-gzip", "deflate"):
@@ -102,10 +105,10 @@ def _joule_extension(event: dict[str, Any], facts: BodyFacts) -> None:
         facts.stream_carbon_mg = parse_quantity(str(carbon)) if carbon is not None else None
 
 
-def parse_body(call: CallRecord, is_sse: bool) -> BodyFacts:
+def parse_body(call: CallRecord, is_sse: bool, content_encoding: str = "") -> BodyFacts:
     """Usage, the stream's final energy figure and the error code, from the kept body bytes."""
     facts = BodyFacts()
-    data = _decode(call)
+    data = _decode(call, content_encoding)
     if not data:
         return facts
     if is_sse:
@@ -139,7 +142,7 @@ def parse_body(call: CallRecord, is_sse: bool) -> BodyFacts:
         brace = data.find(b"{", at)
         if brace >= 0:
             try:
-                usage, _ = json.JSONDecoder().raw_decode(data[brace:].decode("utf-8", "replace"))
+                usage, _ = _JSON_DECODER.raw_decode(data[brace:].decode("utf-8", "replace"))
             except ValueError:
                 usage = None
             facts.input_tokens, facts.output_tokens = _usage_tokens(usage)
@@ -163,8 +166,9 @@ def other_genai_metrics_recorder() -> str | None:
     return None
 
 
-def _no_header(name: str) -> None:
-    return None
+@functools.lru_cache(maxsize=64)
+def _header_key(name: str) -> bytes:
+    return name.lower().encode("latin-1")
 
 
 class Pipeline:
@@ -193,6 +197,8 @@ class Pipeline:
         self.duplicate_receipts = 0
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._metric_workloads: set[str] = set()
+        self._attribute_sets: dict[tuple[str | None, ...], dict[str, Any]] = {}
+        self._counter_sums: dict[tuple[str | None, ...], list[float | None]] = {}
         self._reset_thread_state()
 
     def _reset_thread_state(self) -> None:
@@ -302,14 +308,21 @@ class Pipeline:
                 continue
             if row is not None:
                 rows.append(row)
+        if self._counter_sums:
+            try:
+                self._add_counter_sums()
+            except Exception:
+                self.capture_stats.internal_error("recording metrics")
         return rows
 
     def _process(self, call: CallRecord, skip_genai: bool) -> tuple[Any, ...] | None:
         self.calls_seen += 1
         headers = call.response_headers
+        # one pass over the raw response headers (httpx's own lookup scans and decodes them once per name)
+        lowered: dict[bytes, bytes] = {name.lower(): value for name, value in headers.raw} if headers else {}
         reading = call.reading
         if reading is None:
-            reading = read_energy(headers.get if headers is not None else _no_header, call.request_headers.get(REGION))
+            reading = read_energy(lambda name: lowered.get(_header_key(name)), call.request_headers.get(REGION))
         if reading.invalid:
             self.capture_stats.invalid_headers += len(reading.invalid)
         receipt = reading.receipt_id
@@ -321,9 +334,9 @@ class Pipeline:
             if len(self._recent) > RECENT_RECEIPTS:
                 self._recent.popitem(last=False)
         request = parse_request_body(call.request_body)
-        content_type = (headers.get("content-type") or "") if headers is not None else ""
-        is_sse = content_type.startswith("text/event-stream")
-        facts = parse_body(call, is_sse) if call.chunks else BodyFacts()
+        is_sse = lowered.get(b"content-type", b"").startswith(b"text/event-stream")
+        encoding = lowered.get(b"content-encoding", b"").decode("latin-1")
+        facts = parse_body(call, is_sse, encoding) if call.chunks else BodyFacts()
         energy, carbon = reading.energy_j, reading.carbon_mg
         if facts.stream_energy_j is not None:  # the final stream event wins over the header
             energy = facts.stream_energy_j
@@ -397,37 +410,81 @@ class Pipeline:
     ) -> None:
         inst = self.instruments
         assert inst is not None
-        attrs: dict[str, Any] = {
-            attr.JOULE_WORKLOAD: self._metric_workload(workload),
-            attr.GEN_AI_PROVIDER_NAME: attr.PROVIDER,
-        }
-        for key, value in (
-            (attr.GEN_AI_OPERATION_NAME, SEMCONV_OPERATIONS.get(call.operation)),
-            (attr.GEN_AI_REQUEST_MODEL, requested_model),
-            (attr.GEN_AI_RESPONSE_MODEL, reading.routed_to),
-            (attr.JOULE_TIER, reading.tier),
-            (attr.JOULE_REGION, reading.region),
-            (attr.ERROR_TYPE, error_type),
-        ):
-            if value is not None:
-                attrs[key] = value
+        key = (
+            self._metric_workload(workload),
+            call.operation,
+            requested_model,
+            reading.routed_to,
+            reading.tier,
+            reading.region,
+            error_type,
+        )
+        attrs = self._attribute_sets.get(key)
+        if attrs is None:
+            attrs = self._attribute_set(key)
         ctx = None
         if call.trace_id and call.span_id:
             span_context = SpanContext(
                 call.trace_id, call.span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)
             )
             ctx = trace.set_span_in_context(NonRecordingSpan(span_context))
-        if energy is not None:
-            inst.energy.add(energy, attrs)
-            inst.request_energy.record(energy, attrs, context=ctx)
-        if carbon is not None:
-            inst.carbon.add(carbon, attrs)
+        if energy is not None or carbon is not None:
+            # counters are summed here and added once per attribute set per cycle (the SDK's cost is per
+            # add, ~25 µs, and a sum is a sum); histograms keep one record per call, with its exemplar
+            sums = self._counter_sums.get(key)
+            if sums is None:
+                sums = self._counter_sums[key] = [None, None]
+            if energy is not None:
+                sums[0] = (sums[0] or 0.0) + energy
+                inst.request_energy.record(energy, attrs, context=ctx)
+            if carbon is not None:
+                sums[1] = (sums[1] or 0.0) + carbon
         if skip_genai:
             return
         inst.duration.record(duration_s, attrs, context=ctx)
         if facts.input_tokens is not None:
-            inst.token_usage.record(facts.input_tokens, {**attrs, attr.GEN_AI_TOKEN_TYPE: "input"}, context=ctx)
+            inst.token_usage.record(facts.input_tokens, self._token_attributes(key, "input"), context=ctx)
         if facts.output_tokens is not None:
-            inst.token_usage.record(facts.output_tokens, {**attrs, attr.GEN_AI_TOKEN_TYPE: "output"}, context=ctx)
+            inst.token_usage.record(facts.output_tokens, self._token_attributes(key, "output"), context=ctx)
         if ttft_s is not None:
             inst.time_to_first_chunk.record(ttft_s, attrs, context=ctx)
+
+    def _attribute_set(self, key: tuple[str | None, ...]) -> dict[str, Any]:
+        """The metric attributes of ``key``, built once (the number of distinct sets is bounded)."""
+        workload, operation, requested_model, routed_to, tier, region, error_type = key
+        attrs: dict[str, Any] = {attr.JOULE_WORKLOAD: workload, attr.GEN_AI_PROVIDER_NAME: attr.PROVIDER}
+        for name, value in (
+            (attr.GEN_AI_OPERATION_NAME, SEMCONV_OPERATIONS.get(operation or "")),
+            (attr.GEN_AI_REQUEST_MODEL, requested_model),
+            (attr.GEN_AI_RESPONSE_MODEL, routed_to),
+            (attr.JOULE_TIER, tier),
+            (attr.JOULE_REGION, region),
+            (attr.ERROR_TYPE, error_type),
+        ):
+            if value is not None:
+                attrs[name] = value
+        if len(self._attribute_sets) >= ATTRIBUTE_SETS_CACHED:
+            self._attribute_sets.clear()
+        self._attribute_sets[key] = attrs
+        return attrs
+
+    def _token_attributes(self, key: tuple[str | None, ...], token_type: str) -> dict[str, Any]:
+        token_key = (*key, token_type)
+        attrs = self._attribute_sets.get(token_key)
+        if attrs is None:
+            attrs = {**(self._attribute_sets.get(key) or self._attribute_set(key)), attr.GEN_AI_TOKEN_TYPE: token_type}
+            self._attribute_sets[token_key] = attrs
+        return attrs
+
+    def _add_counter_sums(self) -> None:
+        """Add what the counters summed since the last cycle: one ``add`` per attribute set."""
+        inst = self.instruments
+        sums, self._counter_sums = self._counter_sums, {}
+        if inst is None:
+            return
+        for key, (energy, carbon) in sums.items():
+            attrs = self._attribute_sets.get(key) or self._attribute_set(key)
+            if energy is not None:
+                inst.energy.add(energy, attrs)
+            if carbon is not None:
+                inst.carbon.add(carbon, attrs)

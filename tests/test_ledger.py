@@ -309,6 +309,26 @@ def test_old_files_migrate_and_record_the_schema_version(ledger_path):
         }
 
 
+def test_version_1_files_lose_the_unique_index_and_still_dedupe(ledger_path):
+    ledger_path.parent.mkdir(parents=True)
+    with duckdb.connect(str(ledger_path)) as con:  # what version 1 wrote
+        for statement in schema.create_statements():
+            con.execute(statement)
+        con.execute("CREATE UNIQUE INDEX inference_calls_receipt ON inference_calls (receipt_id)")
+        con.execute("INSERT INTO joule_meta VALUES ('schema_version', '1')")
+    spool = Spool(ledger_path)
+    spool.write_segment(rows_to_arrow([make_row("a"), make_row("b")]))
+    compact(ledger_path)
+    spool.write_segment(rows_to_arrow([make_row("b"), make_row("c")]))
+    compact(ledger_path)
+    with duckdb.connect(str(ledger_path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM duckdb_indexes() WHERE table_name = 'inference_calls'").fetchone() == (
+            0,
+        )
+        assert con.execute("SELECT value FROM joule_meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    assert count(ledger_path) == (3, 3)
+
+
 def test_bounded_memory_under_a_burst_while_the_file_is_locked(ledger_path):
     """1M rows while another process holds the lock: they go to disk in segments, not to RAM."""
     import psutil

@@ -2,16 +2,18 @@
 
 Each batch of segments is inserted and its names recorded in ``joule_segments`` in one transaction,
 so a compactor killed after the commit but before deleting the files never inserts them twice;
-receipt ids are unique (``INSERT OR IGNORE`` over a unique index), so the same receipt seen twice is
-one row. Unreadable segments are quarantined, never fatal.
+a receipt already in the ledger is not inserted again (an anti-join, see :func:`_insert_new_rows`),
+so the same receipt seen twice is one row. Unreadable segments are quarantined, never fatal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from joule_otel.ledger import schema
 from joule_otel.ledger.spool import Spool
@@ -19,6 +21,8 @@ from joule_otel.ledger.spool import Spool
 _log = logging.getLogger("joule_otel")
 
 BATCH_SEGMENTS = 256
+DEDUPE_WINDOW = datetime.timedelta(days=1)
+"""How far apart two rows of one receipt may start and still be recognised as one."""
 
 
 class LedgerUnavailable(Exception):
@@ -66,6 +70,29 @@ def _readable(segment: Path) -> bool:
     return bool(meta.num_columns)
 
 
+def _insert_new_rows(con: Any, files: list[str]) -> int:
+    """Insert the segments' rows whose receipt the ledger does not hold yet; returns how many.
+
+    Within the batch a receipt keeps its first row. Against the ledger it is an anti-join on receipt id,
+    limited to the batch's time span widened by :data:`DEDUPE_WINDOW` (a receipt seen again carries the
+    start time it had: a replayed segment holds the very same rows), so the check reads a few row groups
+    by their zone maps instead of the whole table or a unique index that every insert would maintain.
+    """
+    columns = ", ".join(schema.COLUMN_NAMES)
+    low, high = con.execute("SELECT min(started_at), max(started_at) FROM read_parquet(?)", [files]).fetchone()
+    if low is None:
+        return 0
+    inserted = con.execute(
+        f"INSERT INTO {schema.TABLE} ({columns}) "
+        f"SELECT {columns} FROM read_parquet(?, union_by_name = true) AS incoming "
+        "WHERE incoming.receipt_id IS NULL OR incoming.receipt_id NOT IN ("
+        f"  SELECT receipt_id FROM {schema.TABLE} WHERE receipt_id IS NOT NULL AND started_at BETWEEN ? AND ?) "
+        "QUALIFY receipt_id IS NULL OR row_number() OVER (PARTITION BY receipt_id ORDER BY started_at) = 1",
+        [files, low - DEDUPE_WINDOW, high + DEDUPE_WINDOW],
+    ).fetchone()[0]
+    return int(inserted)
+
+
 def compact_locked(spool: Spool) -> CompactResult:
     """Compact every segment into the ledger. The caller holds the exclusive lock."""
     result = CompactResult()
@@ -99,18 +126,9 @@ def compact_locked(spool: Spool) -> CompactResult:
                 )
         for start in range(0, len(pending), BATCH_SEGMENTS):
             batch = pending[start : start + BATCH_SEGMENTS]
-            files = [str(p) for p in batch]
-            columns = ", ".join(schema.COLUMN_NAMES)
             con.execute("BEGIN TRANSACTION")  # type: ignore[attr-defined]
             try:
-                before = con.execute(f"SELECT count(*) FROM {schema.TABLE}").fetchone()[0]  # type: ignore[attr-defined]
-                con.execute(  # type: ignore[attr-defined]
-                    f"INSERT OR IGNORE INTO {schema.TABLE} ({columns}) "
-                    f"SELECT {columns} FROM read_parquet(?, union_by_name = true) "
-                    "QUALIFY receipt_id IS NULL OR row_number() OVER (PARTITION BY receipt_id ORDER BY started_at) = 1",
-                    [files],
-                )
-                after = con.execute(f"SELECT count(*) FROM {schema.TABLE}").fetchone()[0]  # type: ignore[attr-defined]
+                inserted = _insert_new_rows(con, [str(p) for p in batch])
                 con.execute(  # type: ignore[attr-defined]
                     "INSERT OR IGNORE INTO joule_segments SELECT unnest(?), NULL, now()",
                     [[p.name for p in batch]],
@@ -119,7 +137,7 @@ def compact_locked(spool: Spool) -> CompactResult:
             except Exception:
                 con.execute("ROLLBACK")  # type: ignore[attr-defined]
                 raise
-            result.rows_inserted += after - before
+            result.rows_inserted += inserted
             result.segments += len(batch)
             done.update(p.name for p in batch)
         con.execute(  # type: ignore[attr-defined]

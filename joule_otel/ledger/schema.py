@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: first release. 2: the unique index on ``receipt_id`` is dropped (compaction dedupes by anti-join)."""
 
 TABLE = "inference_calls"
 
@@ -82,11 +83,10 @@ def migrate(con: Any) -> int:
     for name, kind in COLUMNS:
         if name not in existing:
             con.execute(f"ALTER TABLE {TABLE} ADD COLUMN {name} {kind}")
-    indexes = {
-        r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes() WHERE table_name = ?", [TABLE]).fetchall()
-    }
-    if "inference_calls_receipt" not in indexes:
-        con.execute(f"CREATE UNIQUE INDEX inference_calls_receipt ON {TABLE} (receipt_id)")
+    if found < 2:
+        # version 1 kept receipts unique with an index that every insert had to maintain (half the ingest time
+        # and a third of the bytes); compaction's anti-join keeps them unique now
+        con.execute("DROP INDEX IF EXISTS inference_calls_receipt")
     if found != SCHEMA_VERSION:
         con.execute("INSERT OR REPLACE INTO joule_meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
     return found
