@@ -43,11 +43,12 @@ CLIENT = textwrap.dedent(r"""
     if variant == "otel-httpx":
         from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor
         HTTPX2ClientInstrumentor().instrument()
-    if variant.startswith("joule"):
+    if variant in ("joule-traced", "joule-untraced"):  # joule-ledger: an app that configured no metrics
         from opentelemetry import metrics
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
         metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    if variant.startswith("joule"):
         import joule_otel
         joule_otel.instrument(db=db)
 
@@ -57,6 +58,8 @@ CLIENT = textwrap.dedent(r"""
     msgs = [{"role": "user", "content": "hi"}]
     for _ in range(30):  # warm up connections, imports, caches
         client.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
+    if variant.startswith("joule"):
+        joule_otel.flush(timeout_s=60)  # the first segment imports pyarrow: a one-time cost, not a per-call one
 
     def measure(kind, n):
         lat, ttft = [], []
@@ -88,7 +91,7 @@ CLIENT = textwrap.dedent(r"""
         if kind == "async":
             lat, ttft, used = asyncio.run(measure_async(calls))
         else:
-            lat, ttft, used = measure(kind, calls if kind == "sync" else calls // 2)
+            lat, ttft, used = measure(kind, calls if kind == "sync" else calls // 4)
         if variant.startswith("joule"):
             flush_cpu = cpu()
             joule_otel.flush(timeout_s=60)   # the background work these calls caused belongs to them
@@ -96,6 +99,115 @@ CLIENT = textwrap.dedent(r"""
         out[kind] = {"lat": lat, "ttft": ttft, "cpu": used, "n": len(lat)}
     print(json.dumps(out))
 """)
+
+
+COST = textwrap.dedent(r"""
+    # joule-otel's own cost per call, measured inside one process: blocks of calls alternate between the
+    # transport with and without joule-otel's wrapper, so the machine's slow minutes hit both sides alike;
+    # each thread's CPU clock is read on its own (the app's thread, and the background thread that parses,
+    # records metrics and writes the ledger).
+    import asyncio, json, sys, threading, time
+    base_url, calls, db, with_metrics = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+    if with_metrics:
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    import httpx2, joule_otel, openai
+    joule_otel.instrument(db=db)
+    client = openai.OpenAI(base_url=base_url, api_key="jc_bench", max_retries=0)
+    aclient = openai.AsyncOpenAI(base_url=base_url, api_key="jc_bench", max_retries=0)
+    msgs = [{"role": "user", "content": "hi"}]
+    for _ in range(100):
+        client.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
+    joule_otel.flush(timeout_s=60)
+    time.sleep(6)  # past the first compaction's delay: steady state from here
+    worker = next(t for t in threading.enumerate() if t.name == "joule-otel-ledger")
+    worker_clock = time.pthread_getcpuclockid(worker.ident)
+    patched = {cls: cls.__dict__[m] for cls, m in ((httpx2.HTTPTransport, "handle_request"),
+                                                   (httpx2.AsyncHTTPTransport, "handle_async_request"))}
+
+    def wrapped(on):
+        for cls, wrapper in patched.items():
+            name = "handle_request" if cls is httpx2.HTTPTransport else "handle_async_request"
+            setattr(cls, name, wrapper if on else wrapper.__wrapped__)
+
+    def one(kind):
+        if kind == "sync":
+            client.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
+        elif kind == "stream":
+            for _ in client.chat.completions.create(model="auto", messages=msgs, max_tokens=50, stream=True):
+                pass
+
+    async def blocks_async(app, counted, n_block, blocks):
+        for block in range(blocks):
+            on = block % 2 == 0
+            wrapped(on)
+            t0 = time.thread_time_ns()
+            for _ in range(n_block):
+                await aclient.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
+            app[on] += time.thread_time_ns() - t0
+            counted[on] += n_block
+
+    out = {}
+    for kind in ("sync", "stream", "async"):
+        n_block = 50 if kind != "stream" else 10
+        blocks = max(2, 2 * calls // n_block) if kind != "stream" else max(2, calls // 2 // n_block)
+        app = {True: 0, False: 0}
+        counted = {True: 0, False: 0}
+        worker_start = time.clock_gettime_ns(worker_clock)
+        if kind == "async":
+            asyncio.run(blocks_async(app, counted, n_block, blocks))
+        for block in range(blocks if kind != "async" else 0):
+            on = block % 2 == 0
+            wrapped(on)
+            t0 = time.thread_time_ns()
+            for _ in range(n_block):
+                one(kind)
+            app[on] += time.thread_time_ns() - t0
+            counted[on] += n_block
+        wrapped(True)
+        joule_otel.flush(timeout_s=60)
+        worker_ns = time.clock_gettime_ns(worker_clock) - worker_start
+        out[kind] = {
+            "app_bare_us": app[False] / counted[False] / 1e3,
+            "app_joule_us": app[True] / counted[True] / 1e3,
+            "background_us": worker_ns / counted[True] / 1e3,
+        }
+    print(json.dumps(out))
+""")
+
+
+def own_cost(calls: int) -> list[dict[str, object]]:
+    """joule-otel's CPU per call, app thread and background thread apart, with and without metrics."""
+    sim, base_url = start_simulator()
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            script = Path(tmp) / "cost.py"
+            script.write_text(COST)
+            for with_metrics in (False, True):
+                out = subprocess.run(
+                    [sys.executable, str(script), base_url, str(calls), str(Path(tmp) / f"c{with_metrics}.duckdb"),
+                     "1" if with_metrics else "0"],
+                    capture_output=True, text=True, check=True, timeout=900,
+                )
+                for kind, data in json.loads(out.stdout).items():
+                    app_delta = data["app_joule_us"] - data["app_bare_us"]
+                    rows.append(
+                        {
+                            "call": kind,
+                            "app": "ledger + metrics" if with_metrics else "ledger only (no MeterProvider)",
+                            "app thread bare µs": data["app_bare_us"],
+                            "app thread Δ µs": app_delta,
+                            "background µs": data["background_us"],
+                            "joule-otel total µs/call": app_delta + data["background_us"],
+                        }
+                    )
+    finally:
+        sim.terminate()
+        sim.wait()
+    return rows
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -117,7 +229,7 @@ def start_simulator() -> tuple[subprocess.Popen[str], str]:
 
 def overhead(calls: int, rounds: int) -> list[dict[str, object]]:
     """Per-call latency and total process CPU for each variant, interleaved over ``rounds``."""
-    variants = ["bare", "otel-httpx", "joule-traced", "joule-untraced"]
+    variants = ["bare", "otel-httpx", "joule-traced", "joule-untraced", "joule-ledger"]
     sim, base_url = start_simulator()
     results: dict[str, dict[str, dict[str, list[float]]]] = {v: {} for v in variants}
     try:
@@ -144,11 +256,12 @@ def overhead(calls: int, rounds: int) -> list[dict[str, object]]:
         sim.wait()
     rows = []
     for kind in ("sync", "stream", "async"):
-        base_cpu = statistics.median(results["bare"][kind]["cpu"])
-        httpx_cpu = statistics.median(results["otel-httpx"][kind]["cpu"])
+        bare = results["bare"][kind]["cpu"]
+        httpx = results["otel-httpx"][kind]["cpu"]
         for variant in variants:
             slot = results[variant][kind]
-            cpu_ms = statistics.median(slot["cpu"]) * 1000
+            # rounds ran the variants back to back: compare within a round, then take the median over rounds,
+            # so a slow minute of the shared machine moves both sides of a comparison alike
             rows.append(
                 {
                     "call": kind,
@@ -156,15 +269,12 @@ def overhead(calls: int, rounds: int) -> list[dict[str, object]]:
                     "median ms": statistics.median(slot["lat"]) * 1000,
                     "p99 ms": _pct(slot["lat"], 0.99) * 1000,
                     "ttft ms": statistics.median(slot["ttft"]) * 1000 if slot["ttft"] else None,
-                    "CPU ms/call": cpu_ms,
-                    "Δ CPU vs bare ms": cpu_ms - base_cpu * 1000,
-                    "CPU vs otel-httpx": cpu_ms / (httpx_cpu * 1000),
+                    "CPU ms/call": statistics.median(slot["cpu"]) * 1000,
+                    "Δ CPU vs bare ms": statistics.median(c - b for c, b in zip(slot["cpu"], bare, strict=True)) * 1000,
+                    "CPU vs otel-httpx": statistics.median(c / h for c, h in zip(slot["cpu"], httpx, strict=True)),
                 }
             )
     return rows
-
-
-SEGMENTS_PER_COMPACTION = 5
 
 
 def ledger_ingest(rows_total: int) -> list[dict[str, object]]:
@@ -342,8 +452,8 @@ def table(rows: list[dict[str, object]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the 10M-row dashboard case and 1M ingest rows")
-    parser.add_argument("--calls", type=int, default=400, help="sync/async calls per variant per round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=300, help="sync/async calls per variant per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=[], help="sections whose title has one of these words")
     args = parser.parse_args()
     os.environ.setdefault("OTEL_SDK_DISABLED", "false")
@@ -351,6 +461,10 @@ def main() -> int:
         (
             "Per-call overhead (openai SDK → simulator on loopback; CPU = whole process incl. background threads)",
             lambda: overhead(args.calls, args.rounds),
+        ),
+        (
+            "joule-otel's own CPU per call (in one process: alternating blocks, per-thread CPU clocks)",
+            lambda: own_cost(args.calls * 4),
         ),
         ("Ledger ingest", lambda: ledger_ingest(1_000_000)),
         ("Dashboard queries", lambda: dashboard([100_000, 1_000_000] + ([10_000_000] if args.full else []))),

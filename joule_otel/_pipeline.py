@@ -37,6 +37,7 @@ SEGMENT_MAX_ROWS = 100_000
 RECENT_RECEIPTS = 100_000
 DECODED_CAP = 16 << 20
 ATTRIBUTE_SETS_CACHED = 4_096
+SSE_TAIL_BYTES = 64 << 10
 _JSON_DECODER = json.JSONDecoder()
 
 
@@ -53,9 +54,9 @@ class BodyFacts:
 
 def _decode(call: CallRecord, content_encoding: str) -> bytes:
     data = b"".join(call.chunks)
-    if not call.encoded or not data:
-        return data
     encoding = content_encoding.strip().lower()
+    if not data:
+        return data
     if encoding in ("", "identity"):
         return data
     if encoding in ("gzip", "x-gzip", "deflate"):
@@ -113,12 +114,15 @@ def parse_body(call: CallRecord, is_sse: bool, content_encoding: str = "") -> Bo
         return facts
     if is_sse:
         seen = 0
-        for line in reversed(data.split(b"\n")):
+        # the figures come in the last events: split only the tail, parse only events that carry them
+        for line in reversed(data[-SSE_TAIL_BYTES:].split(b"\n")):
             if not line.startswith(b"data:") or b"[DONE]" in line:
                 continue
             seen += 1
             if seen > 8 or (facts.input_tokens is not None and facts.stream_energy_j is not None):
                 break
+            if b'"usage"' not in line and b'"joule"' not in line:
+                continue
             try:
                 event = json.loads(line[5:])
             except ValueError:

@@ -79,7 +79,6 @@ class CallRecord:
 
     __slots__ = (
         "chunks",
-        "encoded",
         "error",
         "kept",
         "method",
@@ -121,7 +120,6 @@ class CallRecord:
         self.error: str | None = None
         self.chunks: list[bytes] = []
         self.kept = 0
-        self.encoded = False
 
     def keep(self, chunk: bytes) -> None:
         """Keep body bytes for usage parsing, bounded: a tail for plain bodies, nothing past the cap if encoded."""
@@ -130,7 +128,7 @@ class CallRecord:
         self.chunks.append(chunk)
         self.kept += len(chunk)
         if self.kept > BODY_CAP_BYTES:
-            if self.encoded:  # a compressed body cannot be parsed from a tail
+            if _has_header(self.response_headers, _CONTENT_ENCODING):  # a compressed body cannot be parsed from a tail
                 self.chunks, self.kept = [], -1
                 return
             tail = b"".join(self.chunks)[-TAIL_BYTES:]
@@ -178,13 +176,12 @@ class Capture:
         operation = route_operation(request.url.raw_path)
         headers = response.headers
         if operation is None:
-            if not any(name in headers for name in RESPONSE_HEADERS):
+            if not _has_header(headers, *_RESPONSE_HEADER_KEYS):
                 return None
             operation = "other"
         call = CallRecord(request, operation, t0, started_ns)
         call.status_code = response.status_code
         call.response_headers = headers
-        call.encoded = "content-encoding" in headers
         span = trace.get_current_span()
         if span.is_recording() and _is_http_client_span(span):
             self._annotate(span, call)
@@ -280,6 +277,16 @@ class Capture:
             classes = _make_stream_classes(module.SyncByteStream, module.AsyncByteStream)
             self._stream_classes[response_type] = classes
         return classes
+
+
+_CONTENT_ENCODING = b"content-encoding"
+_RESPONSE_HEADER_KEYS = tuple(name.lower().encode() for name in RESPONSE_HEADERS)
+
+
+def _has_header(headers: Any, *names: bytes) -> bool:
+    """Whether ``headers`` (httpx's) holds any of the lower-cased ``names``: one pass over the raw list,
+    where ``name in headers`` decodes every header once per name."""
+    return headers is not None and any(key.lower() in names for key, _ in headers.raw)
 
 
 def _is_http_client_span(span: Any) -> bool:

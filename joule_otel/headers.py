@@ -73,7 +73,9 @@ def clean_string(value: str | bytes | None) -> str | None:
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    value = _CONTROL.sub("", value).strip()[:MAX_STRING].strip()
+    if not value.isprintable():  # the common case has no control character: skip the regex
+        value = _CONTROL.sub("", value)
+    value = value.strip()[:MAX_STRING].strip()
     return value or None
 
 
