@@ -69,9 +69,14 @@ def create_statements() -> list[str]:
 
 def migrate(con: Any) -> int:
     """Bring an open read-write ledger to :data:`SCHEMA_VERSION`; returns the version it was at (0 if new)."""
+    try:  # the common case, a ledger already at this version: one query, no DDL
+        row = con.execute("SELECT value FROM joule_meta WHERE key = 'schema_version'").fetchone()
+    except Exception:  # no joule_meta yet: a new file, or one from before versions were recorded
+        row = None
+    if row is not None and row[0] == str(SCHEMA_VERSION):
+        return SCHEMA_VERSION
     for statement in create_statements():
         con.execute(statement)
-    row = con.execute("SELECT value FROM joule_meta WHERE key = 'schema_version'").fetchone()
     found = int(row[0]) if row else 0
     existing = {
         r[0]
