@@ -284,8 +284,10 @@ _RESPONSE_HEADER_KEYS = tuple(name.lower().encode() for name in RESPONSE_HEADERS
 
 
 def _has_header(headers: Any, *names: bytes) -> bool:
-    """Whether ``headers`` (httpx's) holds any of the lower-cased ``names``: one pass over the raw list,
-    where ``name in headers`` decodes every header once per name."""
+    """Whether ``headers`` (httpx's) holds any of the lower-cased ``names``.
+
+    One pass over the raw list, where ``name in headers`` decodes every header once per name.
+    """
     return headers is not None and any(key.lower() in names for key, _ in headers.raw)
 
 

@@ -144,10 +144,11 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
                 print(f"{key:>22}: {value}")
         return 0
     if args.ledger_command == "compact":
-        result = maintenance.compact_now(path, timeout_s=args.timeout)
+        result = maintenance.compact_now(path, timeout_s=args.timeout, rebuild_rollup=args.rebuild_rollup)
         print(
             f"compacted {result.segments} segments, {result.rows_inserted} new rows"
             + (f", {len(result.quarantined)} unreadable segments quarantined" if result.quarantined else "")
+            + (f"; rollup rebuilt ({result.rollup_rows} rows)" if result.rollup_rows is not None else "")
         )
         return 0
     if args.ledger_command == "export":
@@ -212,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true")
     compact = lsub.add_parser("compact", help="move spooled segments into the DuckDB file now")
     compact.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the lock")
+    compact.add_argument(
+        "--rebuild-rollup",
+        action="store_true",
+        help="recompute the dashboard's hourly rollup from every row (after editing rows by hand)",
+    )
     export = lsub.add_parser("export", help="write inference_calls to Parquet or CSV")
     export.add_argument("output")
     export.add_argument("--format", choices=("parquet", "csv"), default=None, help="default: from the output's suffix")

@@ -283,3 +283,115 @@ def test_source_for_picks_the_reader_by_suffix(tmp_path):
     assert source_for(tmp_path / "a.parquet", "").kind == "parquet"
     assert source_for(tmp_path / "a.csv", "").kind == "csv"
     assert source_for(tmp_path / "a.duckdb", "").kind == "ledger"
+
+
+@pytest.fixture(scope="module")
+def rollup_and_raw(tmp_path_factory):
+    """The same calls twice: a ledger (rollup, built over several compactions, plus spooled rows) and a
+    Parquet export of it (read row by row)."""
+    import random
+
+    rng = random.Random(11)
+    tmp = tmp_path_factory.mktemp("rollup")
+    db = tmp / "ledger.duckdb"
+    spool = Spool(db)
+    start = datetime(2026, 11, 2, 0, 0, tzinfo=timezone.utc)
+    batches = []
+    for batch in range(4):
+        rows = []
+        for i in range(600):
+            status = rng.choice([200] * 8 + [402, 500])
+            energy = None if status != 200 else rng.choice([None, rng.lognormvariate(4, 1.5)])
+            rows.append(
+                row(
+                    receipt_id=f"r{batch}-{i}" if status == 200 else None,
+                    started_at=start + timedelta(minutes=rng.uniform(0, 3 * 24 * 60)),
+                    service=rng.choice(["api", "worker"]),
+                    workload=rng.choice(["bot", "batch", "search", None]),
+                    operation=rng.choice(["chat", "embeddings"]),
+                    requested_model=rng.choice(["auto", "llama-3.3-405b-instruct"]),
+                    routed_to=None if status != 200 else rng.choice(["gpt-oss-120b", "llama-3.3-70b-instruct"]),
+                    region=rng.choice(["eu-fi", "us-east", None]),
+                    tier=rng.choice(["batch", "standard", "priority"]),
+                    energy_j=energy,
+                    carbon_mg=None if energy is None or rng.random() < 0.1 else energy * 0.02,
+                    input_tokens=rng.randint(1, 500),
+                    output_tokens=rng.choice([None, 0, rng.randint(1, 900)]),
+                    status_code=status,
+                    error_type={402: "insufficient_balance", 500: "500"}.get(status),
+                    duration_ms=rng.uniform(50, 5000),
+                    stream=rng.random() < 0.5,
+                )
+            )
+        batches.append(rows)
+    for rows in batches[:3]:  # three compactions that touch the same hours: the rollup merges them
+        spool.write_segment(rows_to_arrow(rows))
+        compact(db)
+    spool.write_segment(rows_to_arrow(batches[3]))  # spooled, not compacted
+    export = tmp / "export.parquet"
+    with reader.connect(db) as con:
+        con.execute(f"COPY (SELECT * FROM inference_calls) TO '{export}' (FORMAT parquet)")
+        assert con.execute("SELECT count(*) FROM calls_rollup").fetchone()[0] < 2400
+    return db, export, start
+
+
+def _frames_equal(a, b, keys):
+    import pandas as pd
+
+    a = a.sort_values(keys).reset_index(drop=True)
+    b = b.sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_dtype=False, check_exact=False, rtol=1e-9)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_rollup_answers_equal_row_by_row_answers(rollup_and_raw, case):
+    """Whole hours from the rollup, edges and spooled rows from single calls: the same figures exactly."""
+    import random
+
+    db, export, start = rollup_and_raw
+    rng = random.Random(case)
+    begin = start + timedelta(minutes=rng.uniform(-60, 2 * 24 * 60)) if case % 4 else None
+    end = (begin or start) + timedelta(minutes=rng.uniform(1, 2 * 24 * 60)) if case % 3 else None
+    filters = queries.Filters(
+        start=begin,
+        end=end,
+        workloads=tuple(rng.sample(["bot", "batch", "search"], rng.randint(0, 2))),
+        regions=tuple(rng.sample(["eu-fi", "us-east"], rng.randint(0, 1))),
+        status=rng.choice(queries.STATUSES),
+    )
+    raw_source = Source(export, "parquet", "test")
+    with reader.connect(db) as rolled, raw_source.connect() as raw:
+        assert queries._has_rollup(rolled) and not queries._has_rollup(raw)
+        k1, k2 = queries.kpis(rolled, filters), queries.kpis(raw, filters)
+        for name in ("energy_j", "carbon_mg", "calls", "refused_402", "errors"):
+            assert k1[name] == pytest.approx(k2[name]), name
+        for name in ("mean_j_per_call", "j_per_1k_output", "auto_share"):
+            assert k1[name] == pytest.approx(k2[name], nan_ok=True) if k1[name] is not None else k2[name] is None
+        for by in ("workload", "model", "region", "tier"):
+            _frames_equal(queries.breakdown(rolled, filters, by), queries.breakdown(raw, filters, by), ["group"])
+        for bucket in ("1 hour", "1 day"):
+            _frames_equal(
+                queries.energy_over_time(rolled, filters, "workload", bucket),
+                queries.energy_over_time(raw, filters, "workload", bucket),
+                ["bucket", "group"],
+            )
+        for query, keys in (
+            (queries.energy_histogram, ["bin_start_j"]),
+            (queries.carbon_by_region, ["region"]),
+            (queries.router_flows, ["requested", "routed"]),
+            (queries.model_efficiency, ["model"]),
+        ):
+            _frames_equal(query(rolled, filters), query(raw, filters), keys)
+        as_of = start + timedelta(days=2, minutes=17)
+        budgets = {"bot": 5000.0, "batch": 9000.0}
+        _frames_equal(
+            queries.budget_status(rolled, filters, budgets, as_of),
+            queries.budget_status(raw, filters, budgets, as_of),
+            ["workload"],
+        )
+        _frames_equal(
+            queries.budget_burn(rolled, filters, list(budgets), as_of),
+            queries.budget_burn(raw, filters, list(budgets), as_of),
+            ["workload", "day"],
+        )
+        assert list(queries.receipts(rolled, filters).receipt_id) == list(queries.receipts(raw, filters).receipt_id)

@@ -383,3 +383,8 @@ def test_ledger_cli_stats_compact_export_query(ledger_path, tmp_path):
     assert "wrote 3 rows" in cli("export", str(tmp_path / "out.csv"))
     assert (tmp_path / "out.csv").read_text().startswith("receipt_id,")
     assert "7.5" in cli("query", "SELECT sum(energy_j) FROM inference_calls")
+    with duckdb.connect(str(ledger_path)) as con:  # rows edited by hand: the rollup no longer matches
+        con.execute("DELETE FROM inference_calls WHERE receipt_id = 'x'")
+    assert "rollup rebuilt (2 rows)" in cli("compact", "--rebuild-rollup")
+    with duckdb.connect(str(ledger_path), read_only=True) as con:
+        assert con.execute("SELECT sum(calls), sum(energy_j) FROM joule_rollup").fetchone() == (2, 4.5)

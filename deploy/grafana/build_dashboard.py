@@ -73,7 +73,9 @@ def query(expr: str, legend: str = "", ref: str = "A", *, exemplar: bool = False
     return target.legend_format(legend) if legend else target
 
 
-def series(title: str, unit: str, description: str, *targets: prometheus.Dataquery, width: int = 12) -> timeseries.Panel:
+def series(
+    title: str, unit: str, description: str, *targets: prometheus.Dataquery, width: int = 12
+) -> timeseries.Panel:
     """A time series panel."""
     panel = timeseries.Panel().title(title).description(description).unit(unit).datasource(DATASOURCE)
     panel = panel.height(8).span(width).fill_opacity(12).line_width(1)
@@ -128,27 +130,23 @@ def build() -> model.Dashboard:
         .time("now-6h", "now")
         .timezone("browser")
         .tooltip(model.DashboardCursorSync.CROSSHAIR)
-        .with_variable(
-            db.DatasourceVariable("datasource").label("Prometheus").type("prometheus").regex("")
-        )
+        .with_variable(db.DatasourceVariable("datasource").label("Prometheus").type("prometheus").regex(""))
         .with_variable(variable("service", "Service", SERVICE_VALUES, regex='/service="([^"]+)"/'))
         .with_variable(variable("workload", "Workload", f"label_values({ENERGY}, joule_workload)"))
         .with_variable(variable("model", "Model", f"label_values({ENERGY}, gen_ai_response_model)"))
         .with_variable(variable("region", "Region", f"label_values({ENERGY}, joule_region)"))
         .with_row(db.Row("Totals over the time range"))
-        .with_panel(
-            total("Energy", "joule", "Joules billed in the time range.", f"sum({increase(ENERGY)})")
-        )
+        .with_panel(total("Energy", "joule", "Joules billed in the time range.", f"sum({increase(ENERGY)})"))
         .with_panel(total("Carbon", "massmg", "mg CO2e of that energy.", f"sum({increase(CARBON)})"))
         .with_panel(
-            total("Power now", "watt", "Joules per second being billed (a rate of joules is watts).", f"sum({rate(ENERGY)})")
+            total("Power now", "watt", "Joules per second billed (a rate of joules is watts).", f"sum({rate(ENERGY)})")
         )
         .with_panel(
             total(
                 "402 refusals",
                 "short",
                 "Calls refused with 402 (energy budget exhausted).",
-                f'sum({increase(DURATION + "_count", "error_type=" + chr(34) + "insufficient_balance" + chr(34))})',
+                f"sum({increase(DURATION + '_count', 'error_type=' + chr(34) + 'insufficient_balance' + chr(34))})",
             )
         )
         .with_row(db.Row("Energy and carbon"))
@@ -196,8 +194,7 @@ def build() -> model.Dashboard:
             .height(8)
             .span(12)
             .with_target(
-                query(f"sum by (le) ({rate(REQUEST_ENERGY + '_bucket')})", "{{le}}")
-                .format(PromQueryFormat.HEATMAP)
+                query(f"sum by (le) ({rate(REQUEST_ENERGY + '_bucket')})", "{{le}}").format(PromQueryFormat.HEATMAP)
             )
         )
         .with_panel(
@@ -310,6 +307,7 @@ def render() -> str:
 
 
 def main() -> int:
+    """Write (or ``--check``) the dashboard JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail if the committed JSON differs from the build")
     args = parser.parse_args()

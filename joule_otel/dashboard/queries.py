@@ -47,15 +47,32 @@ class Filters:
 
 
 def where(filters: Filters) -> tuple[str, list[Any]]:
-    """The WHERE clause (with leading ``WHERE``) and its parameters."""
+    """The WHERE clause (with leading ``WHERE``) over rows of ``inference_calls``, and its parameters."""
+    clauses, params = _time_clauses(filters.start, filters.end)
+    more, more_params = _dimension_clauses(filters)
+    clauses += more
+    params += more_params
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _time_clauses(
+    start: datetime | None, end: datetime | None, column: str = "started_at"
+) -> tuple[list[str], list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
-    if filters.start is not None:
-        clauses.append("started_at >= ?")
-        params.append(filters.start)
-    if filters.end is not None:
-        clauses.append("started_at < ?")
-        params.append(filters.end)
+    if start is not None:
+        clauses.append(f"{column} >= ?")
+        params.append(start)
+    if end is not None:
+        clauses.append(f"{column} < ?")
+        params.append(end)
+    return clauses, params
+
+
+def _dimension_clauses(filters: Filters) -> tuple[list[str], list[Any]]:
+    """Everything but time: these columns are in the rows and in the rollup alike."""
+    clauses: list[str] = []
+    params: list[Any] = []
     for column, values in (
         ("service", filters.services),
         ("workload", filters.workloads),
@@ -72,20 +89,82 @@ def where(filters: Filters) -> tuple[str, list[Any]]:
         clauses.append("error_type IS NOT NULL")
     elif filters.status == "402 only":
         clauses.append("status_code = 402")
-    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+    return clauses, params
 
 
 def _df(con: Any, sql: str, params: list[Any]) -> Any:
     return con.execute(sql, params).df()
 
 
+def _has_parts(con: Any) -> bool:
+    """Whether the connection is a ledger reader's rather than a view over an export file.
+
+    A reader's has ``compacted_calls`` and ``pending_calls`` (see :func:`joule_otel.ledger.reader.connect`).
+    """
+    return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'compacted_calls'").fetchone()[0])
+
+
+def _has_rollup(con: Any) -> bool:
+    return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'calls_rollup'").fetchone()[0])
+
+
+def _ceil_hour(moment: datetime) -> datetime:
+    floor = moment.replace(minute=0, second=0, microsecond=0)
+    return floor if floor == moment else floor + timedelta(hours=1)
+
+
+def facts(con: Any, filters: Filters, *, hourly: bool = True) -> tuple[str, list[Any]]:
+    """A ``WITH facts AS (…)`` clause: the filtered calls as additive facts, and its parameters.
+
+    A fact is a call, or an hour of calls that share every key of the rollup (see
+    :data:`joule_otel.ledger.schema.FACT_MEASURES`): every aggregate the dashboard shows is a sum, min or
+    max of facts, so reading the hourly rollup for the whole hours of the range and single calls only for
+    the partial hours at its edges (and for spooled rows not compacted yet) gives the exact figures at a
+    fraction of the scan. ``hourly=False`` reads single calls only (time buckets under an hour).
+    """
+    from joule_otel.ledger.schema import raw_facts_sql
+
+    dims, dim_params = _dimension_clauses(filters)
+    raw = raw_facts_sql()
+
+    def part(sql: str, clauses: list[str], params: list[Any]) -> tuple[str, list[Any]]:
+        conditions = clauses + dims
+        return sql + (" WHERE " + " AND ".join(conditions) if conditions else ""), params + dim_params
+
+    parts: list[tuple[str, list[Any]]] = []
+    start, end = filters.start, filters.end
+    low = _ceil_hour(start) if start is not None else None
+    high = end.replace(minute=0, second=0, microsecond=0) if end is not None else None
+    if hourly and _has_rollup(con) and (low is None or high is None or low < high):
+        parts.append(part("SELECT hour AS t, * EXCLUDE (hour) FROM calls_rollup", *_time_clauses(low, high, "hour")))
+        edges: list[str] = []
+        edge_params: list[Any] = []
+        if low is not None:
+            lower, lower_params = _time_clauses(start, low)
+            edges.append("(" + " AND ".join(lower) + ")")
+            edge_params += lower_params
+        if high is not None:
+            upper, upper_params = _time_clauses(high, end)
+            edges.append("(" + " AND ".join(upper) + ")")
+            edge_params += upper_params
+        if edges:
+            parts.append(part(f"SELECT {raw} FROM compacted_calls", ["(" + " OR ".join(edges) + ")"], edge_params))
+        parts.append(part(f"SELECT {raw} FROM pending_calls", *_time_clauses(start, end)))
+    else:
+        parts.append(part(f"SELECT {raw} FROM inference_calls", *_time_clauses(start, end)))
+    sql = " UNION ALL BY NAME ".join(p for p, _ in parts)
+    return f"WITH facts AS ({sql})", [v for _, params in parts for v in params]
+
+
 def options(con: Any) -> dict[str, Any]:
-    """Distinct values for every filter and the data's time span (one scan)."""
+    """Distinct values for every filter and the data's time span."""
+    with_facts, params = facts(con, Filters())
     row = con.execute(
-        "SELECT min(started_at), max(started_at), count(*), "
+        f"{with_facts} SELECT min(first_at), max(last_at), coalesce(sum(calls), 0), "
         "list_sort(list(DISTINCT service)), list_sort(list(DISTINCT workload)), "
         "list_sort(list(DISTINCT routed_to)), list_sort(list(DISTINCT region)), list_sort(list(DISTINCT tier)) "
-        "FROM inference_calls"
+        "FROM facts",
+        params,
     ).fetchone()
     keys = ("first", "last", "rows", "services", "workloads", "models", "regions", "tiers")
     result = dict(zip(keys, row, strict=True))
@@ -98,14 +177,13 @@ _KPI_SQL = """
 SELECT
   coalesce(sum(energy_j), 0) AS energy_j,
   coalesce(sum(carbon_mg), 0) AS carbon_mg,
-  count(*) AS calls,
-  avg(energy_j) AS mean_j_per_call,
-  sum(energy_j) FILTER (WHERE output_tokens > 0) * 1000.0
-    / nullif(sum(output_tokens) FILTER (WHERE output_tokens > 0 AND energy_j IS NOT NULL), 0) AS j_per_1k_output,
-  avg(CASE WHEN requested_model = 'auto' THEN 1.0 ELSE 0.0 END) AS auto_share,
-  count(*) FILTER (WHERE status_code = 402) AS refused_402,
-  count(*) FILTER (WHERE error_type IS NOT NULL) AS errors
-FROM inference_calls {where}
+  coalesce(sum(calls), 0) AS calls,
+  sum(energy_j) / nullif(sum(energy_calls), 0) AS mean_j_per_call,
+  sum(out_energy_j) * 1000.0 / nullif(sum(out_tokens_e), 0) AS j_per_1k_output,
+  sum(calls) FILTER (WHERE requested_model = 'auto') / nullif(sum(calls), 0) AS auto_share,
+  coalesce(sum(calls) FILTER (WHERE status_code = 402), 0) AS refused_402,
+  coalesce(sum(calls) FILTER (WHERE error_type IS NOT NULL), 0) AS errors
+FROM facts
 """
 
 
@@ -113,15 +191,22 @@ def kpis(con: Any, filters: Filters) -> dict[str, Any]:
     """Headline numbers for the period, and the same for the previous period (``previous``)."""
 
     def one(f: Filters) -> dict[str, Any]:
-        clause, params = where(f)
-        cursor = con.execute(_KPI_SQL.format(where=clause), params)
+        with_facts, params = facts(con, f)
+        cursor = con.execute(with_facts + _KPI_SQL, params)
         names = [d[0] for d in cursor.description]
-        return dict(zip(names, cursor.fetchone(), strict=True))
+        values = dict(zip(names, cursor.fetchone(), strict=True))
+        for name in ("calls", "refused_402", "errors"):
+            values[name] = int(values[name])
+        values["auto_share"] = float(values["auto_share"]) if values["auto_share"] is not None else 0.0
+        return values
 
     current = one(filters)
     previous_filters = filters.previous_period()
     current["previous"] = one(previous_filters) if previous_filters is not None else None
     return current
+
+
+BUCKET_SECONDS = {"5 minutes": 300, "1 hour": 3600, "1 day": 86400, "7 days": 7 * 86400}
 
 
 def bucket_for(span: timedelta) -> str:
@@ -136,32 +221,36 @@ def bucket_for(span: timedelta) -> str:
 
 
 def energy_over_time(con: Any, filters: Filters, by: str, bucket: str) -> Any:
-    """Joules per time bucket, split by a dimension of :data:`DIMENSIONS`."""
+    """Joules per time bucket (UTC-aligned), split by a dimension of :data:`DIMENSIONS`."""
     column = DIMENSIONS[by]
-    clause, params = where(filters)
+    seconds = BUCKET_SECONDS[bucket]
+    with_facts, params = facts(con, filters, hourly=seconds >= 3600)
     return _df(
         con,
         f"""
-        SELECT time_bucket(?::INTERVAL, started_at) AS bucket, coalesce({column}, '(none)') AS "group",
-               sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg, count(*) AS calls
-        FROM inference_calls {clause}
+        {with_facts}
+        SELECT to_timestamp(epoch_us(t) // {seconds * 1_000_000} * {seconds}) AS bucket,
+               coalesce({column}, '(none)') AS "group",
+               sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg, sum(calls) AS calls
+        FROM facts
         GROUP BY ALL ORDER BY bucket, "group"
     """,
-        [bucket, *params],
+        params,
     )
 
 
 def breakdown(con: Any, filters: Filters, by: str) -> Any:
     """Energy, carbon, calls, tokens and errors per value of one dimension."""
     column = DIMENSIONS[by]
-    clause, params = where(filters)
+    with_facts, params = facts(con, filters)
     return _df(
         con,
         f"""
+        {with_facts}
         SELECT coalesce({column}, '(none)') AS "group", sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg,
-               count(*) AS calls, sum(output_tokens) AS output_tokens,
-               count(*) FILTER (WHERE error_type IS NOT NULL) AS errors
-        FROM inference_calls {clause}
+               sum(calls) AS calls, sum(output_tokens) AS output_tokens,
+               coalesce(sum(calls) FILTER (WHERE error_type IS NOT NULL), 0) AS errors
+        FROM facts
         GROUP BY ALL ORDER BY energy_j DESC NULLS LAST
     """,
         params,
@@ -170,13 +259,14 @@ def breakdown(con: Any, filters: Filters, by: str) -> Any:
 
 def workload_model(con: Any, filters: Filters) -> Any:
     """Energy per workload and routed model (the treemap)."""
-    clause, params = where(filters)
+    with_facts, params = facts(con, filters)
     return _df(
         con,
         f"""
+        {with_facts}
         SELECT coalesce(workload, '(none)') AS workload, coalesce(routed_to, '(refused)') AS model,
-               sum(energy_j) AS energy_j, count(*) AS calls
-        FROM inference_calls {clause}
+               sum(energy_j) AS energy_j, sum(calls) AS calls
+        FROM facts
         GROUP BY ALL HAVING sum(energy_j) > 0 ORDER BY energy_j DESC
     """,
         params,
@@ -185,51 +275,87 @@ def workload_model(con: Any, filters: Filters) -> Any:
 
 def router_flows(con: Any, filters: Filters) -> Any:
     """Requested model → routed model, weighted by joules."""
-    clause, params = where(filters)
+    with_facts, params = facts(con, filters)
     return _df(
         con,
         f"""
+        {with_facts}
         SELECT coalesce(requested_model, '(unknown)') AS requested, coalesce(routed_to, '(refused)') AS routed,
-               sum(energy_j) AS energy_j, count(*) AS calls
-        FROM inference_calls {clause}
+               sum(energy_j) AS energy_j, sum(calls) AS calls
+        FROM facts
         GROUP BY ALL HAVING sum(energy_j) > 0 ORDER BY energy_j DESC
     """,
         params,
     )
 
 
+SAMPLE_TARGET_ROWS = 50_000
+"""Row-level figures (latency percentiles, the scatter plot) read about this many calls: all of them when
+the filtered calls are fewer, else a system sample of the table (whole vectors, so it skips reading)."""
+
+
+def _sampled_calls(con: Any, filters: Filters) -> tuple[str, list[Any], bool]:
+    """A FROM clause over the filtered calls, sampled when they are many; and whether it is sampled."""
+    with_facts, params = facts(con, filters)
+    total = con.execute(f"{with_facts} SELECT coalesce(sum(calls), 0) FROM facts", params).fetchone()[0]
+    clause, where_params = where(filters)
+    if total <= SAMPLE_TARGET_ROWS or not _has_parts(con):
+        return f"FROM inference_calls {clause}", where_params, False
+    percent = max(0.01, min(100.0, 100.0 * SAMPLE_TARGET_ROWS / total))
+    return (
+        f"FROM (SELECT * FROM compacted_calls TABLESAMPLE {percent:.4f}% (system, 7) "
+        f"UNION ALL SELECT * FROM pending_calls) AS sampled {clause}",
+        where_params,
+        True,
+    )
+
+
 def model_efficiency(con: Any, filters: Filters) -> Any:
-    """Per routed model: J per output token, J per call, median latency and time to first chunk."""
-    clause, params = where(filters)
-    return _df(
+    """Per routed model: J per output token, J per call, median latency and time to first chunk.
+
+    Energy figures are exact; latency percentiles come from :func:`_sampled_calls` (exact up to
+    :data:`SAMPLE_TARGET_ROWS` calls).
+    """
+    with_facts, params = facts(con, filters)
+    energy = _df(
         con,
         f"""
+        {with_facts}
         SELECT routed_to AS model,
-               sum(energy_j) FILTER (WHERE output_tokens > 0)
-                 / nullif(sum(output_tokens) FILTER (WHERE output_tokens > 0 AND energy_j IS NOT NULL), 0)
-                 AS j_per_output_token,
-               avg(energy_j) AS j_per_call, count(*) AS calls,
-               median(duration_ms) AS p50_duration_ms, quantile_cont(duration_ms, 0.95) AS p95_duration_ms,
-               median(ttft_ms) AS p50_ttft_ms
-        FROM inference_calls {clause} {"AND" if clause else "WHERE"} routed_to IS NOT NULL
-        GROUP BY ALL ORDER BY j_per_output_token DESC NULLS LAST
+               sum(out_energy_j) / nullif(sum(out_tokens_e), 0) AS j_per_output_token,
+               sum(energy_j) / nullif(sum(energy_calls), 0) AS j_per_call, sum(calls) AS calls
+        FROM facts WHERE routed_to IS NOT NULL
+        GROUP BY ALL
     """,
         params,
     )
+    source, sample_params, _ = _sampled_calls(con, filters)
+    latency = _df(
+        con,
+        f"""
+        SELECT routed_to AS model, median(duration_ms) AS p50_duration_ms,
+               quantile_cont(duration_ms, 0.95) AS p95_duration_ms, median(ttft_ms) AS p50_ttft_ms
+        {source} {"AND" if "WHERE" in source else "WHERE"} routed_to IS NOT NULL
+        GROUP BY ALL
+    """,
+        sample_params,
+    )
+    merged = energy.merge(latency, on="model", how="left")
+    return merged.sort_values("j_per_output_token", ascending=False, na_position="last").reset_index(drop=True)
 
 
 def carbon_by_region(con: Any, filters: Filters) -> Any:
     """Per region: energy, carbon and the effective intensity (mg per J, and g per kWh)."""
-    clause, params = where(filters)
+    with_facts, params = facts(con, filters)
     return _df(
         con,
         f"""
+        {with_facts}
         SELECT coalesce(region, '(unpinned)') AS region, sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg,
-               sum(carbon_mg) / nullif(sum(energy_j) FILTER (WHERE carbon_mg IS NOT NULL), 0) AS mg_per_j,
-               sum(carbon_mg) / nullif(sum(energy_j) FILTER (WHERE carbon_mg IS NOT NULL), 0) * 3600
-                 AS g_per_kwh,
-               count(*) AS calls
-        FROM inference_calls {clause}
+               sum(carbon_mg) / nullif(sum(carbon_energy_j), 0) AS mg_per_j,
+               sum(carbon_mg) / nullif(sum(carbon_energy_j), 0) * 3600 AS g_per_kwh,
+               sum(calls) AS calls
+        FROM facts
         GROUP BY ALL HAVING sum(energy_j) > 0 ORDER BY carbon_mg DESC
     """,
         params,
@@ -238,20 +364,21 @@ def carbon_by_region(con: Any, filters: Filters) -> Any:
 
 def carbon_savings(con: Any, filters: Filters) -> Any:
     """Per workload: carbon now, and if served at the cleanest region seen in the data."""
-    clause, params = where(filters)
+    with_facts, params = facts(con, filters)
     return _df(
         con,
         f"""
-        WITH f AS (SELECT * FROM inference_calls {clause}),
+        {with_facts},
         clean AS (
-          SELECT region, sum(carbon_mg) / nullif(sum(energy_j), 0) AS mg_per_j FROM f
+          SELECT region, sum(carbon_mg) / nullif(sum(carbon_energy_j), 0) AS mg_per_j FROM facts
           WHERE region IS NOT NULL AND carbon_mg IS NOT NULL GROUP BY region
-          HAVING sum(energy_j) > 0 ORDER BY mg_per_j LIMIT 1)
-        SELECT f.workload, sum(f.carbon_mg) AS carbon_mg, sum(f.energy_j) * any_value(clean.mg_per_j) AS if_cleanest_mg,
+          HAVING sum(carbon_energy_j) > 0 ORDER BY mg_per_j LIMIT 1)
+        SELECT facts.workload, sum(facts.carbon_mg) AS carbon_mg,
+               sum(facts.energy_j) * any_value(clean.mg_per_j) AS if_cleanest_mg,
                any_value(clean.region) AS cleanest_region
-        FROM f CROSS JOIN clean
-        GROUP BY f.workload HAVING sum(f.carbon_mg) > 0
-        ORDER BY sum(f.carbon_mg) - sum(f.energy_j) * any_value(clean.mg_per_j) DESC
+        FROM facts CROSS JOIN clean
+        GROUP BY facts.workload HAVING sum(facts.carbon_mg) > 0
+        ORDER BY sum(facts.carbon_mg) - sum(facts.energy_j) * any_value(clean.mg_per_j) DESC
     """,
         params,
     )
@@ -259,13 +386,14 @@ def carbon_savings(con: Any, filters: Filters) -> Any:
 
 def energy_histogram(con: Any, filters: Filters) -> Any:
     """Calls per log-spaced energy bin (¼ decade), computed in DuckDB."""
-    clause, params = where(filters)
+    with_facts, params = facts(con, filters)
     return _df(
         con,
         f"""
-        SELECT power(10, floor(log10(energy_j) * 4) / 4) AS bin_start_j,
-               power(10, (floor(log10(energy_j) * 4) + 1) / 4) AS bin_end_j, count(*) AS calls
-        FROM inference_calls {clause} {"AND" if clause else "WHERE"} energy_j > 0
+        {with_facts}
+        SELECT power(10, energy_bin / 4) AS bin_start_j, power(10, (energy_bin + 1) / 4) AS bin_end_j,
+               sum(calls) AS calls
+        FROM facts WHERE energy_bin IS NOT NULL
         GROUP BY ALL ORDER BY bin_start_j
     """,
         params,
@@ -274,13 +402,13 @@ def energy_histogram(con: Any, filters: Filters) -> Any:
 
 def latency_sample(con: Any, filters: Filters, rows: int = 3000) -> Any:
     """A uniform sample of calls (duration, time to first chunk, energy, model) for scatter plots."""
-    clause, params = where(filters)
+    source, params, _ = _sampled_calls(con, filters)
     return _df(
         con,
         f"""
         SELECT * FROM (
           SELECT duration_ms, ttft_ms, energy_j, coalesce(routed_to, '(refused)') AS model, workload, stream
-          FROM inference_calls {clause} {"AND" if clause else "WHERE"} energy_j IS NOT NULL)
+          {source} {"AND" if "WHERE" in source else "WHERE"} energy_j IS NOT NULL)
         USING SAMPLE reservoir({int(rows)} ROWS) REPEATABLE (7)
     """,
         params,
@@ -297,33 +425,37 @@ def budget_status(con: Any, filters: Filters, budgets: dict[str, float], as_of: 
     """Month to date per budgeted workload: spend, burn rate, projected exhaustion, 402s."""
     if not budgets:
         return None
-    clause, params = where(_month_to_date(filters, list(budgets), as_of))
+    with_facts, params = facts(con, _month_to_date(filters, list(budgets), as_of))
     return _df(
         con,
         f"""
-        WITH b AS (SELECT unnest(?::VARCHAR[]) AS workload, unnest(?::DOUBLE[]) AS budget_j),
+        {with_facts},
+        b AS (SELECT unnest(?::VARCHAR[]) AS workload, unnest(?::DOUBLE[]) AS budget_j),
         spend AS (
-          SELECT workload, coalesce(sum(energy_j), 0) AS spent_j, count(*) FILTER (WHERE status_code = 402) AS refused,
-                 min(started_at) FILTER (WHERE status_code = 402) AS first_402
-          FROM inference_calls {clause} GROUP BY workload)
+          SELECT workload, coalesce(sum(energy_j), 0) AS spent_j,
+                 coalesce(sum(calls) FILTER (WHERE status_code = 402), 0) AS refused,
+                 min(first_at) FILTER (WHERE status_code = 402) AS first_402
+          FROM facts GROUP BY workload)
         SELECT b.workload, b.budget_j, coalesce(spend.spent_j, 0) AS spent_j,
                coalesce(spend.spent_j, 0) / b.budget_j AS used_share, coalesce(spend.refused, 0) AS refused_402,
                spend.first_402
         FROM b LEFT JOIN spend USING (workload) ORDER BY used_share DESC
     """,
-        [list(budgets), [float(v) for v in budgets.values()], *params],
+        [*params, list(budgets), [float(v) for v in budgets.values()]],
     )
 
 
 def budget_burn(con: Any, filters: Filters, workloads: list[str], as_of: datetime) -> Any:
-    """Cumulative joules per day this month, per budgeted workload (the burn-down)."""
-    clause, params = where(_month_to_date(filters, workloads, as_of))
+    """Cumulative joules per UTC day this month, per budgeted workload (the burn-down)."""
+    with_facts, params = facts(con, _month_to_date(filters, workloads, as_of))
     return _df(
         con,
         f"""
+        {with_facts}
         SELECT workload, day, sum(energy_j) OVER (PARTITION BY workload ORDER BY day) AS cumulative_j
-        FROM (SELECT workload, date_trunc('day', started_at) AS day, coalesce(sum(energy_j), 0) AS energy_j
-              FROM inference_calls {clause} GROUP BY ALL)
+        FROM (SELECT workload, to_timestamp(epoch_us(t) // 86400000000 * 86400) AS day,
+                     coalesce(sum(energy_j), 0) AS energy_j
+              FROM facts GROUP BY ALL)
         ORDER BY workload, day
     """,
         params,
@@ -353,15 +485,28 @@ RECEIPT_COLUMNS = (
 
 
 def receipts(con: Any, filters: Filters, search: str = "", limit: int | None = 500) -> Any:
-    """Rows, newest first, whose receipt id or workload contains ``search`` (case-insensitive)."""
+    """Rows, newest first, whose receipt id or workload contains ``search`` (case-insensitive).
+
+    The file and the spooled rows are each cut to the newest ``limit`` before they meet: a top-N straight
+    on the table reads only the newest row groups, which a top-N over their union cannot.
+    """
     clause, params = where(filters)
     if search.strip():
         clause = (clause + " AND " if clause else "WHERE ") + (
             "(contains(lower(coalesce(receipt_id, '')), lower(?)) OR contains(lower(coalesce(workload, '')), lower(?)))"
         )
         params += [search.strip(), search.strip()]
-    sql = f"SELECT {', '.join(RECEIPT_COLUMNS)} FROM inference_calls {clause} ORDER BY started_at DESC"
-    if limit is not None:
-        sql += " LIMIT ?"
-        params.append(int(limit))
-    return _df(con, sql, params)
+    columns = ", ".join(RECEIPT_COLUMNS)
+    cut = " LIMIT ?" if limit is not None else ""
+    cut_params = [int(limit)] if limit is not None else []
+    part_params = [*params, *cut_params]
+    sql = (
+        f"SELECT * FROM ("
+        f"(SELECT {columns} FROM compacted_calls {clause} ORDER BY started_at DESC{cut}) UNION ALL "
+        f"(SELECT {columns} FROM pending_calls {clause} ORDER BY started_at DESC{cut})"
+        f") ORDER BY started_at DESC{cut}"
+    )
+    if not _has_parts(con):
+        sql = f"SELECT {columns} FROM inference_calls {clause} ORDER BY started_at DESC{cut}"
+        return _df(con, sql, part_params)
+    return _df(con, sql, [*part_params, *part_params, *cut_params])

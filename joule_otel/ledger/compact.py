@@ -37,6 +37,7 @@ class CompactResult:
     rows_inserted: int = 0
     already_compacted: int = 0
     quarantined: list[Path] = field(default_factory=list)
+    rollup_rows: int | None = None
 
 
 def open_writable(db_path: Path) -> object:
@@ -82,15 +83,46 @@ def _insert_new_rows(con: Any, files: list[str]) -> int:
     low, high = con.execute("SELECT min(started_at), max(started_at) FROM read_parquet(?)", [files]).fetchone()
     if low is None:
         return 0
-    inserted = con.execute(
-        f"INSERT INTO {schema.TABLE} ({columns}) "
-        f"SELECT {columns} FROM read_parquet(?, union_by_name = true) AS incoming "
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT {columns} "
+        "FROM read_parquet(?, union_by_name = true) AS incoming "
         "WHERE incoming.receipt_id IS NULL OR incoming.receipt_id NOT IN ("
         f"  SELECT receipt_id FROM {schema.TABLE} WHERE receipt_id IS NOT NULL AND started_at BETWEEN ? AND ?) "
         "QUALIFY receipt_id IS NULL OR row_number() OVER (PARTITION BY receipt_id ORDER BY started_at) = 1",
         [files, low - DEDUPE_WINDOW, high + DEDUPE_WINDOW],
-    ).fetchone()[0]
-    return int(inserted)
+    )
+    inserted = int(con.execute(f"INSERT INTO {schema.TABLE} ({columns}) SELECT {columns} FROM fresh").fetchone()[0])
+    if inserted:
+        _merge_rollup(con)
+    con.execute("DROP TABLE fresh")
+    return inserted
+
+
+def _merge_rollup(con: Any) -> None:
+    """Fold the fresh rows into the hourly rollup.
+
+    The touched hours are re-summed from their rollup rows and the fresh rows' facts, so the rollup stays
+    one row per hour and key (its measures are sums, mins and maxes).
+    """
+    rollup = schema.ROLLUP_TABLE
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE fresh_rollup AS "
+        + schema.rollup_select_sql(f"(SELECT {schema.raw_facts_sql()} FROM fresh)")
+    )
+    keys = ", ".join(name for name, _ in schema.FACT_KEYS)
+    measures = ", ".join(name for name, _, _ in schema.FACT_MEASURES)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE merged_rollup AS "
+        + schema.rollup_select_sql(
+            f"(SELECT hour AS t, {keys}, {measures} FROM {rollup} "
+            "WHERE hour IN (SELECT DISTINCT hour FROM fresh_rollup) "
+            f"UNION ALL BY NAME SELECT hour AS t, {keys}, {measures} FROM fresh_rollup)"
+        )
+    )
+    con.execute(f"DELETE FROM {rollup} WHERE hour IN (SELECT DISTINCT hour FROM fresh_rollup)")
+    con.execute(f"INSERT INTO {rollup} BY NAME SELECT * FROM merged_rollup")
+    con.execute("DROP TABLE fresh_rollup")
+    con.execute("DROP TABLE merged_rollup")
 
 
 def compact_locked(spool: Spool) -> CompactResult:

@@ -54,9 +54,23 @@ def ledger_stats(db_path: Path) -> dict[str, Any]:
     }
 
 
-def compact_now(db_path: Path, *, timeout_s: float) -> CompactResult:
-    """Compact, waiting up to ``timeout_s`` for writers and readers to let go."""
-    return compact(db_path, timeout_s=timeout_s)
+def compact_now(db_path: Path, *, timeout_s: float, rebuild_rollup: bool = False) -> CompactResult:
+    """Compact, waiting up to ``timeout_s`` for writers and readers to let go.
+
+    ``rebuild_rollup`` recomputes the hourly rollup from every row afterwards: needed only after rows were
+    changed by hand (``DELETE FROM inference_calls …``), since compaction keeps it current.
+    """
+    result = compact(db_path, timeout_s=timeout_s)
+    if rebuild_rollup:
+        from joule_otel.ledger.compact import open_writable
+
+        with Spool(db_path).locked(exclusive=True, timeout_s=timeout_s):
+            con: Any = open_writable(db_path)
+            try:
+                result.rollup_rows = schema.rebuild_rollup(con)
+            finally:
+                con.close()
+    return result
 
 
 def export(db_path: Path, output: Path, *, fmt: str | None = None, where: str | None = None) -> int:

@@ -32,6 +32,10 @@ def _empty_select() -> str:
 def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iterator[Any]:
     """A DuckDB connection whose ``inference_calls`` view holds every row written so far.
 
+    Its parts are there too, for queries that read them apart: ``compacted_calls`` (the file),
+    ``pending_calls`` (spooled rows not yet compacted) and, when the file has it, ``calls_rollup`` (the
+    hourly rollup of ``compacted_calls``).
+
     Args:
         db_path: the ledger file.
         timeout_s: how long to wait for a compaction in progress to finish.
@@ -46,7 +50,7 @@ def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iter
     con = duckdb.connect(":memory:")
     try:
         with spool.locked(exclusive=False, timeout_s=timeout_s):
-            parts: list[str] = []
+            compacted_select = _empty_select()
             compacted: set[str] = set()
             if path.exists() and path.stat().st_size > 0:
                 try:
@@ -70,24 +74,29 @@ def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iter
                             name if name in present else f"CAST(NULL AS {kind}) AS {name}"
                             for name, kind in schema.COLUMNS
                         )
-                        parts.append(f"SELECT {cols} FROM ledger.{schema.TABLE}")
+                        compacted_select = f"SELECT {cols} FROM ledger.{schema.TABLE}"
+                        if schema.ROLLUP_TABLE in tables:
+                            con.execute(f"CREATE TEMP VIEW calls_rollup AS SELECT * FROM ledger.{schema.ROLLUP_TABLE}")
                     if "joule_segments" in tables:
                         compacted = {r[0] for r in con.execute("SELECT name FROM ledger.joule_segments").fetchall()}
                 except duckdb.Error as exc:
                     _log.warning("joule_otel: cannot read %s (%s); showing only rows not yet compacted", path, exc)
+            con.execute(f"CREATE TEMP VIEW compacted_calls AS {compacted_select}")
+            con.execute(f"CREATE TEMP TABLE pending_calls AS {_empty_select()}")
             pending = [str(s) for s in spool.segments() if s.name not in compacted]
             if pending:
                 columns = ", ".join(schema.COLUMN_NAMES)
                 try:
                     con.execute(
-                        f"CREATE TEMP TABLE pending_calls AS SELECT {columns} "
-                        "FROM read_parquet(?, union_by_name = true)",
+                        f"INSERT INTO pending_calls SELECT {columns} FROM read_parquet(?, union_by_name = true)",
                         [pending],
                     )
-                    parts.append("SELECT * FROM pending_calls")
                 except duckdb.Error as exc:
                     _log.warning("joule_otel: skipping unreadable spooled segments: %s", exc)
-            con.execute(f"CREATE TEMP VIEW {schema.TABLE} AS " + " UNION ALL BY NAME ".join(parts or [_empty_select()]))
+            con.execute(
+                f"CREATE TEMP VIEW {schema.TABLE} AS "
+                "SELECT * FROM compacted_calls UNION ALL SELECT * FROM pending_calls"
+            )
             yield con
     finally:
         con.close()

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 SCHEMA_VERSION = 2
-"""1: first release. 2: the unique index on ``receipt_id`` is dropped (compaction dedupes by anti-join)."""
+"""1: first release. 2: no unique index on ``receipt_id`` (compaction dedupes by anti-join); the hourly rollup
+table ``joule_rollup`` that the dashboard reads at scale."""
 
 TABLE = "inference_calls"
 
@@ -41,6 +42,61 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 
+ROLLUP_TABLE = "joule_rollup"
+
+FACT_KEYS: tuple[tuple[str, str], ...] = (
+    ("service", "VARCHAR"),
+    ("workload", "VARCHAR"),
+    ("operation", "VARCHAR"),
+    ("requested_model", "VARCHAR"),
+    ("routed_to", "VARCHAR"),
+    ("region", "VARCHAR"),
+    ("tier", "VARCHAR"),
+    ("status_code", "INTEGER"),
+    ("error_type", "VARCHAR"),
+    ("stream", "BOOLEAN"),
+    ("energy_bin", "SMALLINT"),
+)
+"""What the rollup groups by: every dashboard filter and split, and the energy histogram's ¼-decade bin."""
+
+FACT_MEASURES: tuple[tuple[str, str, str], ...] = (
+    # name, type, how one call contributes (a SQL expression over a row of inference_calls)
+    ("calls", "BIGINT", "1"),
+    ("energy_j", "DOUBLE", "energy_j"),
+    ("energy_calls", "BIGINT", "CAST(energy_j IS NOT NULL AS BIGINT)"),
+    ("carbon_mg", "DOUBLE", "carbon_mg"),
+    ("carbon_energy_j", "DOUBLE", "CASE WHEN carbon_mg IS NOT NULL THEN energy_j END"),
+    ("input_tokens", "BIGINT", "input_tokens"),
+    ("output_tokens", "BIGINT", "output_tokens"),
+    ("out_energy_j", "DOUBLE", "CASE WHEN output_tokens > 0 THEN energy_j END"),
+    ("out_tokens_e", "BIGINT", "CASE WHEN output_tokens > 0 AND energy_j IS NOT NULL THEN output_tokens END"),
+    ("first_at", "TIMESTAMPTZ", "started_at"),
+    ("last_at", "TIMESTAMPTZ", "started_at"),
+)
+"""Additive measures: a rollup row holds their sums (``first_at``/``last_at``: min/max) over its calls."""
+
+ENERGY_BIN_SQL = "CASE WHEN energy_j > 0 THEN CAST(floor(log10(energy_j) * 4) AS SMALLINT) END"
+"""The ¼-decade bin of a call's energy: bin b spans [10^(b/4), 10^((b+1)/4)) joules."""
+
+
+def raw_facts_sql() -> str:
+    """The select list that turns rows of ``inference_calls`` into facts (one call each, ``t`` = start)."""
+    keys = [name if name != "energy_bin" else f"{ENERGY_BIN_SQL} AS energy_bin" for name, _ in FACT_KEYS]
+    measures = [f"CAST({expr} AS {kind}) AS {name}" for name, kind, expr in FACT_MEASURES]
+    return ", ".join(["started_at AS t", *keys, *measures])
+
+
+def rollup_select_sql(facts: str) -> str:
+    """Hourly rollup rows aggregated from a relation of facts (``facts`` is a table name or subquery)."""
+    keys = ", ".join(name for name, _ in FACT_KEYS)
+    measures = ", ".join(
+        f"{'min' if name == 'first_at' else 'max' if name == 'last_at' else 'sum'}({name})::{kind} AS {name}"
+        for name, kind, _ in FACT_MEASURES
+    )
+    return (
+        f"SELECT to_timestamp(epoch_us(t) // 3600000000 * 3600) AS hour, {keys}, {measures} FROM {facts} GROUP BY ALL"
+    )
+
 
 def arrow_schema() -> Any:
     """The same columns as a pyarrow schema (segments are written with it)."""
@@ -60,8 +116,12 @@ def arrow_schema() -> Any:
 def create_statements() -> list[str]:
     """DDL that creates a fresh ledger (idempotent)."""
     columns = ",\n  ".join(f"{name} {kind}" for name, kind in COLUMNS)
+    rollup = ", ".join(
+        ["hour TIMESTAMPTZ"] + [f"{n} {k}" for n, k in FACT_KEYS] + [f"{n} {k}" for n, k, _ in FACT_MEASURES]
+    )
     return [
         f"CREATE TABLE IF NOT EXISTS {TABLE} (\n  {columns}\n)",
+        f"CREATE TABLE IF NOT EXISTS {ROLLUP_TABLE} ({rollup})",
         "CREATE TABLE IF NOT EXISTS joule_meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
         "CREATE TABLE IF NOT EXISTS joule_segments (name VARCHAR PRIMARY KEY, rows BIGINT, compacted_at TIMESTAMPTZ)",
     ]
@@ -92,6 +152,14 @@ def migrate(con: Any) -> int:
         # version 1 kept receipts unique with an index that every insert had to maintain (half the ingest time
         # and a third of the bytes); compaction's anti-join keeps them unique now
         con.execute("DROP INDEX IF EXISTS inference_calls_receipt")
+        rebuild_rollup(con)
     if found != SCHEMA_VERSION:
         con.execute("INSERT OR REPLACE INTO joule_meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
     return found
+
+
+def rebuild_rollup(con: Any) -> int:
+    """Recompute ``joule_rollup`` from every row of ``inference_calls``; returns its row count."""
+    con.execute(f"DELETE FROM {ROLLUP_TABLE}")
+    con.execute(f"INSERT INTO {ROLLUP_TABLE} " + rollup_select_sql(f"(SELECT {raw_facts_sql()} FROM {TABLE})"))
+    return int(con.execute(f"SELECT count(*) FROM {ROLLUP_TABLE}").fetchone()[0])
