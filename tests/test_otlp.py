@@ -137,3 +137,13 @@ def test_metrics_and_spans_arrive_as_the_ledger_holds_them(receiver, joule_simul
         assert values["gen_ai.provider.name"] == "joule_cloud"
         assert values["gen_ai.response.model"]
         assert "jc_otlp" not in str(values)
+    # from a metric to its trace: the energy histogram's exemplars point at the very calls of the ledger
+    by_span = {(trace_id, span_id): energy for trace_id, span_id, energy in receipts.values()}
+    exemplars = [
+        exemplar
+        for point in metrics["joule.client.request.energy"].histogram.data_points
+        for exemplar in point.exemplars
+    ]
+    assert exemplars
+    for exemplar in exemplars:
+        assert by_span[(exemplar.trace_id.hex(), exemplar.span_id.hex())] == exemplar.as_double

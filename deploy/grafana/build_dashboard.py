@@ -33,7 +33,7 @@ OUTPUT = HERE / "joule-otel.json"
 DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
 ENERGY = "joule_client_energy_joules_total"
-CARBON = "joule_client_carbon_milligrams_total"
+CARBON = "joule_client_carbon_mg_total"
 REQUEST_ENERGY = "joule_client_request_energy_joules"
 DURATION = "gen_ai_client_operation_duration_seconds"
 TOKENS = "gen_ai_client_token_usage"
@@ -79,6 +79,15 @@ def series(
     """A time series panel."""
     panel = timeseries.Panel().title(title).description(description).unit(unit).datasource(DATASOURCE)
     panel = panel.height(8).span(width).fill_opacity(12).line_width(1)
+    panel = panel.legend(
+        common_builders.VizLegendOptions()
+        .display_mode(common.LegendDisplayMode.TABLE)
+        .placement(common.LegendPlacement.BOTTOM)
+        .show_legend(True)
+        .calcs(["mean", "lastNotNull"])
+    ).tooltip(
+        common_builders.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING)
+    )
     for target in targets:
         panel = panel.with_target(target)
     return panel
@@ -196,6 +205,13 @@ def build() -> model.Dashboard:
             .with_target(
                 query(f"sum by (le) ({rate(REQUEST_ENERGY + '_bucket')})", "{{le}}").format(PromQueryFormat.HEATMAP)
             )
+            .calculate(False)
+            .cell_gap(1)
+            .show_legend()
+            .show_tooltip()
+            .show_y_histogram()
+            .exemplars_color("rgba(255,0,255,0.7)")
+            .hide_from(common_builders.HideSeriesConfig().legend(False).tooltip(False).viz(False))
         )
         .with_panel(
             series(
