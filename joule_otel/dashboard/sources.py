@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,7 +113,10 @@ def load_budgets(path: str | os.PathLike[str] | None = None) -> dict[str, float]
     raw: Any
     try:
         if file.suffix.lower() == ".toml":
-            import tomllib  # type: ignore[import-not-found,unused-ignore]
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # Python 3.10: the same parser, from PyPI
+                import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
             raw = tomllib.loads(text)
             raw = raw.get("budgets", raw)
