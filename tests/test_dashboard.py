@@ -350,7 +350,8 @@ def test_rollup_answers_equal_row_by_row_answers(rollup_and_raw, case):
 
     db, export, start = rollup_and_raw
     rng = random.Random(case)
-    begin = start + timedelta(minutes=rng.uniform(-60, 2 * 24 * 60)) if case % 4 else None
+    zone = timezone(timedelta(hours=5, minutes=30)) if case % 2 else timezone.utc  # hours that are not UTC hours
+    begin = (start + timedelta(minutes=rng.uniform(-60, 2 * 24 * 60))).astimezone(zone) if case % 4 else None
     end = (begin or start) + timedelta(minutes=rng.uniform(1, 2 * 24 * 60)) if case % 3 else None
     filters = queries.Filters(
         start=begin,

@@ -8,7 +8,7 @@ without Streamlit: pass any DuckDB connection whose ``inference_calls`` is the l
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 DIMENSIONS = {
@@ -55,6 +55,14 @@ def where(filters: Filters) -> tuple[str, list[Any]]:
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
+def _utc(moment: datetime | None) -> datetime | None:
+    """Aware and in UTC (a naive time is taken as UTC): the rollup's hours are UTC hours, and an hour
+    boundary of a zone such as +05:30 is not one of them."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
 def _time_clauses(
     start: datetime | None, end: datetime | None, column: str = "started_at"
 ) -> tuple[list[str], list[Any]]:
@@ -62,10 +70,10 @@ def _time_clauses(
     params: list[Any] = []
     if start is not None:
         clauses.append(f"{column} >= ?")
-        params.append(start)
+        params.append(_utc(start))
     if end is not None:
         clauses.append(f"{column} < ?")
-        params.append(end)
+        params.append(_utc(end))
     return clauses, params
 
 
@@ -132,7 +140,7 @@ def facts(con: Any, filters: Filters, *, hourly: bool = True) -> tuple[str, list
         return sql + (" WHERE " + " AND ".join(conditions) if conditions else ""), params + dim_params
 
     parts: list[tuple[str, list[Any]]] = []
-    start, end = filters.start, filters.end
+    start, end = _utc(filters.start), _utc(filters.end)
     low = _ceil_hour(start) if start is not None else None
     high = end.replace(minute=0, second=0, microsecond=0) if end is not None else None
     if hourly and _has_rollup(con) and (low is None or high is None or low < high):
