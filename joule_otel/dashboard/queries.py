@@ -56,8 +56,10 @@ def where(filters: Filters) -> tuple[str, list[Any]]:
 
 
 def _utc(moment: datetime | None) -> datetime | None:
-    """Aware and in UTC (a naive time is taken as UTC): the rollup's hours are UTC hours, and an hour
-    boundary of a zone such as +05:30 is not one of them."""
+    """The moment, aware and in UTC (a naive time is taken as UTC).
+
+    The rollup's hours are UTC hours, and an hour boundary of a zone such as +05:30 is not one of them.
+    """
     if moment is None:
         return None
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
