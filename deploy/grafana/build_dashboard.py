@@ -67,6 +67,11 @@ def increase(metric: str, extra: str = "", window: str = "$__range") -> str:
     return f"increase({metric}{{{selector}}}[{window}]){SERVICE}"
 
 
+def quantile(q: float, histogram: str) -> str:
+    """The ``q`` quantile of a histogram per routed model."""
+    return f"histogram_quantile({q}, sum by (le, gen_ai_response_model) ({rate(histogram + '_bucket')}))"
+
+
 def query(expr: str, legend: str = "", ref: str = "A", *, exemplar: bool = False) -> prometheus.Dataquery:
     """A Prometheus target on the dashboard's datasource variable."""
     target = prometheus.Dataquery().expr(expr).ref_id(ref).datasource(DATASOURCE).exemplar(exemplar)
@@ -219,16 +224,12 @@ def build() -> model.Dashboard:
                 "joule",
                 "Quantiles of joules per call; exemplars link to the call's trace.",
                 query(
-                    "histogram_quantile(0.5, "
-                    + by.format(label="le, gen_ai_response_model", expr=rate(REQUEST_ENERGY + "_bucket"))
-                    + ")",
+                    quantile(0.5, REQUEST_ENERGY),
                     "p50 {{gen_ai_response_model}}",
                     exemplar=True,
                 ),
                 query(
-                    "histogram_quantile(0.95, "
-                    + by.format(label="le, gen_ai_response_model", expr=rate(REQUEST_ENERGY + "_bucket"))
-                    + ")",
+                    quantile(0.95, REQUEST_ENERGY),
                     "p95 {{gen_ai_response_model}}",
                     "B",
                 ),
@@ -265,9 +266,7 @@ def build() -> model.Dashboard:
                 "s",
                 "gen_ai.client.operation.duration, start to the last byte; exemplars link to traces.",
                 query(
-                    "histogram_quantile(0.95, "
-                    + by.format(label="le, gen_ai_response_model", expr=rate(DURATION + "_bucket"))
-                    + ")",
+                    quantile(0.95, DURATION),
                     "{{gen_ai_response_model}}",
                     exemplar=True,
                 ),
@@ -280,9 +279,7 @@ def build() -> model.Dashboard:
                 "s",
                 "Streams only: request start to the first chunk.",
                 query(
-                    "histogram_quantile(0.95, "
-                    + by.format(label="le, gen_ai_response_model", expr=rate(TTFC + "_bucket"))
-                    + ")",
+                    quantile(0.95, TTFC),
                     "{{gen_ai_response_model}}",
                     exemplar=True,
                 ),
