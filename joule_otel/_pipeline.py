@@ -7,7 +7,6 @@ ledger writer. It restarts itself after ``fork`` and is flushed at exit and on S
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -23,7 +22,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from joule_otel import attributes as attr
 from joule_otel.capture import SEMCONV_OPERATIONS, CallRecord, error_type_for, parse_request_body
-from joule_otel.headers import REGION, EnergyReading, read_energy
+from joule_otel.headers import REGION, EnergyReading, raw_lookup, read_energy
 from joule_otel.instruments import Instruments
 from joule_otel.ledger.writer import LedgerWriter
 
@@ -168,11 +167,6 @@ def other_genai_metrics_recorder() -> str | None:
     if "openlit.instrumentation.openai" in sys.modules:
         return "OpenLIT"
     return None
-
-
-@functools.lru_cache(maxsize=64)
-def _header_key(name: str) -> bytes:
-    return name.lower().encode("latin-1")
 
 
 class Pipeline:
@@ -322,11 +316,10 @@ class Pipeline:
     def _process(self, call: CallRecord, skip_genai: bool) -> tuple[Any, ...] | None:
         self.calls_seen += 1
         headers = call.response_headers
-        # one pass over the raw response headers (httpx's own lookup scans and decodes them once per name)
-        lowered: dict[bytes, bytes] = {name.lower(): value for name, value in headers.raw} if headers else {}
+        header = raw_lookup(headers)
         reading = call.reading
         if reading is None:
-            reading = read_energy(lambda name: lowered.get(_header_key(name)), call.request_headers.get(REGION))
+            reading = read_energy(header, call.request_headers.get(REGION))
         if reading.invalid:
             self.capture_stats.invalid_headers += len(reading.invalid)
         receipt = reading.receipt_id
@@ -337,9 +330,9 @@ class Pipeline:
             self._recent[receipt] = None
             if len(self._recent) > RECENT_RECEIPTS:
                 self._recent.popitem(last=False)
-        request = parse_request_body(call.request_body)
-        is_sse = lowered.get(b"content-type", b"").startswith(b"text/event-stream")
-        encoding = lowered.get(b"content-encoding", b"").decode("latin-1")
+        request = call.request_fields if call.request_fields is not None else parse_request_body(call.request_body)
+        is_sse = (header("content-type") or b"").startswith(b"text/event-stream")
+        encoding = (header("content-encoding") or b"").decode("latin-1")
         facts = parse_body(call, is_sse, encoding) if call.chunks else BodyFacts()
         energy, carbon = reading.energy_j, reading.carbon_mg
         if facts.stream_energy_j is not None:  # the final stream event wins over the header

@@ -24,7 +24,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from joule_otel import attributes as attr
-from joule_otel.headers import REGION, RESPONSE_HEADERS, EnergyReading, read_energy
+from joule_otel.headers import REGION, RESPONSE_HEADERS, EnergyReading, raw_lookup, read_energy
 from joule_otel.workload import current_workload
 
 _log = logging.getLogger("joule_otel")
@@ -85,6 +85,7 @@ class CallRecord:
         "operation",
         "reading",
         "request_body",
+        "request_fields",
         "request_headers",
         "response_headers",
         "server_address",
@@ -115,6 +116,7 @@ class CallRecord:
         self.status_code: int | None = None
         self.response_headers: Any = None
         self.reading: EnergyReading | None = None
+        self.request_fields: dict[str, Any] | None = None
         self.trace_id: int | None = None
         self.span_id: int | None = None
         self.error: str | None = None
@@ -189,11 +191,11 @@ class Capture:
 
     def _annotate(self, span: Any, call: CallRecord) -> None:
         """Span attributes, while the HTTP client span is open (it ends when the headers arrive)."""
-        reading = read_energy(call.response_headers.get, call.request_headers.get(REGION))
+        reading = read_energy(raw_lookup(call.response_headers), call.request_headers.get(REGION))
         call.reading = reading
         ctx = span.get_span_context()
         call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
-        request = parse_request_body(call.request_body)
+        request = call.request_fields = parse_request_body(call.request_body)  # the background reuses both
         values: dict[str, Any] = {
             attr.GEN_AI_PROVIDER_NAME: attr.PROVIDER,
             attr.GEN_AI_OPERATION_NAME: SEMCONV_OPERATIONS.get(call.operation),

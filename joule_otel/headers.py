@@ -7,10 +7,12 @@ and anyone reconciling receipts by hand. A value that is not a finite, non-negat
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 ENERGY_JOULES = "x-energy-joules"
 """Response: joules billed for the call (float ≥ 0)."""
@@ -108,3 +110,22 @@ def read_energy(get: Callable[[str], str | bytes | None], request_region: str | 
         receipt_id=clean_string(get(RECEIPT_ID)),
         invalid=tuple(invalid),
     )
+
+
+def raw_lookup(headers: Any) -> Callable[[str], bytes | None]:
+    """A case-insensitive lookup over httpx's ``headers.raw``, built in one pass.
+
+    ``headers.get(name)`` of httpx scans and decodes the whole list once per name; reading the six Joule
+    headers that way costs several times more than this.
+    """
+    lowered = {name.lower(): value for name, value in headers.raw} if headers is not None else {}
+
+    def get(name: str) -> bytes | None:
+        return lowered.get(_lower_bytes(name))
+
+    return get
+
+
+@functools.lru_cache(maxsize=128)
+def _lower_bytes(name: str) -> bytes:
+    return name.lower().encode("latin-1")
