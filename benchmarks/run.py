@@ -102,19 +102,36 @@ CLIENT = textwrap.dedent(r"""
 
 
 COST = textwrap.dedent(r"""
-    # joule-otel's own cost per call, measured inside one process: blocks of calls alternate between the
-    # transport with and without joule-otel's wrapper, so the machine's slow minutes hit both sides alike;
-    # each thread's CPU clock is read on its own (the app's thread, and the background thread that parses,
-    # records metrics and writes the ledger).
-    import asyncio, json, sys, threading, time
-    base_url, calls, db, with_metrics = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
-    if with_metrics:
+    # joule-otel's own cost per call, measured inside one process: short blocks of calls alternate between
+    # the transport with and without joule-otel's wrapper (everything else stays: the SDK providers and, when
+    # traced, OpenTelemetry's httpx span instrumentation), so the machine's slow minutes hit both sides
+    # alike; each pair of neighbouring blocks gives one difference and the median of those is reported.
+    # Each thread's CPU clock is read on its own: the app's thread, and the background thread that parses,
+    # records metrics and writes the ledger.
+    import asyncio, json, statistics, sys, threading, time
+    base_url, calls, db, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    if mode in ("metrics", "traced"):
         from opentelemetry import metrics
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
         metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    if mode == "traced":
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+        class Drop(SpanExporter):
+            def export(self, spans):
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Drop()))
+        trace.set_tracer_provider(provider)
     import httpx2, joule_otel, openai
+    from joule_otel import _instrument
+    from joule_otel.capture import install, uninstall
     joule_otel.instrument(db=db)
+    capture = _instrument._state.capture
     client = openai.OpenAI(base_url=base_url, api_key="jc_bench", max_retries=0)
     aclient = openai.AsyncOpenAI(base_url=base_url, api_key="jc_bench", max_retries=0)
     msgs = [{"role": "user", "content": "hi"}]
@@ -126,13 +143,12 @@ COST = textwrap.dedent(r"""
     compact(Path(db), timeout_s=30)  # the file exists and is current: steady state from here
     worker = next(t for t in threading.enumerate() if t.name == "joule-otel-ledger")
     worker_clock = time.pthread_getcpuclockid(worker.ident)
-    patched = {cls: cls.__dict__[m] for cls, m in ((httpx2.HTTPTransport, "handle_request"),
-                                                   (httpx2.AsyncHTTPTransport, "handle_async_request"))}
+    state = {"on": True}
 
     def wrapped(on):
-        for cls, wrapper in patched.items():
-            name = "handle_request" if cls is httpx2.HTTPTransport else "handle_async_request"
-            setattr(cls, name, wrapper if on else wrapper.__wrapped__)
+        if on != state["on"]:
+            (install if on else uninstall)(capture, httpx2)
+            state["on"] = on
 
     def one(kind):
         if kind == "sync":
@@ -141,78 +157,75 @@ COST = textwrap.dedent(r"""
             for _ in client.chat.completions.create(model="auto", messages=msgs, max_tokens=50, stream=True):
                 pass
 
-    async def blocks_async(app, counted, n_block, blocks):
+    async def blocks_async(per_block, n_block, blocks):
         for block in range(blocks):
             on = block % 2 == 0
             wrapped(on)
             t0 = time.thread_time_ns()
             for _ in range(n_block):
                 await aclient.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
-            app[on] += time.thread_time_ns() - t0
-            counted[on] += n_block
+            per_block.append((on, (time.thread_time_ns() - t0) / n_block))
 
     out = {}
     for kind in ("sync", "stream", "async"):
-        n_block = 50 if kind != "stream" else 10
-        blocks = max(2, 2 * calls // n_block) if kind != "stream" else max(2, calls // 2 // n_block)
-        app = {True: 0, False: 0}
-        counted = {True: 0, False: 0}
+        n_block = 20 if kind != "stream" else 5
+        blocks = max(4, 2 * calls // n_block) if kind != "stream" else max(4, calls // 2 // n_block)
+        per_block = []
         worker_start = time.clock_gettime_ns(worker_clock)
         if kind == "async":
-            asyncio.run(blocks_async(app, counted, n_block, blocks))
+            asyncio.run(blocks_async(per_block, n_block, blocks))
         for block in range(blocks if kind != "async" else 0):
             on = block % 2 == 0
             wrapped(on)
             t0 = time.thread_time_ns()
             for _ in range(n_block):
                 one(kind)
-            app[on] += time.thread_time_ns() - t0
-            counted[on] += n_block
+            per_block.append((on, (time.thread_time_ns() - t0) / n_block))
         wrapped(True)
         joule_otel.flush(timeout_s=60)
         worker_ns = time.clock_gettime_ns(worker_clock) - worker_start
+        pairs = [(a[1], b[1]) for a, b in zip(per_block[::2], per_block[1::2])]  # (on, off) neighbours
         out[kind] = {
-            "app_bare_us": app[False] / counted[False] / 1e3,
-            "app_joule_us": app[True] / counted[True] / 1e3,
-            "background_us": worker_ns / counted[True] / 1e3,
+            "app_bare_us": statistics.median(off for _, off in pairs) / 1e3,
+            "app_delta_us": statistics.median(on - off for on, off in pairs) / 1e3,
+            "background_us": worker_ns / (len(pairs) * n_block) / 1e3,
         }
     print(json.dumps(out))
 """)
 
 
 def own_cost(calls: int) -> list[dict[str, object]]:
-    """joule-otel's CPU per call, app thread and background thread apart, with and without metrics."""
+    """joule-otel's CPU per call, app thread and background thread apart, in three kinds of app."""
     sim, base_url = start_simulator()
     rows = []
+    labels = {
+        "ledger": "ledger only (no MeterProvider)",
+        "metrics": "ledger + metrics",
+        "traced": "spans + metrics + ledger, over OTel httpx spans",
+    }
     try:
         with tempfile.TemporaryDirectory() as tmp:
             script = Path(tmp) / "cost.py"
             script.write_text(COST)
-            for with_metrics in (False, True):
+            for mode, label in labels.items():
                 out = subprocess.run(
-                    [
-                        sys.executable,
-                        str(script),
-                        base_url,
-                        str(calls),
-                        str(Path(tmp) / f"c{with_metrics}.duckdb"),
-                        "1" if with_metrics else "0",
-                    ],
+                    [sys.executable, str(script), base_url, str(calls), str(Path(tmp) / f"{mode}.duckdb"), mode],
                     capture_output=True,
                     text=True,
                     check=True,
                     timeout=900,
                 )
                 for kind, data in json.loads(out.stdout).items():
-                    app_delta = data["app_joule_us"] - data["app_bare_us"]
+                    total = data["app_delta_us"] + data["background_us"]
                     rows.append(
                         {
                             "call": kind,
-                            "app": "ledger + metrics" if with_metrics else "ledger only (no MeterProvider)",
-                            "app thread bare µs": data["app_bare_us"],
-                            "app thread Δ µs": app_delta,
+                            "app": label,
+                            "app thread without µs": data["app_bare_us"],
+                            "app thread Δ µs": data["app_delta_us"],
                             "background µs": data["background_us"],
-                            "joule-otel total µs/call": app_delta + data["background_us"],
+                            "joule-otel µs/call": total,
+                            "vs app thread without": f"{total / data['app_bare_us']:+.1%}",
                         }
                     )
     finally:
@@ -486,7 +499,7 @@ def main() -> int:
         ),
         (
             "joule-otel's own CPU per call (in one process: alternating blocks, per-thread CPU clocks)",
-            lambda: own_cost(args.calls * 3),
+            lambda: own_cost(args.calls * 2),
         ),
         ("Ledger ingest", lambda: ledger_ingest(1_000_000)),
         ("Dashboard queries", lambda: dashboard([100_000, 1_000_000] + ([10_000_000] if args.full else []))),

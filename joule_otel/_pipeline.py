@@ -319,7 +319,7 @@ class Pipeline:
         header = raw_lookup(headers)
         reading = call.reading
         if reading is None:
-            reading = read_energy(header, call.request_headers.get(REGION))
+            reading = read_energy(header, raw_lookup(call.request_headers)(REGION))
         if reading.invalid:
             self.capture_stats.invalid_headers += len(reading.invalid)
         receipt = reading.receipt_id

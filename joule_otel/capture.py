@@ -191,7 +191,7 @@ class Capture:
 
     def _annotate(self, span: Any, call: CallRecord) -> None:
         """Span attributes, while the HTTP client span is open (it ends when the headers arrive)."""
-        reading = read_energy(raw_lookup(call.response_headers), call.request_headers.get(REGION))
+        reading = read_energy(raw_lookup(call.response_headers), raw_lookup(call.request_headers)(REGION))
         call.reading = reading
         ctx = span.get_span_context()
         call.trace_id, call.span_id = ctx.trace_id, ctx.span_id

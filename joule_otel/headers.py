@@ -81,7 +81,7 @@ def clean_string(value: str | bytes | None) -> str | None:
     return value or None
 
 
-def read_energy(get: Callable[[str], str | bytes | None], request_region: str | None = None) -> EnergyReading:
+def read_energy(get: Callable[[str], str | bytes | None], request_region: str | bytes | None = None) -> EnergyReading:
     """Read the Joule headers through ``get`` (a case-insensitive header lookup).
 
     Args:
