@@ -33,6 +33,8 @@ MAX_QUEUED_CALLS = 50_000
 WAKE_AT = 2_000
 """Wake the background thread early when this many calls wait."""
 SEGMENT_MAX_ROWS = 100_000
+YIELD_EVERY = 8
+"""Calls the background thread processes between two offers of the GIL to the app's threads."""
 RECENT_RECEIPTS = 100_000
 DECODED_CAP = 16 << 20
 ATTRIBUTE_SETS_CACHED = 4_096
@@ -297,7 +299,13 @@ class Pipeline:
         queue = self._queue
         rows: list[tuple[Any, ...]] = []
         skip_genai = other_genai_metrics_recorder() is not None if self.instruments is not None else True
+        processed = 0
         while queue:
+            processed += 1
+            if processed % YIELD_EVERY == 0:
+                # hand the GIL back now and then: an app thread back from the network waits about a millisecond
+                # for it, not the interpreter's 5 ms switch interval
+                time.sleep(0)
             call = queue.popleft()
             try:
                 row = self._process(call, skip_genai)
