@@ -24,7 +24,7 @@ from joule_otel import attributes as attr
 from joule_otel.capture import SEMCONV_OPERATIONS, CallRecord, error_type_for, parse_request_body
 from joule_otel.headers import REGION, EnergyReading, raw_lookup, read_energy
 from joule_otel.instruments import Instruments
-from joule_otel.ledger.writer import LedgerWriter
+from joule_otel.ledger.writer import LedgerWriter, rows_to_arrow
 
 _log = logging.getLogger("joule_otel")
 
@@ -258,6 +258,15 @@ class Pipeline:
         self._cycle(final=True, compact_timeout_s=timeout_s)
 
     def _run(self) -> None:
+        if self.writer is not None:
+            # pyarrow, and pandas which its first conversion of Python objects imports, take up to a second here:
+            # load them now, at instrument() time, rather than in the middle of the app's first requests
+            try:
+                import pyarrow.parquet  # noqa: F401
+
+                rows_to_arrow([])
+            except Exception:
+                _log.warning("joule_otel: pyarrow cannot be used; the ledger cannot be written", exc_info=True)
         while not self._stop:
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
