@@ -396,3 +396,21 @@ def test_rollup_answers_equal_row_by_row_answers(rollup_and_raw, case):
             ["workload", "day"],
         )
         assert list(queries.receipts(rolled, filters).receipt_id) == list(queries.receipts(raw, filters).receipt_id)
+
+
+def test_a_rollup_that_disagrees_with_the_rows_is_not_used(known_ledger, caplog):
+    import duckdb
+
+    from joule_otel.ledger.maintenance import compact_now
+
+    with duckdb.connect(str(known_ledger)) as con:  # a row deleted by hand: the rollup still counts it
+        con.execute("DELETE FROM inference_calls WHERE receipt_id = 'rcpt_3'")
+    window = queries.Filters(start=T0, end=T0 + timedelta(hours=1))
+    with reader.connect(known_ledger) as con:
+        assert not queries._has_rollup(con)
+        assert queries.kpis(con, window)["energy_j"] == 450.0  # 1450 J less the deleted 1000 J
+    assert "--rebuild-rollup" in caplog.text
+    compact_now(known_ledger, timeout_s=10, rebuild_rollup=True)
+    with reader.connect(known_ledger) as con:
+        assert queries._has_rollup(con)
+        assert queries.kpis(con, window)["energy_j"] == 450.0

@@ -7,6 +7,7 @@ without Streamlit: pass any DuckDB connection whose ``inference_calls`` is the l
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -22,6 +23,8 @@ DIMENSIONS = {
 """What a chart can be split by → the ledger column."""
 
 STATUSES = ("all", "ok", "errors", "402 only")
+
+_log = logging.getLogger("joule_otel")
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,30 @@ def _has_parts(con: Any) -> bool:
 
 
 def _has_rollup(con: Any) -> bool:
-    return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'calls_rollup'").fetchone()[0])
+    """Whether the hourly rollup is there and covers every compacted row.
+
+    Compaction keeps it current; rows inserted or deleted by hand would make it disagree, and then the
+    queries read single calls (right, slower) and say once how to rebuild it. Checked once per connection.
+    """
+    if not con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'calls_rollup'").fetchone()[0]:
+        return False
+    con.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS joule_rollup_check AS SELECT "
+        "(SELECT count(*) FROM compacted_calls) AS calls, (SELECT coalesce(sum(calls), 0) FROM calls_rollup) AS rolled"
+    )
+    calls, rolled = con.execute("SELECT calls, rolled FROM joule_rollup_check").fetchone()
+    if calls != rolled and (calls, rolled) not in _warned_stale_rollup:  # once per state, not once per rerun
+        _warned_stale_rollup.add((calls, rolled))
+        _log.warning(
+            "joule_otel: the ledger's hourly rollup covers %s calls but the file holds %s (rows edited by hand?); "
+            "the dashboard reads single calls meanwhile. Run `joule-otel ledger compact --rebuild-rollup`.",
+            rolled,
+            calls,
+        )
+    return bool(calls == rolled)
+
+
+_warned_stale_rollup: set[tuple[int, int]] = set()
 
 
 def _ceil_hour(moment: datetime) -> datetime:
