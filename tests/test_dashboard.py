@@ -370,12 +370,14 @@ def test_rollup_answers_equal_row_by_row_answers(rollup_and_raw, case):
             assert k1[name] == pytest.approx(k2[name], nan_ok=True) if k1[name] is not None else k2[name] is None
         for by in ("workload", "model", "region", "tier"):
             _frames_equal(queries.breakdown(rolled, filters, by), queries.breakdown(raw, filters, by), ["group"])
-        for bucket in ("1 hour", "1 day"):
+        for bucket in ("1 hour", "1 day", "7 days"):
             _frames_equal(
                 queries.energy_over_time(rolled, filters, "workload", bucket),
                 queries.energy_over_time(raw, filters, "workload", bucket),
                 ["bucket", "group"],
             )
+        weeks = queries.energy_over_time(rolled, filters, "workload", "7 days").bucket
+        assert all(week.weekday() == 0 and week.hour == 0 for week in weeks.dt.tz_convert("UTC"))
         for query, keys in (
             (queries.energy_histogram, ["bin_start_j"]),
             (queries.carbon_by_region, ["region"]),

@@ -243,6 +243,8 @@ def kpis(con: Any, filters: Filters) -> dict[str, Any]:
 
 
 BUCKET_SECONDS = {"5 minutes": 300, "1 hour": 3600, "1 day": 86400, "7 days": 7 * 86400}
+MONDAY_OFFSET_S = 4 * 86400
+"""1970-01-01 was a Thursday: weeks counted from the epoch are shifted by four days to start on Mondays."""
 
 
 def bucket_for(span: timedelta) -> str:
@@ -260,12 +262,14 @@ def energy_over_time(con: Any, filters: Filters, by: str, bucket: str) -> Any:
     """Joules per time bucket (UTC-aligned), split by a dimension of :data:`DIMENSIONS`."""
     column = DIMENSIONS[by]
     seconds = BUCKET_SECONDS[bucket]
+    offset = MONDAY_OFFSET_S if seconds == BUCKET_SECONDS["7 days"] else 0
     with_facts, params = facts(con, filters, hourly=seconds >= 3600)
     return _df(
         con,
         f"""
         {with_facts}
-        SELECT to_timestamp(epoch_us(t) // {seconds * 1_000_000} * {seconds}) AS bucket,
+        SELECT to_timestamp((epoch_us(t) - {offset * 1_000_000}) // {seconds * 1_000_000} * {seconds} + {offset})
+                 AS bucket,
                coalesce({column}, '(none)') AS "group",
                sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg, sum(calls) AS calls
         FROM facts
