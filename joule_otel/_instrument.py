@@ -98,6 +98,7 @@ def instrument(
             flush_interval_s=settings.flush_interval_s,
             max_workloads=settings.max_workloads,
             instruments=create_instruments(meter),
+            meter_provider=providers.meter_provider,
             writer=writer,
             capture_stats=capture,
         )

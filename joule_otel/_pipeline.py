@@ -17,12 +17,13 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from joule_otel import attributes as attr
 from joule_otel.capture import SEMCONV_OPERATIONS, CallRecord, error_type_for, parse_request_body
-from joule_otel.headers import REGION, EnergyReading, raw_lookup, read_energy
+from joule_otel.headers import REGION, EnergyReading, header_map, header_value, read_energy_map
 from joule_otel.instruments import Instruments
 from joule_otel.ledger.writer import LedgerWriter, rows_to_arrow
 
@@ -40,6 +41,10 @@ DECODED_CAP = 16 << 20
 ATTRIBUTE_SETS_CACHED = 4_096
 SSE_TAIL_BYTES = 64 << 10
 _JSON_DECODER = json.JSONDecoder()
+_NO_SPAN = otel_context.Context()
+"""A context without a span: a measurement recorded with it offers no exemplar."""
+_NO_OP_METER_PROVIDERS = frozenset({"_ProxyMeterProvider", "NoOpMeterProvider"})
+_REGION_KEY = REGION.encode("latin-1")
 
 
 @dataclass
@@ -184,12 +189,15 @@ class Pipeline:
         instruments: Instruments | None,
         writer: LedgerWriter | None,
         capture_stats: Any,
+        meter_provider: Any = None,
     ) -> None:
         self.service_name = service_name
         self.default_workload = default_workload
         self.flush_interval_s = flush_interval_s
         self.max_workloads = max_workloads
         self.instruments = instruments
+        self.meter_provider = meter_provider
+        """The provider the instruments came from; ``None`` or the API's proxy: the global one, looked up each cycle."""
         self.writer = writer
         self.capture_stats = capture_stats
         self.calls_seen = 0
@@ -307,7 +315,8 @@ class Pipeline:
     def _drain(self) -> list[tuple[Any, ...]]:
         queue = self._queue
         rows: list[tuple[Any, ...]] = []
-        skip_genai = other_genai_metrics_recorder() is not None if self.instruments is not None else True
+        record = self.instruments is not None and self._metrics_live()
+        skip_genai = other_genai_metrics_recorder() is not None if record else True
         processed = 0
         while queue:
             processed += 1
@@ -317,7 +326,7 @@ class Pipeline:
                 time.sleep(0)
             call = queue.popleft()
             try:
-                row = self._process(call, skip_genai)
+                row = self._process(call, record, skip_genai)
             except Exception:
                 self.capture_stats.internal_error("background parsing")
                 continue
@@ -330,13 +339,23 @@ class Pipeline:
                 self.capture_stats.internal_error("recording metrics")
         return rows
 
-    def _process(self, call: CallRecord, skip_genai: bool) -> tuple[Any, ...] | None:
+    def _metrics_live(self) -> bool:
+        """Whether a recorded measurement goes anywhere.
+
+        Not while the app has set no MeterProvider (the API's proxy forwards to nothing until one is set; this is
+        checked again every cycle) or set a no-op one.
+        """
+        provider = self.meter_provider
+        if provider is None or type(provider).__name__ == "_ProxyMeterProvider":
+            provider = metrics.get_meter_provider()  # what the proxy forwards to, once the app sets one
+        return type(provider).__name__ not in _NO_OP_METER_PROVIDERS
+
+    def _process(self, call: CallRecord, record: bool, skip_genai: bool) -> tuple[Any, ...] | None:
         self.calls_seen += 1
-        headers = call.response_headers
-        header = raw_lookup(headers)
+        headers = header_map(call.response_headers)
         reading = call.reading
         if reading is None:
-            reading = read_energy(header, raw_lookup(call.request_headers)(REGION))
+            reading = read_energy_map(headers, header_value(call.request_headers, _REGION_KEY))
         if reading.invalid:
             self.capture_stats.invalid_headers += len(reading.invalid)
         receipt = reading.receipt_id
@@ -348,8 +367,8 @@ class Pipeline:
             if len(self._recent) > RECENT_RECEIPTS:
                 self._recent.popitem(last=False)
         request = call.request_fields if call.request_fields is not None else parse_request_body(call.request_body)
-        is_sse = (header("content-type") or b"").startswith(b"text/event-stream")
-        encoding = (header("content-encoding") or b"").decode("latin-1")
+        is_sse = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+        encoding = headers.get(b"content-encoding", b"").decode("latin-1")
         facts = parse_body(call, is_sse, encoding) if call.chunks else BodyFacts()
         energy, carbon = reading.energy_j, reading.carbon_mg
         if facts.stream_energy_j is not None:  # the final stream event wins over the header
@@ -362,7 +381,7 @@ class Pipeline:
         ttft_s = (call.t_first - call.t0) / 1e9 if is_sse and call.t_first else None
         model = request.get("model")
         requested_model = model.strip()[:256] if isinstance(model, str) else None
-        if self.instruments is not None:
+        if record:
             self._record_metrics(
                 call,
                 reading,
@@ -456,10 +475,12 @@ class Pipeline:
         if skip_genai:
             return
         inst.duration.record(duration_s, attrs, context=ctx)
+        # token counts carry no exemplar: a trace is one click away from the energy and duration histograms, and an
+        # exemplar offer costs each record a third more
         if facts.input_tokens is not None:
-            inst.token_usage.record(facts.input_tokens, self._token_attributes(key, "input"), context=ctx)
+            inst.token_usage.record(facts.input_tokens, self._token_attributes(key, "input"), context=_NO_SPAN)
         if facts.output_tokens is not None:
-            inst.token_usage.record(facts.output_tokens, self._token_attributes(key, "output"), context=ctx)
+            inst.token_usage.record(facts.output_tokens, self._token_attributes(key, "output"), context=_NO_SPAN)
         if ttft_s is not None:
             inst.time_to_first_chunk.record(ttft_s, attrs, context=ctx)
 

@@ -24,7 +24,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from joule_otel import attributes as attr
-from joule_otel.headers import REGION, RESPONSE_HEADERS, EnergyReading, raw_lookup, read_energy
+from joule_otel.headers import REGION, RESPONSE_HEADERS, EnergyReading, header_map, header_value, read_energy_map
 from joule_otel.workload import current_workload
 
 _log = logging.getLogger("joule_otel")
@@ -53,6 +53,7 @@ SEMCONV_OPERATIONS = {
 """Route name → ``gen_ai.operation.name``; only values the semantic conventions define."""
 
 _route_cache: dict[bytes, str | None] = {}
+_JSON_DECODER = json.JSONDecoder()
 
 
 def route_operation(raw_path: bytes) -> str | None:
@@ -191,7 +192,7 @@ class Capture:
 
     def _annotate(self, span: Any, call: CallRecord) -> None:
         """Span attributes, while the HTTP client span is open (it ends when the headers arrive)."""
-        reading = read_energy(raw_lookup(call.response_headers), raw_lookup(call.request_headers)(REGION))
+        reading = read_energy_map(header_map(call.response_headers), header_value(call.request_headers, _REGION_KEY))
         call.reading = reading
         ctx = span.get_span_context()
         call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
@@ -282,6 +283,7 @@ class Capture:
 
 
 _CONTENT_ENCODING = b"content-encoding"
+_REGION_KEY = REGION.encode("latin-1")
 _RESPONSE_HEADER_KEYS = tuple(name.lower().encode() for name in RESPONSE_HEADERS)
 
 
@@ -361,8 +363,8 @@ def parse_request_body(body: bytes | None) -> dict[str, Any]:
     if not body or body[:1] != b"{" or len(body) > BODY_CAP_BYTES:
         return {}
     try:
-        parsed = json.loads(body)
-    except ValueError:
+        parsed = _JSON_DECODER.decode(body.decode("utf-8"))  # what json.loads does, less its encoding sniffing
+    except ValueError:  # UnicodeDecodeError included
         return {}
     return parsed if isinstance(parsed, dict) else {}
 

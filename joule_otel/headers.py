@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,10 +58,8 @@ def parse_quantity(value: str | bytes | None) -> float | None:
     """
     if value is None:
         return None
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
     try:
-        number = float(value.strip())
+        number = float(value)  # float() takes bytes and str alike, and ignores surrounding whitespace
     except ValueError:
         return None
     if not math.isfinite(number) or number < 0:
@@ -81,6 +79,11 @@ def clean_string(value: str | bytes | None) -> str | None:
     return value or None
 
 
+_ENERGY_KEY, _CARBON_KEY, _ROUTED_KEY, _TIER_KEY, _REGION_KEY, _RECEIPT_KEY = (
+    name.encode("latin-1") for name in (ENERGY_JOULES, CARBON_MG, ROUTED_TO, TIER, REGION, RECEIPT_ID)
+)
+
+
 def read_energy(get: Callable[[str], str | bytes | None], request_region: str | bytes | None = None) -> EnergyReading:
     """Read the Joule headers through ``get`` (a case-insensitive header lookup).
 
@@ -88,37 +91,69 @@ def read_energy(get: Callable[[str], str | bytes | None], request_region: str | 
         get: e.g. ``response.headers.get``.
         request_region: the request's ``X-Region``, used when the response does not say.
     """
-    invalid: list[str] = []
+    names = (ENERGY_JOULES, CARBON_MG, ROUTED_TO, TIER, REGION, RECEIPT_ID)
+    return read_energy_map({name.encode("latin-1"): get(name) for name in names}, request_region)
 
-    def quantity(name: str) -> float | None:
-        raw = get(name)
-        number = parse_quantity(raw)
-        if raw is not None and number is None:
-            invalid.append(name)
-        return number
 
-    energy = quantity(ENERGY_JOULES)
-    carbon = quantity(CARBON_MG)
-    tier = clean_string(get(TIER))
-    region = clean_string(get(REGION)) or clean_string(request_region)
+def read_energy_map(
+    values: Mapping[bytes, str | bytes | None], request_region: str | bytes | None = None
+) -> EnergyReading:
+    """:func:`read_energy` over a mapping of lower-cased header names (bytes) to values, e.g. :func:`header_map`'s."""
+    raw_energy, raw_carbon = values.get(_ENERGY_KEY), values.get(_CARBON_KEY)
+    energy, carbon = parse_quantity(raw_energy), parse_quantity(raw_carbon)
+    invalid: tuple[str, ...] = ()
+    if (raw_energy is not None and energy is None) or (raw_carbon is not None and carbon is None):
+        invalid = tuple(
+            name
+            for name, raw, number in ((ENERGY_JOULES, raw_energy, energy), (CARBON_MG, raw_carbon, carbon))
+            if raw is not None and number is None
+        )
+    tier = clean_string(values.get(_TIER_KEY))
+    region = clean_string(values.get(_REGION_KEY)) or clean_string(request_region)
     return EnergyReading(
         energy_j=energy,
         carbon_mg=carbon,
-        routed_to=clean_string(get(ROUTED_TO)),
+        routed_to=clean_string(values.get(_ROUTED_KEY)),
         tier=tier.lower() if tier else None,
         region=region.lower() if region else None,
-        receipt_id=clean_string(get(RECEIPT_ID)),
-        invalid=tuple(invalid),
+        receipt_id=clean_string(values.get(_RECEIPT_KEY)),
+        invalid=invalid,
     )
 
 
-def raw_lookup(headers: Any) -> Callable[[str], bytes | None]:
-    """A case-insensitive lookup over httpx's ``headers.raw``, built in one pass.
+def header_map(headers: Any) -> dict[bytes, bytes]:
+    """The headers of an httpx (or httpx2) message as ``{lower-cased name: raw value}``, built in one pass.
 
-    ``headers.get(name)`` of httpx scans and decodes the whole list once per name; reading the six Joule
-    headers that way costs several times more than this.
+    ``headers.get(name)`` of httpx scans and decodes the whole list once per name, and ``headers.raw``
+    copies it; httpx already keeps each lower-cased name beside the raw one, so read those.
     """
-    lowered = {name.lower(): value for name, value in headers.raw} if headers is not None else {}
+    if headers is None:
+        return {}
+    try:
+        return {lowered: value for _, lowered, value in headers._list}
+    except (AttributeError, TypeError, ValueError):  # not httpx's layout: the public view
+        return {name.lower(): value for name, value in headers.raw}
+
+
+def header_value(headers: Any, name: bytes) -> bytes | None:
+    """One header of httpx's ``headers`` by lower-cased ``name`` (the last one sent), without building a map."""
+    if headers is None:
+        return None
+    found = None
+    try:
+        for _, lowered, value in headers._list:
+            if lowered == name:
+                found = value
+    except (AttributeError, TypeError, ValueError):
+        for raw_name, value in headers.raw:
+            if raw_name.lower() == name:
+                found = value
+    return found
+
+
+def raw_lookup(headers: Any) -> Callable[[str], bytes | None]:
+    """A case-insensitive lookup by ``str`` name over :func:`header_map`."""
+    lowered = header_map(headers)
 
     def get(name: str) -> bytes | None:
         return lowered.get(_lower_bytes(name))

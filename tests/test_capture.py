@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import subprocess
+import sys
 import threading
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -522,3 +524,47 @@ def test_same_receipt_seen_twice_is_one_row(scripted_server, ledger_path):
     finally:
         joule_otel.uninstrument()
     assert [r["receipt_id"] for r in found] == ["rcpt_replayed"]
+
+
+LATE_PROVIDER = """
+import sys
+import openai
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+import joule_otel
+
+joule_otel.instrument(db=sys.argv[2], flush_interval_s=0.2)
+client = openai.OpenAI(base_url=sys.argv[1], api_key="jc_late", max_retries=0)
+for _ in range(3):
+    client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+assert joule_otel.flush(timeout_s=20)
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+for _ in range(2):
+    client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+assert joule_otel.flush(timeout_s=20)
+counts = {
+    metric.name: sum(point.count for point in metric.data.data_points)
+    for resource in reader.get_metrics_data().resource_metrics
+    for scope in resource.scope_metrics
+    for metric in scope.metrics
+    if metric.name == "joule.client.request.energy"
+}
+print(counts.get("joule.client.request.energy", 0), len(joule_otel.read_ledger(sys.argv[2])))
+"""
+
+
+def test_a_meter_provider_set_after_instrument_gets_the_metrics_from_then_on(tmp_path, joule_simulator):
+    """No MeterProvider: nothing is recorded (it would go nowhere); one set later receives every call after it."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE_PROVIDER)
+    db = tmp_path / "late.duckdb"
+    out = subprocess.run(
+        [sys.executable, str(script), joule_simulator.base_url, str(db)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.split() == ["2", "5"]

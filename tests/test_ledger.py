@@ -187,6 +187,34 @@ def test_compaction_is_idempotent_and_replay_never_duplicates(ledger_path):
     assert count(ledger_path) == (4, 3)
 
 
+def test_writers_sharing_a_ledger_compact_once_an_interval_between_them(ledger_path):
+    """A writer compacts when the oldest segment (of any process) is an interval old, not on its own clock."""
+    interval = 1.0
+    first = LedgerWriter(ledger_path, compact_interval_s=interval)
+    second = LedgerWriter(ledger_path, compact_interval_s=interval)
+    time.sleep(interval)  # both writers' own clocks say a compaction is due from here on
+    first.append([make_row("a")])
+    assert first.write_segment()
+    first.compact()
+    second.compact()
+    assert (first.stats.rows_compacted, second.stats.rows_compacted) == (0, 0)  # the segment is a moment old
+    assert len(Spool(ledger_path).segments()) == 1
+    time.sleep(interval)
+    second.compact()  # the segment is an interval old now, whoever wrote it
+    assert second.stats.rows_compacted == 1
+    assert Spool(ledger_path).segments() == []
+    second.append([make_row("b")])
+    assert second.write_segment()
+    first.compact()  # the spool was just compacted: a fresh segment waits for the next interval
+    assert first.stats.rows_compacted == 0
+    assert len(Spool(ledger_path).segments()) == 1
+    assert count(ledger_path) == (2, 2)  # readers see the waiting segment all the same
+    time.sleep(interval)
+    first.compact()
+    assert first.stats.rows_compacted == 1
+    assert count(ledger_path) == (2, 2)
+
+
 def test_file_held_by_another_process_for_10s_costs_no_row_and_no_latency(worker_script, ledger_path, joule_simulator):
     compact(ledger_path)  # create the file
     holder = subprocess.Popen(

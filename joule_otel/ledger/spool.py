@@ -71,6 +71,24 @@ class Spool:
             return []
         return [self.dir / name for name in names]
 
+    def oldest_segment_age_s(self) -> float | None:
+        """Seconds since the oldest complete segment was written (its name starts with the time), or None if none."""
+        oldest: str | None = None
+        try:
+            for entry in os.scandir(self.dir):
+                name = entry.name
+                if name.endswith(SEGMENT_SUFFIX) and not name.startswith(".") and (oldest is None or name < oldest):
+                    oldest = name
+        except OSError:
+            return None
+        if oldest is None:
+            return None
+        try:
+            written_ns = int(oldest[:20])
+        except ValueError:  # not a name this module gave: old enough to be looked at
+            return float("inf")
+        return max(time.time_ns() - written_ns, 0) / 1e9
+
     def sweep_torn(self, older_than_s: float = STALE_TMP_S) -> int:
         """Delete temporary segments left by processes that died mid-write; returns how many."""
         removed = 0
