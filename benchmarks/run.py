@@ -102,21 +102,24 @@ CLIENT = textwrap.dedent(r"""
 
 
 COST = textwrap.dedent(r"""
-    # joule-otel's own cost per call, measured inside one process: short blocks of calls alternate between
-    # the transport with and without joule-otel's wrapper (everything else stays: the SDK providers and, when
-    # traced, OpenTelemetry's httpx span instrumentation), so the machine's slow minutes hit both sides
-    # alike; each pair of neighbouring blocks gives one difference and the median of those is reported.
-    # Each thread's CPU clock is read on its own: the app's thread, and the background thread that parses,
-    # records metrics and writes the ledger.
+    # One instrumentation's own cost per call, measured inside one process: short blocks of calls alternate
+    # between the instrumentation switched on and off (everything else stays: the SDK providers and, when
+    # traced, OpenTelemetry's httpx span instrumentation), so the machine's slow minutes hit both sides alike;
+    # each pair of neighbouring blocks gives one difference and the median of those is reported. Each thread's
+    # CPU clock is read on its own: the app's thread, and joule-otel's background thread that parses, records
+    # metrics and writes the ledger. The peers (EcoLogits, OpenTelemetry's openai instrumentation) do all
+    # their work on the app's thread; switching them is swapping the methods they wrapped.
     import asyncio, json, statistics, sys, threading, time
     base_url, calls, db, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    if mode in ("metrics", "traced"):
+    traced = mode in ("traced", "openai-v2")
+    if mode in ("metrics", "traced", "openai-v2"):
         from opentelemetry import metrics
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
         metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
-    if mode == "traced":
+    if traced:
         from opentelemetry import trace
+        from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
@@ -127,34 +130,60 @@ COST = textwrap.dedent(r"""
         provider = TracerProvider()
         provider.add_span_processor(BatchSpanProcessor(Drop()))
         trace.set_tracer_provider(provider)
-    import httpx2, joule_otel, openai
-    from joule_otel import _instrument
-    from joule_otel.capture import install, uninstall
-    joule_otel.instrument(db=db)
-    capture = _instrument._state.capture
+        HTTPX2ClientInstrumentor().instrument()  # the baseline: HTTP client spans on every call, always
+    import httpx2, openai
+    worker = None
+    if mode in ("ecologits", "openai-v2"):
+        completions = openai.resources.chat.completions
+        slots = [(completions.Completions, "create"), (completions.AsyncCompletions, "create")]
+        before = [cls.__dict__[name] for cls, name in slots]
+        if mode == "ecologits":
+            from ecologits import EcoLogits
+            EcoLogits.init(providers=["openai"])
+        else:
+            from opentelemetry.instrumentation.openai_v2 import OpenAIInstrumentor
+            OpenAIInstrumentor().instrument()
+        after = [cls.__dict__[name] for cls, name in slots]
+
+        def switch(on):
+            for (cls, name), off_method, on_method in zip(slots, before, after):
+                setattr(cls, name, on_method if on else off_method)
+    else:
+        import joule_otel
+        from joule_otel import _instrument
+        from joule_otel.capture import install, uninstall
+        joule_otel.instrument(db=db)
+        capture = _instrument._state.capture
+
+        def switch(on):
+            (install if on else uninstall)(capture, httpx2)
+
     client = openai.OpenAI(base_url=base_url, api_key="jc_bench", max_retries=0)
     aclient = openai.AsyncOpenAI(base_url=base_url, api_key="jc_bench", max_retries=0)
-    msgs = [{"role": "user", "content": "hi"}]
+    # service_tier "priority": EcoLogits rebuilds the response with validation, and OpenAI's SDK types allow
+    # only OpenAI's tier names there (Joule's "standard" makes EcoLogits raise into the app)
+    request = dict(model="auto", messages=[{"role": "user", "content": "hi"}], service_tier="priority")
     for _ in range(100):
-        client.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
-    joule_otel.flush(timeout_s=60)
-    from pathlib import Path
-    from joule_otel.ledger.compact import compact
-    compact(Path(db), timeout_s=30)  # the file exists and is current: steady state from here
-    worker = next(t for t in threading.enumerate() if t.name == "joule-otel-ledger")
-    worker_clock = time.pthread_getcpuclockid(worker.ident)
+        client.chat.completions.create(max_tokens=20, **request)
+    if mode not in ("ecologits", "openai-v2"):
+        joule_otel.flush(timeout_s=60)
+        from pathlib import Path
+        from joule_otel.ledger.compact import compact
+        compact(Path(db), timeout_s=30)  # the file exists and is current: steady state from here
+        worker = next(t for t in threading.enumerate() if t.name == "joule-otel-ledger")
+    worker_clock = time.pthread_getcpuclockid(worker.ident) if worker else None
     state = {"on": True}
 
     def wrapped(on):
         if on != state["on"]:
-            (install if on else uninstall)(capture, httpx2)
+            switch(on)
             state["on"] = on
 
     def one(kind):
         if kind == "sync":
-            client.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
+            client.chat.completions.create(max_tokens=20, **request)
         elif kind == "stream":
-            for _ in client.chat.completions.create(model="auto", messages=msgs, max_tokens=50, stream=True):
+            for _ in client.chat.completions.create(max_tokens=50, stream=True, **request):
                 pass
 
     async def blocks_async(per_block, n_block, blocks):
@@ -163,15 +192,18 @@ COST = textwrap.dedent(r"""
             wrapped(on)
             t0 = time.thread_time_ns()
             for _ in range(n_block):
-                await aclient.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
+                await aclient.chat.completions.create(max_tokens=20, **request)
             per_block.append((on, (time.thread_time_ns() - t0) / n_block))
+
+    def worker_ns():
+        return time.clock_gettime_ns(worker_clock) if worker_clock is not None else 0
 
     out = {}
     for kind in ("sync", "stream", "async"):
         n_block = 20 if kind != "stream" else 5
         blocks = max(4, 2 * calls // n_block) if kind != "stream" else max(4, calls // 2 // n_block)
         per_block = []
-        worker_start = time.clock_gettime_ns(worker_clock)
+        worker_start = worker_ns()
         if kind == "async":
             asyncio.run(blocks_async(per_block, n_block, blocks))
         for block in range(blocks if kind != "async" else 0):
@@ -182,32 +214,38 @@ COST = textwrap.dedent(r"""
                 one(kind)
             per_block.append((on, (time.thread_time_ns() - t0) / n_block))
         wrapped(True)
-        joule_otel.flush(timeout_s=60)
-        worker_ns = time.clock_gettime_ns(worker_clock) - worker_start
+        if worker is not None:
+            joule_otel.flush(timeout_s=60)
         pairs = [(a[1], b[1]) for a, b in zip(per_block[::2], per_block[1::2])]  # (on, off) neighbours
         out[kind] = {
             "app_bare_us": statistics.median(off for _, off in pairs) / 1e3,
             "app_delta_us": statistics.median(on - off for on, off in pairs) / 1e3,
-            "background_us": worker_ns / (len(pairs) * n_block) / 1e3,
+            "background_us": (worker_ns() - worker_start) / (len(pairs) * n_block) / 1e3,
         }
     print(json.dumps(out))
 """)
 
+COST_MODES = {
+    "ledger": "joule-otel: ledger only (no MeterProvider)",
+    "ecologits": "EcoLogits (peer; estimates, no telemetry)",
+    "metrics": "joule-otel: ledger + metrics",
+    "traced": "joule-otel: spans + metrics + ledger, over OTel httpx spans",
+    "openai-v2": "OTel openai-v2 instrumentation (peer), over OTel httpx spans",
+}
+
 
 def own_cost(calls: int) -> list[dict[str, object]]:
-    """joule-otel's CPU per call, app thread and background thread apart, in three kinds of app."""
+    """Each instrumentation's CPU per call, app thread and background thread apart, in three kinds of app."""
     sim, base_url = start_simulator()
     rows = []
-    labels = {
-        "ledger": "ledger only (no MeterProvider)",
-        "metrics": "ledger + metrics",
-        "traced": "spans + metrics + ledger, over OTel httpx spans",
-    }
     try:
         with tempfile.TemporaryDirectory() as tmp:
             script = Path(tmp) / "cost.py"
             script.write_text(COST)
-            for mode, label in labels.items():
+            for mode, label in COST_MODES.items():
+                if mode in PEERS and not _importable(PEERS[mode]):
+                    print(f"({label}: not installed, skipped; pip install -e '.[bench]')", file=sys.stderr)
+                    continue
                 out = subprocess.run(
                     [sys.executable, str(script), base_url, str(calls), str(Path(tmp) / f"{mode}.duckdb"), mode],
                     capture_output=True,
@@ -220,18 +258,30 @@ def own_cost(calls: int) -> list[dict[str, object]]:
                     rows.append(
                         {
                             "call": kind,
-                            "app": label,
+                            "instrumentation": label,
                             "app thread without µs": data["app_bare_us"],
                             "app thread Δ µs": data["app_delta_us"],
                             "background µs": data["background_us"],
-                            "joule-otel µs/call": total,
+                            "total µs/call": total,
                             "vs app thread without": f"{total / data['app_bare_us']:+.1%}",
                         }
                     )
     finally:
         sim.terminate()
         sim.wait()
-    return rows
+    return sorted(rows, key=lambda row: ["sync", "async", "stream"].index(str(row["call"])))
+
+
+PEERS = {"ecologits": "ecologits", "openai-v2": "opentelemetry.instrumentation.openai_v2"}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from joule_otel.headers import MAX_STRING, clean_string, parse_quantity, read_energy
+from joule_otel.headers import (
+    MAX_STRING,
+    clean_string,
+    header_map,
+    header_value,
+    parse_quantity,
+    read_energy,
+    read_energy_map,
+)
 
 
 @pytest.mark.parametrize(
@@ -83,3 +91,32 @@ def test_read_energy_case_insensitive_and_region_fallback():
     assert reading.receipt_id == "r1"
     assert read_energy(httpx.Headers({"x-region": "ap-in"}).get, "eu-fi").region == "ap-in"
     assert read_energy(httpx.Headers({"x-routed-to": "m" * 1000}).get).routed_to == "m" * MAX_STRING
+
+
+class RawOnly:
+    """Headers that show only the public ``raw`` list (not httpx's internal layout)."""
+
+    def __init__(self, headers: httpx.Headers) -> None:
+        self.raw = headers.raw
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["X-Energy-Joules", "x-tier", "X-REGION", "Content-Type", "x-receipt-id"]),
+            st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20),
+        ),
+        max_size=8,
+    )
+)
+def test_header_map_and_value_agree_with_httpx_whatever_the_layout(pairs):
+    headers = httpx.Headers(pairs)
+    for view in (headers, RawOnly(headers)):
+        mapped = header_map(view)
+        for name, _ in pairs:
+            key = name.lower().encode()
+            last = [value for n, value in pairs if n.lower() == name.lower()][-1]
+            assert mapped[key] == last.encode()  # the last one sent, as a dict keeps it
+            assert header_value(view, key) == last.encode()
+        assert read_energy_map(mapped) == read_energy(lambda name, m=mapped: m.get(name.encode()))
+    assert header_map(None) == {} and header_value(None, b"x-region") is None
