@@ -11,6 +11,7 @@ process, so its CPU never counts against the client being measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -20,12 +21,13 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
 CLIENT = textwrap.dedent(r"""
     import asyncio, json, os, resource, sys, time
-    variant, base_url, calls, db = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    variant, base_url, db = sys.argv[1], sys.argv[2], sys.argv[3]
 
     def cpu():
         usage = resource.getrusage(resource.RUSAGE_SELF)   # every thread of the process
@@ -35,10 +37,14 @@ CLIENT = textwrap.dedent(r"""
     if variant in ("otel-httpx", "joule-traced"):
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+        class Drop(SpanExporter):  # spans go nowhere: an exporter's own cost is not what is measured
+            def export(self, spans):
+                return SpanExportResult.SUCCESS
+
         tracer_provider = TracerProvider()
-        tracer_provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+        tracer_provider.add_span_processor(BatchSpanProcessor(Drop()))
         trace.set_tracer_provider(tracer_provider)
     if variant == "otel-httpx":
         from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor
@@ -63,7 +69,6 @@ CLIENT = textwrap.dedent(r"""
 
     def measure(kind, n):
         lat, ttft = [], []
-        start_cpu = cpu()
         for _ in range(n):
             t0 = time.perf_counter()
             if kind == "sync":
@@ -75,29 +80,36 @@ CLIENT = textwrap.dedent(r"""
                         first = time.perf_counter() - t0
                 ttft.append(first)
             lat.append(time.perf_counter() - t0)
-        return lat, ttft, cpu() - start_cpu
+        return lat, ttft
 
     async def measure_async(n):
         lat = []
-        start_cpu = cpu()
         for _ in range(n):
             t0 = time.perf_counter()
             await aclient.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
             lat.append(time.perf_counter() - t0)
-        return lat, [], cpu() - start_cpu
+        return lat, []
 
-    out = {}
-    for kind in os.environ.get("JOULE_BENCH_KINDS", "sync,stream,async").split(","):
-        if kind == "async":
-            lat, ttft, used = asyncio.run(measure_async(calls))
+    # the controller runs every variant's process a block at a time, in turn, so the shared machine's slow
+    # minutes fall on all variants alike; CPU is the whole process's from a kind's first block to its end, the
+    # background threads' lagging work included (a joule variant flushes at the end of a kind)
+    loop = asyncio.new_event_loop()  # one loop for every async block: the async client's connections live on it
+    print("ready", flush=True)
+    start = cpu()
+    for line in sys.stdin:
+        command, _, arg = line.strip().partition(" ")
+        if command == "block":
+            kind, n = arg.split()
+            lat, ttft = loop.run_until_complete(measure_async(int(n))) if kind == "async" else measure(kind, int(n))
+            print(json.dumps({"lat": lat, "ttft": ttft}), flush=True)
+        elif command == "end":
+            if variant.startswith("joule"):
+                joule_otel.flush(timeout_s=60)
+            now = cpu()
+            print(json.dumps({"cpu": now - start}), flush=True)
+            start = now
         else:
-            lat, ttft, used = measure(kind, calls if kind == "sync" else calls // 4)
-        if variant.startswith("joule"):
-            flush_cpu = cpu()
-            joule_otel.flush(timeout_s=60)   # the background work these calls caused belongs to them
-            used += cpu() - flush_cpu
-        out[kind] = {"lat": lat, "ttft": ttft, "cpu": used, "n": len(lat)}
-    print(json.dumps(out))
+            break
 """)
 
 
@@ -302,40 +314,37 @@ def start_simulator() -> tuple[subprocess.Popen[str], str]:
 
 
 def overhead(calls: int, rounds: int) -> list[dict[str, object]]:
-    """Per-call latency and total process CPU for each variant, interleaved over ``rounds``."""
+    """Per-call latency and total process CPU for each variant: one process per variant, blocks taken in turn."""
     variants = ["bare", "otel-httpx", "joule-traced", "joule-untraced", "joule-ledger"]
+    block = {"sync": 20, "stream": 5, "async": 20}
+    per_variant = {"sync": calls * rounds, "stream": calls * rounds // 4, "async": calls * rounds}
     sim, base_url = start_simulator()
-    results: dict[str, dict[str, dict[str, list[float]]]] = {v: {} for v in variants}
+    results: dict[str, dict[str, dict[str, Any]]] = {v: {} for v in variants}
+    procs: dict[str, subprocess.Popen[str]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            script = Path(tmp) / "client.py"
-            script.write_text(CLIENT)
-            for r in range(rounds):
-                for variant in variants:
-                    db = str(Path(tmp) / f"{variant}-{r}.duckdb")
-                    out = subprocess.run(
-                        [sys.executable, str(script), variant, base_url, str(calls), db],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                        timeout=900,
-                    )
-                    for kind, data in json.loads(out.stdout).items():
-                        slot = results[variant].setdefault(kind, {"lat": [], "ttft": [], "cpu": []})
+            procs = _start_clients(variants, base_url, Path(tmp))
+            for kind in ("sync", "stream", "async"):
+                blocks = max(2, per_variant[kind] // block[kind])
+                for b in range(blocks):
+                    shift = b % len(variants)  # each variant takes every position in the turn as often
+                    for variant in variants[shift:] + variants[:shift]:
+                        data = json.loads(_ask(procs[variant], f"block {kind} {block[kind]}"))
+                        slot = results[variant].setdefault(kind, {"lat": [], "ttft": [], "n": 0})
                         slot["lat"] += data["lat"]
                         slot["ttft"] += [t for t in data["ttft"] if t is not None]
-                        slot["cpu"].append(data["cpu"] / data["n"])
+                        slot["n"] += len(data["lat"])
+                for variant in variants:
+                    results[variant][kind]["cpu"] = json.loads(_ask(procs[variant], "end"))["cpu"]
     finally:
+        _stop_clients(procs)
         sim.terminate()
         sim.wait()
     rows = []
     for kind in ("sync", "stream", "async"):
-        bare = results["bare"][kind]["cpu"]
-        httpx = results["otel-httpx"][kind]["cpu"]
+        cpu = {v: results[v][kind]["cpu"] / results[v][kind]["n"] for v in variants}
         for variant in variants:
             slot = results[variant][kind]
-            # rounds ran the variants back to back: compare within a round, then take the median over rounds,
-            # so a slow minute of the shared machine moves both sides of a comparison alike
             rows.append(
                 {
                     "call": kind,
@@ -343,12 +352,51 @@ def overhead(calls: int, rounds: int) -> list[dict[str, object]]:
                     "median ms": statistics.median(slot["lat"]) * 1000,
                     "p99 ms": _pct(slot["lat"], 0.99) * 1000,
                     "ttft ms": statistics.median(slot["ttft"]) * 1000 if slot["ttft"] else None,
-                    "CPU ms/call": statistics.median(slot["cpu"]) * 1000,
-                    "Δ CPU vs bare ms": statistics.median(c - b for c, b in zip(slot["cpu"], bare, strict=True)) * 1000,
-                    "CPU vs otel-httpx": statistics.median(c / h for c, h in zip(slot["cpu"], httpx, strict=True)),
+                    "CPU ms/call": cpu[variant] * 1000,
+                    "Δ CPU vs bare ms": (cpu[variant] - cpu["bare"]) * 1000,
+                    "CPU vs otel-httpx": f"{cpu[variant] / cpu['otel-httpx'] - 1:+.1%}",
                 }
             )
     return rows
+
+
+def _start_clients(variants: list[str], base_url: str, tmp: Path) -> dict[str, subprocess.Popen[str]]:
+    """One client process per variant, set up and warmed up, waiting for commands."""
+    script = tmp / "client.py"
+    script.write_text(CLIENT)
+    procs = {}
+    for variant in variants:
+        procs[variant] = subprocess.Popen(
+            [sys.executable, str(script), variant, base_url, str(tmp / f"{variant}.duckdb")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if _reply(procs[variant]) != "ready":
+            raise RuntimeError(f"the {variant} benchmark client did not start")
+    return procs
+
+
+def _stop_clients(procs: dict[str, subprocess.Popen[str]]) -> None:
+    for proc in procs.values():
+        with contextlib.suppress(Exception):
+            proc.stdin.close()  # type: ignore[union-attr]
+            proc.wait(timeout=60)
+
+
+def _ask(proc: subprocess.Popen[str], command: str) -> str:
+    assert proc.stdin is not None
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+    return _reply(proc)
+
+
+def _reply(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"a benchmark client exited early (code {proc.wait()})")
+    return line.strip()
 
 
 SEGMENTS_PER_COMPACTION = 5
@@ -487,36 +535,35 @@ def dashboard(sizes: list[int]) -> list[dict[str, object]]:
 
 
 def growth(counts: list[int]) -> list[dict[str, object]]:
-    """CPU per call of joule-otel (ledger + metrics, no tracing) as the number of calls grows."""
+    """CPU per call of joule-otel (ledger + metrics, no tracing) beside the bare SDK, as the calls (and the ledger) grow."""
+    variants = ["bare", "joule-untraced"]
     sim, base_url = start_simulator()
-    out = []
+    rows: list[dict[str, object]] = []
+    procs: dict[str, subprocess.Popen[str]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            script = Path(tmp) / "client.py"
-            script.write_text(CLIENT)
+            procs = _start_clients(variants, base_url, Path(tmp))
+            done = 0
             for n in counts:
-                for variant in ("bare", "joule-untraced"):
-                    res = subprocess.run(
-                        [
-                            sys.executable,
-                            str(script),
-                            variant,
-                            base_url,
-                            str(n),
-                            str(Path(tmp) / f"g{n}{variant}.duckdb"),
-                        ],
-                        env=dict(os.environ, JOULE_BENCH_KINDS="sync"),
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                        timeout=900,
-                    )
-                    data = json.loads(res.stdout)["sync"]
-                    out.append({"calls": n, "variant": variant, "CPU ms/call": data["cpu"] / data["n"] * 1000})
+                first = done + 1
+                while done < n:
+                    for variant in variants:
+                        _ask(procs[variant], "block sync 20")
+                    done += 20
+                cpu = {v: json.loads(_ask(procs[v], "end"))["cpu"] / (done - first + 1) * 1000 for v in variants}
+                rows.append(
+                    {
+                        "calls": f"{first:,}–{done:,}",
+                        "bare CPU ms/call": cpu["bare"],
+                        "joule-otel CPU ms/call": cpu["joule-untraced"],
+                        "Δ ms/call": cpu["joule-untraced"] - cpu["bare"],
+                    }
+                )
     finally:
+        _stop_clients(procs)
         sim.terminate()
         sim.wait()
-    return out
+    return rows
 
 
 def table(rows: list[dict[str, object]]) -> str:
@@ -553,7 +600,7 @@ def main() -> int:
         ),
         ("Ledger ingest", lambda: ledger_ingest(1_000_000)),
         ("Dashboard queries", lambda: dashboard([100_000, 1_000_000] + ([10_000_000] if args.full else []))),
-        ("Growth", lambda: growth([200, 1000, 3000])),
+        ("Growth", lambda: growth([200, 1000, 3000, 6000])),
     ]
     report = [f"# joule-otel benchmarks ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores)\n"]
     for title, run in sections:
