@@ -7,7 +7,6 @@ and anyone reconciling receipts by hand. A value that is not a finite, non-negat
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -149,18 +148,3 @@ def header_value(headers: Any, name: bytes) -> bytes | None:
             if raw_name.lower() == name:
                 found = value
     return found
-
-
-def raw_lookup(headers: Any) -> Callable[[str], bytes | None]:
-    """A case-insensitive lookup by ``str`` name over :func:`header_map`."""
-    lowered = header_map(headers)
-
-    def get(name: str) -> bytes | None:
-        return lowered.get(_lower_bytes(name))
-
-    return get
-
-
-@functools.lru_cache(maxsize=128)
-def _lower_bytes(name: str) -> bytes:
-    return name.lower().encode("latin-1")
