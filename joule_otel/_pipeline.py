@@ -112,10 +112,18 @@ def _joule_extension(event: dict[str, Any], facts: BodyFacts) -> None:
         facts.stream_carbon_mg = parse_quantity(str(carbon)) if carbon is not None else None
 
 
-def parse_body(call: CallRecord, is_sse: bool, content_encoding: str = "") -> BodyFacts:
-    """Usage, the stream's final energy figure and the error code, from the kept body bytes."""
+def _body(call: CallRecord, response: Any, content_encoding: str) -> bytes:
+    """The decoded body: what httpx decoded when the app read the body whole, else the kept bytes, decoded here."""
+    content = getattr(response, "_content", None)  # set by httpx's Response.read(); never for a consumed stream
+    if type(content) is bytes:
+        return content
+    return _decode(call, content_encoding)
+
+
+def parse_body(call: CallRecord, is_sse: bool, content_encoding: str = "", response: Any = None) -> BodyFacts:
+    """Usage, the stream's final energy figure and the error code, from the body (``response``'s, if httpx read it)."""
     facts = BodyFacts()
-    data = _decode(call, content_encoding)
+    data = _body(call, response, content_encoding)
     if not data:
         return facts
     if is_sse:
@@ -225,6 +233,7 @@ class Pipeline:
         queue = self._queue
         if len(queue) >= MAX_QUEUED_CALLS:
             self.calls_dropped += 1
+            call.response = None
             return
         queue.append(call)
         if len(queue) >= WAKE_AT:
@@ -352,6 +361,7 @@ class Pipeline:
 
     def _process(self, call: CallRecord, record: bool, skip_genai: bool) -> tuple[Any, ...] | None:
         self.calls_seen += 1
+        response, call.response = call.response, None  # it holds the stream that holds this call: let the cycle go
         headers = header_map(call.response_headers)
         reading = call.reading
         if reading is None:
@@ -369,7 +379,7 @@ class Pipeline:
         request = call.request_fields if call.request_fields is not None else parse_request_body(call.request_body)
         is_sse = headers.get(b"content-type", b"").startswith(b"text/event-stream")
         encoding = headers.get(b"content-encoding", b"").decode("latin-1")
-        facts = parse_body(call, is_sse, encoding) if call.chunks else BodyFacts()
+        facts = parse_body(call, is_sse, encoding, response) if call.chunks else BodyFacts()
         energy, carbon = reading.energy_j, reading.carbon_mg
         if facts.stream_energy_j is not None:  # the final stream event wins over the header
             energy = facts.stream_energy_j

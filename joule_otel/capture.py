@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from time import perf_counter_ns, time_ns
 from typing import Any
@@ -88,7 +89,9 @@ class CallRecord:
         "request_body",
         "request_fields",
         "request_headers",
+        "response",
         "response_headers",
+        "response_ref",
         "server_address",
         "span_id",
         "started_ns",
@@ -115,6 +118,10 @@ class CallRecord:
             self.request_body = None
         self.workload = current_workload()
         self.status_code: int | None = None
+        self.response: Any = None
+        """The response from the call's end until the background read the body httpx decoded (if the app read it)."""
+        self.response_ref: weakref.ref[Any] | None = None
+        """The response while the body streams: a strong reference would keep an abandoned stream from the GC."""
         self.response_headers: Any = None
         self.reading: EnergyReading | None = None
         self.request_fields: dict[str, Any] | None = None
@@ -126,8 +133,6 @@ class CallRecord:
 
     def keep(self, chunk: bytes) -> None:
         """Keep body bytes for usage parsing, bounded: a tail for plain bodies, nothing past the cap if encoded."""
-        if self.kept < 0:
-            return
         self.chunks.append(chunk)
         self.kept += len(chunk)
         if self.kept > BODY_CAP_BYTES:
@@ -144,7 +149,7 @@ class Capture:
     def __init__(self, sink: Callable[[CallRecord], None], *, capture_content: bool = False) -> None:
         self._sink = sink
         self.capture_content = capture_content
-        self.inflight: dict[CallRecord, None] = {}
+        self.inflight: dict[CallRecord, CallRecord] = {}
         self.errors = 0
         self.invalid_headers = 0
         self._logged: set[str] = set()
@@ -162,10 +167,11 @@ class Capture:
     # -- lifecycle of a call ----------------------------------------------------------------
     def finish(self, call: CallRecord) -> None:
         """Hand a call to the background exactly once (close, exhaustion, GC and exit may all try)."""
-        try:
-            del self.inflight[call]
-        except KeyError:
+        if self.inflight.pop(call, None) is None:  # finished already (a close, then the GC)
             return
+        ref = call.response_ref
+        if ref is not None:
+            call.response = ref()  # still there after a close, gone after the GC
         if not call.t_end:
             call.t_end = perf_counter_ns()
         self._sink(call)
@@ -184,7 +190,7 @@ class Capture:
             operation = "other"
         call = CallRecord(request, operation, t0, started_ns)
         call.status_code = response.status_code
-        call.response_headers = headers
+        call.response_ref, call.response_headers = weakref.ref(response), headers
         span = trace.get_current_span()
         if span.is_recording() and _is_http_client_span(span):
             self._annotate(span, call)
@@ -221,7 +227,7 @@ class Capture:
             return
         call = CallRecord(request, operation, t0, started_ns)
         call.error = type(exc).__qualname__
-        self.inflight[call] = None
+        self.inflight[call] = call
         self.finish(call)
 
     # -- the wrappers -----------------------------------------------------------------------
@@ -241,7 +247,7 @@ class Capture:
         try:
             call = self._begin(args[0] if args else kwargs["request"], response, t0, started_ns)
             if call is not None:
-                self.inflight[call] = None
+                self.inflight[call] = call
                 sync_cls, _ = self._streams_for(type(response))
                 response.stream = sync_cls(response.stream, call, self)
         except Exception:
@@ -264,7 +270,7 @@ class Capture:
         try:
             call = self._begin(args[0] if args else kwargs["request"], response, t0, started_ns)
             if call is not None:
-                self.inflight[call] = None
+                self.inflight[call] = call
                 _, async_cls = self._streams_for(type(response))
                 response.stream = async_cls(response.stream, call, self)
         except Exception:
@@ -316,7 +322,8 @@ def _make_stream_classes(sync_base: type, async_base: type) -> tuple[type, type]
             for chunk in self._inner:
                 if not call.t_first and chunk:
                     call.t_first = perf_counter_ns()
-                call.keep(chunk)
+                if call.kept >= 0:
+                    call.keep(chunk)
                 yield chunk
             call.t_end = perf_counter_ns()
 
@@ -340,7 +347,8 @@ def _make_stream_classes(sync_base: type, async_base: type) -> tuple[type, type]
             async for chunk in self._inner:
                 if not call.t_first and chunk:
                     call.t_first = perf_counter_ns()
-                call.keep(chunk)
+                if call.kept >= 0:
+                    call.keep(chunk)
                 yield chunk
             call.t_end = perf_counter_ns()
 

@@ -107,17 +107,44 @@ def read_energy_map(
             for name, raw, number in ((ENERGY_JOULES, raw_energy, energy), (CARBON_MG, raw_carbon, carbon))
             if raw is not None and number is None
         )
-    tier = clean_string(values.get(_TIER_KEY))
-    region = clean_string(values.get(_REGION_KEY)) or clean_string(request_region)
     return EnergyReading(
         energy_j=energy,
         carbon_mg=carbon,
-        routed_to=clean_string(values.get(_ROUTED_KEY)),
-        tier=tier.lower() if tier else None,
-        region=region.lower() if region else None,
-        receipt_id=clean_string(values.get(_RECEIPT_KEY)),
+        routed_to=_label(values.get(_ROUTED_KEY), False),
+        tier=_label(values.get(_TIER_KEY), True),
+        region=_label(values.get(_REGION_KEY), True) or _label(request_region, True),
+        receipt_id=_receipt(values.get(_RECEIPT_KEY)),
         invalid=invalid,
     )
+
+
+_LABELS_CACHED = 4_096
+_labels: dict[tuple[str | bytes, bool], str | None] = {}
+
+
+def _label(value: str | bytes | None, lower: bool) -> str | None:
+    """:func:`clean_string` (lower-cased if asked) of a value from a small set (models, tiers, regions), remembered."""
+    if value is None:
+        return None
+    key = (value, lower)
+    cleaned = _labels.get(key, _labels)
+    if cleaned is _labels:
+        cleaned = clean_string(value)
+        if cleaned is not None and lower:
+            cleaned = cleaned.lower()
+        if len(_labels) >= _LABELS_CACHED:  # an unbounded set of values: start over rather than grow
+            _labels.clear()
+        _labels[key] = cleaned
+    return cleaned  # type: ignore[return-value]
+
+
+def _receipt(value: str | bytes | None) -> str | None:
+    """:func:`clean_string` of a receipt id (unique per call, not worth remembering), the usual clean ASCII id fast."""
+    if type(value) is bytes and 0 < len(value) <= MAX_STRING and value.isascii():
+        text = value.decode("ascii")
+        if text.isprintable() and text == text.strip():
+            return text
+    return clean_string(value)
 
 
 def header_map(headers: Any) -> dict[bytes, bytes]:

@@ -273,6 +273,41 @@ def test_streams_full_partial_closed_and_garbage_collected(ledger_only, joule_si
     assert joule_otel.stats()["calls_in_flight"] == 0
 
 
+def test_gzip_bodies_give_usage_whether_httpx_or_the_app_reads_them(ledger_only, joule_simulator):
+    # read whole, httpx decodes it and capture reads that; read as raw bytes, capture inflates what it kept
+    url = f"{joule_simulator.base_url}/chat/completions"
+    body = {"model": "auto", "messages": HI, "max_tokens": 30}
+    headers = {"Authorization": f"Bearer {SECRET}", "Accept-Encoding": "gzip"}
+    with httpx.Client(headers=headers) as client:
+        whole = client.post(url, json=body)
+        assert whole.headers["content-encoding"] == "gzip"
+        with client.stream("POST", url, json=body) as streamed:
+            raw = b"".join(streamed.iter_raw())
+        assert raw[:2] == b"\x1f\x8b"  # the app saw the gzip bytes themselves
+    ledger = by_receipt(ledger_only)
+    assert set(ledger) == {r.receipt_id for r in joule_simulator.receipts}
+    for receipt in joule_simulator.receipts:
+        row = ledger[receipt.receipt_id]
+        assert (row["input_tokens"], row["output_tokens"]) == (receipt.input_tokens, receipt.output_tokens)
+        assert row["output_tokens"] > 0
+
+
+def test_a_raw_stream_dropped_unclosed_still_lands(ledger_only, joule_simulator):
+    url = f"{joule_simulator.base_url}/chat/completions"
+    body = {"model": "auto", "messages": HI, "max_tokens": 200, "stream": True}
+    with httpx.Client(headers={"Authorization": f"Bearer {SECRET}"}) as client:
+        response = client.send(client.build_request("POST", url, json=body), stream=True)
+        assert next(response.iter_raw())
+        assert joule_otel.stats()["calls_in_flight"] == 1
+        del response  # never closed: only the garbage collector sees it go
+        gc.collect()
+        assert joule_otel.stats()["calls_in_flight"] == 0
+    (receipt,) = joule_simulator.receipts
+    row = by_receipt(ledger_only)[receipt.receipt_id]
+    assert row["energy_j"] == receipt.energy_j
+    assert row["stream"] is True
+
+
 def test_sampler_always_off_keeps_ledger_and_metrics(ledger_path, joule_simulator):
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader

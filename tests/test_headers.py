@@ -120,3 +120,18 @@ def test_header_map_and_value_agree_with_httpx_whatever_the_layout(pairs):
             assert header_value(view, key) == last.encode()
         assert read_energy_map(mapped) == read_energy(lambda name, m=mapped: m.get(name.encode()))
     assert header_map(None) == {} and header_value(None, b"x-region") is None
+
+
+@given(
+    st.lists(
+        st.one_of(st.binary(max_size=300), st.sampled_from([b"rcpt_01", b" Eu-Fi ", b"\x7fx", b"a" * 300])), max_size=6
+    )
+)
+def test_string_headers_read_as_clean_string_says_every_time(values):
+    # labels (model, tier, region) are remembered and receipts take a fast path: both must say what clean_string says
+    for raw in values + values:
+        reading = read_energy_map({b"x-receipt-id": raw, b"x-routed-to": raw, b"x-tier": raw, b"x-region": raw})
+        cleaned = clean_string(raw)
+        assert reading.receipt_id == cleaned
+        assert reading.routed_to == cleaned
+        assert reading.tier == reading.region == (cleaned.lower() if cleaned else None)
