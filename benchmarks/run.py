@@ -46,14 +46,16 @@ CLIENT = textwrap.dedent(r"""
         tracer_provider = TracerProvider()
         tracer_provider.add_span_processor(BatchSpanProcessor(Drop()))
         trace.set_tracer_provider(tracer_provider)
-    if variant == "otel-httpx":
-        from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor
-        HTTPX2ClientInstrumentor().instrument()
-    if variant in ("joule-traced", "joule-untraced"):  # joule-ledger: an app that configured no metrics
+    if variant in ("otel-httpx", "joule-traced", "joule-untraced"):  # joule-ledger: an app that configured no metrics
+        # the httpx instrumentation records its own duration histogram once a MeterProvider is set: the baseline
+        # has one too, so that cost is not put down to joule-otel
         from opentelemetry import metrics
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
         metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    if variant == "otel-httpx":
+        from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor
+        HTTPX2ClientInstrumentor().instrument()
     if variant.startswith("joule"):
         import joule_otel
         joule_otel.instrument(db=db)
@@ -114,15 +116,14 @@ CLIENT = textwrap.dedent(r"""
 
 
 COST = textwrap.dedent(r"""
-    # One instrumentation's own cost per call, measured inside one process: short blocks of calls alternate
-    # between the instrumentation switched on and off (everything else stays: the SDK providers and, when
-    # traced, OpenTelemetry's httpx span instrumentation), so the machine's slow minutes hit both sides alike;
-    # each pair of neighbouring blocks gives one difference and the median of those is reported. Each thread's
-    # CPU clock is read on its own: the app's thread, and joule-otel's background thread that parses, records
-    # metrics and writes the ledger. The peers (EcoLogits, OpenTelemetry's openai instrumentation) do all
-    # their work on the app's thread; switching them is swapping the methods they wrapped.
+    # One instrumentation's own cost per call, measured inside one process: pairs of short blocks of calls with
+    # the instrumentation switched on and off (everything else stays: the SDK providers and, when traced,
+    # OpenTelemetry's httpx span instrumentation); each pair gives one difference and the median of those is
+    # reported. Each thread's CPU clock is read on its own: the app's thread, and joule-otel's background thread
+    # that parses, records metrics and writes the ledger. The peers (EcoLogits, OpenTelemetry's openai
+    # instrumentation) do all their work on the app's thread; switching them is swapping the methods they wrapped.
     import asyncio, json, statistics, sys, threading, time
-    base_url, calls, db, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    base_url, db, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     traced = mode in ("traced", "openai-v2")
     if mode in ("metrics", "traced", "openai-v2"):
         from opentelemetry import metrics
@@ -164,6 +165,24 @@ COST = textwrap.dedent(r"""
         import joule_otel
         from joule_otel import _instrument
         from joule_otel.capture import install, uninstall
+        from joule_otel.ledger import writer as ledger_writer
+
+        # what the background does once a second (a segment) or once an interval (a compaction) whatever the call
+        # rate is timed apart from what it does per call: this process only makes calls a fifth of the time
+        fixed = {"segment": [0, 0], "compaction": [0, 0]}
+
+        def timed(name, function):
+            def run(*args, **kwargs):
+                t0 = time.thread_time_ns()
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    fixed[name][0] += 1
+                    fixed[name][1] += time.thread_time_ns() - t0
+            return run
+
+        ledger_writer.LedgerWriter.write_segment = timed("segment", ledger_writer.LedgerWriter.write_segment)
+        ledger_writer.compact_locked = timed("compaction", ledger_writer.compact_locked)
         joule_otel.instrument(db=db)
         capture = _instrument._state.capture
 
@@ -191,50 +210,53 @@ COST = textwrap.dedent(r"""
             switch(on)
             state["on"] = on
 
-    def one(kind):
-        if kind == "sync":
-            client.chat.completions.create(max_tokens=20, **request)
-        elif kind == "stream":
-            for _ in client.chat.completions.create(max_tokens=50, stream=True, **request):
-                pass
+    async def calls_async(n):
+        for _ in range(n):
+            await aclient.chat.completions.create(max_tokens=20, **request)
 
-    async def blocks_async(per_block, n_block, blocks):
-        for block in range(blocks):
-            on = block % 2 == 0
-            wrapped(on)
-            t0 = time.thread_time_ns()
-            for _ in range(n_block):
-                await aclient.chat.completions.create(max_tokens=20, **request)
-            per_block.append((on, (time.thread_time_ns() - t0) / n_block))
+    def block(kind, n, on):
+        wrapped(on)
+        t0 = time.thread_time_ns()
+        if kind == "async":
+            loop.run_until_complete(calls_async(n))
+        for _ in range(n if kind != "async" else 0):
+            if kind == "sync":
+                client.chat.completions.create(max_tokens=20, **request)
+            else:
+                for _ in client.chat.completions.create(max_tokens=50, stream=True, **request):
+                    pass
+        return (time.thread_time_ns() - t0) / n
 
     def worker_ns():
         return time.clock_gettime_ns(worker_clock) if worker_clock is not None else 0
 
-    out = {}
-    for kind in ("sync", "stream", "async"):
-        n_block = 20 if kind != "stream" else 5
-        blocks = max(4, 2 * calls // n_block) if kind != "stream" else max(4, calls // 2 // n_block)
-        per_block = []
-        worker_start = worker_ns()
-        if kind == "async":
-            asyncio.run(blocks_async(per_block, n_block, blocks))
-        for block in range(blocks if kind != "async" else 0):
-            on = block % 2 == 0
-            wrapped(on)
-            t0 = time.thread_time_ns()
-            for _ in range(n_block):
-                one(kind)
-            per_block.append((on, (time.thread_time_ns() - t0) / n_block))
-        wrapped(True)
-        if worker is not None:
-            joule_otel.flush(timeout_s=60)
-        pairs = [(a[1], b[1]) for a, b in zip(per_block[::2], per_block[1::2])]  # (on, off) neighbours
-        out[kind] = {
-            "app_bare_us": statistics.median(off for _, off in pairs) / 1e3,
-            "app_delta_us": statistics.median(on - off for on, off in pairs) / 1e3,
-            "background_us": (worker_ns() - worker_start) / (len(pairs) * n_block) / 1e3,
-        }
-    print(json.dumps(out))
+    # the controller has every mode's process take a pair of blocks (on, off; the order alternates) in turn, so the
+    # shared machine's slow minutes fall on every mode alike; the background thread's CPU is read at the end of a
+    # kind, after a flush, and spread over the calls made while switched on
+    loop = asyncio.new_event_loop()  # one loop for every async block: the async client's connections live on it
+    print("ready", flush=True)
+    worker_start = worker_ns()
+    for line in sys.stdin:
+        command, *args = line.split()
+        if command == "pair":
+            kind, n, on_first = args[0], int(args[1]), args[2] == "1"
+            first = block(kind, n, on_first)
+            second = block(kind, n, not on_first)
+            on, off = (first, second) if on_first else (second, first)
+            print(json.dumps({"on": on, "off": off}), flush=True)
+        elif command == "background":
+            wrapped(True)
+            if worker is not None:
+                joule_otel.flush(timeout_s=60)
+            now = worker_ns()
+            report = {"ns": now - worker_start, "fixed": fixed if worker is not None else None}
+            if worker is not None:
+                report["ns"] -= sum(ns for _, ns in fixed.values())
+                fixed = {name: [0, 0] for name in fixed}
+            print(json.dumps(report), flush=True)
+            worker_start = now
+        else:
+            break
 """)
 
 COST_MODES = {
@@ -246,42 +268,76 @@ COST_MODES = {
 }
 
 
-def own_cost(calls: int) -> list[dict[str, object]]:
+def own_cost(calls: int) -> list[list[dict[str, object]]]:
     """Each instrumentation's CPU per call, app thread and background thread apart, in three kinds of app."""
+    block = {"sync": 20, "async": 20, "stream": 5}
+    pairs = {"sync": max(3, calls // 20), "async": max(3, calls // 20), "stream": max(3, calls // 40)}
     sim, base_url = start_simulator()
-    rows = []
+    modes = [m for m in COST_MODES if m not in PEERS or _importable(PEERS[m])]
+    for mode in set(COST_MODES) - set(modes):
+        print(f"({COST_MODES[mode]}: not installed, skipped; pip install -e '.[bench]')", file=sys.stderr)
+    rows: list[dict[str, object]] = []
+    fixed_runs: dict[str, list[int]] = {}
+    procs: dict[str, subprocess.Popen[str]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             script = Path(tmp) / "cost.py"
             script.write_text(COST)
-            for mode, label in COST_MODES.items():
-                if mode in PEERS and not _importable(PEERS[mode]):
-                    print(f"({label}: not installed, skipped; pip install -e '.[bench]')", file=sys.stderr)
-                    continue
-                out = subprocess.run(
-                    [sys.executable, str(script), base_url, str(calls), str(Path(tmp) / f"{mode}.duckdb"), mode],
-                    capture_output=True,
+            for mode in modes:
+                procs[mode] = subprocess.Popen(
+                    [sys.executable, str(script), base_url, str(Path(tmp) / f"{mode}.duckdb"), mode],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
                     text=True,
-                    check=True,
-                    timeout=900,
                 )
-                for kind, data in json.loads(out.stdout).items():
-                    total = data["app_delta_us"] + data["background_us"]
+                if _reply(procs[mode]) != "ready":
+                    raise RuntimeError(f"the {mode} cost client did not start")
+            for kind in ("sync", "async", "stream"):
+                found: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+                for p in range(pairs[kind]):
+                    shift = p % len(modes)
+                    for mode in modes[shift:] + modes[:shift]:
+                        data = json.loads(_ask(procs[mode], f"pair {kind} {block[kind]} {p % 2}"))
+                        found[mode].append((data["on"], data["off"]))
+                for mode in modes:
+                    report = json.loads(_ask(procs[mode], "background"))
+                    background_ns = report["ns"]
+                    for name, (count, ns) in (report["fixed"] or {}).items():
+                        fixed_runs.setdefault(name, [0, 0])
+                        fixed_runs[name][0] += count
+                        fixed_runs[name][1] += ns
+                    off = statistics.median(b for _, b in found[mode]) / 1e3
+                    delta = statistics.median(a - b for a, b in found[mode]) / 1e3
+                    background = background_ns / (len(found[mode]) * block[kind]) / 1e3
                     rows.append(
                         {
                             "call": kind,
-                            "instrumentation": label,
-                            "app thread without µs": data["app_bare_us"],
-                            "app thread Δ µs": data["app_delta_us"],
-                            "background µs": data["background_us"],
-                            "total µs/call": total,
-                            "vs app thread without": f"{total / data['app_bare_us']:+.1%}",
+                            "instrumentation": COST_MODES[mode],
+                            "app thread without µs": off,
+                            "app thread Δ µs": delta,
+                            "background µs": background,
+                            "total µs/call": delta + background,
+                            "vs app thread without": f"{(delta + background) / off:+.1%}",
                         }
                     )
     finally:
+        _stop_clients(procs)
         sim.terminate()
         sim.wait()
-    return sorted(rows, key=lambda row: ["sync", "async", "stream"].index(str(row["call"])))
+    fixed = [
+        {
+            "background work": f"{name}s ({what})",
+            "runs": count,
+            "CPU ms each": ns / count / 1e6,
+        }
+        for name, what in (
+            ("segment", "one a second while calls flow, per process"),
+            ("compaction", "one per 30 s interval, for all processes of a ledger"),
+        )
+        for count, ns in [fixed_runs.get(name, [0, 0])]
+        if count
+    ]
+    return [rows, fixed]
 
 
 PEERS = {"ecologits": "ecologits", "openai-v2": "opentelemetry.instrumentation.openai_v2"}
@@ -534,6 +590,69 @@ def dashboard(sizes: list[int]) -> list[dict[str, object]]:
     return out
 
 
+def sdk_floor(n: int) -> list[dict[str, object]]:
+    """What the OpenTelemetry SDK charges for the telemetry the contracts ask of every call, measured alone.
+
+    joule-otel's per-call cost cannot go below these: four histogram records (energy, duration, input and output
+    tokens) with the metric attributes, and, when traced, the span attributes set on the HTTP client span.
+    """
+    from opentelemetry import context as otel_context
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from joule_otel import attributes as attr
+
+    meter = MeterProvider(metric_readers=[InMemoryMetricReader()]).get_meter("bench")
+    histogram = meter.create_histogram("bench.histogram", unit="J")
+    metric_attributes = {
+        attr.JOULE_WORKLOAD: "support-bot",
+        attr.GEN_AI_PROVIDER_NAME: attr.PROVIDER,
+        attr.GEN_AI_OPERATION_NAME: "chat",
+        attr.GEN_AI_REQUEST_MODEL: "auto",
+        attr.GEN_AI_RESPONSE_MODEL: "llama-3.1-70b",
+        attr.JOULE_TIER: "standard",
+        attr.JOULE_REGION: "eu-fi",
+    }
+    span_attributes = {
+        **metric_attributes,
+        attr.JOULE_ENERGY: 123.4,
+        attr.JOULE_CARBON: 8.9,
+        attr.JOULE_RECEIPT_ID: "rcpt_0123456789abcdef01234567",
+        attr.JOULE_ENERGY_SOURCE: "header",
+    }
+    tracer = TracerProvider().get_tracer("bench")
+    no_span = otel_context.Context()
+
+    def per_call_us(operation: Any) -> float:
+        best = float("inf")
+        for _ in range(5):  # the least disturbed of five runs
+            t0 = time.thread_time_ns()
+            for _ in range(n):
+                operation()
+            best = min(best, (time.thread_time_ns() - t0) / n / 1e3)
+        return best
+
+    def span_with_attributes() -> None:
+        span = tracer.start_span("bench")
+        span.set_attributes(span_attributes)
+        span.end()
+
+    def bare_span() -> None:
+        tracer.start_span("bench").end()
+
+    record = per_call_us(lambda: histogram.record(1.5, metric_attributes, context=no_span))
+    bare = per_call_us(bare_span)
+    with_attributes = per_call_us(span_with_attributes)
+    return [
+        {"operation": "histogram.record, the 7 metric attributes", "µs": record},
+        {"operation": "histogram.record, no attributes", "µs": per_call_us(lambda: histogram.record(1.5))},
+        {"operation": "× 4 records a call (energy, duration, input and output tokens)", "µs": 4 * record},
+        {"operation": "span.set_attributes, the 11 span attributes", "µs": with_attributes - bare},
+        {"operation": "(a bare span: start and end)", "µs": bare},
+    ]
+
+
 def growth(counts: list[int]) -> list[dict[str, object]]:
     """CPU per call of joule-otel (ledger + metrics, no tracing) beside the bare SDK, as the calls (and the ledger) grow."""
     variants = ["bare", "joule-untraced"]
@@ -598,6 +717,7 @@ def main() -> int:
             "joule-otel's own CPU per call (in one process: alternating blocks, per-thread CPU clocks)",
             lambda: own_cost(args.calls * 2),
         ),
+        ("OpenTelemetry SDK floor (alone, the least disturbed of 5 runs)", lambda: sdk_floor(5_000)),
         ("Ledger ingest", lambda: ledger_ingest(1_000_000)),
         ("Dashboard queries", lambda: dashboard([100_000, 1_000_000] + ([10_000_000] if args.full else []))),
         ("Growth", lambda: growth([200, 1000, 3000, 6000])),
@@ -606,7 +726,9 @@ def main() -> int:
     for title, run in sections:
         if args.only and not any(word in title.lower() for word in args.only):
             continue
-        report.append(f"## {title}\n\n{table(run())}\n")
+        found = run()
+        tables = found if found and isinstance(found[0], list) else [found]
+        report.append(f"## {title}\n\n" + "\n".join(table(rows) for rows in tables) + "\n")
         print(report[-1], flush=True)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
