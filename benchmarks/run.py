@@ -210,40 +210,47 @@ COST = textwrap.dedent(r"""
             switch(on)
             state["on"] = on
 
-    async def calls_async(n):
-        for _ in range(n):
-            await aclient.chat.completions.create(max_tokens=20, **request)
-
-    def block(kind, n, on):
-        wrapped(on)
+    async def one_async():
         t0 = time.thread_time_ns()
+        await aclient.chat.completions.create(max_tokens=20, **request)
+        return time.thread_time_ns() - t0
+
+    def one(kind):
         if kind == "async":
-            loop.run_until_complete(calls_async(n))
-        for _ in range(n if kind != "async" else 0):
-            if kind == "sync":
-                client.chat.completions.create(max_tokens=20, **request)
-            else:
-                for _ in client.chat.completions.create(max_tokens=50, stream=True, **request):
-                    pass
-        return (time.thread_time_ns() - t0) / n
+            return loop.run_until_complete(one_async())
+        t0 = time.thread_time_ns()
+        if kind == "sync":
+            client.chat.completions.create(max_tokens=20, **request)
+        else:
+            for _ in client.chat.completions.create(max_tokens=50, stream=True, **request):
+                pass
+        return time.thread_time_ns() - t0
+
+    def pairs(kind, n, on_first):
+        # switched on and off call by call, so the two calls of a pair see the machine in the same state
+        found = []
+        for _ in range(n):
+            wrapped(on_first)
+            first = one(kind)
+            wrapped(not on_first)
+            second = one(kind)
+            found.append((first, second) if on_first else (second, first))
+            on_first = not on_first
+        return found
 
     def worker_ns():
         return time.clock_gettime_ns(worker_clock) if worker_clock is not None else 0
 
-    # the controller has every mode's process take a pair of blocks (on, off; the order alternates) in turn, so the
-    # shared machine's slow minutes fall on every mode alike; the background thread's CPU is read at the end of a
-    # kind, after a flush, and spread over the calls made while switched on
+    # the controller has every mode's process take a few pairs of calls (one on, one off; the order alternates) in
+    # turn, so the shared machine's slow minutes fall on every mode alike; the background thread's CPU is read at
+    # the end of a kind, after a flush, and spread over the calls made while switched on
     loop = asyncio.new_event_loop()  # one loop for every async block: the async client's connections live on it
     print("ready", flush=True)
     worker_start = worker_ns()
     for line in sys.stdin:
         command, *args = line.split()
-        if command == "pair":
-            kind, n, on_first = args[0], int(args[1]), args[2] == "1"
-            first = block(kind, n, on_first)
-            second = block(kind, n, not on_first)
-            on, off = (first, second) if on_first else (second, first)
-            print(json.dumps({"on": on, "off": off}), flush=True)
+        if command == "pairs":
+            print(json.dumps(pairs(args[0], int(args[1]), args[2] == "1")), flush=True)
         elif command == "background":
             wrapped(True)
             if worker is not None:
@@ -270,8 +277,8 @@ COST_MODES = {
 
 def own_cost(calls: int) -> list[list[dict[str, object]]]:
     """Each instrumentation's CPU per call, app thread and background thread apart, in three kinds of app."""
-    block = {"sync": 20, "async": 20, "stream": 5}
-    pairs = {"sync": max(3, calls // 24), "async": max(3, calls // 24), "stream": max(3, calls // 48)}
+    per_turn = {"sync": 10, "async": 10, "stream": 3}
+    turns = {"sync": max(3, calls // 12), "async": max(3, calls // 12), "stream": max(3, calls // 24)}
     sim, base_url = start_simulator()
     modes = [m for m in COST_MODES if m not in PEERS or _importable(PEERS[m])]
     for mode in set(COST_MODES) - set(modes):
@@ -293,12 +300,11 @@ def own_cost(calls: int) -> list[list[dict[str, object]]]:
                 if _reply(procs[mode]) != "ready":
                     raise RuntimeError(f"the {mode} cost client did not start")
             for kind in ("sync", "async", "stream"):
-                found: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
-                for p in range(pairs[kind]):
-                    shift = p % len(modes)
+                found: dict[str, list[tuple[int, int]]] = {m: [] for m in modes}
+                for turn in range(turns[kind]):
+                    shift = turn % len(modes)
                     for mode in modes[shift:] + modes[:shift]:
-                        data = json.loads(_ask(procs[mode], f"pair {kind} {block[kind]} {p % 2}"))
-                        found[mode].append((data["on"], data["off"]))
+                        found[mode] += json.loads(_ask(procs[mode], f"pairs {kind} {per_turn[kind]} {turn % 2}"))
                 for mode in modes:
                     report = json.loads(_ask(procs[mode], "background"))
                     background_ns = report["ns"]
@@ -308,7 +314,7 @@ def own_cost(calls: int) -> list[list[dict[str, object]]]:
                         fixed_runs[name][1] += ns
                     off = statistics.median(b for _, b in found[mode]) / 1e3
                     delta = statistics.median(a - b for a, b in found[mode]) / 1e3
-                    background = background_ns / (len(found[mode]) * block[kind]) / 1e3
+                    background = background_ns / len(found[mode]) / 1e3
                     rows.append(
                         {
                             "call": kind,
@@ -718,7 +724,7 @@ def main() -> int:
             lambda: overhead(args.calls, args.rounds),
         ),
         (
-            "joule-otel's own CPU per call (in one process: alternating blocks, per-thread CPU clocks)",
+            "joule-otel's own CPU per call (in one process: calls switched on and off in turn, per-thread CPU clocks)",
             lambda: own_cost(args.calls * 2),
         ),
         ("OpenTelemetry SDK floor (alone, the least disturbed of 5 runs)", lambda: sdk_floor(5_000)),
