@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
 import zlib
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from joule_otel import attributes as attr
 from joule_otel.capture import SEMCONV_OPERATIONS, CallRecord, error_type_for, parse_request_body
-from joule_otel.headers import REGION, EnergyReading, header_map, header_value, read_energy_map
+from joule_otel.headers import REGION, EnergyReading, header_map, header_value, parse_quantity, read_energy_map
 from joule_otel.instruments import Instruments
 from joule_otel.ledger.writer import LedgerWriter, rows_to_arrow
 
@@ -101,15 +103,36 @@ def _usage_tokens(usage: Any) -> tuple[int | None, int | None]:
     )
 
 
-def _joule_extension(event: dict[str, Any], facts: BodyFacts) -> None:
-    from joule_otel.headers import parse_quantity
-
-    joule = event.get("joule")
-    if isinstance(joule, dict) and facts.stream_energy_j is None:
+def _joule_extension(joule: Any, facts: BodyFacts) -> None:
+    if isinstance(joule, dict):
         energy = joule.get("energy_joules")
         carbon = joule.get("carbon_mg")
         facts.stream_energy_j = parse_quantity(str(energy)) if energy is not None else None
         facts.stream_carbon_mg = parse_quantity(str(carbon)) if carbon is not None else None
+
+
+_COLON_BRACE = re.compile(rb"\s*:\s*\{")
+
+
+def _object_after(data: bytes, key: bytes) -> Any:
+    """The JSON object under the last ``key`` (a quoted name) in ``data``, decoded alone, or None.
+
+    Only that object is decoded, not the event or body around it. The same quoted word can also be a string value
+    (``"role": "usage"``); only a key is followed by a colon.
+    """
+    end = len(data)
+    for _ in range(4):
+        at = data.rfind(key, 0, end)
+        if at < 0:
+            return None
+        found = _COLON_BRACE.match(data, at + len(key))
+        if found is not None:
+            try:
+                return _JSON_DECODER.raw_decode(data[found.end() - 1 :].decode("utf-8", "replace"))[0]
+            except ValueError:
+                return None
+        end = at
+    return None
 
 
 def _body(call: CallRecord, response: Any, content_encoding: str) -> bytes:
@@ -120,6 +143,27 @@ def _body(call: CallRecord, response: Any, content_encoding: str) -> bytes:
     return _decode(call, content_encoding)
 
 
+def _data_lines_backwards(data: bytes) -> Iterator[bytes]:
+    """What follows ``data:`` on each line of an SSE body, last line first, within its last :data:`SSE_TAIL_BYTES`.
+
+    Found with ``rfind`` rather than by splitting the body: a stream of a few hundred chunks has as many lines, and
+    only the last few are read. A JSON payload cannot hold a raw newline, so a newline and ``data:`` start a line.
+    """
+    floor = max(len(data) - SSE_TAIL_BYTES, 0)
+    end = len(data)
+    while end > floor:
+        newline = data.rfind(b"\ndata:", floor, end)
+        if newline >= 0:
+            start = newline + 1
+        elif floor == 0 and data.startswith(b"data:"):  # the body's first line
+            start = 0
+        else:
+            return
+        line_end = data.find(b"\n", start, end)
+        yield data[start + 5 : line_end if line_end >= 0 else end]
+        end = newline if newline >= 0 else 0
+
+
 def parse_body(call: CallRecord, is_sse: bool, content_encoding: str = "", response: Any = None) -> BodyFacts:
     """Usage, the stream's final energy figure and the error code, from the body (``response``'s, if httpx read it)."""
     facts = BodyFacts()
@@ -128,24 +172,17 @@ def parse_body(call: CallRecord, is_sse: bool, content_encoding: str = "", respo
         return facts
     if is_sse:
         seen = 0
-        # the figures come in the last events: split only the tail, parse only events that carry them
-        for line in reversed(data[-SSE_TAIL_BYTES:].split(b"\n")):
-            if not line.startswith(b"data:") or b"[DONE]" in line:
+        # the figures come in the last events: walk back from the end, parse only events that carry them
+        for line in _data_lines_backwards(data):
+            if b"[DONE]" in line:
                 continue
             seen += 1
             if seen > 8 or (facts.input_tokens is not None and facts.stream_energy_j is not None):
                 break
-            if b'"usage"' not in line and b'"joule"' not in line:
-                continue
-            try:
-                event = json.loads(line[5:])
-            except ValueError:
-                continue
-            if not isinstance(event, dict):
-                continue
-            if facts.input_tokens is None and facts.output_tokens is None:
-                facts.input_tokens, facts.output_tokens = _usage_tokens(event.get("usage"))
-            _joule_extension(event, facts)
+            if facts.input_tokens is None and facts.output_tokens is None and b'"usage"' in line:
+                facts.input_tokens, facts.output_tokens = _usage_tokens(_object_after(line, b'"usage"'))
+            if facts.stream_energy_j is None and b'"joule"' in line:
+                _joule_extension(_object_after(line, b'"joule"'), facts)
         return facts
     if call.status_code is not None and call.status_code >= 400:
         try:
@@ -155,15 +192,7 @@ def parse_body(call: CallRecord, is_sse: bool, content_encoding: str = "", respo
         except (ValueError, AttributeError):
             pass
         return facts
-    at = data.rfind(b'"usage"')
-    if at >= 0:
-        brace = data.find(b"{", at)
-        if brace >= 0:
-            try:
-                usage, _ = _JSON_DECODER.raw_decode(data[brace:].decode("utf-8", "replace"))
-            except ValueError:
-                usage = None
-            facts.input_tokens, facts.output_tokens = _usage_tokens(usage)
+    facts.input_tokens, facts.output_tokens = _usage_tokens(_object_after(data, b'"usage"'))
     return facts
 
 

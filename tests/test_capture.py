@@ -308,6 +308,36 @@ def test_a_raw_stream_dropped_unclosed_still_lands(ledger_only, joule_simulator)
     assert row["stream"] is True
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+@pytest.mark.parametrize("filler", [0, 3, 400])
+def test_stream_usage_and_energy_are_read_from_the_last_events(newline, filler):
+    from types import SimpleNamespace
+
+    from joule_otel._pipeline import parse_body
+
+    def event(payload: dict) -> bytes:
+        return b"data: " + json.dumps(payload).encode() + newline + newline
+
+    chunk = {"choices": [{"delta": {"content": 'say "data: {\\"usage\\": 1}"'}}]}  # the model may write SSE
+    body = b"".join(
+        [event(chunk)] * filler
+        + [
+            event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 11}}),
+            event({"choices": [], "joule": {"energy_joules": 12.5, "carbon_mg": "0.25"}}),
+            event({"choices": [{"delta": {"role": "usage"}}], "usage": None}),  # "usage" as a value, and null
+            b"data: [DONE]" + newline + newline,
+        ]
+    )
+    pieces = [body[i : i + 97] for i in range(0, len(body), 97)]  # chunk edges fall anywhere
+    facts = parse_body(SimpleNamespace(chunks=pieces, status_code=200), is_sse=True)
+    assert (facts.input_tokens, facts.output_tokens) == (7, 11)
+    assert (facts.stream_energy_j, facts.stream_carbon_mg) == (12.5, 0.25)
+    no_figures = parse_body(SimpleNamespace(chunks=[event(chunk) * 3], status_code=200), is_sse=True)
+    assert no_figures.input_tokens is None and no_figures.stream_energy_j is None
+    whole = json.dumps({"usage": {"prompt_tokens": 1}, "x": [{"role": "usage"}], "usage ": 0}).encode()
+    assert parse_body(SimpleNamespace(chunks=[whole], status_code=200), is_sse=False).input_tokens == 1
+
+
 def test_sampler_always_off_keeps_ledger_and_metrics(ledger_path, joule_simulator):
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
