@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from time import perf_counter_ns, time_ns
 from typing import Any
@@ -89,9 +88,7 @@ class CallRecord:
         "request_body",
         "request_fields",
         "request_headers",
-        "response",
         "response_headers",
-        "response_ref",
         "server_address",
         "span_id",
         "started_ns",
@@ -118,10 +115,6 @@ class CallRecord:
             self.request_body = None
         self.workload = current_workload()
         self.status_code: int | None = None
-        self.response: Any = None
-        """The response from the call's end until the background read the body httpx decoded (if the app read it)."""
-        self.response_ref: weakref.ref[Any] | None = None
-        """The response while the body streams: a strong reference would keep an abandoned stream from the GC."""
         self.response_headers: Any = None
         self.reading: EnergyReading | None = None
         self.request_fields: dict[str, Any] | None = None
@@ -169,9 +162,6 @@ class Capture:
         """Hand a call to the background exactly once (close, exhaustion, GC and exit may all try)."""
         if self.inflight.pop(call, None) is None:  # finished already (a close, then the GC)
             return
-        ref = call.response_ref
-        if ref is not None:
-            call.response = ref()  # still there after a close, gone after the GC
         if not call.t_end:
             call.t_end = perf_counter_ns()
         self._sink(call)
@@ -190,7 +180,7 @@ class Capture:
             operation = "other"
         call = CallRecord(request, operation, t0, started_ns)
         call.status_code = response.status_code
-        call.response_ref, call.response_headers = weakref.ref(response), headers
+        call.response_headers = headers
         span = trace.get_current_span()
         if span.is_recording() and _is_http_client_span(span):
             self._annotate(span, call)

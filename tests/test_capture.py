@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -336,6 +336,40 @@ def test_stream_usage_and_energy_are_read_from_the_last_events(newline, filler):
     assert no_figures.input_tokens is None and no_figures.stream_energy_j is None
     whole = json.dumps({"usage": {"prompt_tokens": 1}, "x": [{"role": "usage"}], "usage ": 0}).encode()
     assert parse_body(SimpleNamespace(chunks=[whole], status_code=200), is_sse=False).input_tokens == 1
+
+
+def test_waiting_calls_do_not_set_off_the_apps_garbage_collector(ledger_path, joule_simulator):
+    # what a captured call holds until the background takes it must die young: held for a second it used to set
+    # off a collection every dozen calls on the app's thread, and full collections of its whole heap
+    client = oai(joule_simulator)
+
+    def collections(calls: int) -> Counter:
+        runs: Counter = Counter()
+
+        def count(phase: str, info: dict) -> None:
+            if phase == "start" and threading.current_thread() is threading.main_thread():
+                runs[info["generation"]] += 1
+
+        gc.collect()
+        gc.callbacks.append(count)
+        try:
+            for _ in range(calls):
+                client.chat.completions.create(model="auto", messages=HI, max_tokens=5)
+        finally:
+            gc.callbacks.remove(count)
+        return runs
+
+    calls = 600
+    bare = collections(calls)
+    joule_otel.instrument(db=ledger_path)
+    try:
+        captured = collections(calls)
+        assert joule_otel.flush(timeout_s=20)
+        assert len(joule_otel.read_ledger(ledger_path)) == calls
+    finally:
+        joule_otel.uninstrument()
+    assert captured[0] <= bare[0] + calls // 40, (bare, captured)
+    assert captured[2] == 0, (bare, captured)
 
 
 def test_sampler_always_off_keeps_ledger_and_metrics(ledger_path, joule_simulator):
