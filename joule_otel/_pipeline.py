@@ -34,13 +34,14 @@ _log = logging.getLogger("joule_otel")
 MAX_QUEUED_CALLS = 50_000
 """Calls waiting for the background thread; past this they are dropped and counted."""
 DRAIN_INTERVAL_S = 0.05
-"""How often the background thread takes the calls waiting for it; rows still reach disk once a flush interval.
+"""How often the background thread takes the calls waiting for it while calls flow (idle, it wakes once a flush
+interval); rows still reach disk once a flush interval.
 
 Soon, because what a waiting call holds (its headers, its body bytes) would otherwise outlive the garbage collector's
 youngest generation: held for a second, those objects set off collections on the app's thread, get promoted, and
 bring on full collections of the app's whole heap, which measured at 0.1-0.15 ms of the app's CPU per call."""
-WAKE_AT = 64
-"""Wake the background thread before the drain interval is up when this many calls wait."""
+WAKE_AT = 32
+"""Wake the background thread early when this many calls wait (the first calls after a quiet spell, say)."""
 SEGMENT_MAX_ROWS = 100_000
 YIELD_EVERY = 8
 """Calls the background thread processes between two offers of the GIL to the app's threads."""
@@ -310,19 +311,22 @@ class Pipeline:
                 rows_to_arrow([])
             except Exception:
                 _log.warning("joule_otel: pyarrow cannot be used; the ledger cannot be written", exc_info=True)
+        flowing = False
         while not self._stop:
-            self._wake.wait(min(self.flush_interval_s, DRAIN_INTERVAL_S))
+            self._wake.wait(min(self.flush_interval_s, DRAIN_INTERVAL_S) if flowing else self.flush_interval_s)
             self._wake.clear()
             if self._stop:
                 break
             with self._cond:
                 target = self._flush_requested
+            seen = self.calls_seen
             try:
                 # a flush() makes rows durable (a segment on disk, visible to every reader); compaction into
                 # the DuckDB file keeps its own pace (every few seconds, and at exit)
                 self._cycle(final=False, force_segment=target > self._flush_done, compact_timeout_s=0.0)
             except Exception:
                 _log.exception("joule_otel: background ledger cycle failed; continuing")
+            flowing = self.calls_seen != seen
             if target > self._flush_done:
                 with self._cond:
                     self._flush_done = target
