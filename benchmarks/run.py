@@ -278,7 +278,7 @@ COST_MODES = {
 def own_cost(calls: int) -> list[list[dict[str, object]]]:
     """Each instrumentation's CPU per call, app thread and background thread apart, in three kinds of app."""
     per_turn = {"sync": 10, "async": 10, "stream": 3}
-    turns = {"sync": max(3, calls // 12), "async": max(3, calls // 12), "stream": max(3, calls // 24)}
+    turns = {"sync": max(3, calls // 15), "async": max(3, calls // 15), "stream": max(3, calls // 30)}
     sim, base_url = start_simulator()
     modes = [m for m in COST_MODES if m not in PEERS or _importable(PEERS[m])]
     for mode in set(COST_MODES) - set(modes):
@@ -730,7 +730,7 @@ def main() -> int:
         ("OpenTelemetry SDK floor (alone, the least disturbed of 5 runs)", lambda: sdk_floor(5_000)),
         ("Ledger ingest", lambda: ledger_ingest(1_000_000)),
         ("Dashboard queries", lambda: dashboard([100_000, 1_000_000] + ([10_000_000] if args.full else []))),
-        ("Growth", lambda: growth([200, 1000, 3000, 6000])),
+        ("Growth", lambda: growth([200, 1000, 3000, 5000])),
     ]
     report = [f"# joule-otel benchmarks ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores)\n"]
     for title, run in sections:
