@@ -322,7 +322,7 @@ class Pipeline:
             seen = self.calls_seen
             try:
                 # a flush() makes rows durable (a segment on disk, visible to every reader); compaction into
-                # the DuckDB file keeps its own pace (every few seconds, and at exit)
+                # the DuckDB file keeps its own pace (once the oldest segment is an interval old, and at exit)
                 self._cycle(final=False, force_segment=target > self._flush_done, compact_timeout_s=0.0)
             except Exception:
                 _log.exception("joule_otel: background ledger cycle failed; continuing")

@@ -125,7 +125,10 @@ class CallRecord:
         self.kept = 0
 
     def keep(self, chunk: bytes) -> None:
-        """Keep body bytes for usage parsing, bounded: a tail for plain bodies, nothing past the cap if encoded."""
+        """Keep body bytes for usage parsing, bounded: a tail for plain bodies, nothing past the cap if encoded.
+
+        Callers skip it once ``kept`` is -1 (an encoded body past the cap: nothing more is kept).
+        """
         self.chunks.append(chunk)
         self.kept += len(chunk)
         if self.kept > BODY_CAP_BYTES:

@@ -127,15 +127,17 @@ def _label(value: str | bytes | None, lower: bool) -> str | None:
     if value is None:
         return None
     key = (value, lower)
-    cleaned = _labels.get(key, _labels)
-    if cleaned is _labels:
-        cleaned = clean_string(value)
-        if cleaned is not None and lower:
-            cleaned = cleaned.lower()
-        if len(_labels) >= _LABELS_CACHED:  # an unbounded set of values: start over rather than grow
-            _labels.clear()
-        _labels[key] = cleaned
-    return cleaned  # type: ignore[return-value]
+    try:
+        return _labels[key]
+    except KeyError:
+        pass
+    cleaned = clean_string(value)
+    if cleaned is not None and lower:
+        cleaned = cleaned.lower()
+    if len(_labels) >= _LABELS_CACHED:  # an unbounded set of values: start over rather than grow
+        _labels.clear()
+    _labels[key] = cleaned
+    return cleaned
 
 
 def _receipt(value: str | bytes | None) -> str | None:
