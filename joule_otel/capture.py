@@ -195,7 +195,10 @@ class Capture:
         call.reading = reading
         ctx = span.get_span_context()
         call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
-        request = call.request_fields = parse_request_body(call.request_body)  # the background reuses both
+        request = parse_request_body(call.request_body)
+        # the background reuses the reading and these two fields; not the whole body, whose objects (a long
+        # conversation's messages) would wait with the call and weigh on the app's garbage collector
+        call.request_fields = {name: request[name] for name in ("model", "stream") if name in request}
         values: dict[str, Any] = {
             attr.GEN_AI_PROVIDER_NAME: attr.PROVIDER,
             attr.GEN_AI_OPERATION_NAME: SEMCONV_OPERATIONS.get(call.operation),
