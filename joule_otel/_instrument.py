@@ -1,4 +1,10 @@
-"""``instrument()`` / ``uninstrument()`` / ``flush()``: wiring capture, the pipeline, providers and exit hooks."""
+"""``instrument()`` / ``uninstrument()`` / ``flush()``.
+
+Two rooms, as Logfire separates ``configure()`` from ``instrument_*()``: the SDK set-up (which providers
+telemetry goes to, created only when the app has none: :mod:`joule_otel.exporters`) and the
+instrumentation (the wrappers, the background pipeline, the HTTP spans). Then the process's ends:
+exit, SIGTERM, fork and ``multiprocessing`` children, each of which must write the last rows.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +22,15 @@ from typing import Any
 
 from opentelemetry import metrics
 
+from joule_otel._capture import Capture, install, uninstall
+from joule_otel._genai import redact_url
+from joule_otel._metrics import MetricRecorder
 from joule_otel._pipeline import Pipeline
 from joule_otel._version import __version__
-from joule_otel.capture import Capture, install, uninstall
 from joule_otel.config import Settings
-from joule_otel.exporters import Providers, resolve_providers
+from joule_otel.exporters import Providers, flush_provider, resolve_providers, shutdown_created
 from joule_otel.instruments import create_instruments
+from joule_otel.ledger.spool import forget_inherited_locks
 from joule_otel.ledger.writer import LedgerWriter
 
 _log = logging.getLogger("joule_otel")
@@ -51,71 +60,115 @@ def instrument(
     *,
     db: str | os.PathLike[str] | None = None,
     workload: str | None = None,
-    flush_interval_s: float | None = None,
+    flush_interval: float | None = None,
+    metrics: str | None = None,
     prometheus_port: int | None = None,
+    prometheus_host: str | None = None,
+    max_workloads: int | None = None,
     otlp_endpoint: str | None = None,
     capture_content: bool | None = None,
     tracer_provider: Any | None = None,
     meter_provider: Any | None = None,
+    **other: Any,
 ) -> None:
-    """Capture every Joule Cloud call made through httpx/httpx2 (the openai SDK, LangChain, plain httpx).
+    """Capture every Joule Cloud call made through httpx/httpx2 (the openai SDK, LangChain, litellm, plain httpx).
 
-    Idempotent. With no arguments it is configured from the environment (``JOULE_OTEL_*`` and the
-    standard ``OTEL_*`` variables); arguments win over the environment.
+    Idempotent. With no arguments it is configured from the environment; each option mirrors an environment
+    variable, and an option wins over it.
 
     Args:
-        db: ledger path, or ``"off"``. Default ``JOULE_OTEL_DB`` or the per-user data folder.
+        db: ledger path, or ``"off"`` (``JOULE_OTEL_DB``; default: the per-user data folder).
         workload: default workload tag (``JOULE_OTEL_WORKLOAD``).
-        flush_interval_s: seconds between ledger flushes, in (0, 60] (``JOULE_OTEL_FLUSH_INTERVAL``).
+        flush_interval: seconds between ledger flushes, in (0, 60] (``JOULE_OTEL_FLUSH_INTERVAL``; default 1).
+        metrics: ``all``, ``energy`` (the ``joule.*`` metrics only) or ``none`` (``JOULE_OTEL_METRICS``).
         prometheus_port: serve a Prometheus scrape endpoint (``JOULE_OTEL_PROMETHEUS_PORT``).
+        prometheus_host: the address it binds (``JOULE_OTEL_PROMETHEUS_HOST``; default 127.0.0.1).
+        max_workloads: distinct workloads metrics carry before the rest are ``other`` (``JOULE_OTEL_MAX_WORKLOADS``).
         otlp_endpoint: OTLP base URL, e.g. ``http://127.0.0.1:4318`` (else ``OTEL_EXPORTER_OTLP_*``).
         capture_content: put prompts on spans (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``).
         tracer_provider: use this TracerProvider instead of the global one.
         meter_provider: use this MeterProvider instead of the global one.
+        **other: ``flush_interval_s`` (the older name of ``flush_interval``); anything else is an error.
 
     Raises:
-        ValueError: an argument is invalid. Nothing raises later, while capturing.
+        ValueError: an option is unknown or invalid. Nothing raises later, while capturing.
     """
     global _state
     settings = Settings.resolve(
         db=db,
         workload=workload,
-        flush_interval_s=flush_interval_s,
+        flush_interval=flush_interval,
+        metrics=metrics,
         prometheus_port=prometheus_port,
+        prometheus_host=prometheus_host,
+        max_workloads=max_workloads,
         otlp_endpoint=otlp_endpoint,
         capture_content=capture_content,
+        **other,
     )
     with _lock:
         if _state is not None:
             return
         providers = resolve_providers(settings, tracer_provider, meter_provider)
-        meter = metrics.get_meter("joule_otel", __version__, meter_provider=providers.meter_provider)
-        capture = Capture(lambda call: None, capture_content=settings.capture_content)
-        writer = LedgerWriter(settings.db_path) if settings.db_path is not None else None
-        pipeline = Pipeline(
-            service_name=providers.service_name,
-            default_workload=settings.workload,
-            flush_interval_s=settings.flush_interval_s,
-            max_workloads=settings.max_workloads,
-            instruments=create_instruments(meter),
-            meter_provider=providers.meter_provider,
-            writer=writer,
-            capture_stats=capture,
-        )
-        capture._sink = pipeline.submit
-        modules = []
-        for name in HTTP_MODULES:
-            if importlib.util.find_spec(name) is None:
-                continue
-            module = importlib.import_module(name)
-            install(capture, module)
-            modules.append(module)
-        state = _Instrumentation(settings, capture, pipeline, providers, modules)
-        if providers.tracer_provider is not None:
-            state.span_instrumentors = _enable_http_spans(providers.tracer_provider, modules)
-        pipeline.start()
+        state = _instrument_clients(settings, providers)
+        state.pipeline.start()
         _install_exit_hooks(state)
         _state = state
+
+
+def _instrument_clients(settings: Settings, providers: Providers) -> _Instrumentation:
+    """The wrappers on httpx/httpx2, the pipeline behind them, and the HTTP spans when traces go somewhere."""
+    meter = metrics.get_meter("joule_otel", __version__, meter_provider=providers.meter_provider)
+    recorder = MetricRecorder(
+        create_instruments(meter),
+        providers.meter_provider,
+        mode=settings.metrics,
+        max_workloads=settings.max_workloads,
+    )
+    pipeline: Pipeline | None = None
+
+    def sink(call: Any) -> None:
+        assert pipeline is not None
+        pipeline.submit(call)
+
+    capture = Capture(sink, capture_content=settings.capture_content)
+    pipeline = Pipeline(
+        service_name=providers.service_name,
+        default_workload=settings.workload,
+        flush_interval_s=settings.flush_interval_s,
+        recorder=recorder,
+        writer=LedgerWriter(settings.db_path) if settings.db_path is not None else None,
+        capture_stats=capture,
+    )
+    modules = []
+    for name in HTTP_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        module = importlib.import_module(name)
+        install(capture, module)
+        modules.append(module)
+    state = _Instrumentation(settings, capture, pipeline, providers, modules)
+    if providers.tracer_provider is not None:
+        state.span_instrumentors = _enable_http_spans(providers.tracer_provider, modules)
+    return state
+
+
+def _redact_span_url(span: Any, request: Any) -> None:
+    """Request hook of the HTTP spans joule-otel turns on: credentials in a URL's query never reach a span."""
+    try:
+        url = str(request.url)
+        redacted = redact_url(url)
+        if redacted == url or not span.is_recording():
+            return
+        present = getattr(span, "attributes", None) or {}
+        keys = [key for key in ("url.full", "http.url") if key in present] or ["url.full"]
+        span.set_attributes(dict.fromkeys(keys, redacted))
+    except Exception:
+        _log.debug("joule_otel: redacting a span's URL failed", exc_info=True)
+
+
+async def _redact_span_url_async(span: Any, request: Any) -> None:
+    _redact_span_url(span, request)
 
 
 def _enable_http_spans(tracer_provider: Any, modules: list[Any]) -> list[Any]:
@@ -136,9 +189,16 @@ def _enable_http_spans(tracer_provider: Any, modules: list[Any]) -> list[Any]:
         instrumentor = cls()
         if instrumentor.is_instrumented_by_opentelemetry:
             continue
-        instrumentor.instrument(tracer_provider=tracer_provider)
+        instrumentor.instrument(
+            tracer_provider=tracer_provider,
+            request_hook=_redact_span_url,
+            async_request_hook=_redact_span_url_async,
+        )
         enabled.append(instrumentor)
     return enabled
+
+
+# -- the ends of a process ------------------------------------------------------------------------
 
 
 def _install_exit_hooks(state: _Instrumentation) -> None:
@@ -147,6 +207,7 @@ def _install_exit_hooks(state: _Instrumentation) -> None:
         atexit.register(_at_exit)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_after_fork_in_child)
+        _register_multiprocessing_hook()
         _hooks_registered = True
     if threading.current_thread() is threading.main_thread():
         try:
@@ -157,21 +218,77 @@ def _install_exit_hooks(state: _Instrumentation) -> None:
             state.sigterm_installed = False
 
 
+class _MultiprocessingHook:
+    """Owner of the ``multiprocessing`` after-fork registration (its registry keys weakly on an object)."""
+
+
+_MP_HOOK = _MultiprocessingHook()
+
+
+def _register_multiprocessing_hook() -> None:
+    """A ``multiprocessing`` child ends with ``os._exit``: ``atexit`` never runs there, its own finalizers do.
+
+    In each child (fork and forkserver contexts, ``Process`` and ``Pool`` workers) register a finalizer that writes
+    the child's last rows when it returns; a ``Pool`` worker that is terminated gets SIGTERM, handled below.
+    """
+    import multiprocessing.util as mp_util
+
+    def in_child(_: object) -> None:
+        mp_util.Finalize(None, _at_child_exit, exitpriority=100)
+
+    mp_util.register_after_fork(_MP_HOOK, in_child)
+
+
+def _at_child_exit() -> None:
+    """A ``multiprocessing`` child returns: its rows reach the spool; the parent or the next writer compacts them."""
+    state = _state
+    if state is None:
+        return
+    try:
+        state.capture.finish_all()
+        state.pipeline.shutdown(EXIT_FLUSH_TIMEOUT_S, compact=False)
+        for provider in (state.providers.meter_provider, state.providers.tracer_provider):
+            flush_provider(provider, EXIT_FLUSH_TIMEOUT_S)
+    except Exception:
+        _log.exception("joule_otel: flushing the ledger as a multiprocessing child returned failed")
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """Flush the ledger, then hand SIGTERM to whoever had it before (uvicorn, gunicorn, or the default)."""
+    """Write the ledger and export the last telemetry, then hand SIGTERM to whoever had it before.
+
+    The pipeline is flushed, not stopped: a previous handler (uvicorn's, gunicorn's) may keep the process running
+    for a graceful shutdown, and calls made meanwhile are captured too. Only when the default action is about to end
+    the process is everything shut down first.
+    """
     state = _state
     previous = state.previous_sigterm if state is not None else signal.SIG_DFL
+    dies = not callable(previous) and previous != signal.SIG_IGN
     if state is not None:
         try:
-            state.capture.finish_all()
-            state.pipeline.shutdown(EXIT_FLUSH_TIMEOUT_S)
+            if dies:
+                _shutdown(state)
+            else:
+                state.capture.finish_all()
+                state.pipeline.flush(EXIT_FLUSH_TIMEOUT_S)
+                for provider in (state.providers.meter_provider, state.providers.tracer_provider):
+                    flush_provider(provider, EXIT_FLUSH_TIMEOUT_S)
         except Exception:
             _log.exception("joule_otel: flushing the ledger on SIGTERM failed")
     if callable(previous):
         previous(signum, frame)
-    elif previous == signal.SIG_DFL or previous is None:
+    elif dies:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _shutdown(state: _Instrumentation) -> None:
+    """The process ends: every call still streaming, every row, the last metrics and spans go out."""
+    state.capture.finish_all()
+    state.pipeline.shutdown(EXIT_FLUSH_TIMEOUT_S)
+    for provider in (state.providers.meter_provider, state.providers.tracer_provider):
+        if provider not in state.providers.created:
+            flush_provider(provider, EXIT_FLUSH_TIMEOUT_S)
+    shutdown_created(state.providers)
 
 
 def _at_exit() -> None:
@@ -179,15 +296,13 @@ def _at_exit() -> None:
     if state is None:
         return
     try:
-        state.capture.finish_all()
-        state.pipeline.shutdown(EXIT_FLUSH_TIMEOUT_S)
-        for provider in state.providers.created:
-            provider.shutdown()
+        _shutdown(state)
     except Exception:
         _log.exception("joule_otel: flushing the ledger at exit failed")
 
 
 def _after_fork_in_child() -> None:
+    forget_inherited_locks()
     state = _state
     if state is not None:
         state.capture.inflight.clear()
@@ -195,47 +310,55 @@ def _after_fork_in_child() -> None:
 
 
 def flush(timeout_s: float = 5.0) -> bool:
-    """Write every call captured so far to the ledger's spool; True if done within ``timeout_s``.
+    """Write every call captured so far to the ledger's spool and export pending telemetry.
 
-    Flushed rows are on disk and visible to every reader (``read_ledger``, the dashboard,
-    ``joule-otel ledger``); they reach the DuckDB file itself at the next compaction (every few
-    seconds, and at exit). Calls whose response body is still being read are written when it ends.
+    Flushed rows are on disk and visible to every reader (``read_ledger``, the dashboard, ``joule-otel ledger``);
+    they reach the DuckDB file itself at the next compaction (every 30 s, and at exit). Calls whose response body is
+    still being read are written when it ends.
+
+    Returns:
+        True if every row reached disk within ``timeout_s``; False if rows wait (the disk refused them, the writer
+        was busy) or were dropped: ``stats()`` says which.
     """
     state = _state
     if state is None:
         return True
-    done = state.pipeline.flush(timeout_s)
-    for provider in (state.providers.meter_provider, state.providers.tracer_provider):
-        force_flush = getattr(provider, "force_flush", None)
-        if force_flush is not None:
-            try:
-                force_flush(int(timeout_s * 1000))
-            except Exception:
-                _log.debug("joule_otel: force_flush failed", exc_info=True)
+    try:
+        done = state.pipeline.flush(timeout_s)
+        for provider in (state.providers.meter_provider, state.providers.tracer_provider):
+            flush_provider(provider, timeout_s)
+    except Exception:
+        state.capture.internal_error("flush")
+        return False
     return bool(done)
 
 
 def uninstrument() -> None:
-    """Stop capturing: remove the wrappers, flush the ledger, restore the SIGTERM handler."""
+    """Stop capturing: remove the wrappers, flush the ledger, restore the SIGTERM handler. Never raises."""
     global _state
     with _lock:
         state = _state
         if state is None:
             return
         _state = None
-        for module in state.modules:
-            uninstall(state.capture, module)
-        for instrumentor in state.span_instrumentors:
-            instrumentor.uninstrument()
-        state.capture.finish_all()
-        state.pipeline.shutdown(EXIT_FLUSH_TIMEOUT_S)
-        if state.sigterm_installed and signal.getsignal(signal.SIGTERM) is _on_sigterm:
-            with contextlib.suppress(ValueError, OSError, TypeError):
-                signal.signal(signal.SIGTERM, state.previous_sigterm)
-        if state.providers.prometheus_server is not None:
+        try:
+            for module in state.modules:
+                uninstall(state.capture, module)
+            for instrumentor in state.span_instrumentors:
+                instrumentor.uninstrument()
+            state.capture.finish_all()
+            state.pipeline.shutdown(EXIT_FLUSH_TIMEOUT_S)
+            for provider in (state.providers.meter_provider, state.providers.tracer_provider):
+                flush_provider(provider, EXIT_FLUSH_TIMEOUT_S)
+            if state.sigterm_installed and signal.getsignal(signal.SIGTERM) is _on_sigterm:
+                with contextlib.suppress(ValueError, OSError, TypeError):
+                    signal.signal(signal.SIGTERM, state.previous_sigterm)
             server = state.providers.prometheus_server
-            server = server[0] if isinstance(server, tuple) else server
-            getattr(server, "shutdown", lambda: None)()
+            if server is not None:
+                server = server[0] if isinstance(server, tuple) else server
+                getattr(server, "shutdown", lambda: None)()
+        except Exception:
+            _log.exception("joule_otel: uninstrument() did not finish cleanly; capture is off")
 
 
 def stats() -> dict[str, Any]:
@@ -247,6 +370,7 @@ def stats() -> dict[str, Any]:
     result: dict[str, Any] = {
         "instrumented": True,
         "db_path": str(writer.db_path) if writer else None,
+        "metrics": state.settings.metrics,
         "calls_captured": state.pipeline.calls_seen,
         "calls_in_flight": len(state.capture.inflight),
         "calls_dropped": state.pipeline.calls_dropped,

@@ -10,6 +10,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
+
+from joule_otel.headers import clean_string
+
+METRICS_MODES = ("all", "energy", "none")
 
 _log = logging.getLogger("joule_otel")
 
@@ -27,6 +32,8 @@ JOULE_OTEL_TRACE_URL = "JOULE_OTEL_TRACE_URL"
 """Template with ``{trace_id}`` that the dashboard links receipts to."""
 JOULE_OTEL_BUDGETS = "JOULE_OTEL_BUDGETS"
 """File of per-workload energy budgets for the dashboard (TOML, JSON or CSV)."""
+JOULE_OTEL_METRICS = "JOULE_OTEL_METRICS"
+"""Which metrics are recorded: ``all`` (default), ``energy`` (the ``joule.*`` ones only), ``none``."""
 JOULE_OTEL_MAX_WORKLOADS = "JOULE_OTEL_MAX_WORKLOADS"
 """Distinct workload values metrics carry before the rest become ``other``. Default 50."""
 OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -75,13 +82,34 @@ def _env_port(name: str) -> int | None:
     return None
 
 
+def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        _log.warning("joule_otel: %s=%r is not one of %s; using %s", name, raw, ", ".join(choices), default)
+        return default
+    return raw
+
+
 def _truthy(raw: str | None) -> bool:
     return (raw or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+OPTION_ALIASES = {"flush_interval_s": "flush_interval"}
+"""Older spellings ``instrument()`` still takes."""
+
+
+def _check_workload(value: object, where: str) -> str:
+    cleaned = clean_string(value) if isinstance(value, str) else None
+    if not cleaned:
+        raise ValueError(f"{where} must be a non-empty string, not {value!r}")
+    return cleaned
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Resolved configuration of one ``instrument()`` call."""
+    """Resolved configuration of one ``instrument()`` call; each option mirrors an environment variable."""
 
     db_path: Path | None
     workload: str | None
@@ -91,37 +119,66 @@ class Settings:
     otlp_endpoint: str | None
     capture_content: bool
     max_workloads: int
+    metrics: str
+
+    OPTIONS: ClassVar[dict[str, str]] = {
+        "db": JOULE_OTEL_DB,
+        "workload": JOULE_OTEL_WORKLOAD,
+        "flush_interval": JOULE_OTEL_FLUSH_INTERVAL,
+        "metrics": JOULE_OTEL_METRICS,
+        "prometheus_port": JOULE_OTEL_PROMETHEUS_PORT,
+        "prometheus_host": JOULE_OTEL_PROMETHEUS_HOST,
+        "max_workloads": JOULE_OTEL_MAX_WORKLOADS,
+        "otlp_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "capture_content": OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT,
+    }
+    """``instrument()`` option → the environment variable it overrides."""
 
     @classmethod
-    def resolve(
-        cls,
-        *,
-        db: str | os.PathLike[str] | None = None,
-        workload: str | None = None,
-        flush_interval_s: float | None = None,
-        prometheus_port: int | None = None,
-        otlp_endpoint: str | None = None,
-        capture_content: bool | None = None,
-    ) -> Settings:
-        """Arguments win over the environment; invalid arguments raise ``ValueError``."""
+    def resolve(cls, **options: Any) -> Settings:
+        """Options (named as in :attr:`OPTIONS`) win over the environment; an invalid option raises ``ValueError``."""
+        options = {k: v for k, v in options.items() if v is not None}
+        for old, new in OPTION_ALIASES.items():
+            if old in options:
+                if new in options:
+                    raise ValueError(f"pass {new}= or {old}=, not both")
+                options[new] = options.pop(old)
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"instrument() got unknown option(s) {', '.join(unknown)}; valid options: "
+                + ", ".join(sorted([*cls.OPTIONS, "tracer_provider", "meter_provider"]))
+            )
+        db = options.get("db")
         if db is not None and not isinstance(db, (str, os.PathLike)):
             raise ValueError(f"db must be a path or 'off', not {type(db).__name__}")
-        if workload is not None and (not isinstance(workload, str) or not workload.strip()):
-            raise ValueError("workload must be a non-empty string")
-        if flush_interval_s is not None and (
-            isinstance(flush_interval_s, bool)
-            or not isinstance(flush_interval_s, (int, float))
-            or not 0 < flush_interval_s <= 60
+        workload = options.get("workload")
+        if workload is not None:
+            workload = _check_workload(workload, "workload")
+        flush_interval = options.get("flush_interval")
+        if flush_interval is not None and (
+            isinstance(flush_interval, bool)
+            or not isinstance(flush_interval, (int, float))
+            or not 0 < flush_interval <= 60
         ):
-            raise ValueError(f"flush_interval_s must be a number in (0, 60], not {flush_interval_s!r}")
-        if prometheus_port is not None and (
-            isinstance(prometheus_port, bool)
-            or not isinstance(prometheus_port, int)
-            or not 0 <= prometheus_port < 65536
-        ):
-            raise ValueError(f"prometheus_port must be a TCP port number, not {prometheus_port!r}")
-        if otlp_endpoint is not None and not (isinstance(otlp_endpoint, str) and "://" in otlp_endpoint):
-            raise ValueError(f"otlp_endpoint must be a URL such as http://127.0.0.1:4318, not {otlp_endpoint!r}")
+            raise ValueError(f"flush_interval must be a number of seconds in (0, 60], not {flush_interval!r}")
+        for name in ("prometheus_port", "max_workloads"):
+            value = options.get(name)
+            high = 65535 if name == "prometheus_port" else 100_000
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high):
+                raise ValueError(f"{name} must be a whole number in [0, {high}], not {value!r}")
+        host = options.get("prometheus_host")
+        if host is not None and (not isinstance(host, str) or not host.strip()):
+            raise ValueError(f"prometheus_host must be an address such as 127.0.0.1, not {host!r}")
+        endpoint = options.get("otlp_endpoint")
+        if endpoint is not None and not (isinstance(endpoint, str) and "://" in endpoint):
+            raise ValueError(f"otlp_endpoint must be a URL such as http://127.0.0.1:4318, not {endpoint!r}")
+        metrics_mode = options.get("metrics")
+        if metrics_mode is not None and metrics_mode not in METRICS_MODES:
+            raise ValueError(f"metrics must be one of {', '.join(METRICS_MODES)}, not {metrics_mode!r}")
+        capture_content = options.get("capture_content")
+        if capture_content is not None and not isinstance(capture_content, bool):
+            raise ValueError(f"capture_content must be True or False, not {capture_content!r}")
 
         if db is None:
             db_path = db_path_from_env()
@@ -129,18 +186,29 @@ class Settings:
             db_path = None
         else:
             db_path = Path(db).expanduser()
-        max_workloads = int(_env_float(JOULE_OTEL_MAX_WORKLOADS, DEFAULT_MAX_WORKLOADS, 0, 100_000))
+        if workload is None:
+            raw = os.environ.get(JOULE_OTEL_WORKLOAD, "")
+            workload = clean_string(raw)
+            if raw.strip() and workload != raw.strip():
+                _log.warning(
+                    "joule_otel: %s was cleaned to %r (control characters, 256 characters at most)",
+                    JOULE_OTEL_WORKLOAD,
+                    workload,
+                )
         return cls(
             db_path=db_path,
-            workload=(workload or os.environ.get(JOULE_OTEL_WORKLOAD, "").strip() or None),
-            flush_interval_s=float(flush_interval_s)
-            if flush_interval_s is not None
+            workload=workload,
+            flush_interval_s=float(flush_interval)
+            if flush_interval is not None
             else _env_float(JOULE_OTEL_FLUSH_INTERVAL, DEFAULT_FLUSH_INTERVAL_S, 0, 60),
-            prometheus_port=prometheus_port if prometheus_port is not None else _env_port(JOULE_OTEL_PROMETHEUS_PORT),
-            prometheus_host=os.environ.get(JOULE_OTEL_PROMETHEUS_HOST, "").strip() or "127.0.0.1",
-            otlp_endpoint=otlp_endpoint,
+            prometheus_port=options.get("prometheus_port", _env_port(JOULE_OTEL_PROMETHEUS_PORT)),
+            prometheus_host=(host or os.environ.get(JOULE_OTEL_PROMETHEUS_HOST, "")).strip() or "127.0.0.1",
+            otlp_endpoint=endpoint,
             capture_content=capture_content
             if capture_content is not None
             else _truthy(os.environ.get(OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT)),
-            max_workloads=max_workloads,
+            max_workloads=options.get(
+                "max_workloads", int(_env_float(JOULE_OTEL_MAX_WORKLOADS, DEFAULT_MAX_WORKLOADS, 0, 100_000))
+            ),
+            metrics=metrics_mode or _env_choice(JOULE_OTEL_METRICS, METRICS_MODES, "all"),
         )

@@ -205,7 +205,7 @@ def run_demo(
     budgets_file.write_text(json.dumps(DEMO_BUDGETS_J, indent=2))
 
     print(f"joule-otel demo: {calls} calls through the openai SDK to a local Joule Cloud simulator")
-    joule_otel.instrument(db=db, flush_interval_s=0.5)
+    joule_otel.instrument(db=db, flush_interval=0.5)
     try:
         with running(
             seed=seed,

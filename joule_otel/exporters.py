@@ -93,9 +93,12 @@ def resolve_providers(settings: Settings, tracer_provider: Any | None, meter_pro
     created: list[Any] = []
     global_tp = trace.get_tracer_provider()
     tp = tracer_provider
-    if tp is None and isinstance(global_tp, SdkTracerProvider):
+    # "the app has a provider" is judged by what the API says, not by the SDK's class: Logfire's proxy provider, a
+    # vendor's or a wrapper around the SDK's are the app's as much as the SDK's own is
+    app_set_tp = not isinstance(global_tp, trace.ProxyTracerProvider)
+    if tp is None and app_set_tp and not isinstance(global_tp, trace.NoOpTracerProvider):
         tp = global_tp
-    if tp is None and _signal_configured("traces", settings):
+    if tp is None and not app_set_tp and _signal_configured("traces", settings):
         exporter = _otlp_exporter("traces", settings)
         if exporter is not None:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -107,7 +110,7 @@ def resolve_providers(settings: Settings, tracer_provider: Any | None, meter_pro
 
     global_mp = metrics.get_meter_provider()
     mp = meter_provider
-    if mp is None and isinstance(global_mp, SdkMeterProvider):
+    if mp is None and type(global_mp).__name__ != "_ProxyMeterProvider":  # the app set one (a no-op one included)
         mp = global_mp
         if settings.prometheus_port is not None:
             _log.warning(
@@ -156,3 +159,47 @@ def _prometheus(settings: Settings) -> tuple[Any | None, Any | None]:
         )
         return reader, None
     return reader, started
+
+
+def _is_pull_reader(reader: Any) -> bool:
+    """A reader that is collected when scraped (Prometheus): collecting it on a flush would add its data twice."""
+    return any(cls.__name__ == "PrometheusMetricReader" for cls in type(reader).__mro__)
+
+
+def flush_provider(provider: Any, timeout_s: float) -> None:
+    """Export what ``provider`` (a MeterProvider or TracerProvider) holds now, without disturbing scrape endpoints.
+
+    ``MeterProvider.force_flush`` collects every reader, and a Prometheus reader queues each collection for the next
+    scrape, which then shows every series once per flush: push readers are flushed one by one instead.
+    """
+    timeout_ms = int(timeout_s * 1000)
+    readers = getattr(getattr(provider, "_sdk_config", None), "metric_readers", None)
+    try:
+        if readers is not None:
+            for reader in readers:
+                if not _is_pull_reader(reader):
+                    reader.force_flush(timeout_millis=timeout_ms)
+            return
+        force_flush = getattr(provider, "force_flush", None)
+        if force_flush is not None:
+            force_flush(timeout_ms)
+    except Exception:
+        _log.debug("joule_otel: flushing %s failed", type(provider).__name__, exc_info=True)
+
+
+def shutdown_created(providers: Providers) -> None:
+    """Shut down what joule-otel set up itself (exporting what they hold); the app's own providers are the app's."""
+    for provider in providers.created:
+        try:
+            provider.shutdown()
+        except Exception:
+            _log.debug("joule_otel: shutting down %s failed", type(provider).__name__, exc_info=True)
+    server = providers.prometheus_server
+    if server is not None:
+        server = server[0] if isinstance(server, tuple) else server
+        try:
+            getattr(server, "shutdown", lambda: None)()
+        except Exception:
+            _log.debug("joule_otel: stopping the Prometheus endpoint failed", exc_info=True)
+    providers.created = []
+    providers.prometheus_server = None

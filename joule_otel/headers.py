@@ -7,7 +7,6 @@ and anyone reconciling receipts by hand. A value that is not a finite, non-negat
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,6 +31,15 @@ RESPONSE_HEADERS = (ENERGY_JOULES, CARBON_MG, ROUTED_TO, TIER, RECEIPT_ID)
 MAX_STRING = 256
 """Header strings are trimmed, stripped of control characters and capped at this many characters."""
 
+MAX_ENERGY_J = 1e7
+"""The most energy one inference call can plausibly be billed: 10 MJ (2.8 kWh, a whole 8-GPU server for a quarter
+of an hour). A larger figure is invalid like ``abc``: missing, and counted, so one corrupt header cannot swamp every
+sum or push a Prometheus counter to a height it never comes down from."""
+MAX_CARBON_MG = 1e7
+"""The most carbon one call can plausibly cost: 10 kg CO2e (:data:`MAX_ENERGY_J` on the dirtiest grid is ~4 kg)."""
+MAX_TOKENS = (1 << 63) - 1
+"""Token counts must fit the ledger's BIGINT; a larger (or negative, or non-integer) count is missing."""
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -49,21 +57,42 @@ class EnergyReading:
     """Names of headers that were present but unusable (counted by capture)."""
 
 
-def parse_quantity(value: str | bytes | None) -> float | None:
-    """A finite, non-negative float from a header value, else ``None``.
+def parse_quantity(value: str | bytes | float | None, ceiling: float = MAX_ENERGY_J) -> float | None:
+    """A finite, non-negative float no larger than ``ceiling`` from a header (or JSON) value, else ``None``.
 
     Accepts surrounding whitespace and exponent notation (``" 1.25e1 "`` → 12.5); rejects ``abc``,
-    ``NaN``, ``inf``, negatives, overflow (``1e400``) and the empty string.
+    ``NaN``, ``inf``, negatives, overflow (``1e400``), figures above ``ceiling`` (see :data:`MAX_ENERGY_J`),
+    booleans and the empty string.
     """
-    if value is None:
+    if value is None or isinstance(value, bool):
         return None
     try:
-        number = float(value)  # float() takes bytes and str alike, and ignores surrounding whitespace
-    except ValueError:
+        number = float(value)  # float() takes bytes, str and numbers alike, and ignores surrounding whitespace
+    except (ValueError, TypeError, OverflowError):
         return None
-    if not math.isfinite(number) or number < 0:
+    if not 0 <= number <= ceiling:  # NaN fails every comparison; inf is above any ceiling
         return None
     return number + 0.0  # normalise -0.0
+
+
+def parse_energy(value: str | bytes | float | None) -> float | None:
+    """Joules: :func:`parse_quantity` under :data:`MAX_ENERGY_J`."""
+    return parse_quantity(value, MAX_ENERGY_J)
+
+
+def parse_carbon(value: str | bytes | float | None) -> float | None:
+    """Milligrams CO2e: :func:`parse_quantity` under :data:`MAX_CARBON_MG`."""
+    return parse_quantity(value, MAX_CARBON_MG)
+
+
+def parse_token_count(value: Any) -> int | None:
+    """A token count: an integer (not a bool) in [0, :data:`MAX_TOKENS`], else ``None``.
+
+    JSON integers only; ``2.0`` or ``"2"`` are not what the OpenAI ``usage`` shape sends and are refused too.
+    """
+    if type(value) is int and 0 <= value <= MAX_TOKENS:
+        return value
+    return None
 
 
 def clean_string(value: str | bytes | None) -> str | None:
@@ -72,8 +101,12 @@ def clean_string(value: str | bytes | None) -> str | None:
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    if not value.isprintable():  # the common case has no control character: skip the regex
+    if not value.isprintable():  # the common case has no control character nor lone surrogate: skip the regex
         value = _CONTROL.sub("", value)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in JSON) cannot be written to UTF-8 storage
+            value = value.encode("utf-8", "replace").decode("utf-8")
     value = value.strip()[:MAX_STRING].strip()
     return value or None
 
@@ -99,7 +132,7 @@ def read_energy_map(
 ) -> EnergyReading:
     """:func:`read_energy` over a mapping of lower-cased header names (bytes) to values, e.g. :func:`header_map`'s."""
     raw_energy, raw_carbon = values.get(_ENERGY_KEY), values.get(_CARBON_KEY)
-    energy, carbon = parse_quantity(raw_energy), parse_quantity(raw_carbon)
+    energy, carbon = parse_energy(raw_energy), parse_carbon(raw_carbon)
     invalid: tuple[str, ...] = ()
     if (raw_energy is not None and energy is None) or (raw_carbon is not None and carbon is None):
         invalid = tuple(

@@ -15,7 +15,7 @@ from joule_otel import _instrument
 
 
 class JouleInstrumentor(BaseInstrumentor):  # type: ignore[misc]
-    """Captures Joule Cloud calls made through httpx/httpx2."""
+    """Captures Joule Cloud calls made through httpx/httpx2 (and the aiohttp-backed transports on them)."""
 
     def instrumentation_dependencies(self) -> Collection[str]:
         """Nothing beyond joule-otel's own requirements: httpx and httpx2 are captured when present."""

@@ -7,6 +7,7 @@ carries it to the services this one calls.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -20,14 +21,20 @@ from joule_otel.headers import clean_string
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("joule_otel_workload", default=None)
+_frames: contextvars.ContextVar[tuple[tuple[workload, str, object], ...]] = contextvars.ContextVar(
+    "joule_otel_workload", default=()
+)
+"""The ``workload()`` blocks entered in this context, innermost last: (the object, its name, the OTel context token).
+
+Kept per context rather than on the object, so one object may be entered by many threads and tasks at once
+(``SUPPORT = workload("support")``, then ``async with SUPPORT:`` in two tasks)."""
 
 
 def current_workload() -> str | None:
     """The innermost ``workload()`` tag, else the ``joule.workload`` baggage, else ``None``."""
-    name = _current.get()
-    if name is not None:
-        return name
+    frames = _frames.get()
+    if frames:
+        return frames[-1][1]
     value = baggage.get_baggage(JOULE_WORKLOAD)
     return clean_string(str(value)) if value is not None else None
 
@@ -42,6 +49,8 @@ class workload:
 
         @joule_otel.workload("nightly-summaries")
         async def summarise(...): ...
+
+    One object can be shared: entered by several threads or tasks at once, each sees its own nesting.
     """
 
     def __init__(self, name: str) -> None:
@@ -49,18 +58,20 @@ class workload:
         if not cleaned:
             raise ValueError("workload name must be a non-empty string")
         self.name = cleaned
-        self._tokens: list[tuple[contextvars.Token[str | None], object]] = []
 
     def __enter__(self) -> workload:
-        var_token = _current.set(self.name)
         ctx_token = context.attach(baggage.set_baggage(JOULE_WORKLOAD, self.name))
-        self._tokens.append((var_token, ctx_token))
+        _frames.set((*_frames.get(), (self, self.name, ctx_token)))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        var_token, ctx_token = self._tokens.pop()
-        context.detach(ctx_token)  # type: ignore[arg-type]
-        _current.reset(var_token)
+        frames = _frames.get()
+        for index in range(len(frames) - 1, -1, -1):  # normally the last one; never raise if it is not
+            if frames[index][0] is self:
+                _frames.set(frames[:index] + frames[index + 1 :])
+                with contextlib.suppress(Exception):
+                    context.detach(frames[index][2])  # type: ignore[arg-type]
+                return
 
     async def __aenter__(self) -> workload:
         return self.__enter__()

@@ -52,7 +52,7 @@ def telemetry(ledger_path: Path) -> Iterator[Telemetry]:
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     joule_otel.instrument(
-        db=ledger_path, flush_interval_s=0.2, tracer_provider=tracer_provider, meter_provider=meter_provider
+        db=ledger_path, flush_interval=0.2, tracer_provider=tracer_provider, meter_provider=meter_provider
     )
     try:
         yield Telemetry(ledger_path, reader, exporter, tracer_provider, meter_provider)
@@ -65,7 +65,7 @@ def telemetry(ledger_path: Path) -> Iterator[Telemetry]:
 @pytest.fixture
 def ledger_only(ledger_path: Path) -> Iterator[Path]:
     """instrument() with no tracing configured: ledger and (proxy) metrics only."""
-    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2)
+    joule_otel.instrument(db=ledger_path, flush_interval=0.2)
     try:
         yield ledger_path
     finally:

@@ -167,7 +167,7 @@ def test_metric_sums_equal_ledger_sums_per_workload(telemetry, joule_simulator):
 
 def test_workload_resolution_nested_async_and_decorated(ledger_path, joule_simulator, monkeypatch):
     monkeypatch.setenv("OTEL_SERVICE_NAME", "checkout-svc")
-    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2, workload="default-wl")
+    joule_otel.instrument(db=ledger_path, flush_interval=0.2, workload="default-wl")
     try:
         client = oai(joule_simulator)
         aclient = openai.AsyncOpenAI(base_url=joule_simulator.base_url, api_key=SECRET, max_retries=0)
@@ -225,7 +225,7 @@ def test_workload_resolution_nested_async_and_decorated(ledger_path, joule_simul
 def test_service_name_is_the_last_resort_workload(ledger_path, joule_simulator, monkeypatch):
     monkeypatch.setenv("OTEL_SERVICE_NAME", "svc-fallback")
     monkeypatch.delenv("JOULE_OTEL_WORKLOAD", raising=False)
-    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2)
+    joule_otel.instrument(db=ledger_path, flush_interval=0.2)
     try:
         oai(joule_simulator).chat.completions.create(model="auto", messages=HI)
         assert [r["workload"] for r in rows(ledger_path)] == ["svc-fallback"]
@@ -311,9 +311,7 @@ def test_a_raw_stream_dropped_unclosed_still_lands(ledger_only, joule_simulator)
 @pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
 @pytest.mark.parametrize("filler", [0, 3, 400])
 def test_stream_usage_and_energy_are_read_from_the_last_events(newline, filler):
-    from types import SimpleNamespace
-
-    from joule_otel._pipeline import parse_body
+    from joule_otel._decode import parse_body
 
     def event(payload: dict) -> bytes:
         return b"data: " + json.dumps(payload).encode() + newline + newline
@@ -328,14 +326,13 @@ def test_stream_usage_and_energy_are_read_from_the_last_events(newline, filler):
             b"data: [DONE]" + newline + newline,
         ]
     )
-    pieces = [body[i : i + 97] for i in range(0, len(body), 97)]  # chunk edges fall anywhere
-    facts = parse_body(SimpleNamespace(chunks=pieces, status_code=200), is_sse=True)
+    facts = parse_body(body, is_sse=True, status_code=200)
     assert (facts.input_tokens, facts.output_tokens) == (7, 11)
     assert (facts.stream_energy_j, facts.stream_carbon_mg) == (12.5, 0.25)
-    no_figures = parse_body(SimpleNamespace(chunks=[event(chunk) * 3], status_code=200), is_sse=True)
+    no_figures = parse_body(event(chunk) * 3, is_sse=True, status_code=200)
     assert no_figures.input_tokens is None and no_figures.stream_energy_j is None
     whole = json.dumps({"usage": {"prompt_tokens": 1}, "x": [{"role": "usage"}], "usage ": 0}).encode()
-    assert parse_body(SimpleNamespace(chunks=[whole], status_code=200), is_sse=False).input_tokens == 1
+    assert parse_body(whole, is_sse=False, status_code=200).input_tokens == 1
 
 
 def test_waiting_calls_do_not_set_off_the_apps_garbage_collector(ledger_path, joule_simulator):
@@ -382,7 +379,7 @@ def test_sampler_always_off_keeps_ledger_and_metrics(ledger_path, joule_simulato
     reader = InMemoryMetricReader()
     joule_otel.instrument(
         db=ledger_path,
-        flush_interval_s=0.2,
+        flush_interval=0.2,
         tracer_provider=tracer_provider,
         meter_provider=MeterProvider(metric_readers=[reader]),
     )
@@ -417,9 +414,9 @@ def test_works_whichever_httpx_instrumentation_ran_first(order, ledger_path, jou
     if order == "httpx-instrumented-first":
         for inst in instrumentors:
             inst.instrument(tracer_provider=tracer_provider)
-        joule_otel.instrument(db=ledger_path, flush_interval_s=0.2, tracer_provider=tracer_provider)
+        joule_otel.instrument(db=ledger_path, flush_interval=0.2, tracer_provider=tracer_provider)
     else:
-        joule_otel.instrument(db=ledger_path, flush_interval_s=0.2)  # no tracing yet
+        joule_otel.instrument(db=ledger_path, flush_interval=0.2)  # no tracing yet
         for inst in instrumentors:
             inst.instrument(tracer_provider=tracer_provider)
     try:
@@ -492,7 +489,7 @@ def test_content_capture_is_opt_in_and_spans_only(ledger_path, joule_simulator):
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2, tracer_provider=tracer_provider, capture_content=True)
+    joule_otel.instrument(db=ledger_path, flush_interval=0.2, tracer_provider=tracer_provider, capture_content=True)
     try:
         oai(joule_simulator).chat.completions.create(model="auto", messages=[{"role": "user", "content": "OPT-IN"}])
         assert joule_otel.flush()
@@ -505,7 +502,7 @@ def test_content_capture_is_opt_in_and_spans_only(ledger_path, joule_simulator):
 
 def test_instrument_validates_arguments_and_is_idempotent(ledger_path):
     with pytest.raises(ValueError):
-        joule_otel.instrument(flush_interval_s=0)
+        joule_otel.instrument(flush_interval=0)
     with pytest.raises(ValueError):
         joule_otel.instrument(prometheus_port=70000)
     with pytest.raises(ValueError):
@@ -592,7 +589,7 @@ def test_garbage_header_values_never_break_the_call(scripted_server, tmp_path_fa
     _, base_url = scripted_server
     _ScriptedHandler.headers_to_send = {"X-Energy-Joules": energy, "X-Carbon-mg": carbon, "X-Tier": tier}
     db = tmp_path_factory.mktemp("garbage") / "l.duckdb"
-    joule_otel.instrument(db=db, flush_interval_s=0.2)
+    joule_otel.instrument(db=db, flush_interval=0.2)
     try:
         out = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0).chat.completions.create(
             model="auto", messages=HI
@@ -613,7 +610,7 @@ def test_garbage_header_values_never_break_the_call(scripted_server, tmp_path_fa
 def test_same_receipt_seen_twice_is_one_row(scripted_server, ledger_path):
     _, base_url = scripted_server
     _ScriptedHandler.headers_to_send = {"X-Energy-Joules": "5", "X-Receipt-Id": "rcpt_replayed"}
-    joule_otel.instrument(db=ledger_path, flush_interval_s=0.2)
+    joule_otel.instrument(db=ledger_path, flush_interval=0.2)
     try:
         client = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0)
         client.chat.completions.create(model="auto", messages=HI)
@@ -633,7 +630,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 import joule_otel
 
-joule_otel.instrument(db=sys.argv[2], flush_interval_s=0.2)
+joule_otel.instrument(db=sys.argv[2], flush_interval=0.2)
 client = openai.OpenAI(base_url=sys.argv[1], api_key="jc_late", max_retries=0)
 for _ in range(3):
     client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])

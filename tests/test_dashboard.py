@@ -248,7 +248,7 @@ def test_app_on_a_fresh_ledger_with_trace_links(isolated_home, monkeypatch, joul
     import joule_otel
 
     db = isolated_home / "fresh.duckdb"
-    joule_otel.instrument(db=db, flush_interval_s=0.2)
+    joule_otel.instrument(db=db, flush_interval=0.2)
     try:
         client = openai.OpenAI(base_url=joule_simulator.base_url, api_key="k", max_retries=0)
         with joule_otel.workload("fresh"):

@@ -10,11 +10,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from joule_otel.headers import (
+    MAX_CARBON_MG,
+    MAX_ENERGY_J,
     MAX_STRING,
+    MAX_TOKENS,
     clean_string,
     header_map,
     header_value,
+    parse_carbon,
+    parse_energy,
     parse_quantity,
+    parse_token_count,
     read_energy,
     read_energy_map,
 )
@@ -53,9 +59,55 @@ def test_parse_quantity_never_raises_and_is_finite_nonnegative_or_none(raw):
     assert value is None or (math.isfinite(value) and value >= 0)
 
 
-@given(st.floats(min_value=0, allow_nan=False, allow_infinity=False))
+@given(st.floats(min_value=0, max_value=MAX_ENERGY_J, allow_nan=False))
 def test_any_valid_float_round_trips(value):
     assert parse_quantity(repr(value)) == value
+
+
+@given(st.floats(min_value=MAX_ENERGY_J, exclude_min=True))
+def test_figures_beyond_the_ceiling_are_missing_like_abc(value):
+    assert parse_energy(repr(value)) is None
+    assert parse_energy(value) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "energy", "carbon"),
+    [
+        ("1" * 300, None, None),  # finite: 1.1e299, and no call costs that
+        ("1e7", 1e7, 1e7),
+        ("10000000.5", None, None),
+        ("2e7", None, None),
+        (True, None, None),  # a JSON boolean in a stream's final event
+        (12, 12.0, 12.0),
+        ("12", 12.0, 12.0),
+    ],
+)
+def test_energy_and_carbon_ceilings(raw, energy, carbon):
+    assert MAX_CARBON_MG >= MAX_ENERGY_J * 1.5 / 3.6  # the worst grid (1.5 kg/kWh) at the energy ceiling
+    assert parse_energy(raw) == energy
+    assert parse_carbon(raw) == carbon
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(0, 0), (7, 7), (MAX_TOKENS, MAX_TOKENS), (MAX_TOKENS + 1, None), (10**30, None), (-1, None), (True, None),
+     (False, None), (2.0, None), ("2", None), (None, None), ([1], None)],
+)
+def test_token_counts_are_integers_that_fit_a_bigint(raw, expected):
+    assert parse_token_count(raw) == expected
+
+
+def test_lone_surrogates_are_made_writable():
+    cleaned = clean_string("llama\ud800-70b")
+    assert cleaned is not None
+    cleaned.encode("utf-8")  # would raise on a lone surrogate
+    assert cleaned.startswith("llama") and cleaned.endswith("-70b")
+
+
+@given(st.text())
+def test_clean_string_is_always_encodable(raw):
+    value = clean_string(raw)
+    assert value is None or value.encode("utf-8")
 
 
 @given(st.binary())

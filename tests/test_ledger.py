@@ -28,7 +28,7 @@ WORKER = textwrap.dedent("""
     import joule_otel
 
     base_url, calls, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    joule_otel.instrument(flush_interval_s=0.2)
+    joule_otel.instrument(flush_interval=0.2)
     client = openai.OpenAI(base_url=base_url, api_key="jc_worker", max_retries=0)
     print("ready", flush=True)
     for i in range(calls):
@@ -252,7 +252,7 @@ def test_corrupt_or_foreign_file_gives_one_clear_error_and_rows_wait(ledger_path
 
     ledger_path.parent.mkdir(parents=True)
     ledger_path.write_bytes(b"this is not a duckdb file" * 100)
-    joule_otel.instrument(db=ledger_path, flush_interval_s=0.1)
+    joule_otel.instrument(db=ledger_path, flush_interval=0.1)
     try:
         client = openai.OpenAI(base_url=joule_simulator.base_url, api_key="k", max_retries=0)
         for _ in range(5):
@@ -283,7 +283,7 @@ def test_unwritable_directory_keeps_the_app_working_and_counts_drops(tmp_path, j
         locked = tmp_path / "ro"
         locked.mkdir(mode=0o500)
         db = locked / "l.duckdb"
-    joule_otel.instrument(db=db, flush_interval_s=0.1)
+    joule_otel.instrument(db=db, flush_interval=0.1)
     from joule_otel import _instrument
 
     _instrument._state.pipeline.writer.max_pending_rows = 3

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from joule_otel.ledger.row import LedgerRow
 from joule_otel.ledger.schema import COLUMN_NAMES
 from joule_otel.simulator import _catalog as catalog
 
@@ -57,7 +58,7 @@ _WORKLOADS: dict[str, tuple[str, float, str, str, str, str | None, bool, tuple[i
 
 def generate(
     calls: int = 24_000, days: int = 21, seed: int = 7, end: datetime = datetime(2026, 11, 20, tzinfo=timezone.utc)
-) -> list[tuple[Any, ...]]:
+) -> list[LedgerRow]:
     """Ledger rows (in schema order, ``started_at`` in µs) for ``calls`` calls over ``days`` days."""
     rng = random.Random(seed)
     start = end - timedelta(days=days)
@@ -75,7 +76,7 @@ def generate(
         drafts.append((moment, name))
     drafts.sort()
     spent: dict[tuple[str, int], float] = {}
-    rows = []
+    rows: list[LedgerRow] = []
     for moment, name in drafts:
         service, _, requested, operation, tier, pinned, stream, _, out_range = _WORKLOADS[name]
         region = pinned or catalog.choose_region(rng)
@@ -160,7 +161,7 @@ def generate(
     return rows
 
 
-def _row(*values: Any) -> tuple[Any, ...]:
+def _row(*values: Any) -> LedgerRow:
     (
         receipt,
         moment,
@@ -205,8 +206,9 @@ def _row(*values: Any) -> tuple[Any, ...]:
         "stream": stream,
         "trace_id": trace_id,
         "span_id": span_id,
+        "provider": "joule_cloud",
     }
-    return tuple(record[name] for name in COLUMN_NAMES)
+    return LedgerRow(*(record[name] for name in COLUMN_NAMES))
 
 
 def write(path: Path, **kwargs: Any) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +41,35 @@ class CompactResult:
     rollup_rows: int | None = None
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (an OSError or a DuckDB error, or what caused it) says the disk has no space left."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen).lower()
+        if "no space left" in text or "disk quota exceeded" in text or "disk is full" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _remove_empty(db_path: Path) -> None:
+    """Remove a 0-byte ledger file: a first compaction that died (a full disk, a kill) left it, and it holds nothing."""
+    with contextlib.suppress(OSError):
+        if db_path.stat().st_size == 0:
+            db_path.unlink()
+            db_path.with_name(db_path.name + ".wal").unlink(missing_ok=True)
+            _log.warning("joule_otel: removed the empty ledger file %s left by an interrupted first write", db_path)
+
+
 def open_writable(db_path: Path) -> object:
     """Open the DuckDB file read-write and migrate it; :class:`LedgerUnavailable` says why it cannot."""
     import duckdb
 
+    _remove_empty(db_path)
     try:
         con = duckdb.connect(str(db_path))
     except duckdb.IOException as exc:
@@ -58,6 +84,9 @@ def open_writable(db_path: Path) -> object:
     except duckdb.Error as exc:
         con.close()
         raise LedgerUnavailable(f"{db_path} is not a joule-otel ledger: {exc}") from exc
+    except schema.LedgerTooNew as exc:
+        con.close()
+        raise LedgerUnavailable(f"{db_path}: {exc}") from exc
     return con
 
 
@@ -85,7 +114,7 @@ def _insert_new_rows(con: Any, files: list[str]) -> int:
         return 0
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT {columns} "
-        "FROM read_parquet(?, union_by_name = true) AS incoming "
+        f"FROM ({schema.parquet_select(con, files)}) AS incoming "
         "WHERE incoming.receipt_id IS NULL OR incoming.receipt_id NOT IN ("
         f"  SELECT receipt_id FROM {schema.TABLE} WHERE receipt_id IS NOT NULL AND started_at BETWEEN ? AND ?) "
         "QUALIFY receipt_id IS NULL OR row_number() OVER (PARTITION BY receipt_id ORDER BY started_at) = 1",
@@ -132,6 +161,18 @@ def compact_locked(spool: Spool) -> CompactResult:
     segments = spool.segments()
     if not segments and spool.db_path.exists():
         return result
+    created = not spool.db_path.exists()
+    try:
+        return _compact_into(spool, segments, result)
+    except BaseException:
+        if created:  # a file this compaction created and could not finish holds nothing: never leave it behind
+            for leftover in (spool.db_path, spool.db_path.with_name(spool.db_path.name + ".wal")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        raise
+
+
+def _compact_into(spool: Spool, segments: list[Path], result: CompactResult) -> CompactResult:
     con = open_writable(spool.db_path)
     try:
         names = [s.name for s in segments]
@@ -167,7 +208,10 @@ def compact_locked(spool: Spool) -> CompactResult:
                 )
                 con.execute("COMMIT")  # type: ignore[attr-defined]
             except Exception:
-                con.execute("ROLLBACK")  # type: ignore[attr-defined]
+                # a failed COMMIT (a full disk) may have ended the transaction already: the first error is the one
+                # worth reporting, never "cannot rollback - no transaction is active"
+                with contextlib.suppress(Exception):
+                    con.execute("ROLLBACK")  # type: ignore[attr-defined]
                 raise
             result.rows_inserted += inserted
             result.segments += len(batch)

@@ -70,12 +70,18 @@ def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iter
                                 [schema.TABLE],
                             ).fetchall()
                         }
-                        cols = ", ".join(
-                            name if name in present else f"CAST(NULL AS {kind}) AS {name}"
-                            for name, kind in schema.COLUMNS
-                        )
-                        compacted_select = f"SELECT {cols} FROM ledger.{schema.TABLE}"
-                        if schema.ROLLUP_TABLE in tables:
+                        compacted_select = f"SELECT {schema.select_list(present)} FROM ledger.{schema.TABLE}"
+                        rollup_columns = {
+                            r[0]
+                            for r in con.execute(
+                                "SELECT column_name FROM duckdb_columns() WHERE database_name = 'ledger' "
+                                "AND table_name = ?",
+                                [schema.ROLLUP_TABLE],
+                            ).fetchall()
+                        }
+                        # a rollup of an older version (without a key this code groups by) is not read: the
+                        # dashboard reads single calls until a writer migrates the file
+                        if rollup_columns >= {name for name, _ in schema.FACT_KEYS}:
                             con.execute(f"CREATE TEMP VIEW calls_rollup AS SELECT * FROM ledger.{schema.ROLLUP_TABLE}")
                     if "joule_segments" in tables:
                         compacted = {r[0] for r in con.execute("SELECT name FROM ledger.joule_segments").fetchall()}
@@ -85,12 +91,8 @@ def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iter
             con.execute(f"CREATE TEMP TABLE pending_calls AS {_empty_select()}")
             pending = [str(s) for s in spool.segments() if s.name not in compacted]
             if pending:
-                columns = ", ".join(schema.COLUMN_NAMES)
                 try:
-                    con.execute(
-                        f"INSERT INTO pending_calls SELECT {columns} FROM read_parquet(?, union_by_name = true)",
-                        [pending],
-                    )
+                    con.execute(f"INSERT INTO pending_calls {schema.parquet_select(con, pending)}", [pending])
                 except duckdb.Error as exc:
                     _log.warning("joule_otel: skipping unreadable spooled segments: %s", exc)
             con.execute(

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """1: first release. 2: no unique index on ``receipt_id`` (compaction dedupes by anti-join); the hourly rollup
-table ``joule_rollup`` that the dashboard reads at scale."""
+table ``joule_rollup`` that the dashboard reads at scale. 3: column ``provider`` (``joule_cloud``, ``openai`` or the
+host), also a rollup key."""
+
+
+class LedgerTooNew(Exception):
+    """The file was written by a newer joule-otel (a higher schema version): this one must not write to it."""
+
 
 TABLE = "inference_calls"
 
@@ -37,6 +43,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("stream", "BOOLEAN"),
     ("trace_id", "VARCHAR"),
     ("span_id", "VARCHAR"),
+    ("provider", "VARCHAR"),
 )
 """Column name and DuckDB type, in table order."""
 
@@ -46,6 +53,7 @@ ROLLUP_TABLE = "joule_rollup"
 
 FACT_KEYS: tuple[tuple[str, str], ...] = (
     ("service", "VARCHAR"),
+    ("provider", "VARCHAR"),
     ("workload", "VARCHAR"),
     ("operation", "VARCHAR"),
     ("requested_model", "VARCHAR"),
@@ -77,6 +85,18 @@ FACT_MEASURES: tuple[tuple[str, str, str], ...] = (
 
 ENERGY_BIN_SQL = "CASE WHEN energy_j > 0 THEN CAST(floor(log10(energy_j) * 4) AS SMALLINT) END"
 """The ¼-decade bin of a call's energy: bin b spans [10^(b/4), 10^((b+1)/4)) joules."""
+
+
+def select_list(present: set[str] | frozenset[str]) -> str:
+    """The ledger's columns in table order, NULL for any that ``present`` lacks (an older segment or file)."""
+    return ", ".join(name if name in present else f"CAST(NULL AS {kind}) AS {name}" for name, kind in COLUMNS)
+
+
+def parquet_select(con: Any, files: list[str]) -> str:
+    """``SELECT`` of the ledger's columns from Parquet segments, whichever version of the columns each holds."""
+    described = con.execute("DESCRIBE SELECT * FROM read_parquet(?, union_by_name = true)", [files]).fetchall()
+    present = {r[0] for r in described}
+    return f"SELECT {select_list(present)} FROM read_parquet(?, union_by_name = true)"
 
 
 def raw_facts_sql() -> str:
@@ -135,9 +155,15 @@ def migrate(con: Any) -> int:
         row = None
     if row is not None and row[0] == str(SCHEMA_VERSION):
         return SCHEMA_VERSION
+    found = _version(row[0]) if row else 0
+    if found > SCHEMA_VERSION:
+        # writing would rewrite the version downwards and miss what the newer schema keeps: refuse, rows wait
+        raise LedgerTooNew(
+            f"the ledger is at schema version {found}, written by a newer joule-otel; this one writes version "
+            f"{SCHEMA_VERSION} and will not change it: upgrade joule-otel (rows wait in the spool until then)"
+        )
     for statement in create_statements():
         con.execute(statement)
-    found = int(row[0]) if row else 0
     existing = {
         r[0]
         for r in con.execute(
@@ -152,10 +178,34 @@ def migrate(con: Any) -> int:
         # version 1 kept receipts unique with an index that every insert had to maintain (half the ingest time
         # and a third of the bytes); compaction's anti-join keeps them unique now
         con.execute("DROP INDEX IF EXISTS inference_calls_receipt")
+    if found < 3:
+        # rows from before the provider column: the same rule capture applies (a Joule figure or Joule's host is
+        # Joule Cloud; OpenAI's API host is openai; otherwise the host)
+        con.execute(f"UPDATE {TABLE} SET provider = {PROVIDER_BACKFILL_SQL} WHERE provider IS NULL")
+    if found < 3:
+        con.execute(f"DROP TABLE IF EXISTS {ROLLUP_TABLE}")  # gains the provider key: rebuilt from the rows
+        con.execute(create_statements()[1])
         rebuild_rollup(con)
     if found != SCHEMA_VERSION:
         con.execute("INSERT OR REPLACE INTO joule_meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
     return found
+
+
+PROVIDER_BACKFILL_SQL = (
+    "CASE WHEN receipt_id IS NOT NULL OR energy_j IS NOT NULL OR carbon_mg IS NOT NULL OR routed_to IS NOT NULL "
+    "OR tier IS NOT NULL THEN 'joule_cloud' "
+    "WHEN lower(server_address) = 'greenjoules.cloud' OR lower(server_address) LIKE '%.greenjoules.cloud' "
+    "THEN 'joule_cloud' WHEN lower(server_address) = 'api.openai.com' THEN 'openai' "
+    "ELSE coalesce(server_address, 'unknown') END"
+)
+"""The ``provider`` of a row written before the column existed (see :func:`joule_otel._genai.provider_for`)."""
+
+
+def _version(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:  # not a number this code wrote: treat as newer, never overwrite it
+        return SCHEMA_VERSION + 1
 
 
 def rebuild_rollup(con: Any) -> int:

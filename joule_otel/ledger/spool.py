@@ -25,6 +25,21 @@ STALE_TMP_S = 300.0
 """A temporary segment untouched this long belongs to a process that died mid-write."""
 
 _sequence = itertools.count()
+_held_lock_fds: set[int] = set()
+"""Descriptors of the lock file this process holds a lock through right now."""
+
+
+def forget_inherited_locks() -> None:
+    """In a forked child: close the lock descriptors inherited from the parent.
+
+    ``flock`` belongs to the open file, which a fork shares: a child that kept the descriptor of a lock the parent
+    held mid-compaction would keep every reader and compactor out until the child exits. Closing the child's copy
+    leaves the parent's lock as it was (an explicit unlock here would release the parent's too).
+    """
+    for fd in list(_held_lock_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_lock_fds.clear()
 
 
 class LockBusy(Exception):
@@ -124,7 +139,8 @@ class Spool:
     def locked(self, *, exclusive: bool, timeout_s: float) -> Iterator[None]:
         """Hold the ledger's lock. ``timeout_s=0`` tries once; raises :class:`LockBusy` if not granted."""
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        _held_lock_fds.add(fd)
         try:
             mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
             deadline = time.monotonic() + timeout_s
@@ -142,4 +158,5 @@ class Spool:
                     delay = min(delay * 2, 0.05)
             yield
         finally:
+            _held_lock_fds.discard(fd)
             os.close(fd)  # closing the descriptor releases the flock

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from joule_otel.ledger import schema
-from joule_otel.ledger.compact import LedgerUnavailable, compact_locked
+from joule_otel.ledger.compact import LedgerUnavailable, compact_locked, is_disk_full
+from joule_otel.ledger.row import LedgerRow, problem
 from joule_otel.ledger.spool import LockBusy, Spool
 
 _log = logging.getLogger("joule_otel")
@@ -38,12 +39,14 @@ class WriterStats:
     segments_written: int = 0
     rows_compacted: int = 0
     rows_dropped: int = 0
+    rows_invalid: int = 0
+    """Rows that could not be written at all (a value no column can hold) and were dropped, counted, logged."""
     spool_errors: int = 0
     compact_errors: int = 0
     pending_rows: int = 0
 
 
-def rows_to_arrow(rows: list[tuple[Any, ...]]) -> Any:
+def rows_to_arrow(rows: list[LedgerRow]) -> Any:
     """Row tuples (in :data:`schema.COLUMNS` order, ``started_at`` in µs since the epoch) → Arrow table.
 
     Arrow converts the tuples as one struct array in C++, twice as fast as transposing them in Python first.
@@ -69,7 +72,7 @@ class LedgerWriter:
         self.max_pending_rows = max_pending_rows
         self.compact_interval_s = compact_interval_s
         self.stats = WriterStats()
-        self._rows: list[tuple[Any, ...]] = []
+        self._rows: list[LedgerRow] = []
         # the first compaction waits one interval: a short-lived process (a cron job, a CLI) pays for DuckDB once,
         # at exit, and a starting worker does not compete with its siblings for the file
         self._last_compact = time.monotonic()
@@ -86,7 +89,16 @@ class LedgerWriter:
             self._reported.add(key)
             _log.error(message, *args)
 
-    def append(self, rows: list[tuple[Any, ...]]) -> None:
+    def rows_lost(self) -> int:
+        """Rows this writer dropped so far, for any reason."""
+        return self.stats.rows_dropped + self.stats.rows_invalid
+
+    def forget_pending(self) -> None:
+        """In a forked child: the rows not yet spooled are the parent's to write."""
+        self._rows = []
+        self.stats.pending_rows = 0
+
+    def append(self, rows: list[LedgerRow]) -> None:
         """Queue rows for the next segment."""
         self._rows.extend(rows)
         overflow = len(self._rows) - self.max_pending_rows
@@ -116,7 +128,13 @@ class LedgerWriter:
         if not self._rows:
             return True
         try:
-            self.spool.write_segment(rows_to_arrow(self._rows))
+            table = rows_to_arrow(self._rows)
+        except Exception:  # a value no column can hold: set that row aside, never the rows around it
+            table = self._arrow_of_writable_rows()
+            if table is None:
+                return True
+        try:
+            self.spool.write_segment(table)
         except OSError as exc:
             self.stats.spool_errors += 1
             self._report(
@@ -133,6 +151,30 @@ class LedgerWriter:
         self._rows = []
         self.stats.pending_rows = 0
         return True
+
+    def _arrow_of_writable_rows(self) -> Any | None:
+        """Drop (count, log once) the rows Arrow cannot take, convert the rest; None if none is left."""
+        kept: list[LedgerRow] = []
+        for row in self._rows:
+            reason = problem(row)
+            if reason is None:
+                try:
+                    rows_to_arrow([row])
+                except Exception as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+            if reason is None:
+                kept.append(row)
+                continue
+            self.stats.rows_invalid += 1
+            self._report(
+                f"invalid:{reason.split(' ', 1)[0]}",
+                "joule_otel: a ledger row could not be written and was dropped (%s); the other rows are kept. "
+                "Please report this: capture should have cleaned the value",
+                reason,
+            )
+        self._rows = kept
+        self.stats.pending_rows = len(kept)
+        return rows_to_arrow(kept) if kept else None
 
     def compact(self, *, force: bool = False, timeout_s: float = 0.0) -> None:
         """Compact the spool into the DuckDB file when due (or ``force``); never raises."""
@@ -152,17 +194,32 @@ class LedgerWriter:
                 result = compact_locked(self.spool)
         except LockBusy:
             return  # another process is compacting or a reader is reading: our segments wait
-        except OSError as exc:  # the ledger's folder itself is unusable: the spool error says so already
-            self.stats.compact_errors += 1
+        except Exception as exc:
+            self._compact_failed(exc)
+            return
+        self._reported.discard("compact")
+        self._reported.discard("disk-full")
+        self.stats.rows_compacted += result.rows_inserted
+
+    def _compact_failed(self, exc: Exception) -> None:
+        self.stats.compact_errors += 1
+        if is_disk_full(exc):
+            self._report(
+                "disk-full",
+                "joule_otel: disk full: no space left for the ledger %s; rows wait in %s and are compacted by "
+                "themselves once space returns",
+                self.db_path,
+                self.spool.dir,
+            )
+            return
+        if isinstance(exc, OSError):  # the ledger's folder itself is unusable: the spool error says so already
             self._report(
                 "spool",
                 "joule_otel: cannot use the ledger folder %s (%s); the app keeps running",
                 self.db_path.parent,
                 exc,
             )
-            return
-        except LedgerUnavailable as exc:
-            self.stats.compact_errors += 1
+        elif isinstance(exc, LedgerUnavailable):
             if "held by another process" in str(exc):
                 return  # a foreign DuckDB client has the file open; segments wait on disk
             self._report(
@@ -171,10 +228,5 @@ class LedgerWriter:
                 exc,
                 self.spool.dir,
             )
-            return
-        except Exception as exc:
-            self.stats.compact_errors += 1
+        else:
             self._report("compact-other", "joule_otel: compacting the ledger %s failed: %s", self.db_path, exc)
-            return
-        self._reported.discard("compact")
-        self.stats.rows_compacted += result.rows_inserted

@@ -336,7 +336,9 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(404, f"Unknown route {self.command} {path}", "invalid_request_error", "unknown_url")
             handler()
         except ApiError as err:
-            self._send_json(err.status, err.body)
+            # "every response includes X-Energy-Joules" (the migration guide): a refused call bills nothing, says so,
+            # and carries no receipt
+            self._send_json(err.status, err.body, {"X-Energy-Joules": "0", "X-Carbon-mg": "0"})
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 

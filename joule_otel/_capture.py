@@ -1,4 +1,4 @@
-"""The transport wrapper: what runs on the app's thread for every HTTP call through httpx/httpx2.
+"""The transport wrappers: what runs on the app's thread for every HTTP call through httpx/httpx2 (and so aiohttp).
 
 Only what must happen on the request path happens here: two clock reads, a route check, the
 workload lookup, span attributes while the HTTP client span is still open, and wrapping the
@@ -12,6 +12,7 @@ that the HTTP client span is the current span when the response headers arrive.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import threading
@@ -24,6 +25,19 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from joule_otel import attributes as attr
+from joule_otel._genai import (
+    BODY_CAP_BYTES as REQUEST_CAP_BYTES,
+)
+from joule_otel._genai import (
+    INFERENCE_OPERATIONS,
+    OTHER_OPERATION,
+    SEMCONV_OPERATIONS,
+    error_type_for,
+    parse_request_body,
+    provider_for,
+    requested_model,
+    route_operation,
+)
 from joule_otel.headers import REGION, RESPONSE_HEADERS, EnergyReading, header_map, header_value, read_energy_map
 from joule_otel.workload import current_workload
 
@@ -33,46 +47,9 @@ BODY_CAP_BYTES = 4 << 20
 """Body bytes kept for parsing usage; past this only a tail is kept (or, if encoded, nothing)."""
 TAIL_BYTES = 64 << 10
 
-_ROUTES: dict[str, str] = {
-    "chat/completions": "chat",
-    "completions": "text_completion",
-    "embeddings": "embeddings",
-    "responses": "responses",
-    "images": "images",
-    "audio": "audio",
-    "models": "models",
-    "moderations": "moderations",
-}
-INFERENCE_OPERATIONS = frozenset({"chat", "text_completion", "embeddings", "responses", "images", "audio"})
-SEMCONV_OPERATIONS = {
-    "chat": "chat",
-    "text_completion": "text_completion",
-    "embeddings": "embeddings",
-    "responses": "chat",
-}
-"""Route name → ``gen_ai.operation.name``; only values the semantic conventions define."""
-
-_route_cache: dict[bytes, str | None] = {}
-_JSON_DECODER = json.JSONDecoder()
-
-
-def route_operation(raw_path: bytes) -> str | None:
-    """The operation name of an OpenAI-compatible route (``/v1/chat/completions`` → ``chat``), else None."""
-    cached = _route_cache.get(raw_path, "")
-    if cached != "":
-        return cached
-    path = raw_path.split(b"?", 1)[0].decode("latin-1").rstrip("/")
-    operation = None
-    marker = path.rfind("/v1/")
-    if marker >= 0:
-        rest = path[marker + 4 :]
-        for prefix, name in _ROUTES.items():
-            if rest == prefix or rest.startswith(prefix + "/"):
-                operation = name
-                break
-    if len(_route_cache) < 4096:
-        _route_cache[raw_path] = operation
-    return operation
+_claim: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("joule_otel_claim", default=None)
+"""Set by the client-level wrapper around one request: the transport-level wrapper beneath it marks the call as
+captured, so a call is captured exactly once, by the innermost wrapper that sees it (where the HTTP span is open)."""
 
 
 class CallRecord:
@@ -84,6 +61,7 @@ class CallRecord:
         "kept",
         "method",
         "operation",
+        "provider",
         "reading",
         "request_body",
         "request_fields",
@@ -113,6 +91,9 @@ class CallRecord:
             self.request_body: bytes | None = request.content
         except Exception:  # a streaming upload has no content to read
             self.request_body = None
+        if self.request_body is not None and len(self.request_body) > REQUEST_CAP_BYTES:
+            self.request_body = None  # an upload, not a prompt: not kept (it is never parsed)
+        self.provider: str | None = None
         self.workload = current_workload()
         self.status_code: int | None = None
         self.response_headers: Any = None
@@ -180,7 +161,12 @@ class Capture:
         if operation is None:
             if not _has_header(headers, *_RESPONSE_HEADER_KEYS):
                 return None
-            operation = "other"
+            operation = OTHER_OPERATION
+        elif operation not in INFERENCE_OPERATIONS:
+            return None  # /v1/models, moderations, files: never a row
+        claim = _claim.get()
+        if claim is not None:
+            claim[0] = True
         call = CallRecord(request, operation, t0, started_ns)
         call.status_code = response.status_code
         call.response_headers = headers
@@ -199,10 +185,11 @@ class Capture:
         # the background reuses the reading and these two fields; not the whole body, whose objects (a long
         # conversation's messages) would wait with the call and weigh on the app's garbage collector
         call.request_fields = {name: request[name] for name in ("model", "stream") if name in request}
+        call.provider = provider_for(call.server_address, _has_header(call.response_headers, *_RESPONSE_HEADER_KEYS))
         values: dict[str, Any] = {
-            attr.GEN_AI_PROVIDER_NAME: attr.PROVIDER,
+            attr.GEN_AI_PROVIDER_NAME: call.provider,
             attr.GEN_AI_OPERATION_NAME: SEMCONV_OPERATIONS.get(call.operation),
-            attr.GEN_AI_REQUEST_MODEL: request.get("model"),
+            attr.GEN_AI_REQUEST_MODEL: requested_model(request),
             attr.GEN_AI_RESPONSE_MODEL: reading.routed_to,
             attr.JOULE_ENERGY: reading.energy_j,
             attr.JOULE_CARBON: reading.carbon_mg,
@@ -221,6 +208,9 @@ class Capture:
         operation = route_operation(request.url.raw_path)
         if operation not in INFERENCE_OPERATIONS:
             return
+        claim = _claim.get()
+        if claim is not None:
+            claim[0] = True
         call = CallRecord(request, operation, t0, started_ns)
         call.error = type(exc).__qualname__
         self.inflight[call] = call
@@ -272,6 +262,68 @@ class Capture:
         except Exception:
             self.internal_error("response handling")
         return response
+
+    def sync_client_wrapper(
+        self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Wraps ``Client._send_single_request``: captures calls whose transport is not ``HTTPTransport``.
+
+        Custom and third-party transports (a WSGI or mock transport, say) are seen here; a call the transport
+        wrapper beneath already captured is left to it.
+        """
+        claim = [False]
+        token = _claim.set(claim)
+        t0, started_ns = perf_counter_ns(), time_ns()
+        try:
+            response = wrapped(*args, **kwargs)
+        except Exception as exc:
+            _claim.reset(token)
+            if not claim[0]:
+                try:
+                    self._transport_error(args[0] if args else kwargs["request"], exc, t0, started_ns)
+                except Exception:
+                    self.internal_error("transport error handling")
+            raise
+        _claim.reset(token)
+        if not claim[0]:
+            self._after_client(args[0] if args else kwargs["request"], response, t0, started_ns, sync=True)
+        return response
+
+    async def async_client_wrapper(
+        self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Wraps ``AsyncClient._send_single_request``: the transports that are not ``AsyncHTTPTransport``.
+
+        openai's ``DefaultAioHttpClient`` and litellm's (so DSPy's) async calls run on aiohttp through such a
+        transport.
+        """
+        claim = [False]
+        token = _claim.set(claim)
+        t0, started_ns = perf_counter_ns(), time_ns()
+        try:
+            response = await wrapped(*args, **kwargs)
+        except Exception as exc:
+            _claim.reset(token)
+            if not claim[0]:
+                try:
+                    self._transport_error(args[0] if args else kwargs["request"], exc, t0, started_ns)
+                except Exception:
+                    self.internal_error("transport error handling")
+            raise
+        _claim.reset(token)
+        if not claim[0]:
+            self._after_client(args[0] if args else kwargs["request"], response, t0, started_ns, sync=False)
+        return response
+
+    def _after_client(self, request: Any, response: Any, t0: int, started_ns: int, *, sync: bool) -> None:
+        try:
+            call = self._begin(request, response, t0, started_ns)
+            if call is not None:
+                self.inflight[call] = call
+                sync_cls, async_cls = self._streams_for(type(response))
+                response.stream = (sync_cls if sync else async_cls)(response.stream, call, self)
+        except Exception:
+            self.internal_error("response handling")
 
     def _streams_for(self, response_type: type) -> tuple[type, type]:
         classes = self._stream_classes.get(response_type)
@@ -362,38 +414,25 @@ def _make_stream_classes(sync_base: type, async_base: type) -> tuple[type, type]
     return SyncCaptureStream, AsyncCaptureStream
 
 
-def parse_request_body(body: bytes | None) -> dict[str, Any]:
-    """The JSON object of a request body, or ``{}`` (never raises)."""
-    if not body or body[:1] != b"{" or len(body) > BODY_CAP_BYTES:
-        return {}
-    try:
-        parsed = _JSON_DECODER.decode(body.decode("utf-8"))  # what json.loads does, less its encoding sniffing
-    except ValueError:  # UnicodeDecodeError included
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
-
-
-def error_type_for(status_code: int | None, error_code: str | None) -> str | None:
-    """``error.type``: None on success, ``insufficient_balance`` for a 402, else the HTTP status."""
-    if status_code is None or status_code < 400:
-        return None
-    if status_code == 402 or error_code == "insufficient_balance":
-        return "insufficient_balance"
-    return str(status_code)
-
-
 # -- installing the wrappers ----------------------------------------------------------------
 
 _PATCHES = (
     ("HTTPTransport", "handle_request", "sync_wrapper"),
     ("AsyncHTTPTransport", "handle_async_request", "async_wrapper"),
+    ("Client", "_send_single_request", "sync_client_wrapper"),
+    ("AsyncClient", "_send_single_request", "async_client_wrapper"),
 )
+"""(class, method, Capture's wrapper): the transports httpx and httpx2 ship, and the clients' one request hop, which
+sees every other transport (aiohttp-backed, custom, mock)."""
 
 
 def install(capture: Capture, module: Any) -> None:
     """Wrap the module's transports innermost, below any wrapper another instrumentation put there."""
     for class_name, method, wrapper_name in _PATCHES:
-        cls = getattr(module, class_name)
+        cls = getattr(module, class_name, None)
+        if cls is None or method not in cls.__dict__:
+            _log.debug("joule_otel: %s.%s.%s not found; not wrapped", module.__name__, class_name, method)
+            continue
         wrapper = getattr(capture, wrapper_name)
         current = cls.__dict__[method]
         if not isinstance(current, wrapt.FunctionWrapper):
@@ -408,7 +447,9 @@ def install(capture: Capture, module: Any) -> None:
 def uninstall(capture: Capture, module: Any) -> None:
     """Remove this capture's wrappers, wherever they stand in the chain."""
     for class_name, method, wrapper_name in _PATCHES:
-        cls = getattr(module, class_name)
+        cls = getattr(module, class_name, None)
+        if cls is None or method not in cls.__dict__:
+            continue
         wrapper = getattr(capture, wrapper_name)
         current = cls.__dict__[method]
         if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper == wrapper:

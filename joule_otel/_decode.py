@@ -1,0 +1,153 @@
+"""Pure decoding of what a response body says: usage, the stream's final energy figure, the error code.
+
+No OpenTelemetry, no threads, no I/O: bytes in, :class:`BodyFacts` out. Every value is validated as it
+is read (token counts that fit a BIGINT, figures under the ceilings of :mod:`joule_otel.headers`), so
+nothing a server sends can make a ledger row unwritable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from joule_otel.headers import parse_carbon, parse_energy, parse_token_count
+
+DECODED_CAP = 16 << 20
+"""A compressed body is inflated to at most this many bytes."""
+SSE_TAIL_BYTES = 64 << 10
+"""Only the last events of a stream carry usage and the final figures: only this much of its end is read."""
+_JSON_DECODER = json.JSONDecoder()
+_COLON_BRACE = re.compile(rb"\s*:\s*\{")
+
+
+@dataclass
+class BodyFacts:
+    """What the response body said; ``None`` is missing or invalid."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    stream_energy_j: float | None = None
+    stream_carbon_mg: float | None = None
+    error_code: str | None = None
+
+
+def decode(data: bytes, content_encoding: str) -> bytes:
+    """``data`` decoded per its ``Content-Encoding`` (gzip, deflate, br, zstd), or ``b""`` if it cannot be."""
+    encoding = content_encoding.strip().lower()
+    if not data or encoding in ("", "identity"):
+        return data
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        wbits = 47 if encoding != "deflate" else 15
+        for bits in (wbits, -15):
+            try:
+                return zlib.decompressobj(bits).decompress(data, DECODED_CAP)
+            except zlib.error:
+                continue
+        return b""
+    if encoding == "br":
+        try:
+            import brotli
+
+            return bytes(brotli.decompress(data))[:DECODED_CAP]
+        except Exception:
+            return b""
+    if encoding == "zstd":
+        try:
+            import zstandard
+
+            return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(data))[:DECODED_CAP]
+        except Exception:
+            return b""
+    return b""
+
+
+def usage_tokens(usage: Any) -> tuple[int | None, int | None]:
+    """Input and output tokens of an OpenAI ``usage`` object (Chat Completions or Responses shape)."""
+    if not isinstance(usage, dict):
+        return None, None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    return parse_token_count(prompt), parse_token_count(completion)
+
+
+def _joule_extension(joule: Any, facts: BodyFacts) -> None:
+    if isinstance(joule, dict):
+        facts.stream_energy_j = parse_energy(joule.get("energy_joules"))
+        facts.stream_carbon_mg = parse_carbon(joule.get("carbon_mg"))
+
+
+def object_after(data: bytes, key: bytes) -> Any:
+    """The JSON object under the last ``key`` (a quoted name) in ``data``, decoded alone, or None.
+
+    Only that object is decoded, not the event or body around it. The same quoted word can also be a string value
+    (``"role": "usage"``); only a key is followed by a colon.
+    """
+    end = len(data)
+    for _ in range(4):
+        at = data.rfind(key, 0, end)
+        if at < 0:
+            return None
+        found = _COLON_BRACE.match(data, at + len(key))
+        if found is not None:
+            try:
+                return _JSON_DECODER.raw_decode(data[found.end() - 1 :].decode("utf-8", "replace"))[0]
+            except (ValueError, RecursionError):
+                return None
+        end = at
+    return None
+
+
+def data_lines_backwards(data: bytes) -> Iterator[bytes]:
+    """What follows ``data:`` on each line of an SSE body, last line first, within its last :data:`SSE_TAIL_BYTES`.
+
+    Found with ``rfind`` rather than by splitting the body: a stream of a few hundred chunks has as many lines, and
+    only the last few are read. A JSON payload cannot hold a raw newline, so a newline and ``data:`` start a line.
+    """
+    floor = max(len(data) - SSE_TAIL_BYTES, 0)
+    end = len(data)
+    while end > floor:
+        newline = data.rfind(b"\ndata:", floor, end)
+        if newline >= 0:
+            start = newline + 1
+        elif floor == 0 and data.startswith(b"data:"):  # the body's first line
+            start = 0
+        else:
+            return
+        line_end = data.find(b"\n", start, end)
+        yield data[start + 5 : line_end if line_end >= 0 else end]
+        end = newline if newline >= 0 else 0
+
+
+def parse_body(data: bytes, *, is_sse: bool, status_code: int | None, content_encoding: str = "") -> BodyFacts:
+    """Usage, the stream's final energy figure and the error code, from a response body's bytes as received."""
+    facts = BodyFacts()
+    data = decode(data, content_encoding)
+    if not data:
+        return facts
+    if is_sse:
+        seen = 0
+        # the figures come in the last events: walk back from the end, parse only events that carry them
+        for line in data_lines_backwards(data):
+            if b"[DONE]" in line:
+                continue
+            seen += 1
+            if seen > 8 or (facts.input_tokens is not None and facts.stream_energy_j is not None):
+                break
+            if facts.input_tokens is None and facts.output_tokens is None and b'"usage"' in line:
+                facts.input_tokens, facts.output_tokens = usage_tokens(object_after(line, b'"usage"'))
+            if facts.stream_energy_j is None and b'"joule"' in line:
+                _joule_extension(object_after(line, b'"joule"'), facts)
+        return facts
+    if status_code is not None and status_code >= 400:
+        error = object_after(data, b'"error"')
+        if isinstance(error, dict):
+            code = error.get("code") or error.get("type")
+            if isinstance(code, str) and code.strip():
+                facts.error_code = code.strip()[:64]
+        return facts
+    facts.input_tokens, facts.output_tokens = usage_tokens(object_after(data, b'"usage"'))
+    return facts

@@ -1,0 +1,169 @@
+"""OpenAI-compatible routes, GenAI semantic-convention values, request parsing and providers.
+
+A leaf module: what capture, the background pipeline and the OTLP receiver all need, importing
+none of them. Pure functions; nothing here raises on what a server or caller sends.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from joule_otel.headers import clean_string
+
+BODY_CAP_BYTES = 4 << 20
+"""Request bodies larger than this are not parsed (an upload, not a prompt worth reading a model from)."""
+
+_ROUTES: dict[str, str] = {
+    "chat/completions": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+    "responses": "responses",
+    "images": "images",
+    "audio": "audio",
+    "models": "models",
+    "moderations": "moderations",
+    "files": "files",
+    "batches": "batches",
+    "uploads": "uploads",
+    "fine_tuning": "fine_tuning",
+    "vector_stores": "vector_stores",
+    "assistants": "assistants",
+    "threads": "threads",
+}
+"""OpenAI-compatible routes under ``/v1/`` and their names; longest prefixes first where they nest."""
+
+INFERENCE_OPERATIONS = frozenset({"chat", "text_completion", "embeddings", "responses", "images", "audio"})
+"""Routes that bill an inference: a call to one is a ledger row even without a Joule header (a 402, say)."""
+
+OTHER_OPERATION = "other"
+"""The operation of a call to a path that is not a known route but whose response carried Joule headers."""
+
+SEMCONV_OPERATIONS = {
+    "chat": "chat",
+    "text_completion": "text_completion",
+    "embeddings": "embeddings",
+    "responses": "chat",
+}
+"""Route name → ``gen_ai.operation.name``; only values the semantic conventions define."""
+
+JOULE_PROVIDER = "joule_cloud"
+"""``gen_ai.provider.name`` and the ledger's ``provider`` for Joule Cloud."""
+OPENAI_PROVIDER = "openai"
+JOULE_DOMAIN = "greenjoules.cloud"
+"""Joule Cloud's hosts are this domain and its subdomains (``api.greenjoules.cloud``)."""
+OPENAI_HOST = "api.openai.com"
+
+_route_cache: dict[bytes, str | None] = {}
+_JSON_DECODER = json.JSONDecoder()
+
+
+def route_operation(raw_path: bytes | str) -> str | None:
+    """The name of an OpenAI-compatible route (``/v1/chat/completions`` → ``chat``), else None."""
+    key = raw_path if isinstance(raw_path, bytes) else raw_path.encode("utf-8", "replace")
+    cached = _route_cache.get(key, "")
+    if cached != "":
+        return cached
+    path = key.split(b"?", 1)[0].decode("latin-1").rstrip("/")
+    operation = None
+    marker = path.rfind("/v1/")
+    if marker >= 0:
+        rest = path[marker + 4 :]
+        for prefix, name in _ROUTES.items():
+            if rest == prefix or rest.startswith(prefix + "/"):
+                operation = name
+                break
+    if len(_route_cache) < 4096:
+        _route_cache[key] = operation
+    return operation
+
+
+def provider_for(host: str | None, joule_headers: bool) -> str:
+    """``joule_cloud`` for a response with Joule headers or a Joule host, ``openai`` for OpenAI's API, else the host.
+
+    Another provider's call is never recorded as Joule's: only what Joule sends (or Joule's own host) makes it so.
+    """
+    if joule_headers:
+        return JOULE_PROVIDER
+    name = (host or "").strip().lower().rstrip(".")
+    if name == JOULE_DOMAIN or name.endswith("." + JOULE_DOMAIN):
+        return JOULE_PROVIDER
+    if name == OPENAI_HOST:
+        return OPENAI_PROVIDER
+    return clean_string(name) or "unknown"
+
+
+def parse_request_body(body: bytes | None) -> dict[str, Any]:
+    """The JSON object of a request body, or ``{}`` (never raises)."""
+    if not body or body[:1] != b"{" or len(body) > BODY_CAP_BYTES:
+        return {}
+    try:
+        parsed = _JSON_DECODER.decode(body.decode("utf-8"))  # what json.loads does, less its encoding sniffing
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; a deeply nested body
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def requested_model(request: dict[str, Any]) -> str | None:
+    """The request's ``model``, cleaned like a header string (trimmed, no control characters, encodable, capped)."""
+    model = request.get("model")
+    return clean_string(model) if isinstance(model, str) else None
+
+
+def error_type_for(status_code: int | None, error_code: str | None) -> str | None:
+    """``error.type``: None on success, ``insufficient_balance`` for a 402, else the HTTP status."""
+    if status_code is None or status_code < 400:
+        return None
+    if status_code == 402 or error_code == "insufficient_balance":
+        return "insufficient_balance"
+    return str(status_code)
+
+
+SECRET_QUERY_PARAMETERS = frozenset(
+    {
+        "key",
+        "api-key",
+        "api_key",
+        "apikey",
+        "x-api-key",
+        "access_token",
+        "token",
+        "auth",
+        "authorization",
+        "password",
+        "secret",
+        "client_secret",
+        "sig",
+        "signature",
+        "x-goog-signature",
+        "awsaccesskeyid",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+    }
+)
+"""Query parameters whose value is a credential (Gemini's ``?key=``, Azure's ``?api-key=``, signed URLs): their values
+are replaced by ``REDACTED`` on spans, as the semantic conventions ask for ``url.full``."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with user:password and credential query values replaced by ``REDACTED`` (never raises)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            netloc = "REDACTED:REDACTED@" + netloc.rpartition("@")[2]
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            if any(name.lower() in SECRET_QUERY_PARAMETERS for name, _ in pairs):
+                query = urlencode(
+                    [(name, "REDACTED" if name.lower() in SECRET_QUERY_PARAMETERS else value) for name, value in pairs]
+                )
+        if netloc == parts.netloc and query == parts.query:
+            return url
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return url
