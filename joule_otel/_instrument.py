@@ -206,7 +206,9 @@ def _install_exit_hooks(state: _Instrumentation) -> None:
     if not _hooks_registered:
         atexit.register(_at_exit)
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_after_fork_in_child)
+            os.register_at_fork(
+                before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+            )
         _register_multiprocessing_hook()
         _hooks_registered = True
     if threading.current_thread() is threading.main_thread():
@@ -241,9 +243,11 @@ def _register_multiprocessing_hook() -> None:
 
 def _at_child_exit() -> None:
     """A ``multiprocessing`` child returns: its rows reach the spool; the parent or the next writer compacts them."""
+    global _exiting
     state = _state
     if state is None:
         return
+    _exiting = True
     try:
         state.capture.finish_all()
         state.pipeline.shutdown(EXIT_FLUSH_TIMEOUT_S, compact=False)
@@ -260,9 +264,15 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     for a graceful shutdown, and calls made meanwhile are captured too. Only when the default action is about to end
     the process is everything shut down first.
     """
+    global _deferred_sigterm
     state = _state
     previous = state.previous_sigterm if state is not None else signal.SIG_DFL
     dies = not callable(previous) and previous != signal.SIG_IGN
+    if state is not None and dies and _exiting:
+        return  # the process is already ending (an exit flush was interrupted): let that flush finish, then it ends
+    if state is not None and state.pipeline.cycling_on_this_thread():
+        _deferred_sigterm = (signum, frame)  # handled once this thread's own cycle is done (see flush())
+        return
     if state is not None:
         try:
             if dies:
@@ -281,8 +291,23 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+_exiting = False
+"""An exit flush is running: a SIGTERM that interrupts it lets it finish rather than starting another."""
+_deferred_sigterm: tuple[int, FrameType | None] | None = None
+"""A SIGTERM that arrived while this thread was inside a ledger cycle, handled once the cycle is done."""
+
+
+def _handle_deferred_sigterm() -> None:
+    global _deferred_sigterm
+    deferred, _deferred_sigterm = _deferred_sigterm, None
+    if deferred is not None:
+        _on_sigterm(*deferred)
+
+
 def _shutdown(state: _Instrumentation) -> None:
     """The process ends: every call still streaming, every row, the last metrics and spans go out."""
+    global _exiting
+    _exiting = True
     state.capture.finish_all()
     state.pipeline.shutdown(EXIT_FLUSH_TIMEOUT_S)
     for provider in (state.providers.meter_provider, state.providers.tracer_provider):
@@ -299,6 +324,18 @@ def _at_exit() -> None:
         _shutdown(state)
     except Exception:
         _log.exception("joule_otel: flushing the ledger at exit failed")
+
+
+def _before_fork() -> None:
+    state = _state
+    if state is not None:
+        state.pipeline.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    state = _state
+    if state is not None:
+        state.pipeline.after_fork_in_parent()
 
 
 def _after_fork_in_child() -> None:
@@ -330,6 +367,8 @@ def flush(timeout_s: float = 5.0) -> bool:
     except Exception:
         state.capture.internal_error("flush")
         return False
+    finally:
+        _handle_deferred_sigterm()
     return bool(done)
 
 
@@ -359,6 +398,10 @@ def uninstrument() -> None:
                 getattr(server, "shutdown", lambda: None)()
         except Exception:
             _log.exception("joule_otel: uninstrument() did not finish cleanly; capture is off")
+    global _deferred_sigterm
+    if _deferred_sigterm is not None:  # a SIGTERM came during the last cycle: the restored handler gets it now
+        _deferred_sigterm = None
+        signal.raise_signal(signal.SIGTERM)
 
 
 def stats() -> dict[str, Any]:

@@ -39,6 +39,8 @@ SEGMENT_MAX_ROWS = 100_000
 YIELD_EVERY = 8
 """Calls the background thread processes between two offers of the GIL to the app's threads."""
 RECENT_RECEIPTS = 100_000
+FORK_WAIT_S = 10.0
+"""The longest a fork waits for the worker to finish an import or a cycle (a compaction takes ~0.1 s)."""
 _REGION_KEY = REGION.encode("latin-1")
 _JOULE_KEYS = tuple(name.encode("latin-1") for name in RESPONSE_HEADERS)
 
@@ -69,6 +71,11 @@ class Pipeline:
         self._cycle_lock = threading.Lock()
         """The writer is not thread-safe: one cycle at a time, whichever thread runs it (the worker, or a caller
         of flush/shutdown once the worker is gone or stuck)."""
+        self._ready = threading.Event()
+        """Set once the worker has loaded what it imports (pyarrow): a fork in the middle of an import would leave the
+        child a half-initialised module."""
+        self._held_for_fork = False
+        self._cycle_owner: int | None = None
         self._reset_thread_state()
 
     def _reset_thread_state(self) -> None:
@@ -98,6 +105,17 @@ class Pipeline:
         self._thread = threading.Thread(target=self._run, name="joule-otel-ledger", daemon=True)
         self._thread.start()
 
+    def before_fork(self) -> None:
+        """Let the worker finish an import or a cycle before the process forks (bounded: a fork is never blocked)."""
+        self._ready.wait(FORK_WAIT_S)
+        self._held_for_fork = self._cycle_lock.acquire(timeout=FORK_WAIT_S)
+
+    def after_fork_in_parent(self) -> None:
+        """The fork is done: the worker may cycle again."""
+        if self._held_for_fork:
+            self._held_for_fork = False
+            self._cycle_lock.release()
+
     def after_fork_in_child(self) -> None:
         """In a forked child: the parent's thread did not survive, and what the parent held is the parent's to write.
 
@@ -107,6 +125,8 @@ class Pipeline:
         """
         self._reset_thread_state()
         self._cycle_lock = threading.Lock()
+        self._cycle_owner = None
+        self._held_for_fork = False
         self.recorder.forget_sums()
         if self.writer is not None:
             self.writer.forget_pending()
@@ -144,21 +164,29 @@ class Pipeline:
         done = self._cycle_now(final=True, compact=compact, timeout_s=max(deadline - time.monotonic(), 0.1))
         writer = self.writer
         if writer is not None and (not done or writer.stats.pending_rows):
-            pending = writer.stats.pending_rows + len(self._queue)
             _log.error(
-                "joule_otel: %d ledger rows could not be written to %s before exit and are lost "
-                "(see the errors above; joule_otel.stats() counts them)",
-                pending,
+                "joule_otel: %d ledger rows could not be written to %s and are lost as capture stops "
+                "(%d rows dropped earlier at the memory bound, %d invalid; see the errors above)",
+                writer.stats.pending_rows + len(self._queue),
                 writer.spool.dir,
+                writer.stats.rows_dropped,
+                writer.stats.rows_invalid,
             )
             return False
         return done
 
+    def cycling_on_this_thread(self) -> bool:
+        """Whether this thread is inside a cycle: a signal handler that interrupted it must not start another."""
+        return self._cycle_owner == threading.get_ident()
+
     def _cycle_now(self, *, final: bool, timeout_s: float, force_segment: bool = False, compact: bool = True) -> bool:
         """Run a cycle on the caller's thread, unless the worker is in one and does not finish within ``timeout_s``."""
+        if self.cycling_on_this_thread():
+            return False  # a signal handler interrupted this thread's own cycle: that cycle finishes the work
         if not self._cycle_lock.acquire(timeout=timeout_s):
             _log.warning("joule_otel: the ledger writer is busy; flush gave up after %.1f s", timeout_s)
             return False
+        self._cycle_owner = threading.get_ident()
         try:
             self._cycle(
                 final=final,
@@ -170,6 +198,7 @@ class Pipeline:
             self.capture_stats.internal_error("ledger flush")
             return False
         finally:
+            self._cycle_owner = None
             self._cycle_lock.release()
         return True
 
@@ -183,6 +212,7 @@ class Pipeline:
                 rows_to_arrow([])
             except Exception:
                 _log.warning("joule_otel: pyarrow cannot be used; the ledger cannot be written", exc_info=True)
+        self._ready.set()
         flowing = False
         while not self._stop:
             self._wake.wait(min(self.flush_interval_s, DRAIN_INTERVAL_S) if flowing else self.flush_interval_s)
@@ -193,12 +223,15 @@ class Pipeline:
                 target = self._flush_requested
             seen = self.calls_seen
             with self._cycle_lock:
+                self._cycle_owner = threading.get_ident()
                 try:
                     # a flush() makes rows durable (a segment on disk, visible to every reader); compaction into
                     # the DuckDB file keeps its own pace (once the oldest segment is an interval old, and at exit)
                     self._cycle(final=False, force_segment=target > self._flush_done, compact_timeout_s=0.0)
                 except Exception:
                     self.capture_stats.internal_error("background ledger cycle")
+                finally:
+                    self._cycle_owner = None
             flowing = self.calls_seen != seen
             if target > self._flush_done:
                 with self._cond:

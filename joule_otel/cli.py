@@ -13,8 +13,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
+from joule_otel._terminal import dashboard_command, print_table
 from joule_otel._version import __version__
 
 
@@ -66,28 +66,6 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def dashboard_command(db: Path | None, *, host: str, port: int, browser: bool) -> list[str]:
-    """The ``streamlit run`` command line for the packaged dashboard, private by default."""
-    app = Path(__file__).parent / "dashboard" / "app.py"
-    return [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(app),
-        "--server.address",
-        host,
-        "--server.port",
-        str(port),
-        "--browser.gatherUsageStats",
-        "false",
-        "--server.headless",
-        "false" if browser else "true",
-        "--global.developmentMode",
-        "false",
-    ]
-
-
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     try:
         import streamlit  # noqa: F401
@@ -96,7 +74,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.db:
         env["JOULE_OTEL_DB"] = str(Path(args.db).expanduser())
-    cmd = dashboard_command(None, host=args.host, port=args.port, browser=not args.no_browser)
+    cmd = dashboard_command(host=args.host, port=args.port, browser=not args.no_browser)
     print(f"Dashboard on http://{args.host}:{args.port}  (Ctrl-C stops)", flush=True)
     os.execve(sys.executable, cmd, env)  # noqa: S606 - become Streamlit: signals reach the server, no orphan is left
 
@@ -120,15 +98,6 @@ def _cmd_sample_data(args: argparse.Namespace) -> int:
     count = write(Path(args.output), calls=args.calls, days=args.days, seed=args.seed)
     print(f"wrote {count} sample rows to {args.output} (and budgets.json beside it)")
     return 0
-
-
-def _print_rows(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
-    text = [[("" if v is None else str(v)) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for row in text:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
@@ -159,7 +128,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=2))
     else:
-        _print_rows(columns, rows)
+        print_table(columns, rows)
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import joule_otel
+from joule_otel._terminal import dashboard_command, print_table
 from joule_otel.simulator import running
 
 DEMO_BUDGETS_J = {
@@ -184,6 +185,53 @@ def run_traffic(base_url: str, calls: int, seed: int) -> None:
     sys.stderr.write("\n")
 
 
+DEMO_MARK = ("created_by", "joule-otel demo")
+"""The ``joule_meta`` row that says a ledger is the demo's own, which a later demo may replace."""
+
+
+def _is_demo_ledger(db: Path) -> bool:
+    from joule_otel.ledger import reader
+
+    with reader.connect(db) as con:
+        if not con.execute("SELECT count(*) FROM inference_calls").fetchone()[0]:
+            return True  # nothing to lose
+        try:
+            found = con.execute("SELECT value FROM ledger.joule_meta WHERE key = ?", [DEMO_MARK[0]]).fetchone()
+        except Exception:  # no file (only spooled rows), or no joule_meta
+            return False
+    return found is not None and found[0] == DEMO_MARK[1]
+
+
+def _clear_previous_demo(db: Path) -> None:
+    """Remove an earlier demo's ledger at ``db``; refuse (ValueError) anything else: a user's data is never deleted."""
+    from joule_otel.ledger.spool import Spool
+
+    spool = Spool(db)
+    if not db.exists() and not spool.segments():
+        return
+    if not _is_demo_ledger(db):
+        raise ValueError(
+            f"{db} holds a ledger that is not a demo ledger; joule-otel demo never overwrites one. "
+            "Pass another --db (or leave it out: the demo has its own file)"
+        )
+    for leftover in (db, db.with_name(db.name + ".wal")):
+        leftover.unlink(missing_ok=True)
+    shutil.rmtree(spool.dir, ignore_errors=True)
+
+
+def _mark_as_demo(db: Path) -> None:
+    from joule_otel.ledger.compact import compact, open_writable
+    from joule_otel.ledger.spool import Spool
+
+    compact(db, timeout_s=30)
+    with Spool(db).locked(exclusive=True, timeout_s=30):
+        con: Any = open_writable(db)
+        try:
+            con.execute("INSERT OR REPLACE INTO joule_meta VALUES (?, ?)", list(DEMO_MARK))
+        finally:
+            con.close()
+
+
 def run_demo(
     *,
     calls: int = 400,
@@ -197,10 +245,8 @@ def run_demo(
     if calls < 1:
         raise ValueError("--calls must be at least 1")
     db = db or default_demo_db()
+    _clear_previous_demo(db)
     db.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in (db, db.with_name(db.name + ".wal")):
-        leftover.unlink(missing_ok=True)
-    shutil.rmtree(db.with_name(db.name + ".spool"), ignore_errors=True)
     budgets_file = db.with_name("demo-budgets.json")
     budgets_file.write_text(json.dumps(DEMO_BUDGETS_J, indent=2))
 
@@ -218,6 +264,7 @@ def run_demo(
             joule_otel.flush(timeout_s=30)
     finally:
         joule_otel.uninstrument()
+    _mark_as_demo(db)
 
     from joule_otel.ledger.maintenance import query
 
@@ -228,17 +275,13 @@ def run_demo(
         "FROM inference_calls GROUP BY 1 ORDER BY joules DESC NULLS LAST",
     )
     print(f"  ledger: {db}")
-    from joule_otel.cli import _print_rows
-
-    _print_rows(columns, rows)
+    print_table(columns, rows)
     if not dashboard:
         return 0
-    from joule_otel.cli import dashboard_command
-
     env = dict(os.environ, JOULE_OTEL_DB=str(db), JOULE_OTEL_BUDGETS=str(budgets_file))
     url = f"http://127.0.0.1:{port}"
     print(f"  dashboard: {url}  (Ctrl-C stops)", flush=True)
-    proc = subprocess.Popen(dashboard_command(db, host="127.0.0.1", port=port, browser=False), env=env)
+    proc = subprocess.Popen(dashboard_command(host="127.0.0.1", port=port, browser=False), env=env)
     signal.signal(signal.SIGTERM, lambda signum, frame: proc.terminate())  # never leave the server orphaned
     if browser:
         threading.Timer(3.0, lambda: webbrowser.open(url)).start()

@@ -90,8 +90,20 @@ def test_energy_and_carbon_ceilings(raw, energy, carbon):
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [(0, 0), (7, 7), (MAX_TOKENS, MAX_TOKENS), (MAX_TOKENS + 1, None), (10**30, None), (-1, None), (True, None),
-     (False, None), (2.0, None), ("2", None), (None, None), ([1], None)],
+    [
+        (0, 0),
+        (7, 7),
+        (MAX_TOKENS, MAX_TOKENS),
+        (MAX_TOKENS + 1, None),
+        (10**30, None),
+        (-1, None),
+        (True, None),
+        (False, None),
+        (2.0, None),
+        ("2", None),
+        (None, None),
+        ([1], None),
+    ],
 )
 def test_token_counts_are_integers_that_fit_a_bigint(raw, expected):
     assert parse_token_count(raw) == expected

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from joule_otel.config import JOULE_OTEL_BUDGETS, JOULE_OTEL_DB, default_db_path
-from joule_otel.ledger import reader
+from joule_otel.ledger import reader, schema
 from joule_otel.ledger.spool import Spool
 
 SAMPLE_PATH = Path(__file__).parent / "sample" / "inference_calls.parquet"
@@ -59,7 +59,10 @@ class Source:
         try:
             function = "read_csv_auto" if self.kind == "csv" else "read_parquet"
             quoted = "'" + str(self.path).replace("'", "''") + "'"
-            con.execute(f"CREATE VIEW inference_calls AS SELECT * FROM {function}({quoted})")
+            relation = f"{function}({quoted})"
+            present = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()}
+            # an export of an older version lacks later columns (provider): they read as NULL
+            con.execute(f"CREATE VIEW inference_calls AS SELECT {schema.select_list(present)} FROM {relation}")
             yield con
         finally:
             con.close()
