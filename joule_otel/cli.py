@@ -203,9 +203,33 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, OSError) as exc:
-        print(f"joule-otel: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = _one_line(exc)
+        if message is None:
+            raise  # a bug of ours: the traceback is what a report needs
+        print(f"joule-otel: {message}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: Exception) -> str | None:
+    """What to tell a user about an expected failure (bad input, a busy or full disk, a SQL error), in one line."""
+    from joule_otel.ledger.compact import LedgerUnavailable, is_disk_full
+    from joule_otel.ledger.spool import LockBusy
+
+    if is_disk_full(exc):
+        return f"disk full: {str(exc).splitlines()[0]} (free some space; spooled rows wait and nothing is lost)"
+    if isinstance(exc, LockBusy):
+        return f"the ledger is busy (another process holds {exc}); try again, or raise --timeout"
+    expected: tuple[type[Exception], ...] = (ValueError, OSError, LedgerUnavailable)
+    try:
+        import duckdb
+
+        expected = (*expected, duckdb.Error)
+    except ImportError:
+        pass
+    if isinstance(exc, expected):
+        return " ".join(str(exc).split())
+    return None
 
 
 if __name__ == "__main__":

@@ -173,7 +173,9 @@ def flush_provider(provider: Any, timeout_s: float) -> None:
     scrape, which then shows every series once per flush: push readers are flushed one by one instead.
     """
     timeout_ms = int(timeout_s * 1000)
-    readers = getattr(getattr(provider, "_sdk_config", None), "metric_readers", None)
+    readers = getattr(provider, "_metric_readers", None)  # the SDK's MeterProvider; a TracerProvider has none
+    if readers is None:
+        readers = getattr(getattr(provider, "_sdk_config", None), "metric_readers", None)  # older SDKs
     try:
         if readers is not None:
             for reader in readers:
