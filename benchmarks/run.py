@@ -18,261 +18,36 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
-CLIENT = textwrap.dedent(r"""
-    import asyncio, json, os, resource, sys, time
-    variant, base_url, db = sys.argv[1], sys.argv[2], sys.argv[3]
-
-    def cpu():
-        usage = resource.getrusage(resource.RUSAGE_SELF)   # every thread of the process
-        return usage.ru_utime + usage.ru_stime
-
-    tracer_provider = None
-    if variant in ("otel-httpx", "joule-traced"):
-        from opentelemetry import trace
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-
-        class Drop(SpanExporter):  # spans go nowhere: an exporter's own cost is not what is measured
-            def export(self, spans):
-                return SpanExportResult.SUCCESS
-
-        tracer_provider = TracerProvider()
-        tracer_provider.add_span_processor(BatchSpanProcessor(Drop()))
-        trace.set_tracer_provider(tracer_provider)
-    if variant in ("otel-httpx", "joule-traced", "joule-untraced"):  # joule-ledger: an app that configured no metrics
-        # the httpx instrumentation records its own duration histogram once a MeterProvider is set: the baseline
-        # has one too, so that cost is not put down to joule-otel
-        from opentelemetry import metrics
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-        metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
-    if variant == "otel-httpx":
-        from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor
-        HTTPX2ClientInstrumentor().instrument()
-    if variant.startswith("joule"):
-        import joule_otel
-        joule_otel.instrument(db=db)
-
-    import openai
-    client = openai.OpenAI(base_url=base_url, api_key="jc_bench", max_retries=0)
-    aclient = openai.AsyncOpenAI(base_url=base_url, api_key="jc_bench", max_retries=0)
-    msgs = [{"role": "user", "content": "hi"}]
-    for _ in range(30):  # warm up connections, imports, caches
-        client.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
-    if variant.startswith("joule"):
-        joule_otel.flush(timeout_s=60)  # the first segment imports pyarrow: a one-time cost, not a per-call one
-
-    def measure(kind, n):
-        lat, ttft = [], []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            if kind == "sync":
-                client.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
-            elif kind == "stream":
-                first = None
-                for chunk in client.chat.completions.create(model="auto", messages=msgs, max_tokens=200, stream=True):
-                    if first is None:
-                        first = time.perf_counter() - t0
-                ttft.append(first)
-            lat.append(time.perf_counter() - t0)
-        return lat, ttft
-
-    async def measure_async(n):
-        lat = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            await aclient.chat.completions.create(model="auto", messages=msgs, max_tokens=20)
-            lat.append(time.perf_counter() - t0)
-        return lat, []
-
-    # the controller runs every variant's process a block at a time, in turn, so the shared machine's slow
-    # minutes fall on all variants alike; CPU is the whole process's from a kind's first block to its end, the
-    # background threads' lagging work included (a joule variant flushes at the end of a kind)
-    loop = asyncio.new_event_loop()  # one loop for every async block: the async client's connections live on it
-    print("ready", flush=True)
-    start = cpu()
-    for line in sys.stdin:
-        command, _, arg = line.strip().partition(" ")
-        if command == "block":
-            kind, n = arg.split()
-            lat, ttft = loop.run_until_complete(measure_async(int(n))) if kind == "async" else measure(kind, int(n))
-            print(json.dumps({"lat": lat, "ttft": ttft}), flush=True)
-        elif command == "end":
-            if variant.startswith("joule"):
-                joule_otel.flush(timeout_s=60)
-            now = cpu()
-            print(json.dumps({"cpu": now - start}), flush=True)
-            start = now
-        else:
-            break
-""")
+CLIENT = HERE / "overhead_client.py"
 
 
-COST = textwrap.dedent(r"""
-    # One instrumentation's own cost per call, measured inside one process: pairs of short blocks of calls with
-    # the instrumentation switched on and off (everything else stays: the SDK providers and, when traced,
-    # OpenTelemetry's httpx span instrumentation); each pair gives one difference and the median of those is
-    # reported. Each thread's CPU clock is read on its own: the app's thread, and joule-otel's background thread
-    # that parses, records metrics and writes the ledger. The peers (EcoLogits, OpenTelemetry's openai
-    # instrumentation) do all their work on the app's thread; switching them is swapping the methods they wrapped.
-    import asyncio, json, statistics, sys, threading, time
-    base_url, db, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-    traced = mode in ("traced", "openai-v2")
-    if mode in ("metrics", "traced", "openai-v2"):
-        from opentelemetry import metrics
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-        metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
-    if traced:
-        from opentelemetry import trace
-        from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+COST = HERE / "cost_client.py"
 
-        class Drop(SpanExporter):
-            def export(self, spans):
-                return SpanExportResult.SUCCESS
-
-        provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(Drop()))
-        trace.set_tracer_provider(provider)
-        HTTPX2ClientInstrumentor().instrument()  # the baseline: HTTP client spans on every call, always
-    import httpx2, openai
-    worker = None
-    if mode in ("ecologits", "openai-v2"):
-        completions = openai.resources.chat.completions
-        slots = [(completions.Completions, "create"), (completions.AsyncCompletions, "create")]
-        before = [cls.__dict__[name] for cls, name in slots]
-        if mode == "ecologits":
-            from ecologits import EcoLogits
-            EcoLogits.init(providers=["openai"])
-        else:
-            from opentelemetry.instrumentation.openai_v2 import OpenAIInstrumentor
-            OpenAIInstrumentor().instrument()
-        after = [cls.__dict__[name] for cls, name in slots]
-
-        def switch(on):
-            for (cls, name), off_method, on_method in zip(slots, before, after):
-                setattr(cls, name, on_method if on else off_method)
-    else:
-        import joule_otel
-        from joule_otel import _instrument
-        from joule_otel.capture import install, uninstall
-        from joule_otel.ledger import writer as ledger_writer
-
-        # what the background does once a second (a segment) or once an interval (a compaction) whatever the call
-        # rate is timed apart from what it does per call: this process only makes calls a fifth of the time
-        fixed = {"segment": [0, 0], "compaction": [0, 0]}
-
-        def timed(name, function):
-            def run(*args, **kwargs):
-                t0 = time.thread_time_ns()
-                try:
-                    return function(*args, **kwargs)
-                finally:
-                    fixed[name][0] += 1
-                    fixed[name][1] += time.thread_time_ns() - t0
-            return run
-
-        ledger_writer.LedgerWriter.write_segment = timed("segment", ledger_writer.LedgerWriter.write_segment)
-        ledger_writer.compact_locked = timed("compaction", ledger_writer.compact_locked)
-        joule_otel.instrument(db=db)
-        capture = _instrument._state.capture
-
-        def switch(on):
-            (install if on else uninstall)(capture, httpx2)
-
-    client = openai.OpenAI(base_url=base_url, api_key="jc_bench", max_retries=0)
-    aclient = openai.AsyncOpenAI(base_url=base_url, api_key="jc_bench", max_retries=0)
-    # service_tier "priority": EcoLogits rebuilds the response with validation, and OpenAI's SDK types allow
-    # only OpenAI's tier names there (Joule's "standard" makes EcoLogits raise into the app)
-    request = dict(model="auto", messages=[{"role": "user", "content": "hi"}], service_tier="priority")
-    for _ in range(100):
-        client.chat.completions.create(max_tokens=20, **request)
-    if mode not in ("ecologits", "openai-v2"):
-        joule_otel.flush(timeout_s=60)
-        from pathlib import Path
-        from joule_otel.ledger.compact import compact
-        compact(Path(db), timeout_s=30)  # the file exists and is current: steady state from here
-        worker = next(t for t in threading.enumerate() if t.name == "joule-otel-ledger")
-    worker_clock = time.pthread_getcpuclockid(worker.ident) if worker else None
-    state = {"on": True}
-
-    def wrapped(on):
-        if on != state["on"]:
-            switch(on)
-            state["on"] = on
-
-    async def one_async():
-        t0 = time.thread_time_ns()
-        await aclient.chat.completions.create(max_tokens=20, **request)
-        return time.thread_time_ns() - t0
-
-    def one(kind):
-        if kind == "async":
-            return loop.run_until_complete(one_async())
-        t0 = time.thread_time_ns()
-        if kind == "sync":
-            client.chat.completions.create(max_tokens=20, **request)
-        else:
-            for _ in client.chat.completions.create(max_tokens=50, stream=True, **request):
-                pass
-        return time.thread_time_ns() - t0
-
-    def pairs(kind, n, on_first):
-        # switched on and off call by call, so the two calls of a pair see the machine in the same state
-        found = []
-        for _ in range(n):
-            wrapped(on_first)
-            first = one(kind)
-            wrapped(not on_first)
-            second = one(kind)
-            found.append((first, second) if on_first else (second, first))
-            on_first = not on_first
-        return found
-
-    def worker_ns():
-        return time.clock_gettime_ns(worker_clock) if worker_clock is not None else 0
-
-    # the controller has every mode's process take a few pairs of calls (one on, one off; the order alternates) in
-    # turn, so the shared machine's slow minutes fall on every mode alike; the background thread's CPU is read at
-    # the end of a kind, after a flush, and spread over the calls made while switched on
-    loop = asyncio.new_event_loop()  # one loop for every async block: the async client's connections live on it
-    print("ready", flush=True)
-    worker_start = worker_ns()
-    for line in sys.stdin:
-        command, *args = line.split()
-        if command == "pairs":
-            print(json.dumps(pairs(args[0], int(args[1]), args[2] == "1")), flush=True)
-        elif command == "background":
-            wrapped(True)
-            if worker is not None:
-                joule_otel.flush(timeout_s=60)
-            now = worker_ns()
-            report = {"ns": now - worker_start, "fixed": fixed if worker is not None else None}
-            if worker is not None:
-                report["ns"] -= sum(ns for _, ns in fixed.values())
-                fixed = {name: [0, 0] for name in fixed}
-            print(json.dumps(report), flush=True)
-            worker_start = now
-        else:
-            break
-""")
 
 COST_MODES = {
     "ledger": "joule-otel: ledger only (no MeterProvider)",
     "ecologits": "EcoLogits (peer; estimates, no telemetry)",
-    "metrics": "joule-otel: ledger + metrics",
+    "energy": "joule-otel: ledger + joule.* metrics (JOULE_OTEL_METRICS=energy)",
+    "metrics": "joule-otel: ledger + all metrics",
+    "openai-v2-metrics": "OTel openai-v2 instrumentation (peer), MeterProvider, no tracer",
     "traced": "joule-otel: spans + metrics + ledger, over OTel httpx spans",
     "openai-v2": "OTel openai-v2 instrumentation (peer), over OTel httpx spans",
 }
+TARGETS = (
+    ("ledger", "ecologits", "ledger only vs EcoLogits"),
+    ("metrics", "openai-v2-metrics", "all metrics vs openai-v2 with a MeterProvider"),
+    ("traced", "openai-v2", "traced vs openai-v2 traced"),
+)
+"""(joule-otel mode, the peer that records as much, what is compared)."""
+RECORDS_PER_CALL = {"ledger": 0, "energy": 1, "metrics": 4, "traced": 4}
+"""Histogram records the metric contract asks per call (energy; duration, input and output tokens); counters are
+summed and added once a second, which is not a per-call cost."""
 
 
 def own_cost(calls: int) -> list[list[dict[str, object]]]:
@@ -288,8 +63,7 @@ def own_cost(calls: int) -> list[list[dict[str, object]]]:
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            script = Path(tmp) / "cost.py"
-            script.write_text(COST)
+            script = COST
             for mode in modes:
                 procs[mode] = subprocess.Popen(
                     [sys.executable, str(script), base_url, str(Path(tmp) / f"{mode}.duckdb"), mode],
@@ -318,10 +92,11 @@ def own_cost(calls: int) -> list[list[dict[str, object]]]:
                     rows.append(
                         {
                             "call": kind,
+                            "mode": mode,
                             "instrumentation": COST_MODES[mode],
                             "app thread without µs": off,
                             "app thread Δ µs": delta,
-                            "background µs": background,
+                            "other threads µs": background,
                             "total µs/call": delta + background,
                             "vs app thread without": f"{(delta + background) / off:+.1%}",
                         }
@@ -330,6 +105,28 @@ def own_cost(calls: int) -> list[list[dict[str, object]]]:
         _stop_clients(procs)
         sim.terminate()
         sim.wait()
+    record_us = sdk_floor(2_000)[0]["µs"]
+    by = {(r["call"], r["mode"]): r for r in rows}
+    targets = []
+    for kind in ("sync", "async", "stream"):
+        for mine, peer, what in TARGETS:
+            if (kind, mine) not in by or (kind, peer) not in by:
+                continue
+            mine_total, peer_total = by[kind, mine]["total µs/call"], by[kind, peer]["total µs/call"]
+            sdk_us = RECORDS_PER_CALL[mine] * float(record_us)  # type: ignore[arg-type]
+            targets.append(
+                {
+                    "call": kind,
+                    "comparison": what,
+                    "joule-otel µs": mine_total,
+                    "peer µs": peer_total,
+                    "cheaper": "yes" if mine_total < peer_total else "no",
+                    "own work beyond SDK records µs (≤ 100)": float(mine_total) - sdk_us,  # type: ignore[arg-type]
+                    "app thread µs (≤ 30)": by[kind, mine]["app thread Δ µs"],
+                }
+            )
+    for row in rows:
+        del row["mode"]
     fixed = [
         {
             "background work": f"{name}s ({what})",
@@ -338,15 +135,19 @@ def own_cost(calls: int) -> list[list[dict[str, object]]]:
         }
         for name, what in (
             ("segment", "one a second while calls flow, per process"),
-            ("compaction", "one per 30 s interval, for all processes of a ledger"),
+            ("compaction", "one per 30 s interval, for all processes of a ledger; every thread"),
         )
         for count, ns in [fixed_runs.get(name, [0, 0])]
         if count
     ]
-    return [rows, fixed]
+    return [rows, targets, fixed]
 
 
-PEERS = {"ecologits": "ecologits", "openai-v2": "opentelemetry.instrumentation.openai_v2"}
+PEERS = {
+    "ecologits": "ecologits",
+    "openai-v2": "opentelemetry.instrumentation.openai_v2",
+    "openai-v2-metrics": "opentelemetry.instrumentation.openai_v2",
+}
 
 
 def _importable(module: str) -> bool:
@@ -424,8 +225,7 @@ def overhead(calls: int, rounds: int) -> list[dict[str, object]]:
 
 def _start_clients(variants: list[str], base_url: str, tmp: Path) -> dict[str, subprocess.Popen[str]]:
     """One client process per variant, set up and warmed up, waiting for commands."""
-    script = tmp / "client.py"
-    script.write_text(CLIENT)
+    script = CLIENT
     procs = {}
     for variant in variants:
         procs[variant] = subprocess.Popen(
@@ -613,7 +413,7 @@ def sdk_floor(n: int) -> list[dict[str, object]]:
     histogram = meter.create_histogram("bench.histogram", unit="J")
     metric_attributes = {
         attr.JOULE_WORKLOAD: "support-bot",
-        attr.GEN_AI_PROVIDER_NAME: attr.PROVIDER,
+        attr.GEN_AI_PROVIDER_NAME: "joule_cloud",
         attr.GEN_AI_OPERATION_NAME: "chat",
         attr.GEN_AI_REQUEST_MODEL: "auto",
         attr.GEN_AI_RESPONSE_MODEL: "llama-3.1-70b",

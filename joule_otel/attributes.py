@@ -9,7 +9,7 @@ from __future__ import annotations
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
 """Semconv operation: ``chat``, ``text_completion``, ``embeddings`` (only the values semconv defines)."""
 GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
-"""Always :data:`PROVIDER` for Joule Cloud calls."""
+"""``joule_cloud``, ``openai`` or the host called: the ledger's ``provider`` (see ``_genai.provider_for``)."""
 GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
 """The ``model`` the app asked for (``auto`` or a pinned model)."""
 GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
@@ -37,8 +37,6 @@ JOULE_WORKLOAD = "joule.workload"
 """The workload tag; also the baggage key that carries it across services."""
 JOULE_ENERGY_SOURCE = "joule.energy.source"
 """Where the energy figure came from: ``header``, ``stream_final`` or ``absent``."""
-
-PROVIDER = "joule_cloud"
 
 METRIC_ATTRIBUTES = (
     JOULE_WORKLOAD,
