@@ -1,7 +1,7 @@
 """``instrument()`` / ``uninstrument()`` / ``flush()``.
 
 Two rooms, as Logfire separates ``configure()`` from ``instrument_*()``: the SDK set-up (which providers
-telemetry goes to, created only when the app has none: :mod:`joule_otel.exporters`) and the
+telemetry goes to, created only when the app has none: :mod:`joule_otel._exporters`) and the
 instrumentation (the wrappers, the background pipeline, the HTTP spans). Then the process's ends:
 exit, SIGTERM, fork and ``multiprocessing`` children, each of which must write the last rows.
 """
@@ -28,7 +28,7 @@ from joule_otel._metrics import MetricRecorder
 from joule_otel._pipeline import Pipeline
 from joule_otel._version import __version__
 from joule_otel.config import Settings
-from joule_otel.exporters import Providers, flush_provider, resolve_providers, shutdown_created
+from joule_otel._exporters import Providers, flush_provider, resolve_providers, shutdown_created
 from joule_otel.instruments import create_instruments
 from joule_otel.ledger.spool import forget_inherited_locks
 from joule_otel.ledger.writer import LedgerWriter

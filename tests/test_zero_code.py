@@ -55,3 +55,36 @@ def test_opentelemetry_instrument_fills_the_ledger(tmp_path: Path, joule_simulat
     assert {r[1] for r in found} == {"zero-code"}
     assert {r[2] for r in found} == {"zc-app"}
     assert total[0][1] == sum(issued.values())
+
+
+def test_opentelemetry_instrument_with_the_distros_defaults_captures(tmp_path: Path, joule_simulator):
+    """opentelemetry-distro defaults every exporter to OTLP over gRPC; with joule-otel[otlp] that starts and captures.
+
+    Nothing listens on the OTLP port here: export fails quietly in the background while the ledger fills.
+    """
+    app = tmp_path / "app.py"
+    app.write_text(APP)
+    db = tmp_path / "distro.duckdb"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(
+        JOULE_OTEL_DB=str(db),
+        OTEL_SERVICE_NAME="distro-app",
+        # where the distro's gRPC exporters send: a closed loopback port, and a short timeout, so exit is quick
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9",
+        OTEL_EXPORTER_OTLP_TIMEOUT="1",
+    )
+    instrument = shutil.which("opentelemetry-instrument", path=str(Path(sys.executable).parent))
+    assert instrument
+    result = subprocess.run(
+        [instrument, sys.executable, str(app), joule_simulator.base_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Failed to auto initialize" not in result.stderr
+    with duckdb.connect(str(db), read_only=True) as con:
+        found = con.execute("SELECT receipt_id, service FROM inference_calls").fetchall()
+    assert sorted(r[0] for r in found) == sorted(r.receipt_id for r in joule_simulator.receipts)
+    assert {r[1] for r in found} == {"distro-app"}
