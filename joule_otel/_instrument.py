@@ -23,12 +23,12 @@ from typing import Any
 from opentelemetry import metrics
 
 from joule_otel._capture import Capture, install, uninstall
+from joule_otel._exporters import Providers, flush_provider, resolve_providers, shutdown_created
 from joule_otel._genai import redact_url
 from joule_otel._metrics import MetricRecorder
 from joule_otel._pipeline import Pipeline
 from joule_otel._version import __version__
 from joule_otel.config import Settings
-from joule_otel._exporters import Providers, flush_provider, resolve_providers, shutdown_created
 from joule_otel.instruments import create_instruments
 from joule_otel.ledger.spool import forget_inherited_locks
 from joule_otel.ledger.writer import LedgerWriter

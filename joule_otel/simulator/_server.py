@@ -8,6 +8,7 @@ envelope. State (receipts, spend per token) is in memory and guarded by one lock
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -213,9 +214,9 @@ def _text_of(content: Any) -> tuple[str, bool]:
         texts, images = [], False
         for part in content:
             if isinstance(part, dict):
-                if part.get("type") == "text":
+                if part.get("type") in ("text", "input_text", "output_text"):
                     texts.append(str(part.get("text", "")))
-                elif part.get("type") == "image_url":
+                elif part.get("type") in ("image_url", "input_image"):
                     images = True
         return " ".join(texts), images
     return "", False
@@ -353,7 +354,9 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def do_POST(self) -> None:
-        self._dispatch({"/v1/chat/completions": self._chat, "/v1/embeddings": self._embeddings})
+        self._dispatch(
+            {"/v1/chat/completions": self._chat, "/v1/embeddings": self._embeddings, "/v1/responses": self._responses}
+        )
 
     # -- routes ---------------------------------------------------------------------------
     def _health(self) -> None:
@@ -651,6 +654,149 @@ class Handler(BaseHTTPRequestHandler):
         else:
             yield event({}, plan.finish_reason)
             yield json.dumps({**base, "choices": [], "usage": usage, "joule": joule}, separators=(",", ":")).encode()
+
+    # -- the Responses API (the Vercel AI SDK's default, the OpenAI Agents SDK's, pydantic-ai's) -------------------
+    @staticmethod
+    def _responses_as_chat(body: dict[str, Any]) -> dict[str, Any]:
+        """A Responses request as the chat request it amounts to (instructions, input items, tools, limits)."""
+        messages: list[dict[str, Any]] = []
+        if isinstance(body.get("instructions"), str):
+            messages.append({"role": "system", "content": body["instructions"]})
+        items = body.get("input")
+        if isinstance(items, str):
+            messages.append({"role": "user", "content": items})
+        elif isinstance(items, list):
+            for item in items:
+                if not isinstance(item, dict):
+                    continue
+                kind = item.get("type", "message")
+                if kind == "message":
+                    messages.append({"role": item.get("role", "user"), "content": item.get("content")})
+                elif kind == "function_call_output":
+                    messages.append({"role": "tool", "content": str(item.get("output", ""))})
+        tools = [
+            {"type": "function", "function": {"name": t.get("name"), "parameters": t.get("parameters")}}
+            for t in body.get("tools") or []
+            if isinstance(t, dict) and t.get("type") == "function"
+        ]
+        text_format = ((body.get("text") or {}).get("format") or {}).get("type")
+        return {
+            "model": body.get("model"),
+            "messages": messages,
+            "tools": tools,
+            "max_tokens": body.get("max_output_tokens"),
+            "response_format": {"type": "json_object"} if text_format in ("json_object", "json_schema") else None,
+            "stream": body.get("stream"),
+        }
+
+    def _responses(self) -> None:
+        body = self._json_request()
+        token, model, tier, region = self._common(body)
+        chat = self._responses_as_chat(body)
+        if not chat["messages"]:
+            raise ApiError(400, "`input` must be a string or a non-empty list.", "invalid_request_error", None, "input")
+        plan = self._plan_chat(chat, token, model, tier, region)
+        receipt = dataclasses.replace(plan.receipt, operation="responses")
+        plan = dataclasses.replace(plan, completion_id="resp_" + plan.completion_id.split("-", 1)[1], receipt=receipt)
+        self.server.state.bill(plan.receipt, token)
+        self._pause(self.server.state.config.latency_s)
+        if body.get("stream"):
+            self._stream_responses(plan)
+            return
+        self._send_json(200, self._response_object(plan, "completed"), self._joule_headers(plan.receipt))
+
+    def _response_output(self, plan: ChatPlan) -> list[dict[str, Any]]:
+        if plan.tool_calls:
+            return [
+                {
+                    "type": "function_call",
+                    "id": "fc_" + call["id"].split("_", 1)[1],
+                    "call_id": call["id"],
+                    "name": call["function"]["name"],
+                    "arguments": call["function"]["arguments"],
+                    "status": "completed",
+                }
+                for call in plan.tool_calls
+            ]
+        text = plan.content or ""
+        return [
+            {
+                "type": "message",
+                "id": "msg_" + plan.completion_id[5:],
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+            }
+        ]
+
+    def _response_object(self, plan: ChatPlan, status: str) -> dict[str, Any]:
+        done = status == "completed"
+        return {
+            "id": plan.completion_id,
+            "object": "response",
+            "created_at": plan.created,
+            "status": status,
+            "error": None,
+            "incomplete_details": None,
+            "model": plan.model,
+            "output": self._response_output(plan) if done else [],
+            "service_tier": plan.receipt.tier,
+            "usage": {
+                "input_tokens": plan.input_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": plan.output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": plan.input_tokens + plan.output_tokens,
+            }
+            if done
+            else None,
+        }
+
+    def _stream_responses(self, plan: ChatPlan) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        for name, value in self._joule_headers(plan.receipt).items():
+            self.send_header(name, value)
+        self.end_headers()
+        delay = self.server.state.config.token_delay_s
+        for sequence, (kind, payload) in enumerate(self._response_events(plan)):
+            event = {"type": kind, "sequence_number": sequence, **payload}
+            data = json.dumps(event, separators=(",", ":")).encode()
+            self._write_chunk(b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n")
+            self._pause(delay)
+        self._write_chunk(b"")
+
+    def _response_events(self, plan: ChatPlan) -> Iterator[tuple[str, dict[str, Any]]]:
+        yield "response.created", {"response": self._response_object(plan, "in_progress")}
+        yield "response.in_progress", {"response": self._response_object(plan, "in_progress")}
+        for index, item in enumerate(self._response_output(plan)):
+            if item["type"] == "function_call":
+                yield "response.output_item.added", {"output_index": index, "item": {**item, "arguments": ""}}
+                yield (
+                    "response.function_call_arguments.delta",
+                    {"item_id": item["id"], "output_index": index, "delta": item["arguments"]},
+                )
+                yield (
+                    "response.function_call_arguments.done",
+                    {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]},
+                )
+                yield "response.output_item.done", {"output_index": index, "item": item}
+                continue
+            part = item["content"][0]
+            added = {**item, "status": "in_progress", "content": []}
+            yield "response.output_item.added", {"output_index": index, "item": added}
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            yield "response.content_part.added", {**where, "part": {**part, "text": ""}}
+            for n, word in enumerate(part["text"].split(" ")):
+                yield "response.output_text.delta", {**where, "delta": word if n == 0 else " " + word, "logprobs": []}
+            yield "response.output_text.done", {**where, "text": part["text"], "logprobs": []}
+            yield "response.content_part.done", {**where, "part": part}
+            yield "response.output_item.done", {"output_index": index, "item": item}
+        # the measured figures travel in the final event, as in a chat stream's
+        joule = {"energy_joules": plan.receipt.energy_j, "carbon_mg": plan.receipt.carbon_mg}
+        yield "response.completed", {"response": self._response_object(plan, "completed"), "joule": joule}
 
     def _write_chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
