@@ -33,6 +33,8 @@ class Providers:
     service_name: str
     created: list[Any] = field(default_factory=list)
     prometheus_server: Any | None = None
+    logger_provider: Any | None = None
+    """Where call events go (``JOULE_OTEL_CALL_EVENTS``); None when they are off."""
 
 
 def _signal_configured(signal: str, settings: Settings) -> bool:
@@ -136,7 +138,45 @@ def resolve_providers(settings: Settings, tracer_provider: Any | None, meter_pro
             created.append(mp)
         else:
             mp = global_mp  # a proxy: recording is nearly free, and starts counting once the app sets one
-    return Providers(tp, mp, _service_name(tp, mp), created, prometheus_server)
+    logger_provider = _logger_provider(settings, created) if settings.call_events else None
+    return Providers(tp, mp, _service_name(tp, mp), created, prometheus_server, logger_provider)
+
+
+def _logger_provider(settings: Settings, created: list[Any]) -> Any | None:
+    """The app's LoggerProvider, else one exporting OTLP logs (to the standard endpoint) that joule-otel sets up."""
+    from opentelemetry import _logs
+
+    current = _logs.get_logger_provider()
+    if type(current).__name__ not in ("ProxyLoggerProvider", "NoOpLoggerProvider"):
+        return current
+    if not _signal_configured("logs", settings):
+        _log.warning(
+            "joule_otel: call events are on but no OTLP logs endpoint is configured "
+            "(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_LOGS_ENDPOINT or otlp_endpoint): they go nowhere"
+        )
+        return None
+    try:
+        from opentelemetry.sdk._logs import LoggerProvider
+        from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+        if _protocol("logs") == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http._log_exporter import (  # type: ignore[assignment]
+                OTLPLogExporter,
+            )
+    except ImportError:
+        _log.warning("joule_otel: call events need the OTLP log exporter; %s", _OTLP_HINT)
+        return None
+    kwargs: dict[str, Any] = {}
+    if settings.otlp_endpoint:
+        grpc = _protocol("logs") == "grpc"
+        kwargs["endpoint"] = settings.otlp_endpoint if grpc else settings.otlp_endpoint.rstrip("/") + "/v1/logs"
+    provider = LoggerProvider(resource=Resource.create())
+    provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(**kwargs)))
+    _logs.set_logger_provider(provider)
+    created.append(provider)
+    return provider
 
 
 def _prometheus(settings: Settings) -> tuple[Any | None, Any | None]:

@@ -67,6 +67,7 @@ def instrument(
     max_workloads: int | None = None,
     otlp_endpoint: str | None = None,
     capture_content: bool | None = None,
+    call_events: bool | None = None,
     tracer_provider: Any | None = None,
     meter_provider: Any | None = None,
     **other: Any,
@@ -86,6 +87,7 @@ def instrument(
         max_workloads: distinct workloads metrics carry before the rest are ``other`` (``JOULE_OTEL_MAX_WORKLOADS``).
         otlp_endpoint: OTLP base URL, e.g. ``http://127.0.0.1:4318`` (else ``OTEL_EXPORTER_OTLP_*``).
         capture_content: put prompts on spans (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``).
+        call_events: send one OTLP log record per call, for ``joule-otel collect`` (``JOULE_OTEL_CALL_EVENTS``).
         tracer_provider: use this TracerProvider instead of the global one.
         meter_provider: use this MeterProvider instead of the global one.
         **other: ``flush_interval_s`` (the older name of ``flush_interval``); anything else is an error.
@@ -104,6 +106,7 @@ def instrument(
         max_workloads=max_workloads,
         otlp_endpoint=otlp_endpoint,
         capture_content=capture_content,
+        call_events=call_events,
         **other,
     )
     with _lock:
@@ -139,6 +142,9 @@ def _instrument_clients(settings: Settings, providers: Providers) -> _Instrument
         recorder=recorder,
         writer=LedgerWriter(settings.db_path) if settings.db_path is not None else None,
         capture_stats=capture,
+        events_logger=providers.logger_provider.get_logger("joule_otel", __version__)
+        if providers.logger_provider is not None
+        else None,
     )
     modules = []
     for name in HTTP_MODULES:
@@ -251,7 +257,7 @@ def _at_child_exit() -> None:
     try:
         state.capture.finish_all()
         state.pipeline.shutdown(EXIT_FLUSH_TIMEOUT_S, compact=False)
-        for provider in (state.providers.meter_provider, state.providers.tracer_provider):
+        for provider in _providers_of(state):
             flush_provider(provider, EXIT_FLUSH_TIMEOUT_S)
     except Exception:
         _log.exception("joule_otel: flushing the ledger as a multiprocessing child returned failed")
@@ -280,7 +286,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
             else:
                 state.capture.finish_all()
                 state.pipeline.flush(EXIT_FLUSH_TIMEOUT_S)
-                for provider in (state.providers.meter_provider, state.providers.tracer_provider):
+                for provider in _providers_of(state):
                     flush_provider(provider, EXIT_FLUSH_TIMEOUT_S)
         except Exception:
             _log.exception("joule_otel: flushing the ledger on SIGTERM failed")
@@ -304,13 +310,19 @@ def _handle_deferred_sigterm() -> None:
         _on_sigterm(*deferred)
 
 
+def _providers_of(state: _Instrumentation) -> tuple[Any, ...]:
+    """The providers whose pending telemetry a flush exports: metrics, spans, call events."""
+    found = state.providers
+    return (found.meter_provider, found.tracer_provider, found.logger_provider)
+
+
 def _shutdown(state: _Instrumentation) -> None:
     """The process ends: every call still streaming, every row, the last metrics and spans go out."""
     global _exiting
     _exiting = True
     state.capture.finish_all()
     state.pipeline.shutdown(EXIT_FLUSH_TIMEOUT_S)
-    for provider in (state.providers.meter_provider, state.providers.tracer_provider):
+    for provider in _providers_of(state):
         if provider not in state.providers.created:
             flush_provider(provider, EXIT_FLUSH_TIMEOUT_S)
     shutdown_created(state.providers)
@@ -362,7 +374,7 @@ def flush(timeout_s: float = 5.0) -> bool:
         return True
     try:
         done = state.pipeline.flush(timeout_s)
-        for provider in (state.providers.meter_provider, state.providers.tracer_provider):
+        for provider in _providers_of(state):
             flush_provider(provider, timeout_s)
     except Exception:
         state.capture.internal_error("flush")
@@ -387,7 +399,7 @@ def uninstrument() -> None:
                 instrumentor.uninstrument()
             state.capture.finish_all()
             state.pipeline.shutdown(EXIT_FLUSH_TIMEOUT_S)
-            for provider in (state.providers.meter_provider, state.providers.tracer_provider):
+            for provider in _providers_of(state):
                 flush_provider(provider, EXIT_FLUSH_TIMEOUT_S)
             if state.sigterm_installed and signal.getsignal(signal.SIGTERM) is _on_sigterm:
                 with contextlib.suppress(ValueError, OSError, TypeError):

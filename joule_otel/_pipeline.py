@@ -14,8 +14,12 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
 from joule_otel._capture import CallRecord
 from joule_otel._decode import BodyFacts, parse_body
+from joule_otel._events import EVENT_NAME, event_attributes
 from joule_otel._genai import error_type_for, parse_request_body, provider_for, requested_model
 from joule_otel._metrics import Measurement, MetricRecorder
 from joule_otel.headers import REGION, RESPONSE_HEADERS, header_map, header_value, read_energy_map
@@ -42,6 +46,7 @@ RECENT_RECEIPTS = 100_000
 FORK_WAIT_S = 10.0
 """The longest a fork waits for the worker to finish an import or a cycle (a compaction takes ~0.1 s)."""
 _REGION_KEY = REGION.encode("latin-1")
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _JOULE_KEYS = tuple(name.encode("latin-1") for name in RESPONSE_HEADERS)
 
 
@@ -57,8 +62,11 @@ class Pipeline:
         recorder: MetricRecorder,
         writer: LedgerWriter | None,
         capture_stats: Any,
+        events_logger: Any = None,
     ) -> None:
         self.service_name = service_name
+        self.events_logger = events_logger
+        """An OTel Logger that call events go to (``JOULE_OTEL_CALL_EVENTS``), or None."""
         self.default_workload = default_workload
         self.flush_interval_s = flush_interval_s
         self.recorder = recorder
@@ -349,7 +357,7 @@ class Pipeline:
                 )
             )
         stream = request.get("stream") if request else is_sse
-        return LedgerRow(
+        row = LedgerRow(
             receipt,
             call.started_ns // 1000,
             duration_s * 1000.0,
@@ -373,3 +381,19 @@ class Pipeline:
             f"{call.span_id:016x}" if call.span_id else None,
             provider,
         )
+        if self.events_logger is not None:
+            self._emit_event(row, call)
+        return row
+
+    def _emit_event(self, row: LedgerRow, call: CallRecord) -> None:
+        """The call event of ``row``: one OTLP log record, linked to the call's span when there is one."""
+        ctx = None
+        if call.trace_id and call.span_id:
+            span_context = SpanContext(call.trace_id, call.span_id, is_remote=False, trace_flags=_SAMPLED)
+            ctx = trace.set_span_in_context(NonRecordingSpan(span_context))
+        try:
+            self.events_logger.emit(
+                timestamp=call.started_ns, context=ctx, event_name=EVENT_NAME, attributes=event_attributes(row)
+            )
+        except Exception:
+            self.capture_stats.internal_error("sending a call event")

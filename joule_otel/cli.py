@@ -92,6 +92,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from joule_otel.collect import serve
+
+    serve(host=args.host, port=args.port, db=Path(args.db).expanduser() if args.db else None)
+    return 0
+
+
 def _cmd_sample_data(args: argparse.Namespace) -> int:
     from joule_otel.dashboard.sample_data import write
 
@@ -167,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--port", type=int, default=8501)
     dash.add_argument("--no-browser", action="store_true")
     dash.set_defaults(func=_cmd_dashboard)
+
+    collect = sub.add_parser(
+        "collect",
+        help="receive OTLP (other languages' spans, joule-otel apps' call events) into the ledger",
+        description="An OTLP/HTTP receiver: POST /v1/traces, POST /v1/logs, GET /healthz. Off loopback it requires "
+        "JOULE_OTEL_COLLECT_TOKEN.",
+    )
+    collect.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    collect.add_argument("--port", type=int, default=4318, help="port (default 4318, OTLP/HTTP's)")
+    collect.add_argument("--db", help="ledger to write (default: JOULE_OTEL_DB or the per-user ledger)")
+    collect.set_defaults(func=_cmd_collect)
 
     sample = sub.add_parser("sample-data", help="regenerate the bundled sample ledger (Parquet)")
     sample.add_argument("output")

@@ -34,6 +34,10 @@ JOULE_OTEL_BUDGETS = "JOULE_OTEL_BUDGETS"
 """File of per-workload energy budgets for the dashboard (TOML, JSON or CSV)."""
 JOULE_OTEL_METRICS = "JOULE_OTEL_METRICS"
 """Which metrics are recorded: ``all`` (default), ``energy`` (the ``joule.*`` ones only), ``none``."""
+JOULE_OTEL_CALL_EVENTS = "JOULE_OTEL_CALL_EVENTS"
+"""Send one OTLP log record per call (for ``joule-otel collect``). Default off."""
+JOULE_OTEL_COLLECT_TOKEN = "JOULE_OTEL_COLLECT_TOKEN"
+"""Bearer token ``joule-otel collect`` requires; required when it listens off loopback."""
 JOULE_OTEL_MAX_WORKLOADS = "JOULE_OTEL_MAX_WORKLOADS"
 """Distinct workload values metrics carry before the rest become ``other``. Default 50."""
 OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -120,6 +124,7 @@ class Settings:
     capture_content: bool
     max_workloads: int
     metrics: str
+    call_events: bool
 
     OPTIONS: ClassVar[dict[str, str]] = {
         "db": JOULE_OTEL_DB,
@@ -131,6 +136,7 @@ class Settings:
         "max_workloads": JOULE_OTEL_MAX_WORKLOADS,
         "otlp_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
         "capture_content": OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT,
+        "call_events": JOULE_OTEL_CALL_EVENTS,
     }
     """``instrument()`` option → the environment variable it overrides."""
 
@@ -176,9 +182,11 @@ class Settings:
         metrics_mode = options.get("metrics")
         if metrics_mode is not None and metrics_mode not in METRICS_MODES:
             raise ValueError(f"metrics must be one of {', '.join(METRICS_MODES)}, not {metrics_mode!r}")
+        for name in ("capture_content", "call_events"):
+            if options.get(name) is not None and not isinstance(options[name], bool):
+                raise ValueError(f"{name} must be True or False, not {options[name]!r}")
         capture_content = options.get("capture_content")
-        if capture_content is not None and not isinstance(capture_content, bool):
-            raise ValueError(f"capture_content must be True or False, not {capture_content!r}")
+        call_events = options.get("call_events")
 
         if db is None:
             db_path = db_path_from_env()
@@ -211,4 +219,5 @@ class Settings:
                 "max_workloads", int(_env_float(JOULE_OTEL_MAX_WORKLOADS, DEFAULT_MAX_WORKLOADS, 0, 100_000))
             ),
             metrics=metrics_mode or _env_choice(JOULE_OTEL_METRICS, METRICS_MODES, "all"),
+            call_events=call_events if call_events is not None else _truthy(os.environ.get(JOULE_OTEL_CALL_EVENTS)),
         )

@@ -103,7 +103,9 @@ def _readable(segment: Path) -> bool:
 def _insert_new_rows(con: Any, files: list[str]) -> int:
     """Insert the segments' rows whose receipt the ledger does not hold yet; returns how many.
 
-    Within the batch a receipt keeps its first row. Against the ledger it is an anti-join on receipt id,
+    A row's identity is its receipt id, else (a call refused without one) its trace and span id: OTLP senders retry,
+    so the same call event may arrive twice. Within the batch an identity keeps its first row. Against the ledger
+    it is an anti-join on the identity,
     limited to the batch's time span widened by :data:`DEDUPE_WINDOW` (a receipt seen again carries the
     start time it had: a replayed segment holds the very same rows), so the check reads a few row groups
     by their zone maps instead of the whole table or a unique index that every insert would maintain.
@@ -112,12 +114,14 @@ def _insert_new_rows(con: Any, files: list[str]) -> int:
     low, high = con.execute("SELECT min(started_at), max(started_at) FROM read_parquet(?)", [files]).fetchone()
     if low is None:
         return 0
+    # the identity of a row: its receipt, else (a refused call) its span; a row with neither is never a duplicate
+    identity = "coalesce(receipt_id, CASE WHEN span_id IS NOT NULL THEN 'span:' || trace_id || ':' || span_id END)"
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT {columns} "
         f"FROM ({schema.parquet_select(con, files)}) AS incoming "
-        "WHERE incoming.receipt_id IS NULL OR incoming.receipt_id NOT IN ("
-        f"  SELECT receipt_id FROM {schema.TABLE} WHERE receipt_id IS NOT NULL AND started_at BETWEEN ? AND ?) "
-        "QUALIFY receipt_id IS NULL OR row_number() OVER (PARTITION BY receipt_id ORDER BY started_at) = 1",
+        f"WHERE {identity} IS NULL OR {identity} NOT IN ("
+        f"  SELECT {identity} FROM {schema.TABLE} WHERE {identity} IS NOT NULL AND started_at BETWEEN ? AND ?) "
+        f"QUALIFY {identity} IS NULL OR row_number() OVER (PARTITION BY {identity} ORDER BY started_at) = 1",
         [files, low - DEDUPE_WINDOW, high + DEDUPE_WINDOW],
     )
     inserted = int(con.execute(f"INSERT INTO {schema.TABLE} ({columns}) SELECT {columns} FROM fresh").fetchone()[0])

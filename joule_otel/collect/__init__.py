@@ -1,0 +1,77 @@
+"""``joule-otel collect``: an OTLP/HTTP receiver that writes ledger rows: every language and host in one ledger.
+
+- ``POST /v1/traces``: other languages' HTTP client spans that carry Joule's response headers (Node's undici and
+  http instrumentations with ``headersToSpanAttributes``, the Java agent, .NET) become rows; tokens and the
+  requested model come from the GenAI span around them (the Vercel AI SDK's), which may come in a later export.
+- ``POST /v1/logs``: call events of joule-otel apps (``JOULE_OTEL_CALL_EVENTS=true``) become exactly the rows the
+  app would have written locally.
+- ``GET /healthz``: for orchestrators.
+
+Protobuf and JSON, gzip, Content-Length or chunked. Loopback by default; any other address requires a bearer
+token (``JOULE_OTEL_COLLECT_TOKEN``). It writes through the same spool and compaction as every other writer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from joule_otel.config import JOULE_OTEL_COLLECT_TOKEN
+
+DEFAULT_PORT = 4318
+
+
+def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, db: Path | None = None) -> None:
+    """Serve until SIGTERM or Ctrl-C, then write every row (including those waiting for a parent span) and compact.
+
+    Raises:
+        ValueError: listening off loopback without ``JOULE_OTEL_COLLECT_TOKEN``; missing dependencies.
+    """
+    from joule_otel.collect._server import is_loopback
+
+    token = os.environ.get(JOULE_OTEL_COLLECT_TOKEN, "").strip() or None
+    if not is_loopback(host) and token is None:
+        raise ValueError(
+            f"listening on {host} (not loopback) needs a bearer token: set {JOULE_OTEL_COLLECT_TOKEN} "
+            "and give the same to every sender (OTEL_EXPORTER_OTLP_HEADERS=Authorization=Bearer%20<token>)"
+        )
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise ValueError("joule-otel collect needs its server: pip install 'joule-otel[collect]'") from None
+    from opentelemetry import metrics
+
+    from joule_otel._exporters import resolve_providers, shutdown_created
+    from joule_otel._metrics import MetricRecorder
+    from joule_otel._version import __version__
+    from joule_otel.collect._server import RowSink, create_app
+    from joule_otel.config import Settings
+    from joule_otel.instruments import create_instruments
+    from joule_otel.ledger.writer import LedgerWriter
+
+    settings = Settings.resolve(db=db)
+    providers = resolve_providers(settings, None, None)
+    meter = metrics.get_meter("joule_otel", __version__, meter_provider=providers.meter_provider)
+    recorder = MetricRecorder(
+        create_instruments(meter), providers.meter_provider, mode=settings.metrics, max_workloads=settings.max_workloads
+    )
+    writer = LedgerWriter(settings.db_path) if settings.db_path is not None else None
+    sink = RowSink(writer, recorder, settings.flush_interval_s)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(sink, token=token),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+    )
+    where = writer.db_path if writer is not None else "no ledger (JOULE_OTEL_DB=off)"
+    print(f"joule-otel collect: OTLP/HTTP on http://{host}:{port}  →  {where}  (Ctrl-C stops)", flush=True)
+    try:
+        server.run()
+    finally:
+        sink.close()
+        shutdown_created(providers)

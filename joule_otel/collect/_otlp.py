@@ -1,0 +1,284 @@
+"""OTLP/HTTP request bodies (protobuf or JSON, any compression) → plain spans and log records.
+
+Protobuf is decoded with ``opentelemetry-proto``. JSON is read by hand: OTLP/JSON carries trace and span ids
+as hex (protobuf's ``json_format`` would read them as base64) and 64-bit integers as strings. A record that
+cannot be read is counted and skipped; only a payload that cannot be read at all is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_BODY_BYTES = 16 << 20
+"""A request body larger than this, as sent or once decompressed, is refused with 413."""
+
+
+class PayloadError(Exception):
+    """The payload cannot be read at all (400), or is too large (413 when ``too_large``)."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+@dataclass
+class Span:
+    """One span, with its resource's attributes."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    kind: int
+    """OTLP's SpanKind: 3 is CLIENT."""
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+
+
+@dataclass
+class LogRecord:
+    """One log record, with its resource's attributes."""
+
+    time_ns: int
+    event_name: str
+    trace_id: str
+    span_id: str
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+
+
+@dataclass
+class Decoded:
+    """What a request held, and how many of its items could not be read."""
+
+    spans: list[Span] = field(default_factory=list)
+    logs: list[LogRecord] = field(default_factory=list)
+    rejected: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+SPAN_KIND_CLIENT = 3
+
+
+def decompress(body: bytes, encoding: str) -> bytes:
+    """``body`` decoded per ``Content-Encoding`` (identity, gzip, deflate), never past :data:`MAX_BODY_BYTES`."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate", "x-gzip"):
+        raise PayloadError(f"unsupported Content-Encoding {encoding!r}; use gzip or none")
+    inflater = zlib.decompressobj(47 if encoding != "deflate" else 15)
+    try:
+        out = inflater.decompress(body, MAX_BODY_BYTES + 1)
+    except zlib.error as exc:
+        raise PayloadError(f"the {encoding} body cannot be decompressed: {exc}") from None
+    if len(out) > MAX_BODY_BYTES or inflater.unconsumed_tail:
+        raise PayloadError(f"the body is larger than {MAX_BODY_BYTES} bytes once decompressed", too_large=True)
+    return out
+
+
+# -- protobuf -----------------------------------------------------------------------------------------------------
+
+
+def _pb_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [_pb_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _pb_value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind)
+
+
+def _pb_attributes(items: Any) -> dict[str, Any]:
+    return {kv.key: _pb_value(kv.value) for kv in items}
+
+
+def traces_from_protobuf(body: bytes) -> Decoded:
+    """Spans of an ``ExportTraceServiceRequest``."""
+    from google.protobuf.message import DecodeError
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    try:
+        request = ExportTraceServiceRequest.FromString(body)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise PayloadError(f"not an OTLP ExportTraceServiceRequest: {exc}") from None
+    found = Decoded()
+    for resource_spans in request.resource_spans:
+        resource = _pb_attributes(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                try:
+                    found.spans.append(
+                        Span(
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_span_id=span.parent_span_id.hex(),
+                            name=span.name,
+                            kind=int(span.kind),
+                            start_ns=int(span.start_time_unix_nano),
+                            end_ns=int(span.end_time_unix_nano),
+                            attributes=_pb_attributes(span.attributes),
+                            resource=resource,
+                        )
+                    )
+                except Exception as exc:  # a span this code cannot read: skipped, counted
+                    found.rejected += 1
+                    found.errors.append(str(exc))
+    return found
+
+
+def logs_from_protobuf(body: bytes) -> Decoded:
+    """Log records of an ``ExportLogsServiceRequest``."""
+    from google.protobuf.message import DecodeError
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    try:
+        request = ExportLogsServiceRequest.FromString(body)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise PayloadError(f"not an OTLP ExportLogsServiceRequest: {exc}") from None
+    found = Decoded()
+    for resource_logs in request.resource_logs:
+        resource = _pb_attributes(resource_logs.resource.attributes)
+        for scope_logs in resource_logs.scope_logs:
+            for record in scope_logs.log_records:
+                try:
+                    found.logs.append(
+                        LogRecord(
+                            time_ns=int(record.time_unix_nano or record.observed_time_unix_nano),
+                            event_name=record.event_name,
+                            trace_id=record.trace_id.hex(),
+                            span_id=record.span_id.hex(),
+                            attributes=_pb_attributes(record.attributes),
+                            resource=resource,
+                        )
+                    )
+                except Exception as exc:
+                    found.rejected += 1
+                    found.errors.append(str(exc))
+    return found
+
+
+# -- JSON -----------------------------------------------------------------------------------------------------------
+
+
+def _json_value(value: Any) -> Any:
+    if not isinstance(value, dict) or not value:
+        return None
+    kind, inner = next(iter(value.items()))
+    if kind == "stringValue":
+        return str(inner)
+    if kind == "intValue":
+        return int(inner)  # a string in OTLP/JSON (64 bits), or a number
+    if kind == "doubleValue":
+        return float(inner)
+    if kind == "boolValue":
+        return bool(inner)
+    if kind == "arrayValue":
+        return [_json_value(v) for v in (inner or {}).get("values", [])]
+    if kind == "kvlistValue":
+        return {kv["key"]: _json_value(kv.get("value")) for kv in (inner or {}).get("values", [])}
+    if kind == "bytesValue":
+        return str(inner)
+    return None
+
+
+def _json_attributes(items: Any) -> dict[str, Any]:
+    if not isinstance(items, list):
+        return {}
+    return {kv["key"]: _json_value(kv.get("value")) for kv in items if isinstance(kv, dict) and "key" in kv}
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _hex_id(value: Any, length: int, name: str) -> str:
+    """An OTLP/JSON id: hex of ``length`` characters, or empty. Base64 (protobuf's JSON mapping) is refused."""
+    if value in (None, ""):
+        return ""
+    if not isinstance(value, str) or len(value) != length or not set(value) <= _HEX:
+        raise ValueError(f"{name} {value!r} is not {length} hex characters (OTLP/JSON ids are hex, not base64)")
+    return value.lower()
+
+
+def _json_body(body: bytes) -> dict[str, Any]:
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise PayloadError(f"not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise PayloadError("an OTLP/JSON request is an object")
+    return parsed
+
+
+def _items(parsed: dict[str, Any], *keys: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(resource attributes, item) for every item under resource → scope → item lists."""
+    outer, middle, inner = keys
+    for resource_block in parsed.get(outer) or []:
+        if not isinstance(resource_block, dict):
+            continue
+        resource = _json_attributes((resource_block.get("resource") or {}).get("attributes"))
+        for scope_block in resource_block.get(middle) or []:
+            if not isinstance(scope_block, dict):
+                continue
+            for item in scope_block.get(inner) or []:
+                yield resource, item
+
+
+def traces_from_json(body: bytes) -> Decoded:
+    """Spans of an OTLP/JSON trace export."""
+    found = Decoded()
+    for resource, span in _items(_json_body(body), "resourceSpans", "scopeSpans", "spans"):
+        try:
+            found.spans.append(
+                Span(
+                    trace_id=_hex_id(span.get("traceId"), 32, "traceId"),
+                    span_id=_hex_id(span.get("spanId"), 16, "spanId"),
+                    parent_span_id=_hex_id(span.get("parentSpanId"), 16, "parentSpanId"),
+                    name=str(span.get("name", "")),
+                    kind=_span_kind(span.get("kind", 0)),
+                    start_ns=int(span.get("startTimeUnixNano", 0)),
+                    end_ns=int(span.get("endTimeUnixNano", 0)),
+                    attributes=_json_attributes(span.get("attributes")),
+                    resource=resource,
+                )
+            )
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            found.rejected += 1
+            found.errors.append(str(exc))
+    return found
+
+
+_KIND_NAMES = {"SPAN_KIND_INTERNAL": 1, "SPAN_KIND_SERVER": 2, "SPAN_KIND_CLIENT": 3, "SPAN_KIND_PRODUCER": 4}
+
+
+def _span_kind(value: Any) -> int:
+    return _KIND_NAMES.get(value, 0) if isinstance(value, str) else int(value)
+
+
+def logs_from_json(body: bytes) -> Decoded:
+    """Log records of an OTLP/JSON logs export."""
+    found = Decoded()
+    for resource, record in _items(_json_body(body), "resourceLogs", "scopeLogs", "logRecords"):
+        try:
+            found.logs.append(
+                LogRecord(
+                    time_ns=int(record.get("timeUnixNano") or record.get("observedTimeUnixNano") or 0),
+                    event_name=str(record.get("eventName", "")),
+                    trace_id=_hex_id(record.get("traceId"), 32, "traceId"),
+                    span_id=_hex_id(record.get("spanId"), 16, "spanId"),
+                    attributes=_json_attributes(record.get("attributes")),
+                    resource=resource,
+                )
+            )
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            found.rejected += 1
+            found.errors.append(str(exc))
+    return found

@@ -1,0 +1,309 @@
+"""The OTLP/HTTP receiver: Starlette routes on uvicorn, and one thread that writes what they receive.
+
+Starlette and uvicorn because they are small, well kept, and handle what OTLP senders do (HTTP/1.1
+keep-alive, chunked bodies without Content-Length, gzip) without this code parsing HTTP; the decoding
+runs in Starlette's thread pool so the event loop only moves bytes. A request is answered once its rows
+are on disk in the spool (group commit: one segment for every request waiting at that moment), so a
+sender's retry after a crash loses nothing, and a record that arrives twice is one row (receipt id, else
+trace and span id; compaction enforces the same across processes and hours).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from joule_otel._events import EVENT_NAME, row_from_event
+from joule_otel._metrics import Measurement, MetricRecorder
+from joule_otel.collect import _otlp
+from joule_otel.collect._spans import SpanJoiner
+from joule_otel.ledger.row import LedgerRow
+from joule_otel.ledger.writer import LedgerWriter
+
+_log = logging.getLogger("joule_otel.collect")
+
+RECENT_KEYS = 200_000
+"""Receipt ids (or trace/span ids) this process remembers to drop a retried record before it reaches disk."""
+PROTOBUF_TYPES = ("application/x-protobuf", "application/protobuf")
+
+
+@dataclass
+class _Batch:
+    rows: list[LedgerRow]
+    measured: bool
+    done: Future[bool] = field(default_factory=Future)
+
+
+class RowSink:
+    """The one thread that owns the ledger writer: group commit of what every request received."""
+
+    def __init__(self, writer: LedgerWriter | None, recorder: MetricRecorder | None, flush_interval_s: float) -> None:
+        self.writer = writer
+        self.recorder = recorder
+        self.flush_interval_s = flush_interval_s
+        self.joiner = SpanJoiner()
+        self.rows_written = 0
+        self.duplicates = 0
+        self._recent: OrderedDict[tuple[str, ...], None] = OrderedDict()
+        self._pending: list[_Batch] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="joule-otel-collect-writer", daemon=True)
+        self._thread.start()
+
+    def spans(self, spans: list[_otlp.Span]) -> Future[bool]:
+        """Rows of the Joule calls among ``spans`` (metrics recorded for them: they were not Python's)."""
+        with self._cond:
+            rows = self.joiner.add(spans)
+        return self._submit(rows, measured=False)
+
+    def rows(self, rows: list[LedgerRow]) -> Future[bool]:
+        """Rows from call events: the app recorded their metrics already."""
+        return self._submit(rows, measured=True)
+
+    def _submit(self, rows: list[LedgerRow], *, measured: bool) -> Future[bool]:
+        batch = _Batch(rows, measured)
+        with self._cond:
+            self._pending.append(batch)
+            self._cond.notify()
+        return batch.done
+
+    def _fresh(self, row: LedgerRow) -> bool:
+        key = (row.receipt_id,) if row.receipt_id else (row.trace_id or "", row.span_id or "") if row.span_id else None
+        if key is None:
+            return True
+        if key in self._recent:
+            self.duplicates += 1
+            return False
+        self._recent[key] = None
+        if len(self._recent) > RECENT_KEYS:
+            self._recent.popitem(last=False)
+        return True
+
+    def _run(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            with self._cond:
+                if not self._pending and not self._stop:
+                    self._cond.wait(timeout=min(self.flush_interval_s, 1.0))
+                batches, self._pending = self._pending, []
+                stop = self._stop
+                expired = self.joiner.expire(everything=stop)
+            try:
+                self._write(batches, [*expired] if expired else [], final=stop)
+            except Exception:
+                _log.exception("joule-otel collect: writing rows failed")
+                for batch in batches:
+                    if not batch.done.done():
+                        batch.done.set_result(False)
+            now = time.monotonic()
+            if self.recorder is not None and now - last_flush >= self.flush_interval_s:
+                last_flush = now
+                self.recorder.add_counter_sums()
+            if stop:
+                return
+
+    def _write(self, batches: list[_Batch], late: list[LedgerRow], *, final: bool) -> None:
+        recorder = self.recorder
+        record = recorder is not None and recorder.begin_cycle()
+        rows: list[LedgerRow] = []
+        for measured, found in [(b.measured, b.rows) for b in batches] + [(False, late)]:
+            for row in found:
+                if not self._fresh(row):
+                    continue
+                rows.append(row)
+                if record and not measured:
+                    assert recorder is not None
+                    recorder.record(_measurement(recorder, row))
+        ok = True
+        writer = self.writer
+        if writer is not None:
+            if rows:
+                writer.append(rows)
+            if rows or final:
+                ok = writer.write_segment()
+            writer.compact(force=final, timeout_s=10.0 if final else 0.0)
+        if ok:
+            self.rows_written += len(rows)
+        for batch in batches:
+            batch.done.set_result(ok)
+
+    def close(self) -> None:
+        """Write every row (those waiting for a parent span too), compact, stop the thread."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=60)
+        if self.recorder is not None:
+            self.recorder.add_counter_sums()
+
+
+def _measurement(recorder: MetricRecorder, row: LedgerRow) -> Measurement:
+    return Measurement(
+        key=(
+            recorder.metric_workload(row.workload or row.service or "unknown"),
+            row.operation,
+            row.provider,
+            row.requested_model,
+            row.routed_to,
+            row.tier,
+            row.region,
+            row.error_type,
+        ),
+        energy_j=row.energy_j,
+        carbon_mg=row.carbon_mg,
+        duration_s=(row.duration_ms or 0.0) / 1000.0,
+        ttft_s=row.ttft_ms / 1000.0 if row.ttft_ms is not None else None,
+        input_tokens=row.input_tokens,
+        output_tokens=row.output_tokens,
+        trace_id=int(row.trace_id, 16) if row.trace_id else None,
+        span_id=int(row.span_id, 16) if row.span_id else None,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(sink: RowSink, *, token: str | None, max_body_bytes: int = _otlp.MAX_BODY_BYTES) -> Any:
+    """The Starlette application: ``POST /v1/traces``, ``POST /v1/logs``, ``GET /healthz``."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    stats = {"requests": 0, "rejected_items": 0, "bad_payloads": 0, "unauthorized": 0}
+    expected = f"Bearer {token}".encode() if token else None
+
+    def answer(request_type: str, signal: str, rejected: int, message: str, status: int = 200) -> Response:
+        if request_type in PROTOBUF_TYPES:
+            return Response(_protobuf_answer(signal, rejected, message), status, media_type="application/x-protobuf")
+        body: dict[str, Any] = {}
+        if rejected or message:
+            count_key = "rejectedSpans" if signal == "traces" else "rejectedLogRecords"
+            body = {"partialSuccess": {count_key: rejected, "errorMessage": message}}
+        return JSONResponse(body, status)
+
+    def refuse(status: int, message: str) -> Response:
+        return JSONResponse({"code": status, "message": message}, status)
+
+    async def receive(request: Request, signal: str) -> Response:
+        stats["requests"] += 1
+        if expected is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                stats["unauthorized"] += 1
+                return refuse(401, "a bearer token is required (JOULE_OTEL_COLLECT_TOKEN)")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in (*PROTOBUF_TYPES, "application/json"):
+            return refuse(415, f"Content-Type {content_type!r}: use application/x-protobuf or application/json")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            return refuse(413, f"the body is larger than {max_body_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                return refuse(413, f"the body is larger than {max_body_bytes} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        try:
+            decoded = await run_in_threadpool(
+                _decode, body, request.headers.get("content-encoding", ""), content_type, signal
+            )
+        except _otlp.PayloadError as exc:
+            stats["bad_payloads"] += 1
+            return refuse(413 if exc.too_large else 400, str(exc))
+        stats["rejected_items"] += decoded.rejected
+        if signal == "traces":
+            done = sink.spans(decoded.spans)
+        else:
+            events = [r for r in decoded.logs if r.event_name == EVENT_NAME]
+            rows = []
+            for record in events:
+                try:
+                    rows.append(
+                        row_from_event(
+                            record.attributes,
+                            time_ns=record.time_ns,
+                            trace_id=record.trace_id,
+                            span_id=record.span_id,
+                            service=record.resource.get("service.name"),
+                        )
+                    )
+                except Exception as exc:  # a record that cannot be a row: skipped, counted
+                    decoded.rejected += 1
+                    decoded.errors.append(str(exc))
+            done = sink.rows(rows)
+        if not await asyncio.wrap_future(done):
+            return refuse(503, "the ledger's disk refused the rows; they wait in memory, retry later")
+        message = "; ".join(dict.fromkeys(decoded.errors))[:512]
+        return answer(content_type, signal, decoded.rejected, message)
+
+    async def traces(request: Request) -> Response:
+        return await receive(request, "traces")
+
+    async def logs(request: Request) -> Response:
+        return await receive(request, "logs")
+
+    async def health(request: Request) -> Response:
+        writer = sink.writer
+        return JSONResponse(
+            {
+                "status": "ok",
+                "ledger": str(writer.db_path) if writer else None,
+                "rows_written": sink.rows_written,
+                "duplicates_dropped": sink.duplicates,
+                "waiting_for_parent_span": sink.joiner.waiting,
+                **stats,
+            }
+        )
+
+    return Starlette(
+        routes=[
+            Route("/v1/traces", traces, methods=["POST"]),
+            Route("/v1/logs", logs, methods=["POST"]),
+            Route("/healthz", health, methods=["GET"]),
+        ]
+    )
+
+
+def _decode(body: bytes, encoding: str, content_type: str, signal: str) -> _otlp.Decoded:
+    data = _otlp.decompress(body, encoding)
+    protobuf = content_type in PROTOBUF_TYPES
+    if signal == "traces":
+        return _otlp.traces_from_protobuf(data) if protobuf else _otlp.traces_from_json(data)
+    return _otlp.logs_from_protobuf(data) if protobuf else _otlp.logs_from_json(data)
+
+
+def _protobuf_answer(signal: str, rejected: int, message: str) -> bytes:
+    if signal == "traces":
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTracePartialSuccess,
+            ExportTraceServiceResponse,
+        )
+
+        partial = ExportTracePartialSuccess(rejected_spans=rejected, error_message=message)
+        return bytes(ExportTraceServiceResponse(partial_success=partial).SerializeToString())
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+        ExportLogsPartialSuccess,
+        ExportLogsServiceResponse,
+    )
+
+    partial_logs = ExportLogsPartialSuccess(rejected_log_records=rejected, error_message=message)
+    return bytes(ExportLogsServiceResponse(partial_success=partial_logs).SerializeToString())

@@ -1,0 +1,227 @@
+"""Other languages' HTTP client spans → ledger rows.
+
+OpenTelemetry's HTTP client instrumentations put response headers on spans when asked
+(``headersToSpanAttributes`` in Node, ``OTEL_INSTRUMENTATION_HTTP_CLIENT_CAPTURE_RESPONSE_HEADERS`` in Java):
+``http.response.header.<lower-case name>``, a string array or one comma-joined string. A CLIENT span that
+carries a Joule header is one call. Tokens, the requested model and the stream flag come from the GenAI span
+around it when there is one (the Vercel AI SDK's ``ai.generateText.doGenerate`` / ``ai.streamText.doStream``),
+which may arrive in a later export than the child: children wait for their parent up to :data:`PARENT_WAIT_S`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from joule_otel._genai import INFERENCE_OPERATIONS, JOULE_PROVIDER, OTHER_OPERATION, error_type_for, route_operation
+from joule_otel.collect._otlp import SPAN_KIND_CLIENT, Span
+from joule_otel.headers import (
+    CARBON_MG,
+    ENERGY_JOULES,
+    RECEIPT_ID,
+    REGION,
+    RESPONSE_HEADERS,
+    ROUTED_TO,
+    TIER,
+    clean_string,
+    parse_carbon,
+    parse_energy,
+    parse_token_count,
+)
+from joule_otel.ledger.row import LedgerRow
+
+PARENT_WAIT_S = 15.0
+"""How long a call whose parent span has not arrived waits for it (its tokens and requested model). Node's and
+Java's batch span processors export every 5 s, and a parent ends after its child: the next export brings it."""
+PARENTS_KEPT = 50_000
+"""GenAI parent spans remembered for children that arrive after them."""
+
+_RESPONSE = "http.response.header."
+_REQUEST = "http.request.header."
+
+
+def header_attribute(attributes: dict[str, Any], name: str, *, request: bool = False) -> str | None:
+    """The last value of a captured header: a string array, or one comma-joined string (Node's http)."""
+    value = attributes.get((_REQUEST if request else _RESPONSE) + name)
+    if isinstance(value, list):
+        value = value[-1] if value else None
+    if not isinstance(value, str):
+        return None
+    return value.rsplit(",", 1)[-1].strip() if "," in value else value.strip()
+
+
+def is_joule_call(span: Span) -> bool:
+    """A CLIENT span that carries any of Joule's response headers."""
+    return span.kind == SPAN_KIND_CLIENT and any(_RESPONSE + name in span.attributes for name in RESPONSE_HEADERS)
+
+
+@dataclass
+class GenAIFacts:
+    """What a GenAI span around an HTTP call says."""
+
+    input_tokens: int | None
+    output_tokens: int | None
+    requested_model: str | None
+    stream: bool | None
+    ttft_ms: float | None
+    workload: str | None
+
+
+def genai_facts(span: Span) -> GenAIFacts | None:
+    """The facts of a GenAI span (the AI SDK's ``doGenerate``/``doStream``, a ``gen_ai.*`` span), else None."""
+    a = span.attributes
+    names = ("gen_ai.usage.input_tokens", "ai.usage.inputTokens", "ai.usage.promptTokens", "gen_ai.request.model")
+    if not any(name in a for name in names) and not span.name.startswith("ai."):
+        return None
+    first_chunk = a.get("ai.response.msToFirstChunk")
+    return GenAIFacts(
+        input_tokens=_first_count(a, "gen_ai.usage.input_tokens", "ai.usage.inputTokens", "ai.usage.promptTokens"),
+        output_tokens=_first_count(
+            a, "gen_ai.usage.output_tokens", "ai.usage.outputTokens", "ai.usage.completionTokens"
+        ),
+        requested_model=_text(a.get("gen_ai.request.model") or a.get("ai.model.id")),
+        stream=True if "doStream" in span.name or "streamText" in span.name else None,
+        ttft_ms=float(first_chunk) if isinstance(first_chunk, (int, float)) and first_chunk >= 0 else None,
+        workload=_text(a.get("joule.workload") or a.get("ai.telemetry.functionId")),
+    )
+
+
+def _first_count(attributes: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        count = parse_token_count(attributes.get(name))
+        if count is not None:
+            return count
+    return None
+
+
+def _text(value: Any) -> str | None:
+    return clean_string(value) if isinstance(value, str) else None
+
+
+def _url_parts(a: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(path, host) of the span's URL, from whichever attributes the instrumentation set."""
+    url = a.get("url.full") or a.get("http.url")
+    path = a.get("url.path") or a.get("http.target")
+    host = a.get("server.address") or a.get("net.peer.name") or a.get("http.host")
+    if isinstance(url, str):
+        try:
+            parts = urlsplit(url)
+            path = path or parts.path
+            host = host or parts.hostname
+        except ValueError:
+            pass
+    return (path if isinstance(path, str) else None), (host if isinstance(host, str) else None)
+
+
+def call_row(span: Span, parent: GenAIFacts | None) -> LedgerRow | None:
+    """The ledger row of a Joule call seen as an HTTP client span, with its GenAI parent's facts; None if not one."""
+    a = span.attributes
+    path, host = _url_parts(a)
+    operation = route_operation(path or "")
+    if operation is None:
+        operation = OTHER_OPERATION
+    elif operation not in INFERENCE_OPERATIONS:
+        return None
+    status = a.get("http.response.status_code", a.get("http.status_code"))
+    status = status if type(status) is int and 0 <= status < 1000 else None
+    region = header_attribute(a, REGION) or header_attribute(a, REGION, request=True)
+    tier = header_attribute(a, TIER)
+    error_type = error_type_for(status, None) or _text(a.get("error.type"))
+    workload = _text(a.get("joule.workload") or span.resource.get("joule.workload"))
+    service = _text(span.resource.get("service.name"))
+    return LedgerRow(
+        receipt_id=_text(header_attribute(a, RECEIPT_ID)),
+        started_at_us=max(span.start_ns, 0) // 1000,
+        duration_ms=max(span.end_ns - span.start_ns, 0) / 1e6 if span.end_ns else None,
+        ttft_ms=parent.ttft_ms if parent else None,
+        service=service,
+        workload=workload or (parent.workload if parent else None) or service,
+        operation=operation,
+        server_address=_text(host),
+        status_code=status,
+        error_type=error_type,
+        requested_model=parent.requested_model if parent else None,
+        routed_to=_text(header_attribute(a, ROUTED_TO)),
+        tier=tier.lower() if tier else None,
+        region=region.lower() if region else None,
+        energy_j=parse_energy(header_attribute(a, ENERGY_JOULES)),
+        carbon_mg=parse_carbon(header_attribute(a, CARBON_MG)),
+        input_tokens=parent.input_tokens if parent else None,
+        output_tokens=parent.output_tokens if parent else None,
+        stream=parent.stream if parent and parent.stream is not None else (False if parent else None),
+        trace_id=span.trace_id or None,
+        span_id=span.span_id or None,
+        provider=JOULE_PROVIDER,
+    )
+
+
+class SpanJoiner:
+    """Pairs Joule call spans with their GenAI parents across exports; not thread-safe (the caller locks)."""
+
+    def __init__(self, wait_s: float = PARENT_WAIT_S) -> None:
+        self.wait_s = wait_s
+        self._parents: OrderedDict[tuple[str, str], GenAIFacts] = OrderedDict()
+        self._waiting: OrderedDict[tuple[str, str], tuple[float, Span]] = OrderedDict()
+        """(trace id, span id) of a call → (deadline, its span), oldest first (so in deadline order)."""
+        self._by_parent: dict[tuple[str, str], list[tuple[str, str]]] = {}
+
+    def add(self, spans: list[Span], now: float | None = None) -> list[LedgerRow]:
+        """Take an export's spans; return the rows ready now (with their parent, or without one to wait for)."""
+        now = time.monotonic() if now is None else now
+        ready: list[LedgerRow] = []
+        for span in spans:
+            facts = genai_facts(span)
+            if facts is None:
+                continue
+            key = (span.trace_id, span.span_id)
+            self._parents[key] = facts
+            if len(self._parents) > PARENTS_KEPT:
+                self._parents.popitem(last=False)
+            for child in self._by_parent.pop(key, ()):
+                waiting = self._waiting.pop(child, None)
+                if waiting is not None:
+                    self._append(ready, waiting[1], facts)
+        for span in spans:
+            if not is_joule_call(span):
+                continue
+            parent_key = (span.trace_id, span.parent_span_id)
+            if not span.parent_span_id or parent_key in self._parents:
+                self._append(ready, span, self._parents.get(parent_key))
+                continue
+            key = (span.trace_id, span.span_id)
+            self._waiting[key] = (now + self.wait_s, span)
+            self._by_parent.setdefault(parent_key, []).append(key)
+        ready += self.expire(now)
+        return ready
+
+    @staticmethod
+    def _append(ready: list[LedgerRow], span: Span, parent: GenAIFacts | None) -> None:
+        row = call_row(span, parent)
+        if row is not None:
+            ready.append(row)
+
+    def expire(self, now: float | None = None, *, everything: bool = False) -> list[LedgerRow]:
+        """Rows whose parent did not come in time (or every waiting row, at shutdown): written without its facts."""
+        now = time.monotonic() if now is None else now
+        ready: list[LedgerRow] = []
+        while self._waiting:
+            key, (deadline, span) = next(iter(self._waiting.items()))
+            if deadline > now and not everything:
+                break
+            del self._waiting[key]
+            parent_key = (span.trace_id, span.parent_span_id)
+            siblings = self._by_parent.get(parent_key)
+            if siblings is not None:
+                siblings.remove(key)
+                if not siblings:
+                    del self._by_parent[parent_key]
+            self._append(ready, span, None)
+        return ready
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for their parent span."""
+        return len(self._waiting)
