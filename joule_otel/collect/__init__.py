@@ -14,6 +14,7 @@ token (``JOULE_OTEL_COLLECT_TOKEN``). It writes through the same spool and compa
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from joule_otel.config import JOULE_OTEL_COLLECT_TOKEN
@@ -70,6 +71,10 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, db: Path | None 
     )
     where = writer.db_path if writer is not None else "no ledger (JOULE_OTEL_DB=off)"
     print(f"joule-otel collect: OTLP/HTTP on http://{host}:{port}  →  {where}  (Ctrl-C stops)", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT and then raises the signal again for the handler it found:
+    # make that handler a quiet one, so the rows still in memory are written below and the exit status is 0
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     try:
         server.run()
     finally:

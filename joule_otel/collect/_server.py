@@ -211,14 +211,17 @@ def create_app(sink: RowSink, *, token: str | None, max_body_bytes: int = _otlp.
                 return refuse(401, "a bearer token is required (JOULE_OTEL_COLLECT_TOKEN)")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in (*PROTOBUF_TYPES, "application/json"):
+            stats["bad_payloads"] += 1
             return refuse(415, f"Content-Type {content_type!r}: use application/x-protobuf or application/json")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            stats["bad_payloads"] += 1
             return refuse(413, f"the body is larger than {max_body_bytes} bytes")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_body_bytes:
+                stats["bad_payloads"] += 1
                 return refuse(413, f"the body is larger than {max_body_bytes} bytes")
             chunks.append(chunk)
         body = b"".join(chunks)

@@ -1,0 +1,439 @@
+"""``joule-otel collect``: a real receiver process, real OTLP bytes, a real ledger file."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
+
+import joule_otel
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Collector:
+    url: str
+    db: Path
+    proc: subprocess.Popen[str]
+
+    def post(self, path: str, body: bytes, content_type: str, **headers: str) -> tuple[int, bytes]:
+        request = urllib.request.Request(
+            self.url + path, data=body, method="POST", headers={"Content-Type": content_type, **headers}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.url + "/healthz", timeout=10) as response:
+            return json.loads(response.read())
+
+    def rows(self) -> list[dict]:
+        frame = joule_otel.read_ledger(self.db)
+        return [{k: (None if v is None or v != v else v) for k, v in r.items()} for r in frame.to_dict("records")]
+
+
+def start_collect(db: Path, **env: str) -> Collector:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "joule_otel.cli", "collect", "--port", str(port), "--db", str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JOULE_OTEL_FLUSH_INTERVAL": "0.2", **env},
+    )
+    collector = Collector(f"http://127.0.0.1:{port}", db, proc)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            collector.health()
+            return collector
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"collect did not start: {proc.stderr.read() if proc.stderr else ''}") from None
+            time.sleep(0.1)
+
+
+def stop(collector: Collector) -> str:
+    collector.proc.send_signal(signal.SIGTERM)
+    _, err = collector.proc.communicate(timeout=60)
+    assert collector.proc.returncode == 0, err
+    return err
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Collector]:
+    found = start_collect(tmp_path / "central.duckdb")
+    try:
+        yield found
+    finally:
+        if found.proc.poll() is None:
+            stop(found)
+
+
+# -- OTLP as Node's undici instrumentation and the Vercel AI SDK send it ------------------------------------------
+
+
+def kv(key: str, value) -> KeyValue:
+    if isinstance(value, bool):
+        return KeyValue(key=key, value=AnyValue(bool_value=value))
+    if isinstance(value, int):
+        return KeyValue(key=key, value=AnyValue(int_value=value))
+    if isinstance(value, float):
+        return KeyValue(key=key, value=AnyValue(double_value=value))
+    if isinstance(value, list):
+        return KeyValue(
+            key=key, value=AnyValue(array_value=ArrayValue(values=[AnyValue(string_value=v) for v in value]))
+        )
+    return KeyValue(key=key, value=AnyValue(string_value=value))
+
+
+TRACE = bytes.fromhex("0af7651916cd43dd8448eb211c80319c")
+PARENT = bytes.fromhex("b7ad6b7169203331")
+CHILD = bytes.fromhex("00f067aa0ba902b7")
+T0 = 1_764_000_000_000_000_000
+
+
+def fetch_span(span_id: bytes = CHILD, receipt: str = "rcpt_node_1", parent: bytes = PARENT, joined: bool = False):
+    headers = {
+        "http.response.header.x-energy-joules": ["123.5"],
+        "http.response.header.x-carbon-mg": ["8.9"],
+        "http.response.header.x-routed-to": ["llama-3.3-70b-instruct"],
+        "http.response.header.x-tier": ["Standard"],
+        "http.response.header.x-region": ["eu-fi"],
+        "http.response.header.x-receipt-id": [receipt],
+    }
+    if joined:  # Node's http instrumentation joins repeated headers with ", "
+        headers = {k: ", ".join(v * 2) for k, v in headers.items()}
+    attributes = [kv(k, v) for k, v in headers.items()] + [
+        kv("url.full", "http://127.0.0.1:8088/v1/chat/completions"),
+        kv("server.address", "127.0.0.1"),
+        kv("http.request.method", "POST"),
+        kv("http.response.status_code", 200),
+    ]
+    return PbSpan(
+        trace_id=TRACE,
+        span_id=span_id,
+        parent_span_id=parent,
+        name="POST",
+        kind=PbSpan.SPAN_KIND_CLIENT,
+        start_time_unix_nano=T0,
+        end_time_unix_nano=T0 + 250_000_000,
+        attributes=attributes,
+    )
+
+
+def generate_span(span_id: bytes = PARENT):
+    return PbSpan(
+        trace_id=TRACE,
+        span_id=span_id,
+        name="ai.generateText.doGenerate",
+        kind=PbSpan.SPAN_KIND_INTERNAL,
+        start_time_unix_nano=T0 - 1_000_000,
+        end_time_unix_nano=T0 + 260_000_000,
+        attributes=[
+            kv("ai.usage.inputTokens", 12),
+            kv("ai.usage.outputTokens", 345),
+            kv("gen_ai.request.model", "auto"),
+            kv("ai.telemetry.functionId", "support-bot"),
+        ],
+    )
+
+
+def export(*spans, service: str = "node-shop") -> bytes:
+    request = ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(
+                resource=Resource(attributes=[kv("service.name", service)]),
+                scope_spans=[ScopeSpans(spans=list(spans))],
+            )
+        ]
+    )
+    return request.SerializeToString()
+
+
+def test_a_node_call_span_and_its_ai_sdk_parent_from_a_later_export_make_one_full_row(collector):
+    status, body = collector.post("/v1/traces", export(fetch_span()), "application/x-protobuf")
+    assert status == 200
+    assert ExportTraceServiceResponse.FromString(body).partial_success.rejected_spans == 0
+    assert collector.health()["waiting_for_parent_span"] == 1
+    status, _ = collector.post(
+        "/v1/traces", gzip.compress(export(generate_span())), "application/x-protobuf", **{"Content-Encoding": "gzip"}
+    )
+    assert status == 200
+    # the same export again (a sender's retry), and the pair in one export: still one row
+    collector.post("/v1/traces", export(fetch_span(), generate_span()), "application/x-protobuf")
+    [row] = collector.rows()
+    assert row["receipt_id"] == "rcpt_node_1"
+    assert (row["energy_j"], row["carbon_mg"]) == (123.5, 8.9)
+    assert (row["routed_to"], row["tier"], row["region"]) == ("llama-3.3-70b-instruct", "standard", "eu-fi")
+    assert (row["input_tokens"], row["output_tokens"], row["requested_model"]) == (12, 345, "auto")
+    assert (row["service"], row["workload"], row["operation"], row["provider"]) == (
+        "node-shop",
+        "support-bot",
+        "chat",
+        "joule_cloud",
+    )
+    assert row["status_code"] == 200 and row["duration_ms"] == 250.0
+    assert (row["trace_id"], row["span_id"]) == (TRACE.hex(), CHILD.hex())
+
+
+def test_comma_joined_headers_and_spans_without_joule_headers(collector):
+    plain = PbSpan(
+        trace_id=TRACE,
+        span_id=bytes.fromhex("1111111111111111"),
+        name="GET",
+        kind=PbSpan.SPAN_KIND_CLIENT,
+        start_time_unix_nano=T0,
+        end_time_unix_nano=T0 + 1,
+        attributes=[kv("url.full", "http://127.0.0.1/v1/chat/completions")],
+    )
+    root = fetch_span(span_id=bytes.fromhex("2222222222222222"), receipt="rcpt_joined", parent=b"", joined=True)
+    status, _ = collector.post("/v1/traces", export(plain, root), "application/x-protobuf")
+    assert status == 200
+    [row] = collector.rows()
+    assert row["receipt_id"] == "rcpt_joined" and row["energy_j"] == 123.5
+    assert row["workload"] == "node-shop"  # no joule.workload, no functionId: the service
+
+
+def test_a_parent_that_never_comes_still_gives_the_row_at_shutdown(tmp_path):
+    collector = start_collect(tmp_path / "c.duckdb")
+    collector.post("/v1/traces", export(fetch_span(receipt="rcpt_orphan")), "application/x-protobuf")
+    stop(collector)
+    [row] = collector.rows()
+    assert row["receipt_id"] == "rcpt_orphan" and row["input_tokens"] is None
+
+
+def otlp_json(span_id: str, trace_id: str = TRACE.hex()) -> bytes:
+    return json.dumps(
+        {
+            "resourceSpans": [
+                {
+                    "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "js"}}]},
+                    "scopeSpans": [
+                        {
+                            "spans": [
+                                {
+                                    "traceId": trace_id,
+                                    "spanId": span_id,
+                                    "name": "POST",
+                                    "kind": 3,
+                                    "startTimeUnixNano": str(T0),
+                                    "endTimeUnixNano": str(T0 + 5_000_000),
+                                    "attributes": [
+                                        {"key": "url.full", "value": {"stringValue": "http://h/v1/embeddings"}},
+                                        {"key": "http.response.status_code", "value": {"intValue": "200"}},
+                                        {
+                                            "key": "http.response.header.x-energy-joules",
+                                            "value": {"arrayValue": {"values": [{"stringValue": "0.75"}]}},
+                                        },
+                                        {
+                                            "key": "http.response.header.x-receipt-id",
+                                            "value": {"arrayValue": {"values": [{"stringValue": "rcpt_" + span_id}]}},
+                                        },
+                                    ],
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ]
+        }
+    ).encode()
+
+
+def test_otlp_json_with_hex_ids_and_a_record_with_base64_ids_is_refused_alone(collector):
+    good = json.loads(otlp_json("a1b2c3d4e5f60718"))
+    bad = json.loads(otlp_json("AAECAwQFBgc=", trace_id="CvdlGRbNQ92ESOshHIAxnA=="))  # protobuf's JSON mapping
+    good["resourceSpans"][0]["scopeSpans"][0]["spans"] += bad["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    status, body = collector.post("/v1/traces", json.dumps(good).encode(), "application/json")
+    assert status == 200
+    answer = json.loads(body)
+    assert answer["partialSuccess"]["rejectedSpans"] == 1
+    assert "hex" in answer["partialSuccess"]["errorMessage"]
+    [row] = collector.rows()
+    assert row["receipt_id"] == "rcpt_a1b2c3d4e5f60718" and row["operation"] == "embeddings"
+    assert row["energy_j"] == 0.75 and row["service"] == "js"
+
+
+def test_bad_payloads_get_the_documented_answers(collector):
+    truncated = export(fetch_span())[:-7]
+    assert collector.post("/v1/traces", truncated, "application/x-protobuf")[0] == 400
+    assert collector.post("/v1/traces", b"{not json", "application/json")[0] == 400
+    assert collector.post("/v1/traces", b"x", "text/plain")[0] == 415
+    bomb = gzip.compress(b"\0" * (64 << 20))  # 64 MiB of zeros in ~64 KB
+    status, body = collector.post("/v1/traces", bomb, "application/x-protobuf", **{"Content-Encoding": "gzip"})
+    assert status == 413 and b"decompressed" in body
+    assert collector.proc.poll() is None  # alive
+    assert collector.health()["bad_payloads"] == 4
+    assert collector.rows() == []
+
+
+def test_a_token_is_required_when_set_and_off_loopback(tmp_path):
+    guarded = start_collect(tmp_path / "t.duckdb", JOULE_OTEL_COLLECT_TOKEN="s3cret")
+    try:
+        assert guarded.post("/v1/traces", export(fetch_span()), "application/x-protobuf")[0] == 401
+        status, _ = guarded.post(
+            "/v1/traces", export(fetch_span()), "application/x-protobuf", Authorization="Bearer s3cret"
+        )
+        assert status == 200
+    finally:
+        stop(guarded)
+    open_to_all = subprocess.run(
+        [sys.executable, "-m", "joule_otel.cli", "collect", "--host", "0.0.0.0", "--db", str(tmp_path / "x.duckdb")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "JOULE_OTEL_COLLECT_TOKEN"},
+    )
+    assert open_to_all.returncode == 2
+    assert "JOULE_OTEL_COLLECT_TOKEN" in open_to_all.stderr
+
+
+# -- Python apps in containers: call events ---------------------------------------------------------------------
+
+
+APP = textwrap.dedent("""
+    import asyncio, sys
+    import openai
+    import joule_otel
+
+    joule_otel.instrument()
+    client = openai.OpenAI(base_url=sys.argv[1], api_key="jc_events", max_retries=0)
+    with joule_otel.workload("fleet"):
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+        for _ in client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "s"}],
+                                                stream=True, stream_options={"include_usage": True}):
+            pass
+        client.embeddings.create(model="auto", input="x")
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=sys.argv[1], api_key="jc_events", max_retries=0)
+        await aclient.chat.completions.create(model="auto", messages=[{"role": "user", "content": "a"}])
+        await aclient.close()
+    asyncio.run(main())
+    import httpx
+    assert httpx.post(sys.argv[1] + "/chat/completions", json={"model": "auto", "messages": []}).status_code == 401
+""")
+
+
+def run_app(tmp_path: Path, base_url: str, collector: Collector, **env: str) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(APP)
+    result = subprocess.run(
+        [sys.executable, str(script), base_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+            "JOULE_OTEL_CALL_EVENTS": "true",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_TRACES_EXPORTER": "none",
+            "OTEL_SERVICE_NAME": "py-fleet",
+            **env,
+        },
+    )
+    assert result.returncode == 0, result.stderr
+
+
+COMPARED = (
+    "receipt_id",
+    "started_at",
+    "duration_ms",
+    "ttft_ms",
+    "service",
+    "workload",
+    "operation",
+    "server_address",
+    "status_code",
+    "error_type",
+    "requested_model",
+    "routed_to",
+    "tier",
+    "region",
+    "energy_j",
+    "carbon_mg",
+    "input_tokens",
+    "output_tokens",
+    "stream",
+    "trace_id",
+    "span_id",
+    "provider",
+)
+
+
+def test_python_apps_without_a_local_ledger_reach_collect_through_call_events(tmp_path, collector):
+    from joule_otel.simulator import running
+
+    with running(require_auth=True) as sim:
+        run_app(tmp_path, sim.base_url, collector, JOULE_OTEL_DB="off")
+        run_app(tmp_path, sim.base_url, collector, JOULE_OTEL_DB="off")  # a second host
+        issued = {r.receipt_id: r for r in sim.receipts}
+    assert len(issued) == 8
+    rows = collector.rows()
+    billed = {r["receipt_id"]: r for r in rows if r["receipt_id"]}
+    assert set(billed) == set(issued)
+    for receipt_id, receipt in issued.items():
+        assert billed[receipt_id]["energy_j"] == receipt.energy_j
+        assert billed[receipt_id]["input_tokens"] == receipt.input_tokens
+        assert billed[receipt_id]["operation"] == receipt.operation
+    refused = [r for r in rows if r["receipt_id"] is None]
+    assert [(r["status_code"], r["service"], r["workload"]) for r in refused] == [(401, "py-fleet", "py-fleet")] * 2
+    workloads = sorted(r["workload"] for r in billed.values())
+    assert workloads == ["fleet"] * 6 + ["py-fleet"] * 2  # the async call was made outside the workload block
+    assert not Path(tmp_path / "joule.duckdb").exists()
+
+
+def test_with_both_ledgers_they_hold_the_same_rows(tmp_path, collector):
+    from joule_otel.simulator import running
+
+    local = tmp_path / "local.duckdb"
+    with running(require_auth=True) as sim:
+        run_app(tmp_path, sim.base_url, collector, JOULE_OTEL_DB=str(local))
+    mine = joule_otel.read_ledger(local)
+    theirs = joule_otel.read_ledger(collector.db)
+    assert len(mine) == len(theirs) == 5
+
+    def key(frame):
+        records = frame[list(COMPARED)].astype(object).where(frame[list(COMPARED)].notna(), None)
+        return sorted((tuple(r) for r in records.itertuples(index=False)), key=lambda r: (str(r[0]), str(r[1])))
+
+    assert key(mine) == key(theirs)
+
+
+def test_collect_answers_protobuf_logs_with_protobuf(collector):
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    status, body = collector.post("/v1/logs", ExportLogsServiceRequest().SerializeToString(), "application/x-protobuf")
+    assert status == 200
+    ExportLogsServiceResponse.FromString(body)
