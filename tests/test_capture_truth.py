@@ -975,8 +975,8 @@ def test_an_api_level_tracer_provider_that_is_not_the_sdks_is_used_not_replaced(
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from joule_otel.config import Settings
     from joule_otel._exporters import resolve_providers
+    from joule_otel.config import Settings
 
     exporter = InMemorySpanExporter()
     sdk = TracerProvider()

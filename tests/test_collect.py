@@ -437,3 +437,71 @@ def test_collect_answers_protobuf_logs_with_protobuf(collector):
     status, body = collector.post("/v1/logs", ExportLogsServiceRequest().SerializeToString(), "application/x-protobuf")
     assert status == 200
     ExportLogsServiceResponse.FromString(body)
+
+
+# -- real Node programs: the openai npm package and the Vercel AI SDK ----------------------------------------------
+
+NODE_DIR = Path(__file__).parent / "node"
+
+
+@pytest.fixture(scope="module")
+def node_clients() -> Path:
+    """The npm packages of tests/node, installed from its lock file (``npm ci``) when missing."""
+    import shutil
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Node.js and npm are needed for the Node client tests")
+        pytest.skip("Node.js and npm are not installed")
+    if not (NODE_DIR / "node_modules" / ".package-lock.json").exists():
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, capture_output=True, timeout=600
+        )
+    return NODE_DIR / "clients.mjs"
+
+
+def run_node(script: Path, base_url: str, mode: str, collector: Collector) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+        "OTEL_SERVICE_NAME": f"node-{mode}",
+    }
+    result = subprocess.run(["node", str(script), base_url, mode], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_openai_npm_package_traced_with_undici_lands_once_per_receipt(node_clients, collector):
+    from joule_otel.simulator import running
+
+    with running() as sim:
+        run_node(node_clients, sim.base_url, "openai", collector)
+        issued = {r.receipt_id: r for r in sim.receipts}
+    stop(collector)  # calls without a GenAI parent are written when their parent span is known not to come
+    rows = {r["receipt_id"]: r for r in collector.rows()}
+    assert set(rows) == set(issued) and len(issued) == 3
+    for receipt_id, receipt in issued.items():
+        row = rows[receipt_id]
+        assert (row["energy_j"], row["carbon_mg"]) == (receipt.energy_j, receipt.carbon_mg)
+        assert (row["routed_to"], row["tier"], row["region"]) == (receipt.routed_to, receipt.tier, receipt.region)
+        assert (row["service"], row["provider"], row["status_code"]) == ("node-openai", "joule_cloud", 200)
+        assert row["operation"] == receipt.operation
+        assert row["stream"] is receipt.stream
+    assert {r["region"] for r in rows.values() if r["operation"] == "embeddings"} == {"eu-se"}  # pinned
+
+
+def test_the_vercel_ai_sdk_generate_and_stream_land_with_their_tokens(node_clients, collector):
+    from joule_otel.simulator import running
+
+    with running() as sim:
+        run_node(node_clients, sim.base_url, "ai-sdk", collector)
+        issued = {r.receipt_id: r for r in sim.receipts}
+    stop(collector)
+    rows = {r["receipt_id"]: r for r in collector.rows()}
+    assert set(rows) == set(issued) and len(issued) == 3
+    for receipt_id, receipt in issued.items():
+        row = rows[receipt_id]
+        assert row["energy_j"] == receipt.energy_j
+        assert (row["input_tokens"], row["output_tokens"]) == (receipt.input_tokens, receipt.output_tokens)
+        assert row["requested_model"] == "auto" and row["stream"] is receipt.stream
+    by_operation = sorted((r["operation"], r["workload"]) for r in rows.values())
+    assert by_operation == [("chat", "summaries"), ("responses", "support-bot"), ("responses", "support-bot")]

@@ -39,6 +39,9 @@ Java's batch span processors export every 5 s, and a parent ends after its child
 PARENTS_KEPT = 50_000
 """GenAI parent spans remembered for children that arrive after them."""
 
+AGENT_LEVELS = 6
+"""How far above a call's GenAI span an agent's name is looked for."""
+
 _RESPONSE = "http.response.header."
 _REQUEST = "http.request.header."
 
@@ -68,6 +71,8 @@ class GenAIFacts:
     stream: bool | None
     ttft_ms: float | None
     workload: str | None
+    parent_span_id: str
+    """Its own parent: AI SDK 7 puts the ``functionId`` (``gen_ai.agent.name``) on the ``invoke_agent`` span there."""
 
 
 def genai_facts(span: Span) -> GenAIFacts | None:
@@ -86,7 +91,14 @@ def genai_facts(span: Span) -> GenAIFacts | None:
         stream=True if "doStream" in span.name or "streamText" in span.name else None,
         ttft_ms=float(first_chunk) if isinstance(first_chunk, (int, float)) and first_chunk >= 0 else None,
         workload=_text(a.get("joule.workload") or a.get("ai.telemetry.functionId")),
+        parent_span_id=span.parent_span_id,
     )
+
+
+def agent_name(span: Span) -> str | None:
+    """The name a GenAI span gives the work it does (``gen_ai.agent.name``, the AI SDK's ``functionId``)."""
+    a = span.attributes
+    return _text(a.get("gen_ai.agent.name") or a.get("ai.telemetry.functionId") or a.get("joule.workload"))
 
 
 def _first_count(attributes: dict[str, Any], *names: str) -> int | None:
@@ -116,8 +128,11 @@ def _url_parts(a: dict[str, Any]) -> tuple[str | None, str | None]:
     return (path if isinstance(path, str) else None), (host if isinstance(host, str) else None)
 
 
-def call_row(span: Span, parent: GenAIFacts | None) -> LedgerRow | None:
-    """The ledger row of a Joule call seen as an HTTP client span, with its GenAI parent's facts; None if not one."""
+def call_row(span: Span, parent: GenAIFacts | None, agent: str | None = None) -> LedgerRow | None:
+    """The ledger row of a Joule call seen as an HTTP client span, with its GenAI parent's facts; None if not one.
+
+    ``agent`` is the name of the GenAI work above the parent (its workload when nothing closer names one).
+    """
     a = span.attributes
     path, host = _url_parts(a)
     operation = route_operation(path or "")
@@ -138,7 +153,7 @@ def call_row(span: Span, parent: GenAIFacts | None) -> LedgerRow | None:
         duration_ms=max(span.end_ns - span.start_ns, 0) / 1e6 if span.end_ns else None,
         ttft_ms=parent.ttft_ms if parent else None,
         service=service,
-        workload=workload or (parent.workload if parent else None) or service,
+        workload=workload or (parent.workload if parent else None) or agent or service,
         operation=operation,
         server_address=_text(host),
         status_code=status,
@@ -151,11 +166,19 @@ def call_row(span: Span, parent: GenAIFacts | None) -> LedgerRow | None:
         carbon_mg=parse_carbon(header_attribute(a, CARBON_MG)),
         input_tokens=parent.input_tokens if parent else None,
         output_tokens=parent.output_tokens if parent else None,
-        stream=parent.stream if parent and parent.stream is not None else (False if parent else None),
+        stream=_streamed(a, parent),
         trace_id=span.trace_id or None,
         span_id=span.span_id or None,
         provider=JOULE_PROVIDER,
     )
+
+
+def _streamed(attributes: dict[str, Any], parent: GenAIFacts | None) -> bool | None:
+    """A stream: the response was server-sent events (``content-type`` captured), or the GenAI span says so."""
+    content_type = header_attribute(attributes, "content-type")
+    if content_type is not None:
+        return content_type.lower().startswith("text/event-stream")
+    return parent.stream if parent is not None else None
 
 
 class SpanJoiner:
@@ -167,11 +190,27 @@ class SpanJoiner:
         self._waiting: OrderedDict[tuple[str, str], tuple[float, Span]] = OrderedDict()
         """(trace id, span id) of a call → (deadline, its span), oldest first (so in deadline order)."""
         self._by_parent: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        self._agents: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._up: OrderedDict[tuple[str, str], str] = OrderedDict()
+        """(trace id, span id) → parent span id, for the spans above calls (agent → step → chat → HTTP call)."""
 
     def add(self, spans: list[Span], now: float | None = None) -> list[LedgerRow]:
         """Take an export's spans; return the rows ready now (with their parent, or without one to wait for)."""
         now = time.monotonic() if now is None else now
         ready: list[LedgerRow] = []
+        for span in spans:
+            if span.kind == SPAN_KIND_CLIENT:
+                continue
+            key = (span.trace_id, span.span_id)
+            if span.parent_span_id:
+                self._up[key] = span.parent_span_id
+                if len(self._up) > PARENTS_KEPT:
+                    self._up.popitem(last=False)
+            name = agent_name(span)
+            if name is not None:
+                self._agents[key] = name
+                if len(self._agents) > PARENTS_KEPT:
+                    self._agents.popitem(last=False)
         for span in spans:
             facts = genai_facts(span)
             if facts is None:
@@ -197,11 +236,21 @@ class SpanJoiner:
         ready += self.expire(now)
         return ready
 
-    @staticmethod
-    def _append(ready: list[LedgerRow], span: Span, parent: GenAIFacts | None) -> None:
-        row = call_row(span, parent)
+    def _append(self, ready: list[LedgerRow], span: Span, parent: GenAIFacts | None) -> None:
+        row = call_row(span, parent, self._agent_above(span.trace_id, parent.parent_span_id) if parent else None)
         if row is not None:
             ready.append(row)
+
+    def _agent_above(self, trace_id: str, span_id: str) -> str | None:
+        """The nearest agent name among the spans above ``span_id`` (a few levels: agent, step, call)."""
+        for _ in range(AGENT_LEVELS):
+            if not span_id:
+                return None
+            name = self._agents.get((trace_id, span_id))
+            if name is not None:
+                return name
+            span_id = self._up.get((trace_id, span_id), "")
+        return None
 
     def expire(self, now: float | None = None, *, everything: bool = False) -> list[LedgerRow]:
         """Rows whose parent did not come in time (or every waiting row, at shutdown): written without its facts."""
