@@ -37,7 +37,7 @@ class Providers:
     """Where call events go (``JOULE_OTEL_CALL_EVENTS``); None when they are off."""
 
 
-def _signal_configured(signal: str, settings: Settings) -> bool:
+def signal_configured(signal: str, settings: Settings) -> bool:
     exporter = os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "").strip().lower()
     if exporter and "otlp" not in exporter.split(","):
         return False
@@ -60,7 +60,7 @@ def _protocol(signal: str) -> str:
     )
 
 
-def _otlp_exporter(signal: str, settings: Settings) -> Any | None:
+def otlp_exporter(signal: str, settings: Settings) -> Any | None:
     """An OTLP span or metric exporter configured by the standard env vars (or ``otlp_endpoint``)."""
     kind = "trace" if signal == "traces" else "metric"
     cls_name = "OTLPSpanExporter" if signal == "traces" else "OTLPMetricExporter"
@@ -100,8 +100,8 @@ def resolve_providers(settings: Settings, tracer_provider: Any | None, meter_pro
     app_set_tp = not isinstance(global_tp, trace.ProxyTracerProvider)
     if tp is None and app_set_tp and not isinstance(global_tp, trace.NoOpTracerProvider):
         tp = global_tp
-    if tp is None and not app_set_tp and _signal_configured("traces", settings):
-        exporter = _otlp_exporter("traces", settings)
+    if tp is None and not app_set_tp and signal_configured("traces", settings):
+        exporter = otlp_exporter("traces", settings)
         if exporter is not None:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -122,8 +122,8 @@ def resolve_providers(settings: Settings, tracer_provider: Any | None, meter_pro
     prometheus_server = None
     if mp is None:
         readers: list[Any] = []
-        if _signal_configured("metrics", settings):
-            exporter = _otlp_exporter("metrics", settings)
+        if signal_configured("metrics", settings):
+            exporter = otlp_exporter("metrics", settings)
             if exporter is not None:
                 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
@@ -149,7 +149,7 @@ def _logger_provider(settings: Settings, created: list[Any]) -> Any | None:
     current = _logs.get_logger_provider()
     if type(current).__name__ not in ("ProxyLoggerProvider", "NoOpLoggerProvider"):
         return current
-    if not _signal_configured("logs", settings):
+    if not signal_configured("logs", settings):
         _log.warning(
             "joule_otel: call events are on but no OTLP logs endpoint is configured "
             "(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_LOGS_ENDPOINT or otlp_endpoint): they go nowhere"

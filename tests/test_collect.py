@@ -505,3 +505,71 @@ def test_the_vercel_ai_sdk_generate_and_stream_land_with_their_tokens(node_clien
         assert row["requested_model"] == "auto" and row["stream"] is receipt.stream
     by_operation = sorted((r["operation"], r["workload"]) for r in rows.values())
     assert by_operation == [("chat", "summaries"), ("responses", "support-bot"), ("responses", "support-bot")]
+
+
+def test_calls_from_other_languages_get_metrics_under_their_service_and_call_events_never_twice(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    received: list[ExportMetricsServiceRequest] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path == "/v1/metrics":
+                received.append(ExportMetricsServiceRequest.FromString(body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    try:
+        collector = start_collect(
+            tmp_path / "m.duckdb",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{backend.server_address[1]}",
+            OTEL_TRACES_EXPORTER="none",
+        )
+        collector.post("/v1/traces", export(fetch_span(parent=b""), service="node-shop"), "application/x-protobuf")
+        from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+        from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
+
+        from joule_otel._events import EVENT_NAME
+
+        event = LogRecord(
+            time_unix_nano=T0,
+            event_name=EVENT_NAME,
+            attributes=[
+                kv("joule.receipt_id", "rcpt_py"),
+                kv("joule.energy", 50.0),
+                kv("joule.operation", "chat"),
+                kv("gen_ai.provider.name", "joule_cloud"),
+            ],
+        )
+        logs = ExportLogsServiceRequest(
+            resource_logs=[
+                ResourceLogs(
+                    resource=Resource(attributes=[kv("service.name", "py-app")]),
+                    scope_logs=[ScopeLogs(log_records=[event])],
+                )
+            ]
+        )
+        assert collector.post("/v1/logs", logs.SerializeToString(), "application/x-protobuf")[0] == 200
+        stop(collector)
+    finally:
+        backend.shutdown()
+    assert sorted(r["receipt_id"] for r in collector.rows()) == ["rcpt_node_1", "rcpt_py"]
+    energy: dict[str, float] = {}
+    for request in received:
+        for rm in request.resource_metrics:
+            service = next(a.value.string_value for a in rm.resource.attributes if a.key == "service.name")
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == "joule.client.energy":
+                        energy[service] = max(p.as_double for p in metric.sum.data_points)
+    assert energy == {"node-shop": 123.5}  # the Python app's call recorded its own metrics: never here

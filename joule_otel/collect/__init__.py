@@ -41,24 +41,18 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, db: Path | None 
         import uvicorn
     except ImportError:
         raise ValueError("joule-otel collect needs its server: pip install 'joule-otel[collect]'") from None
-    from opentelemetry import metrics
-
-    from joule_otel._exporters import resolve_providers, shutdown_created
-    from joule_otel._metrics import MetricRecorder
-    from joule_otel._version import __version__
+    from joule_otel._exporters import resolve_providers, shutdown_created, signal_configured
+    from joule_otel.collect._metrics import ServiceRecorders
     from joule_otel.collect._server import RowSink, create_app
     from joule_otel.config import Settings
-    from joule_otel.instruments import create_instruments
     from joule_otel.ledger.writer import LedgerWriter
 
     settings = Settings.resolve(db=db)
     providers = resolve_providers(settings, None, None)
-    meter = metrics.get_meter("joule_otel", __version__, meter_provider=providers.meter_provider)
-    recorder = MetricRecorder(
-        create_instruments(meter), providers.meter_provider, mode=settings.metrics, max_workloads=settings.max_workloads
-    )
+    per_service = signal_configured("metrics", settings) and providers.meter_provider in providers.created
+    recorders = ServiceRecorders(settings, providers, per_service=per_service)
     writer = LedgerWriter(settings.db_path) if settings.db_path is not None else None
-    sink = RowSink(writer, recorder, settings.flush_interval_s)
+    sink = RowSink(writer, recorders, settings.flush_interval_s)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(sink, token=token),
@@ -79,4 +73,5 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, db: Path | None 
         server.run()
     finally:
         sink.close()
+        recorders.shutdown()
         shutdown_created(providers)

@@ -45,9 +45,10 @@ class _Batch:
 class RowSink:
     """The one thread that owns the ledger writer: group commit of what every request received."""
 
-    def __init__(self, writer: LedgerWriter | None, recorder: MetricRecorder | None, flush_interval_s: float) -> None:
+    def __init__(self, writer: LedgerWriter | None, recorders: Any, flush_interval_s: float) -> None:
         self.writer = writer
-        self.recorder = recorder
+        self.recorders = recorders
+        """``recorders.for_service(name) -> MetricRecorder | None``: the metrics of calls from other languages."""
         self.flush_interval_s = flush_interval_s
         self.joiner = SpanJoiner()
         self.rows_written = 0
@@ -105,24 +106,23 @@ class RowSink:
                     if not batch.done.done():
                         batch.done.set_result(False)
             now = time.monotonic()
-            if self.recorder is not None and now - last_flush >= self.flush_interval_s:
+            if now - last_flush >= self.flush_interval_s:
                 last_flush = now
-                self.recorder.add_counter_sums()
+                self.recorders.add_counter_sums()
             if stop:
                 return
 
     def _write(self, batches: list[_Batch], late: list[LedgerRow], *, final: bool) -> None:
-        recorder = self.recorder
-        record = recorder is not None and recorder.begin_cycle()
         rows: list[LedgerRow] = []
         for measured, found in [(b.measured, b.rows) for b in batches] + [(False, late)]:
             for row in found:
                 if not self._fresh(row):
                     continue
                 rows.append(row)
-                if record and not measured:
-                    assert recorder is not None
-                    recorder.record(_measurement(recorder, row))
+                if not measured:  # another language's call: its metrics are recorded here, under its own service
+                    recorder = self.recorders.for_service(row.service or "unknown_service")
+                    if recorder is not None:
+                        recorder.record(_measurement(recorder, row))
         ok = True
         writer = self.writer
         if writer is not None:
@@ -142,8 +142,7 @@ class RowSink:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout=60)
-        if self.recorder is not None:
-            self.recorder.add_counter_sums()
+        self.recorders.add_counter_sums()
 
 
 def _measurement(recorder: MetricRecorder, row: LedgerRow) -> Measurement:
