@@ -102,7 +102,7 @@ def test_prometheus_config_passes_promtool():
 def test_collector_pipelines_and_compose_stack_are_consistent():
     collector = yaml.safe_load((DEPLOY / "otel-collector.yaml").read_text())
     pipelines = collector["service"]["pipelines"]
-    assert set(pipelines) == {"metrics", "traces"}
+    assert set(pipelines) == {"metrics", "traces", "logs"}
     used: dict[str, set[str]] = {"receivers": set(), "processors": set(), "exporters": set()}
     for pipeline in pipelines.values():
         for kind, names in used.items():
@@ -115,7 +115,16 @@ def test_collector_pipelines_and_compose_stack_are_consistent():
 
     compose = yaml.safe_load((DEPLOY / "docker-compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"otel-collector", "prometheus", "tempo", "grafana"}
+    assert set(services) == {"otel-collector", "prometheus", "tempo", "grafana", "joule-collect"}
+    # the fan-in path: traces and call events go on to collect, which listens where the Collector sends
+    exporters = {name for pipeline in ("traces", "logs") for name in pipelines[pipeline]["exporters"]}
+    assert "otlphttp/joule-collect" in exporters
+    collect = services["joule-collect"]
+    assert collect["build"]["dockerfile"] == "deploy/collect.Dockerfile"
+    assert (DEPLOY / "collect.Dockerfile").exists()
+    cmd = (DEPLOY / "collect.Dockerfile").read_text()
+    assert '"--port", "4318"' in cmd and collector["exporters"]["otlphttp/joule-collect"]["endpoint"].endswith(":4318")
+    assert "JOULE_OTEL_COLLECT_TOKEN" in collect["environment"]
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
