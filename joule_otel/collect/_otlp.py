@@ -97,8 +97,31 @@ def _pb_value(value: Any) -> Any:
     return getattr(value, kind)
 
 
+class PbAttributes(dict[str, Any]):
+    """Protobuf attributes, each value converted when read: a span carries a dozen, and only a few are read."""
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        """The value under ``key`` as a Python value (str, int, float, bool, list, dict)."""
+        value = dict.get(self, key)
+        return default if value is None else _pb_value(value)
+
+    def __getitem__(self, key: str) -> Any:
+        return _pb_value(dict.__getitem__(self, key))
+
+    def last_string(self, key: str) -> str | None:
+        """The last string of a string-array value (a captured header), or a plain string value, read directly."""
+        value = dict.get(self, key)
+        if value is None:
+            return None
+        kind = value.WhichOneof("value")
+        if kind == "array_value":
+            values = value.array_value.values
+            return values[-1].string_value if values and values[-1].WhichOneof("value") == "string_value" else None
+        return value.string_value if kind == "string_value" else None
+
+
 def _pb_attributes(items: Any) -> dict[str, Any]:
-    return {kv.key: _pb_value(kv.value) for kv in items}
+    return PbAttributes({kv.key: kv.value for kv in items})
 
 
 def traces_from_protobuf(body: bytes) -> Decoded:

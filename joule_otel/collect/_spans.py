@@ -48,7 +48,9 @@ _REQUEST = "http.request.header."
 
 def header_attribute(attributes: dict[str, Any], name: str, *, request: bool = False) -> str | None:
     """The last value of a captured header: a string array, or one comma-joined string (Node's http)."""
-    value = attributes.get((_REQUEST if request else _RESPONSE) + name)
+    key = (_REQUEST if request else _RESPONSE) + name
+    last_string = getattr(attributes, "last_string", None)  # protobuf attributes read without converting
+    value = last_string(key) if last_string is not None else attributes.get(key)
     if isinstance(value, list):
         value = value[-1] if value else None
     if not isinstance(value, str):
@@ -113,18 +115,33 @@ def _text(value: Any) -> str | None:
     return clean_string(value) if isinstance(value, str) else None
 
 
+_split_urls: dict[str, tuple[str | None, str | None]] = {}
+
+
+def _split(url: str) -> tuple[str | None, str | None]:
+    """(path, host) of a URL, remembered: a service calls few distinct URLs."""
+    found = _split_urls.get(url)
+    if found is None:
+        try:
+            parts = urlsplit(url)
+            found = (parts.path, parts.hostname)
+        except ValueError:
+            found = (None, None)
+        if len(_split_urls) >= 4096:
+            _split_urls.clear()
+        _split_urls[url] = found
+    return found
+
+
 def _url_parts(a: dict[str, Any]) -> tuple[str | None, str | None]:
     """(path, host) of the span's URL, from whichever attributes the instrumentation set."""
     url = a.get("url.full") or a.get("http.url")
     path = a.get("url.path") or a.get("http.target")
     host = a.get("server.address") or a.get("net.peer.name") or a.get("http.host")
-    if isinstance(url, str):
-        try:
-            parts = urlsplit(url)
-            path = path or parts.path
-            host = host or parts.hostname
-        except ValueError:
-            pass
+    if isinstance(url, str) and not (isinstance(path, str) and isinstance(host, str)):
+        url_path, url_host = _split(url)
+        path = path or url_path
+        host = host or url_host
     return (path if isinstance(path, str) else None), (host if isinstance(host, str) else None)
 
 
