@@ -100,7 +100,7 @@ def _pb_value(value: Any) -> Any:
 class PbAttributes(dict[str, Any]):
     """Protobuf attributes, each value converted when read: a span carries a dozen, and only a few are read."""
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         """The value under ``key`` as a Python value (str, int, float, bool, list, dict)."""
         value = dict.get(self, key)
         return default if value is None else _pb_value(value)
