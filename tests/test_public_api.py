@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 
 import joule_otel
 
@@ -20,6 +21,7 @@ def test_internal_modules_are_named_as_internal():
     public_modules = {
         "attributes",  # attribute keys users filter on
         "cli",
+        "collect",  # joule-otel collect
         "config",  # the environment variables, documented
         "dashboard",
         "demo",
@@ -30,7 +32,9 @@ def test_internal_modules_are_named_as_internal():
         "simulator",
         "workload",
     }
+    root = Path(joule_otel.__path__[0])
     found = {m.name for m in pkgutil.iter_modules(joule_otel.__path__) if not m.name.startswith("_")}
+    found |= {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}  # namespace pkgs
     assert found == public_modules
     for name in found:
         importlib.import_module(f"joule_otel.{name}")

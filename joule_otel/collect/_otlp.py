@@ -97,31 +97,53 @@ def _pb_value(value: Any) -> Any:
     return getattr(value, kind)
 
 
-class PbAttributes(dict[str, Any]):
-    """Protobuf attributes, each value converted when read: a span carries a dozen, and only a few are read."""
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """The value under ``key`` as a Python value (str, int, float, bool, list, dict)."""
-        value = dict.get(self, key)
-        return default if value is None else _pb_value(value)
-
-    def __getitem__(self, key: str) -> Any:
-        return _pb_value(dict.__getitem__(self, key))
-
-    def last_string(self, key: str) -> str | None:
-        """The last string of a string-array value (a captured header), or a plain string value, read directly."""
-        value = dict.get(self, key)
-        if value is None:
-            return None
-        kind = value.WhichOneof("value")
-        if kind == "array_value":
-            values = value.array_value.values
-            return values[-1].string_value if values and values[-1].WhichOneof("value") == "string_value" else None
-        return value.string_value if kind == "string_value" else None
+RELEVANT = frozenset(
+    {
+        "url.full",
+        "http.url",
+        "url.path",
+        "http.target",
+        "server.address",
+        "net.peer.name",
+        "http.host",
+        "http.response.status_code",
+        "http.status_code",
+        "error.type",
+        "joule.workload",
+        "service.name",
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.output_tokens",
+        "gen_ai.request.model",
+        "gen_ai.agent.name",
+        "ai.usage.inputTokens",
+        "ai.usage.outputTokens",
+        "ai.usage.promptTokens",
+        "ai.usage.completionTokens",
+        "ai.model.id",
+        "ai.response.msToFirstChunk",
+        "ai.telemetry.functionId",
+    }
+)
+"""The span attributes a ledger row is made of; captured headers (``http.*.header.*``) are read too, the rest never:
+an HTTP span carries a dozen more (user agent, peer address…) that would only cost decoding."""
+HEADER_PREFIXES = ("http.response.header.", "http.request.header.")
 
 
 def _pb_attributes(items: Any) -> dict[str, Any]:
-    return PbAttributes({kv.key: kv.value for kv in items})
+    return {kv.key: _pb_value(kv.value) for kv in items}
+
+
+def _pb_span_attributes(items: Any) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for kv in items:
+        key = kv.key
+        if key in RELEVANT:
+            found[key] = _pb_value(kv.value)
+        elif key.startswith(HEADER_PREFIXES):
+            # a captured header: a string array (the last value counts) or one string (Node's http joins them)
+            values = kv.value.array_value.values
+            found[key] = values[-1].string_value if values else kv.value.string_value
+    return found
 
 
 def traces_from_protobuf(body: bytes) -> Decoded:
@@ -148,7 +170,7 @@ def traces_from_protobuf(body: bytes) -> Decoded:
                             kind=int(span.kind),
                             start_ns=int(span.start_time_unix_nano),
                             end_ns=int(span.end_time_unix_nano),
-                            attributes=_pb_attributes(span.attributes),
+                            attributes=_pb_span_attributes(span.attributes),
                             resource=resource,
                         )
                     )

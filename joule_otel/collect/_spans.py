@@ -48,9 +48,7 @@ _REQUEST = "http.request.header."
 
 def header_attribute(attributes: dict[str, Any], name: str, *, request: bool = False) -> str | None:
     """The last value of a captured header: a string array, or one comma-joined string (Node's http)."""
-    key = (_REQUEST if request else _RESPONSE) + name
-    last_string = getattr(attributes, "last_string", None)  # protobuf attributes read without converting
-    value = last_string(key) if last_string is not None else attributes.get(key)
+    value = attributes.get((_REQUEST if request else _RESPONSE) + name)
     if isinstance(value, list):
         value = value[-1] if value else None
     if not isinstance(value, str):
