@@ -639,9 +639,6 @@ def collect_ingest(seconds: float) -> list[dict[str, object]]:
             }
         )
         rows.append({"measure": "stop: last segment + compaction of everything", "figure": f"{stop_s:.1f} s"})
-        rows.append(
-            {"measure": "ingest incl. compaction", "figure": f"{calls / (acked_s + seconds + stop_s):,.0f} calls/s"}
-        )
     return rows
 
 
