@@ -132,6 +132,9 @@ class Capture:
         self._logged: set[str] = set()
         self._stream_classes: dict[Any, tuple[type, type]] = {}
         self._lock = threading.Lock()
+        self.covered_transports: set[type] = set()
+        """httpx's and httpx2's own transport classes, wrapped where the HTTP span is open: a client using exactly
+        one of them (and no mounts) needs nothing of the client-level wrapper."""
 
     # -- failure handling -------------------------------------------------------------------
     def internal_error(self, where: str) -> None:
@@ -271,6 +274,11 @@ class Capture:
         Custom and third-party transports (a WSGI or mock transport, say) are seen here; a call the transport
         wrapper beneath already captured is left to it.
         """
+        if (
+            not getattr(instance, "_mounts", True)
+            and type(getattr(instance, "_transport", None)) in self.covered_transports
+        ):
+            return wrapped(*args, **kwargs)  # the transport wrapper sees this call
         claim = [False]
         token = _claim.set(claim)
         t0, started_ns = perf_counter_ns(), time_ns()
@@ -297,6 +305,11 @@ class Capture:
         openai's ``DefaultAioHttpClient`` and litellm's (so DSPy's) async calls run on aiohttp through such a
         transport.
         """
+        if (
+            not getattr(instance, "_mounts", True)
+            and type(getattr(instance, "_transport", None)) in self.covered_transports
+        ):
+            return await wrapped(*args, **kwargs)  # the transport wrapper sees this call
         claim = [False]
         token = _claim.set(claim)
         t0, started_ns = perf_counter_ns(), time_ns()
@@ -314,6 +327,13 @@ class Capture:
         if not claim[0]:
             self._after_client(args[0] if args else kwargs["request"], response, t0, started_ns, sync=False)
         return response
+
+    def _seen_below(self, client: Any) -> bool:
+        """Whether the client's every call goes through a transport this capture wraps (no mounts, its own type)."""
+        return (
+            not getattr(client, "_mounts", True)
+            and type(getattr(client, "_transport", None)) in self.covered_transports
+        )
 
     def _after_client(self, request: Any, response: Any, t0: int, started_ns: int, *, sync: bool) -> None:
         try:
@@ -428,6 +448,9 @@ sees every other transport (aiohttp-backed, custom, mock)."""
 
 def install(capture: Capture, module: Any) -> None:
     """Wrap the module's transports innermost, below any wrapper another instrumentation put there."""
+    for class_name in ("HTTPTransport", "AsyncHTTPTransport"):
+        if isinstance(getattr(module, class_name, None), type):
+            capture.covered_transports.add(getattr(module, class_name))
     for class_name, method, wrapper_name in _PATCHES:
         cls = getattr(module, class_name, None)
         if cls is None or method not in cls.__dict__:
