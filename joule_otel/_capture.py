@@ -228,19 +228,9 @@ class Capture:
         try:
             response = wrapped(*args, **kwargs)
         except Exception as exc:
-            try:
-                self._transport_error(args[0] if args else kwargs["request"], exc, t0, started_ns)
-            except Exception:
-                self.internal_error("transport error handling")
+            self._failed(args[0] if args else kwargs["request"], exc, t0, started_ns)
             raise
-        try:
-            call = self._begin(args[0] if args else kwargs["request"], response, t0, started_ns)
-            if call is not None:
-                self.inflight[call] = call
-                sync_cls, _ = self._streams_for(type(response))
-                response.stream = sync_cls(response.stream, call, self)
-        except Exception:
-            self.internal_error("response handling")
+        self._answered(args[0] if args else kwargs["request"], response, t0, started_ns, sync=True)
         return response
 
     async def async_wrapper(
@@ -251,19 +241,9 @@ class Capture:
         try:
             response = await wrapped(*args, **kwargs)
         except Exception as exc:
-            try:
-                self._transport_error(args[0] if args else kwargs["request"], exc, t0, started_ns)
-            except Exception:
-                self.internal_error("transport error handling")
+            self._failed(args[0] if args else kwargs["request"], exc, t0, started_ns)
             raise
-        try:
-            call = self._begin(args[0] if args else kwargs["request"], response, t0, started_ns)
-            if call is not None:
-                self.inflight[call] = call
-                _, async_cls = self._streams_for(type(response))
-                response.stream = async_cls(response.stream, call, self)
-        except Exception:
-            self.internal_error("response handling")
+        self._answered(args[0] if args else kwargs["request"], response, t0, started_ns, sync=False)
         return response
 
     def sync_client_wrapper(
@@ -287,14 +267,11 @@ class Capture:
         except Exception as exc:
             _claim.reset(token)
             if not claim[0]:
-                try:
-                    self._transport_error(args[0] if args else kwargs["request"], exc, t0, started_ns)
-                except Exception:
-                    self.internal_error("transport error handling")
+                self._failed(args[0] if args else kwargs["request"], exc, t0, started_ns)
             raise
         _claim.reset(token)
         if not claim[0]:
-            self._after_client(args[0] if args else kwargs["request"], response, t0, started_ns, sync=True)
+            self._answered(args[0] if args else kwargs["request"], response, t0, started_ns, sync=True)
         return response
 
     async def async_client_wrapper(
@@ -318,14 +295,11 @@ class Capture:
         except Exception as exc:
             _claim.reset(token)
             if not claim[0]:
-                try:
-                    self._transport_error(args[0] if args else kwargs["request"], exc, t0, started_ns)
-                except Exception:
-                    self.internal_error("transport error handling")
+                self._failed(args[0] if args else kwargs["request"], exc, t0, started_ns)
             raise
         _claim.reset(token)
         if not claim[0]:
-            self._after_client(args[0] if args else kwargs["request"], response, t0, started_ns, sync=False)
+            self._answered(args[0] if args else kwargs["request"], response, t0, started_ns, sync=False)
         return response
 
     def _seen_below(self, client: Any) -> bool:
@@ -335,7 +309,15 @@ class Capture:
             and type(getattr(client, "_transport", None)) in self.covered_transports
         )
 
-    def _after_client(self, request: Any, response: Any, t0: int, started_ns: int, *, sync: bool) -> None:
+    def _failed(self, request: Any, exc: BaseException, t0: int, started_ns: int) -> None:
+        """The request raised (a connection error, a timeout): an inference call is still a row."""
+        try:
+            self._transport_error(request, exc, t0, started_ns)
+        except Exception:
+            self.internal_error("transport error handling")
+
+    def _answered(self, request: Any, response: Any, t0: int, started_ns: int, *, sync: bool) -> None:
+        """The headers arrived: note the call and wrap the body's byte stream to see its end."""
         try:
             call = self._begin(request, response, t0, started_ns)
             if call is not None:

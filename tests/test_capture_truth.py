@@ -33,6 +33,31 @@ from joule_otel.ledger.spool import Spool
 from joule_otel.ledger.writer import LedgerWriter
 
 HI = [{"role": "user", "content": "hi"}]
+ROW = LedgerRow(
+    receipt_id="rcpt_good",
+    started_at_us=1_700_000_000_000_000,
+    duration_ms=1.0,
+    ttft_ms=None,
+    service="svc",
+    workload="w",
+    operation="chat",
+    server_address="h",
+    status_code=200,
+    error_type=None,
+    requested_model="auto",
+    routed_to="m",
+    tier="standard",
+    region="eu-fi",
+    energy_j=1.0,
+    carbon_mg=1.0,
+    input_tokens=1,
+    output_tokens=2,
+    stream=False,
+    trace_id=None,
+    span_id=None,
+    provider="joule_cloud",
+)
+"""A ledger row every column of which can be written."""
 
 
 def ledger_rows(db: Path) -> list[dict]:
@@ -160,30 +185,7 @@ def test_a_lone_surrogate_in_the_request_model_is_written_cleaned(scripted, ledg
 
 
 def test_a_row_no_column_can_hold_is_dropped_counted_and_the_rest_are_written(ledger_path, caplog):
-    good = LedgerRow(
-        "rcpt_good",
-        1_700_000_000_000_000,
-        1.0,
-        None,
-        "svc",
-        "w",
-        "chat",
-        "h",
-        200,
-        None,
-        "auto",
-        "m",
-        "standard",
-        "eu-fi",
-        1.0,
-        1.0,
-        1,
-        2,
-        False,
-        None,
-        None,
-        "joule_cloud",
-    )
+    good = ROW._replace(receipt_id="rcpt_good")
     bad_tokens = good._replace(receipt_id="rcpt_bad", input_tokens=2**70)
     bad_text = good._replace(receipt_id="rcpt_bad_text", workload="w\ud800")
     bad_bool = good._replace(receipt_id="rcpt_bool", output_tokens=True)
@@ -416,30 +418,7 @@ def fill(mount: Path, leave_bytes: int) -> Path:
 def test_disk_full_at_the_first_compaction_recovers_by_itself_and_says_disk_full(small_disk, caplog):
     db = small_disk / "ledger" / "joule.duckdb"
     writer = LedgerWriter(db)
-    row = LedgerRow(
-        "rcpt_0",
-        1_700_000_000_000_000,
-        1.0,
-        None,
-        "svc",
-        "w",
-        "chat",
-        "h",
-        200,
-        None,
-        "auto",
-        "m",
-        "standard",
-        "eu-fi",
-        1.0,
-        1.0,
-        1,
-        2,
-        False,
-        None,
-        None,
-        "joule_cloud",
-    )
+    row = ROW._replace(receipt_id="rcpt_0")
     writer.append([row._replace(receipt_id=f"rcpt_{i}") for i in range(50)])
     db.parent.mkdir()
     filler = fill(small_disk, 16 << 10)  # room for a segment, not for a DuckDB file
@@ -472,34 +451,7 @@ def test_an_empty_ledger_file_left_behind_is_replaced(ledger_path):
     ledger_path.parent.mkdir(parents=True)
     ledger_path.write_bytes(b"")  # what a first compaction killed mid-way (or a full disk) leaves
     writer = LedgerWriter(ledger_path)
-    writer.append(
-        [
-            LedgerRow(
-                "rcpt_e",
-                1_700_000_000_000_000,
-                1.0,
-                None,
-                "s",
-                "w",
-                "chat",
-                "h",
-                200,
-                None,
-                None,
-                None,
-                None,
-                None,
-                1.0,
-                None,
-                None,
-                None,
-                False,
-                None,
-                None,
-                "joule_cloud",
-            )
-        ]
-    )
+    writer.append([ROW._replace(receipt_id="rcpt_e")])
     assert writer.write_segment()
     writer.compact(force=True, timeout_s=5)
     assert writer.stats.rows_compacted == 1 and writer.stats.compact_errors == 0
@@ -686,34 +638,7 @@ def test_a_version_2_ledger_gains_the_provider_column(ledger_path):
             "(NULL, now(), 'llm.internal', NULL, 200)"
         )
     writer = LedgerWriter(ledger_path)
-    writer.append(
-        [
-            LedgerRow(
-                "r_new",
-                1_700_000_000_000_000,
-                1.0,
-                None,
-                "s",
-                "w",
-                "chat",
-                "h",
-                200,
-                None,
-                None,
-                None,
-                None,
-                None,
-                1.0,
-                None,
-                None,
-                None,
-                False,
-                None,
-                None,
-                "joule_cloud",
-            )
-        ]
-    )
+    writer.append([ROW._replace(receipt_id="r_new")])
     assert writer.write_segment()
     writer.compact(force=True, timeout_s=5)  # the first writer to open the file migrates it
     with duckdb.connect(str(ledger_path), read_only=True) as con:
@@ -988,6 +913,7 @@ def test_an_api_level_tracer_provider_that_is_not_the_sdks_is_used_not_replaced(
 
     vendor = VendorProxyTracerProvider()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")  # would tempt a private pipeline
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")  # (no global MeterProvider left behind for other tests)
     monkeypatch.setattr(trace, "get_tracer_provider", lambda: vendor)
     providers = resolve_providers(Settings.resolve(db=ledger_path), None, None)
     assert providers.tracer_provider is vendor

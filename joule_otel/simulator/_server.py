@@ -598,19 +598,23 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def _stream_chat(self, plan: ChatPlan, usage: dict[str, int] | None) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        for name, value in self._joule_headers(plan.receipt).items():
-            self.send_header(name, value)
-        self.end_headers()
+        self._start_stream(plan.receipt)
         delay = self.server.state.config.token_delay_s
         for event in self._chat_events(plan, usage):
             self._write_chunk(b"data: " + event + b"\n\n")
             self._pause(delay)
         self._write_chunk(b"data: [DONE]\n\n")
         self._write_chunk(b"")
+
+    def _start_stream(self, receipt: Receipt) -> None:
+        """The head of a server-sent-events response: chunked, with the Joule headers (known before the body)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        for name, value in self._joule_headers(receipt).items():
+            self.send_header(name, value)
+        self.end_headers()
 
     def _chat_events(self, plan: ChatPlan, usage: dict[str, int] | None) -> Iterator[bytes]:
         base = {
@@ -753,13 +757,7 @@ class Handler(BaseHTTPRequestHandler):
         }
 
     def _stream_responses(self, plan: ChatPlan) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        for name, value in self._joule_headers(plan.receipt).items():
-            self.send_header(name, value)
-        self.end_headers()
+        self._start_stream(plan.receipt)
         delay = self.server.state.config.token_delay_s
         for sequence, (kind, payload) in enumerate(self._response_events(plan)):
             event = {"type": kind, "sequence_number": sequence, **payload}
