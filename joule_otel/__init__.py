@@ -2,8 +2,9 @@
 
 Joule Cloud bills inference in joules and says so on every response (``X-Energy-Joules``,
 ``X-Carbon-mg``, ``X-Routed-To``, ``X-Tier``, ``X-Receipt-Id``). One line captures those headers
-on every call made through httpx/httpx2 (the openai SDK, LangChain, plain httpx), records them as
-OpenTelemetry span attributes and metrics, and writes every billed call to a local DuckDB ledger::
+on every call made through httpx/httpx2, whatever transport runs underneath (the openai SDK, its aiohttp
+client, LangChain, litellm, DSPy, plain httpx), records them as OpenTelemetry span attributes and metrics,
+and writes every billed call to a local DuckDB ledger::
 
     import joule_otel
 
@@ -15,7 +16,8 @@ OpenTelemetry span attributes and metrics, and writes every billed call to a loc
     joule_otel.read_ledger()          # a pandas DataFrame of inference_calls
 
 Zero-code: ``opentelemetry-instrument python app.py`` does the same through the ``joule``
-instrumentor. ``joule-otel dashboard`` charts the ledger; ``joule-otel demo`` shows it all offline.
+instrumentor. ``joule-otel dashboard`` charts the ledger; ``joule-otel collect`` receives OTLP from other
+languages and hosts into it; ``joule-otel demo`` shows it all offline.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 joule-otel demo [--calls N] [--no-browser] [--no-dashboard]
 joule-otel simulate [--port 8088] [--seed 0] [--budget TOKEN=JOULES] [--token-delay S]
 joule-otel dashboard [--db PATH] [--port 8501] [--host 127.0.0.1] [--no-browser]
+joule-otel collect [--host 127.0.0.1] [--port 4318] [--db PATH]
 joule-otel ledger stats|compact|export|query [--db PATH] ...
 """
 
