@@ -3,7 +3,7 @@
 joule-otel demo [--calls N] [--no-browser] [--no-dashboard]
 joule-otel simulate [--port 8088] [--seed 0] [--budget TOKEN=JOULES] [--token-delay S]
 joule-otel dashboard [--db PATH] [--port 8501] [--host 127.0.0.1] [--no-browser]
-joule-otel collect [--host 127.0.0.1] [--port 4318] [--db PATH]
+joule-otel collect [--host 127.0.0.1] [--port 4318] [--grpc-port 4317] [--db PATH]
 joule-otel ledger stats|compact|export|query [--db PATH] ...
 """
 
@@ -96,7 +96,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_collect(args: argparse.Namespace) -> int:
     from joule_otel.collect import serve
 
-    serve(host=args.host, port=args.port, db=Path(args.db).expanduser() if args.db else None)
+    serve(
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        db=Path(args.db).expanduser() if args.db else None,
+    )
     return 0
 
 
@@ -184,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     collect.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     collect.add_argument("--port", type=int, default=4318, help="port (default 4318, OTLP/HTTP's)")
+    collect.add_argument(
+        "--grpc-port", type=int, default=4317, help="OTLP/gRPC port when grpcio is installed (default 4317; 0: off)"
+    )
     collect.add_argument("--db", help="ledger to write (default: JOULE_OTEL_DB or the per-user ledger)")
     collect.set_defaults(func=_cmd_collect)
 

@@ -42,6 +42,7 @@ class Collector:
     url: str
     db: Path
     proc: subprocess.Popen[str]
+    grpc_port: int
 
     def post(self, path: str, body: bytes, content_type: str, **headers: str) -> tuple[int, bytes]:
         request = urllib.request.Request(
@@ -63,15 +64,26 @@ class Collector:
 
 
 def start_collect(db: Path, **env: str) -> Collector:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "joule_otel.cli", "collect", "--port", str(port), "--db", str(db)],
+        [
+            sys.executable,
+            "-m",
+            "joule_otel.cli",
+            "collect",
+            "--port",
+            str(port),
+            "--grpc-port",
+            str(grpc_port),
+            "--db",
+            str(db),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "JOULE_OTEL_FLUSH_INTERVAL": "0.2", **env},
     )
-    collector = Collector(f"http://127.0.0.1:{port}", db, proc)
+    collector = Collector(f"http://127.0.0.1:{port}", db, proc, grpc_port)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -573,3 +585,39 @@ def test_calls_from_other_languages_get_metrics_under_their_service_and_call_eve
                     if metric.name == "joule.client.energy":
                         energy[service] = max(p.as_double for p in metric.sum.data_points)
     assert energy == {"node-shop": 123.5}  # the Python app's call recorded its own metrics: never here
+
+
+def test_otlp_grpc_carries_spans_and_call_events_with_the_token(tmp_path):
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    guarded = start_collect(tmp_path / "g.duckdb", JOULE_OTEL_COLLECT_TOKEN="s3cret")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{guarded.grpc_port}") as channel:
+            stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+            request = ExportTraceServiceRequest.FromString(export(fetch_span(parent=b"", receipt="rcpt_grpc")))
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Export(request, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answer = stub.Export(request, metadata=[("authorization", "Bearer s3cret")], timeout=30)
+            assert answer.partial_success.rejected_spans == 0
+    finally:
+        stop(guarded)
+    [row] = guarded.rows()
+    assert row["receipt_id"] == "rcpt_grpc" and row["energy_j"] == 123.5
+
+
+def test_python_call_events_over_otlp_grpc(tmp_path, collector):
+    from joule_otel.simulator import running
+
+    with running(require_auth=True) as sim:
+        run_app(
+            tmp_path,
+            sim.base_url,
+            collector,
+            JOULE_OTEL_DB="off",
+            OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.grpc_port}",
+        )
+        issued = {r.receipt_id for r in sim.receipts}
+    assert {r["receipt_id"] for r in collector.rows() if r["receipt_id"]} == issued

@@ -20,10 +20,19 @@ from pathlib import Path
 from joule_otel.config import JOULE_OTEL_COLLECT_TOKEN
 
 DEFAULT_PORT = 4318
+DEFAULT_GRPC_PORT = 4317
 
 
-def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, db: Path | None = None) -> None:
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    grpc_port: int | None = DEFAULT_GRPC_PORT,
+    db: Path | None = None,
+) -> None:
     """Serve until SIGTERM or Ctrl-C, then write every row (including those waiting for a parent span) and compact.
+
+    OTLP/gRPC is served on ``grpc_port`` too when grpcio is installed (``None`` or 0: not at all).
 
     Raises:
         ValueError: listening off loopback without ``JOULE_OTEL_COLLECT_TOKEN``; missing dependencies.
@@ -63,8 +72,17 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, db: Path | None 
             lifespan="off",
         )
     )
+    grpc_server = None
+    if grpc_port:
+        try:
+            from joule_otel.collect._grpc import start_grpc
+        except ImportError:
+            grpc_server = None  # no grpcio: OTLP/HTTP only
+        else:
+            grpc_server = start_grpc(sink, host=host, port=grpc_port, token=token)
     where = writer.db_path if writer is not None else "no ledger (JOULE_OTEL_DB=off)"
-    print(f"joule-otel collect: OTLP/HTTP on http://{host}:{port}  →  {where}  (Ctrl-C stops)", flush=True)
+    also = f" and OTLP/gRPC on {host}:{grpc_port}" if grpc_server is not None else ""
+    print(f"joule-otel collect: OTLP/HTTP on http://{host}:{port}{also}  →  {where}  (Ctrl-C stops)", flush=True)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT and then raises the signal again for the handler it found:
     # make that handler a quiet one, so the rows still in memory are written below and the exit status is 0
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -72,6 +90,8 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, db: Path | None 
     try:
         server.run()
     finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=5).wait()
         sink.close()
         recorders.shutdown()
         shutdown_created(providers)

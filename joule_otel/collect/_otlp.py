@@ -155,6 +155,11 @@ def traces_from_protobuf(body: bytes) -> Decoded:
         request = ExportTraceServiceRequest.FromString(body)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise PayloadError(f"not an OTLP ExportTraceServiceRequest: {exc}") from None
+    return traces_from_message(request)
+
+
+def traces_from_message(request: Any) -> Decoded:
+    """Spans of a decoded ``ExportTraceServiceRequest`` (OTLP/gRPC hands it over decoded)."""
     found = Decoded()
     for resource_spans in request.resource_spans:
         resource = _pb_attributes(resource_spans.resource.attributes)
@@ -189,6 +194,11 @@ def logs_from_protobuf(body: bytes) -> Decoded:
         request = ExportLogsServiceRequest.FromString(body)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise PayloadError(f"not an OTLP ExportLogsServiceRequest: {exc}") from None
+    return logs_from_message(request)
+
+
+def logs_from_message(request: Any) -> Decoded:
+    """Log records of a decoded ``ExportLogsServiceRequest``."""
     found = Decoded()
     for resource_logs in request.resource_logs:
         resource = _pb_attributes(resource_logs.resource.attributes)

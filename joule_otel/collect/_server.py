@@ -232,26 +232,7 @@ def create_app(sink: RowSink, *, token: str | None, max_body_bytes: int = _otlp.
             stats["bad_payloads"] += 1
             return refuse(413 if exc.too_large else 400, str(exc))
         stats["rejected_items"] += decoded.rejected
-        if signal == "traces":
-            done = sink.spans(decoded.spans)
-        else:
-            events = [r for r in decoded.logs if r.event_name == EVENT_NAME]
-            rows = []
-            for record in events:
-                try:
-                    rows.append(
-                        row_from_event(
-                            record.attributes,
-                            time_ns=record.time_ns,
-                            trace_id=record.trace_id,
-                            span_id=record.span_id,
-                            service=record.resource.get("service.name"),
-                        )
-                    )
-                except Exception as exc:  # a record that cannot be a row: skipped, counted
-                    decoded.rejected += 1
-                    decoded.errors.append(str(exc))
-            done = sink.rows(rows)
+        done = submit(sink, signal, decoded)
         if not await asyncio.wrap_future(done):
             return refuse(503, "the ledger's disk refused the rows; they wait in memory, retry later")
         message = "; ".join(dict.fromkeys(decoded.errors))[:512]
@@ -283,6 +264,34 @@ def create_app(sink: RowSink, *, token: str | None, max_body_bytes: int = _otlp.
             Route("/healthz", health, methods=["GET"]),
         ]
     )
+
+
+def submit(sink: RowSink, signal: str, decoded: _otlp.Decoded) -> Future[bool]:
+    """Hand what a request held to the sink: spans (their Joule calls), or call events (their rows).
+
+    A log record that cannot be made a row is counted in ``decoded.rejected`` and skipped; other log records
+    (not call events) are ignored.
+    """
+    if signal == "traces":
+        return sink.spans(decoded.spans)
+    rows = []
+    for record in decoded.logs:
+        if record.event_name != EVENT_NAME:
+            continue
+        try:
+            rows.append(
+                row_from_event(
+                    record.attributes,
+                    time_ns=record.time_ns,
+                    trace_id=record.trace_id,
+                    span_id=record.span_id,
+                    service=record.resource.get("service.name"),
+                )
+            )
+        except Exception as exc:  # a record that cannot be a row: skipped, counted
+            decoded.rejected += 1
+            decoded.errors.append(str(exc))
+    return sink.rows(rows)
 
 
 def _decode(body: bytes, encoding: str, content_type: str, signal: str) -> _otlp.Decoded:
