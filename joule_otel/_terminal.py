@@ -10,8 +10,12 @@ from pathlib import Path
 from typing import Any
 
 
-def dashboard_command(*, host: str, port: int, browser: bool) -> list[str]:
-    """The ``streamlit run`` command line for the packaged dashboard, private by default."""
+def dashboard_command(*, host: str, port: int) -> list[str]:
+    """The ``streamlit run`` command line for the packaged dashboard: private, silent, the product's toolbar only.
+
+    Always headless: Streamlit's first run otherwise stops at an "Email:" prompt (and, without a terminal, exits
+    255); the caller opens the browser itself.
+    """
     app = Path(__file__).parent / "dashboard" / "app.py"
     return [
         sys.executable,
@@ -26,10 +30,47 @@ def dashboard_command(*, host: str, port: int, browser: bool) -> list[str]:
         "--browser.gatherUsageStats",
         "false",
         "--server.headless",
-        "false" if browser else "true",
+        "true",
         "--global.developmentMode",
         "false",
+        "--client.toolbarMode",
+        "minimal",  # no Deploy button or developer menu in the product
     ]
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port`` (it would serve its own page at our URL)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def open_browser_when_up(url: str, host: str, port: int) -> None:
+    """Open ``url`` in a browser once the server answers, from a detached helper (the caller may exec away)."""
+    import subprocess
+
+    helper = (
+        "import socket, sys, time, webbrowser\n"
+        "for _ in range(150):\n"
+        "    try:\n"
+        "        socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=1).close()\n"
+        "        webbrowser.open(sys.argv[1]); break\n"
+        "    except OSError:\n"
+        "        time.sleep(0.2)\n"
+    )
+    subprocess.Popen(
+        [sys.executable, "-c", helper, url, host, str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def print_table(columns: list[str], rows: list[tuple[Any, ...]]) -> None:

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from joule_otel._terminal import dashboard_command, print_table
+from joule_otel._terminal import dashboard_command, open_browser_when_up, port_taken, print_table
 from joule_otel._version import __version__
 
 
@@ -75,8 +75,13 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.db:
         env["JOULE_OTEL_DB"] = str(Path(args.db).expanduser())
-    cmd = dashboard_command(host=args.host, port=args.port, browser=not args.no_browser)
-    print(f"Dashboard on http://{args.host}:{args.port}  (Ctrl-C stops)", flush=True)
+    if port_taken(args.host, args.port):
+        raise ValueError(f"port {args.port} on {args.host} is already in use; pass another with --port")
+    cmd = dashboard_command(host=args.host, port=args.port)
+    url = f"http://{args.host}:{args.port}"
+    if not args.no_browser:
+        open_browser_when_up(url, args.host, args.port)
+    print(f"Dashboard on {url}  (Ctrl-C stops)", flush=True)
     os.execve(sys.executable, cmd, env)  # noqa: S606 - become Streamlit: signals reach the server, no orphan is left
 
 
@@ -176,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     dash = sub.add_parser("dashboard", help="serve the Streamlit dashboard on 127.0.0.1")
     dash.add_argument("--db", help="ledger to show (default: JOULE_OTEL_DB or the per-user ledger)")
-    dash.add_argument("--host", default="127.0.0.1")
-    dash.add_argument("--port", type=int, default=8501)
-    dash.add_argument("--no-browser", action="store_true")
+    dash.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    dash.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    dash.add_argument("--no-browser", action="store_true", help="do not open a browser")
     dash.set_defaults(func=_cmd_dashboard)
 
     collect = sub.add_parser(

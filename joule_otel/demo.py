@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import joule_otel
-from joule_otel._terminal import dashboard_command, print_table
+from joule_otel._terminal import dashboard_command, port_taken, print_table
 from joule_otel.simulator import running
 
 DEMO_BUDGETS_J = {
@@ -244,6 +244,8 @@ def run_demo(
     """Run the demo end to end; returns an exit code."""
     if calls < 1:
         raise ValueError("--calls must be at least 1")
+    if dashboard and port_taken("127.0.0.1", port):  # say so before the traffic, not after it
+        raise ValueError(f"port {port} on 127.0.0.1 is already in use; pass another with --port, or --no-dashboard")
     db = db or default_demo_db()
     _clear_previous_demo(db)
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +283,7 @@ def run_demo(
     env = dict(os.environ, JOULE_OTEL_DB=str(db), JOULE_OTEL_BUDGETS=str(budgets_file))
     url = f"http://127.0.0.1:{port}"
     print(f"  dashboard: {url}  (Ctrl-C stops)", flush=True)
-    proc = subprocess.Popen(dashboard_command(host="127.0.0.1", port=port, browser=False), env=env)
+    proc = subprocess.Popen(dashboard_command(host="127.0.0.1", port=port), env=env)
     signal.signal(signal.SIGTERM, lambda signum, frame: proc.terminate())  # never leave the server orphaned
     if browser:
         threading.Timer(3.0, lambda: webbrowser.open(url)).start()

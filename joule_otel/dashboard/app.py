@@ -130,7 +130,8 @@ filters = queries.Filters(
     status=st.sidebar.selectbox("Status", queries.STATUSES, key="status") or "all",
 )
 as_of: datetime = min(last, filters.end) if filters.end is not None else last
-"""Budgets are month to date as of the newest call shown (sample data lies in the past)."""
+# budgets are month to date as of the newest call shown (sample data lies in the past); a comment, never a bare
+# string: Streamlit's "magic" would render a string statement on the page
 
 budget_error = None
 try:

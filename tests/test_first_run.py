@@ -1,0 +1,93 @@
+"""The dashboard's first run, as a newcomer meets it: silent, headless, private, one clear line when it cannot start."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from joule_otel._terminal import dashboard_command
+
+APP = str(Path(__file__).parent.parent / "joule_otel" / "dashboard" / "app.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_streamlit_command_is_headless_private_and_without_developer_menus():
+    cmd = dashboard_command(host="127.0.0.1", port=8501)
+    options = dict(zip(cmd[5::2], cmd[6::2], strict=True))
+    assert options["--server.headless"] == "true"  # no "Email:" prompt, no exit 255 without a terminal
+    assert options["--browser.gatherUsageStats"] == "false"
+    assert options["--server.address"] == "127.0.0.1"
+    assert options["--client.toolbarMode"] == "minimal"  # no Deploy button
+
+
+def test_dashboard_starts_silently_without_a_terminal_or_a_streamlit_folder(tmp_path):
+    port = free_port()
+    home = tmp_path / "home"  # no ~/.streamlit: a first run
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    env.pop("JOULE_OTEL_DB", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "joule_otel.cli", "dashboard", "--port", str(port), "--no-browser"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,  # any working directory
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                assert time.monotonic() < deadline, "the dashboard did not come up"
+                time.sleep(0.3)
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=30)
+    assert "Email" not in output
+    assert "usage statistics" not in output.lower()
+    assert not (home / ".streamlit" / "credentials.toml").exists()
+
+
+def test_a_taken_port_is_one_clear_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for command in (["dashboard", "--no-browser"], ["demo", "--no-browser", "--calls", "5"]):
+            result = subprocess.run(
+                [sys.executable, "-m", "joule_otel.cli", *command, "--port", str(port)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "XDG_DATA_HOME": str(tmp_path / "xdg")},
+            )
+            assert result.returncode == 2
+            assert result.stderr.count("\n") == 1 and "--port" in result.stderr and str(port) in result.stderr
+
+
+def test_no_stray_text_renders_above_the_title(monkeypatch, tmp_path):
+    """A bare string statement in the app is Streamlit "magic": it would render on every page."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("JOULE_OTEL_DB", raising=False)
+    at = AppTest.from_file(APP, default_timeout=90).run()
+    assert not at.exception
+    texts = [m.value for m in at.markdown] + [m.value for m in at.sidebar.markdown]
+    assert not any("month to date as of the newest call" in t for t in texts)
