@@ -162,21 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-browser", action="store_true", help="do not open a browser")
     demo.add_argument("--no-dashboard", action="store_true", help="exit after the traffic instead of serving")
     demo.add_argument("--port", type=int, default=8501, help="dashboard port (default 8501)")
-    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("--seed", type=int, default=42, help="simulator and traffic seed (default 42)")
     demo.set_defaults(func=_cmd_demo)
 
     sim = sub.add_parser("simulate", help="serve the Joule Cloud simulator until Ctrl-C")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8088)
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, default=8088, help="port (default 8088; 0 picks a free one)")
+    sim.add_argument("--seed", type=int, default=0, help="seed of every figure and answer (default 0)")
     sim.add_argument(
         "--budget",
         action="append",
         metavar="TOKEN=JOULES",
         help="monthly energy budget of an API token (repeatable)",
     )
-    sim.add_argument("--token-delay", type=float, default=0.02, help="seconds between streamed tokens")
-    sim.add_argument("--latency", type=float, default=0.05, help="seconds before the first byte")
+    sim.add_argument("--token-delay", type=float, default=0.02, help="seconds between streamed tokens (default 0.02)")
+    sim.add_argument("--latency", type=float, default=0.05, help="seconds before the first byte (default 0.05)")
     sim.set_defaults(func=_cmd_simulate)
 
     dash = sub.add_parser("dashboard", help="serve the Streamlit dashboard on 127.0.0.1")
@@ -201,31 +201,35 @@ def build_parser() -> argparse.ArgumentParser:
     collect.set_defaults(func=_cmd_collect)
 
     sample = sub.add_parser("sample-data", help="regenerate the bundled sample ledger (Parquet)")
-    sample.add_argument("output")
-    sample.add_argument("--calls", type=int, default=24_000)
-    sample.add_argument("--days", type=int, default=21)
-    sample.add_argument("--seed", type=int, default=7)
+    sample.add_argument("output", help="the Parquet file to write (budgets.json is written beside it)")
+    sample.add_argument("--calls", type=int, default=24_000, help="rows to generate (default 24000)")
+    sample.add_argument("--days", type=int, default=21, help="days of history (default 21)")
+    sample.add_argument("--seed", type=int, default=7, help="seed (default 7)")
     sample.set_defaults(func=_cmd_sample_data)
 
     ledger = sub.add_parser("ledger", help="inspect and maintain the ledger")
     ledger.add_argument("--db", help="ledger path (default: JOULE_OTEL_DB or the per-user ledger)")
     lsub = ledger.add_subparsers(dest="ledger_command", required=True)
     stats = lsub.add_parser("stats", help="rows, receipts, time span, pending segments")
-    stats.add_argument("--json", action="store_true")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     compact = lsub.add_parser("compact", help="move spooled segments into the DuckDB file now")
-    compact.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the lock")
+    compact.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the lock (default 30)")
     compact.add_argument(
         "--rebuild-rollup",
         action="store_true",
         help="recompute the dashboard's hourly rollup from every row (after editing rows by hand)",
     )
     export = lsub.add_parser("export", help="write inference_calls to Parquet or CSV")
-    export.add_argument("output")
+    export.add_argument("output", help="the file to write: .parquet or .csv")
     export.add_argument("--format", choices=("parquet", "csv"), default=None, help="default: from the output's suffix")
     export.add_argument("--where", help="SQL filter, e.g. \"workload = 'support-bot'\"")
     query = lsub.add_parser("query", help="run SQL against inference_calls")
-    query.add_argument("sql")
-    query.add_argument("--json", action="store_true")
+    query.add_argument("sql", help='e.g. "select workload, sum(energy_j) from inference_calls group by 1"')
+    query.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for subcommand in (stats, compact, export, query):  # --db where a user types it: before or after the subcommand
+        subcommand.add_argument(
+            "--db", default=argparse.SUPPRESS, help="ledger path (default: JOULE_OTEL_DB or the per-user ledger)"
+        )
     ledger.set_defaults(func=_cmd_ledger)
     return parser
 

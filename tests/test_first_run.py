@@ -91,3 +91,32 @@ def test_no_stray_text_renders_above_the_title(monkeypatch, tmp_path):
     assert not at.exception
     texts = [m.value for m in at.markdown] + [m.value for m in at.sidebar.markdown]
     assert not any("month to date as of the newest call" in t for t in texts)
+
+
+def test_every_option_has_help_and_ledger_db_goes_where_a_user_types_it(tmp_path):
+    import argparse
+
+    from joule_otel.cli import build_parser, main
+
+    def walk(parser: argparse.ArgumentParser) -> list[tuple[str, str | None]]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found += walk(sub)
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                found.append((f"{parser.prog} {'/'.join(action.option_strings) or action.dest}", action.help))
+        return found
+
+    missing = [name for name, text in walk(build_parser()) if not text]
+    assert missing == []
+    db = tmp_path / "l.duckdb"
+    assert main(["ledger", "stats", "--db", str(db), "--json"]) == 0
+    assert main(["ledger", "--db", str(db), "stats"]) == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "joule_otel.cli", "ledger", "query", "--db", str(db), "select nope from nowhere"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "nowhere" in result.stderr
