@@ -120,3 +120,17 @@ def test_every_option_has_help_and_ledger_db_goes_where_a_user_types_it(tmp_path
         timeout=60,
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "nowhere" in result.stderr
+
+
+def test_reading_a_path_never_writes_anything(tmp_path):
+    from joule_otel.ledger import reader
+
+    missing = tmp_path / "no" / "such" / "folder" / "ledger.duckdb"
+    with reader.connect(missing) as con:
+        assert con.execute("SELECT count(*) FROM inference_calls").fetchone() == (0,)
+    assert not (tmp_path / "no").exists()
+    plain = tmp_path / "passwd"
+    plain.write_text("root:x:0:0\n")
+    with reader.connect(plain) as con:  # not a ledger: no rows, and no passwd.lock beside it
+        assert con.execute("SELECT count(*) FROM inference_calls").fetchone() == (0,)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["passwd"]

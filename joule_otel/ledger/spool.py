@@ -137,9 +137,20 @@ class Spool:
 
     @contextlib.contextmanager
     def locked(self, *, exclusive: bool, timeout_s: float) -> Iterator[None]:
-        """Hold the ledger's lock. ``timeout_s=0`` tries once; raises :class:`LockBusy` if not granted."""
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        """Hold the ledger's lock. ``timeout_s=0`` tries once; raises :class:`LockBusy` if not granted.
+
+        A reader (``exclusive=False``) never writes anything: where no lock file exists, no writer has ever compacted
+        into this path, and there is nothing to hold (opening a path for reading must not create folders or files).
+        """
+        if exclusive:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        else:
+            try:
+                fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                yield
+                return
         _held_lock_fds.add(fd)
         try:
             mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
