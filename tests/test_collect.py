@@ -621,3 +621,38 @@ def test_python_call_events_over_otlp_grpc(tmp_path, collector):
         )
         issued = {r.receipt_id for r in sim.receipts}
     assert {r["receipt_id"] for r in collector.rows() if r["receipt_id"]} == issued
+
+
+def test_a_dead_decoding_worker_costs_no_request(tmp_path):
+    """Trace exports are decoded in worker processes; if one dies, the request is decoded in-process instead."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from starlette.testclient import TestClient
+
+    from joule_otel.collect._server import RowSink, create_app, decoding_workers
+    from joule_otel.ledger.writer import LedgerWriter
+
+    class NoMetrics:  # this test is about decoding: no metrics recorded
+        def for_service(self, service):
+            return None
+
+        def add_counter_sums(self):
+            pass
+
+    pool = decoding_workers()
+    assert pool is not None, "the machine has one core"
+    with pytest.raises(BrokenProcessPool):
+        pool.submit(os._exit, 1).result(timeout=60)  # a worker dies (killed, out of memory…)
+    sink = RowSink(LedgerWriter(tmp_path / "w.duckdb"), NoMetrics(), 0.2)
+    try:
+        with TestClient(create_app(sink, token=None, decoders=pool)) as client:
+            response = client.post(
+                "/v1/traces",
+                content=export(fetch_span(parent=b"", receipt="rcpt_after_crash")),
+                headers={"Content-Type": "application/x-protobuf"},
+            )
+            assert response.status_code == 200
+    finally:
+        sink.close()
+        pool.shutdown()
+    assert [r["receipt_id"] for r in Collector("", tmp_path / "w.duckdb", None, 0).rows()] == ["rcpt_after_crash"]

@@ -52,7 +52,7 @@ def serve(
         raise ValueError("joule-otel collect needs its server: pip install 'joule-otel[collect]'") from None
     from joule_otel._exporters import resolve_providers, shutdown_created, signal_configured
     from joule_otel.collect._metrics import ServiceRecorders
-    from joule_otel.collect._server import RowSink, create_app
+    from joule_otel.collect._server import RowSink, create_app, decoding_workers
     from joule_otel.config import Settings
     from joule_otel.ledger.writer import LedgerWriter
 
@@ -62,9 +62,10 @@ def serve(
     recorders = ServiceRecorders(settings, providers, per_service=per_service)
     writer = LedgerWriter(settings.db_path) if settings.db_path is not None else None
     sink = RowSink(writer, recorders, settings.flush_interval_s)
+    decoders = decoding_workers()  # trace exports decoded where the CPU is: a process per core
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(sink, token=token),
+            create_app(sink, token=token, decoders=decoders),
             host=host,
             port=port,
             log_level="warning",
@@ -92,6 +93,8 @@ def serve(
     finally:
         if grpc_server is not None:
             grpc_server.stop(grace=5).wait()
+        if decoders is not None:
+            decoders.shutdown(wait=True, cancel_futures=True)
         sink.close()
         recorders.shutdown()
         shutdown_created(providers)

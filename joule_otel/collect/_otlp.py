@@ -20,9 +20,13 @@ MAX_BODY_BYTES = 16 << 20
 class PayloadError(Exception):
     """The payload cannot be read at all (400), or is too large (413 when ``too_large``)."""
 
-    def __init__(self, message: str, *, too_large: bool = False) -> None:
+    def __init__(self, message: str, too_large: bool = False) -> None:
         super().__init__(message)
         self.too_large = too_large
+
+    def __reduce__(self) -> tuple[type[PayloadError], tuple[str, bool]]:
+        # raised in a decoding worker process, re-raised here: keep ``too_large`` across the pickle
+        return type(self), (str(self), self.too_large)
 
 
 @dataclass

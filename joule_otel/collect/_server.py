@@ -24,7 +24,7 @@ from typing import Any
 from joule_otel._events import EVENT_NAME, row_from_event
 from joule_otel._metrics import Measurement, MetricRecorder
 from joule_otel.collect import _otlp
-from joule_otel.collect._spans import SpanJoiner
+from joule_otel.collect._spans import Prepared, SpanJoiner, prepare
 from joule_otel.ledger.row import LedgerRow
 from joule_otel.ledger.writer import LedgerWriter
 
@@ -62,8 +62,12 @@ class RowSink:
 
     def spans(self, spans: list[_otlp.Span]) -> Future[bool]:
         """Rows of the Joule calls among ``spans`` (metrics recorded for them: they were not Python's)."""
+        return self.prepared(prepare(spans))
+
+    def prepared(self, prepared: Prepared) -> Future[bool]:
+        """:meth:`spans` for spans a worker process reduced already."""
         with self._cond:
-            rows = self.joiner.add(spans)
+            rows = self.joiner.add_prepared(prepared)
         return self._submit(rows, measured=False)
 
     def rows(self, rows: list[LedgerRow]) -> Future[bool]:
@@ -178,8 +182,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(sink: RowSink, *, token: str | None, max_body_bytes: int = _otlp.MAX_BODY_BYTES) -> Any:
-    """The Starlette application: ``POST /v1/traces``, ``POST /v1/logs``, ``GET /healthz``."""
+def create_app(
+    sink: RowSink, *, token: str | None, max_body_bytes: int = _otlp.MAX_BODY_BYTES, decoders: Any = None
+) -> Any:
+    """The Starlette application: ``POST /v1/traces``, ``POST /v1/logs``, ``GET /healthz``.
+
+    ``decoders`` is an executor (a process pool) that decodes trace exports and makes their rows, where the CPU is;
+    without one they are decoded in Starlette's thread pool.
+    """
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
@@ -224,15 +234,18 @@ def create_app(sink: RowSink, *, token: str | None, max_body_bytes: int = _otlp.
                 return refuse(413, f"the body is larger than {max_body_bytes} bytes")
             chunks.append(chunk)
         body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "")
         try:
-            decoded = await run_in_threadpool(
-                _decode, body, request.headers.get("content-encoding", ""), content_type, signal
-            )
+            if signal == "traces":
+                prepared = await _prepare_traces(decoders, body, encoding, content_type)
+                decoded = _otlp.Decoded(rejected=prepared.rejected, errors=prepared.errors or [])
+            else:
+                decoded = await run_in_threadpool(_decode, body, encoding, content_type, signal)
         except _otlp.PayloadError as exc:
             stats["bad_payloads"] += 1
             return refuse(413 if exc.too_large else 400, str(exc))
         stats["rejected_items"] += decoded.rejected
-        done = submit(sink, signal, decoded)
+        done = sink.prepared(prepared) if signal == "traces" else submit(sink, signal, decoded)
         if not await asyncio.wrap_future(done):
             return refuse(503, "the ledger's disk refused the rows; they wait in memory, retry later")
         message = "; ".join(dict.fromkeys(decoded.errors))[:512]
@@ -292,6 +305,42 @@ def submit(sink: RowSink, signal: str, decoded: _otlp.Decoded) -> Future[bool]:
             decoded.rejected += 1
             decoded.errors.append(str(exc))
     return sink.rows(rows)
+
+
+def prepare_traces(body: bytes, encoding: str, content_type: str) -> Prepared:
+    """Decode a trace export and reduce its spans to calls and parents (runs in a decoding worker process)."""
+    decoded = _decode(body, encoding, content_type, "traces")
+    prepared = prepare(decoded.spans)
+    prepared.rejected, prepared.errors = decoded.rejected, decoded.errors
+    return prepared
+
+
+async def _prepare_traces(decoders: Any, body: bytes, encoding: str, content_type: str) -> Prepared:
+    from starlette.concurrency import run_in_threadpool
+
+    if decoders is not None:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                decoders, prepare_traces, body, encoding, content_type
+            )
+        except BrokenProcessPool:  # a worker died (killed, out of memory): this request is decoded here
+            _log.warning("joule-otel collect: a decoding worker process died; decoding in-process")
+    result: Prepared = await run_in_threadpool(prepare_traces, body, encoding, content_type)
+    return result
+
+
+def decoding_workers() -> Any | None:
+    """A pool of processes that decode trace exports (one per core), or None on a single core."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        return None
+    return ProcessPoolExecutor(max_workers=min(cores, 4), mp_context=multiprocessing.get_context("spawn"))
 
 
 def _decode(body: bytes, encoding: str, content_type: str, signal: str) -> _otlp.Decoded:

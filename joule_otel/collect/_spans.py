@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from joule_otel._genai import INFERENCE_OPERATIONS, JOULE_PROVIDER, OTHER_OPERATION, error_type_for, route_operation
@@ -196,14 +196,90 @@ def _streamed(attributes: dict[str, Any], parent: GenAIFacts | None) -> bool | N
     return parent.stream if parent is not None else None
 
 
+class Call(NamedTuple):
+    """A Joule call as its client span shows it, before its GenAI parent's facts are known.
+
+    A tuple: thousands cross from a decoding process each second, and tuples pickle fastest.
+    """
+
+    row: LedgerRow
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    own_workload: bool
+    """The span or its resource named the workload (``joule.workload``): no parent changes it."""
+    stream_known: bool
+    """The captured content-type said whether the response streamed."""
+
+
+@dataclass
+class Prepared:
+    """An export's spans reduced to what the joiner needs: made where the CPU is (a worker process), joined in one."""
+
+    calls: list[Call]
+    parents: list[tuple[str, str, GenAIFacts]]
+    agents: list[tuple[str, str, str]]
+    up: list[tuple[str, str, str]]
+    rejected: int = 0
+    errors: list[str] | None = None
+
+
+def prepare(spans: list[Span]) -> Prepared:
+    """The calls, GenAI parents, agent names and parent links of ``spans`` (pure: no state, picklable result)."""
+    found = Prepared([], [], [], [])
+    for span in spans:
+        if span.kind != SPAN_KIND_CLIENT:
+            if span.parent_span_id:
+                found.up.append((span.trace_id, span.span_id, span.parent_span_id))
+            name = agent_name(span)
+            if name is not None:
+                found.agents.append((span.trace_id, span.span_id, name))
+        facts = genai_facts(span)
+        if facts is not None:
+            found.parents.append((span.trace_id, span.span_id, facts))
+        if is_joule_call(span):
+            row = call_row(span, None)
+            if row is not None:
+                a = span.attributes
+                found.calls.append(
+                    Call(
+                        row=row,
+                        trace_id=span.trace_id,
+                        span_id=span.span_id,
+                        parent_span_id=span.parent_span_id,
+                        own_workload=bool(_text(a.get("joule.workload") or span.resource.get("joule.workload"))),
+                        stream_known=header_attribute(a, "content-type") is not None,
+                    )
+                )
+    return found
+
+
+def with_parent(call: Call, parent: GenAIFacts | None, agent: str | None) -> LedgerRow:
+    """The call's row completed with its GenAI parent's facts (what :func:`call_row` makes with a parent)."""
+    if parent is None and agent is None:
+        return call.row
+    row = call.row
+    workload = row.workload if call.own_workload else ((parent.workload if parent else None) or agent or row.service)
+    if parent is None:
+        return row._replace(workload=workload)
+    return row._replace(
+        ttft_ms=parent.ttft_ms,
+        workload=workload,
+        requested_model=parent.requested_model,
+        input_tokens=parent.input_tokens,
+        output_tokens=parent.output_tokens,
+        stream=row.stream if call.stream_known else parent.stream,
+    )
+
+
 class SpanJoiner:
-    """Pairs Joule call spans with their GenAI parents across exports; not thread-safe (the caller locks)."""
+    """Pairs Joule calls with their GenAI parents across exports; not thread-safe (the caller locks)."""
 
     def __init__(self, wait_s: float = PARENT_WAIT_S) -> None:
         self.wait_s = wait_s
         self._parents: OrderedDict[tuple[str, str], GenAIFacts] = OrderedDict()
-        self._waiting: OrderedDict[tuple[str, str], tuple[float, Span]] = OrderedDict()
-        """(trace id, span id) of a call → (deadline, its span), oldest first (so in deadline order)."""
+        self._waiting: OrderedDict[tuple[str, str], tuple[float, Call]] = OrderedDict()
+        """(trace id, span id) of a call → (deadline, the call), oldest first (so in deadline order)."""
         self._by_parent: dict[tuple[str, str], list[tuple[str, str]]] = {}
         self._agents: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._up: OrderedDict[tuple[str, str], str] = OrderedDict()
@@ -211,50 +287,42 @@ class SpanJoiner:
 
     def add(self, spans: list[Span], now: float | None = None) -> list[LedgerRow]:
         """Take an export's spans; return the rows ready now (with their parent, or without one to wait for)."""
+        return self.add_prepared(prepare(spans), now)
+
+    def add_prepared(self, prepared: Prepared, now: float | None = None) -> list[LedgerRow]:
+        """:meth:`add` for spans :func:`prepare` reduced already (in a worker process, say)."""
         now = time.monotonic() if now is None else now
         ready: list[LedgerRow] = []
-        for span in spans:
-            if span.kind == SPAN_KIND_CLIENT:
-                continue
-            key = (span.trace_id, span.span_id)
-            if span.parent_span_id:
-                self._up[key] = span.parent_span_id
-                if len(self._up) > PARENTS_KEPT:
-                    self._up.popitem(last=False)
-            name = agent_name(span)
-            if name is not None:
-                self._agents[key] = name
-                if len(self._agents) > PARENTS_KEPT:
-                    self._agents.popitem(last=False)
-        for span in spans:
-            facts = genai_facts(span)
-            if facts is None:
-                continue
-            key = (span.trace_id, span.span_id)
+        for trace_id, span_id, parent_id in prepared.up:
+            self._up[(trace_id, span_id)] = parent_id
+        for trace_id, span_id, name in prepared.agents:
+            self._agents[(trace_id, span_id)] = name
+        for bounded in (self._up, self._agents):
+            while len(bounded) > PARENTS_KEPT:
+                bounded.popitem(last=False)
+        for trace_id, span_id, facts in prepared.parents:
+            key = (trace_id, span_id)
             self._parents[key] = facts
             if len(self._parents) > PARENTS_KEPT:
                 self._parents.popitem(last=False)
             for child in self._by_parent.pop(key, ()):
                 waiting = self._waiting.pop(child, None)
                 if waiting is not None:
-                    self._append(ready, waiting[1], facts)
-        for span in spans:
-            if not is_joule_call(span):
+                    ready.append(self._complete(waiting[1], facts))
+        for call in prepared.calls:
+            parent_key = (call.trace_id, call.parent_span_id)
+            if not call.parent_span_id or parent_key in self._parents:
+                ready.append(self._complete(call, self._parents.get(parent_key)))
                 continue
-            parent_key = (span.trace_id, span.parent_span_id)
-            if not span.parent_span_id or parent_key in self._parents:
-                self._append(ready, span, self._parents.get(parent_key))
-                continue
-            key = (span.trace_id, span.span_id)
-            self._waiting[key] = (now + self.wait_s, span)
+            key = (call.trace_id, call.span_id)
+            self._waiting[key] = (now + self.wait_s, call)
             self._by_parent.setdefault(parent_key, []).append(key)
         ready += self.expire(now)
         return ready
 
-    def _append(self, ready: list[LedgerRow], span: Span, parent: GenAIFacts | None) -> None:
-        row = call_row(span, parent, self._agent_above(span.trace_id, parent.parent_span_id) if parent else None)
-        if row is not None:
-            ready.append(row)
+    def _complete(self, call: Call, parent: GenAIFacts | None) -> LedgerRow:
+        agent = self._agent_above(call.trace_id, parent.parent_span_id) if parent is not None else None
+        return with_parent(call, parent, agent)
 
     def _agent_above(self, trace_id: str, span_id: str) -> str | None:
         """The nearest agent name among the spans above ``span_id`` (a few levels: agent, step, call)."""
@@ -272,17 +340,17 @@ class SpanJoiner:
         now = time.monotonic() if now is None else now
         ready: list[LedgerRow] = []
         while self._waiting:
-            key, (deadline, span) = next(iter(self._waiting.items()))
+            key, (deadline, call) = next(iter(self._waiting.items()))
             if deadline > now and not everything:
                 break
             del self._waiting[key]
-            parent_key = (span.trace_id, span.parent_span_id)
+            parent_key = (call.trace_id, call.parent_span_id)
             siblings = self._by_parent.get(parent_key)
             if siblings is not None:
                 siblings.remove(key)
                 if not siblings:
                     del self._by_parent[parent_key]
-            self._append(ready, span, None)
+            ready.append(call.row)
         return ready
 
     @property
