@@ -1,8 +1,9 @@
 """The OTLP/HTTP receiver: Starlette routes on uvicorn, and one thread that writes what they receive.
 
 Starlette and uvicorn because they are small, well kept, and handle what OTLP senders do (HTTP/1.1
-keep-alive, chunked bodies without Content-Length, gzip) without this code parsing HTTP; the decoding
-runs in Starlette's thread pool so the event loop only moves bytes. A request is answered once its rows
+keep-alive, chunked bodies without Content-Length, gzip) without this code parsing HTTP; trace exports are
+decoded and reduced to calls in worker processes (``decoding_workers``; logs in Starlette's thread pool), so
+the event loop only moves bytes and the receiver only joins and writes. A request is answered once its rows
 are on disk in the spool (group commit: one segment for every request waiting at that moment), so a
 sender's retry after a crash loses nothing, and a record that arrives twice is one row (receipt id, else
 trace and span id; compaction enforces the same across processes and hours).
