@@ -30,6 +30,9 @@ import joule_otel
 from joule_otel._terminal import dashboard_command, port_taken, print_table
 from joule_otel.simulator import running
 
+DEMO_SERVICE = "joule-demo"
+"""The demo's ``service.name`` (unless ``OTEL_SERVICE_NAME`` says otherwise)."""
+
 DEMO_BUDGETS_J = {
     "batch-enrichment": 6_000.0,
     "support-bot": 150_000.0,
@@ -252,7 +255,11 @@ def run_demo(
     budgets_file = db.with_name("demo-budgets.json")
     budgets_file.write_text(json.dumps(DEMO_BUDGETS_J, indent=2))
 
-    print(f"joule-otel demo: {calls} calls through the openai SDK to a local Joule Cloud simulator")
+    print(
+        f"joule-otel demo: {calls} tasks through the openai SDK to a local Joule Cloud simulator "
+        "(an agent task makes two calls)"
+    )
+    os.environ.setdefault("OTEL_SERVICE_NAME", DEMO_SERVICE)  # the ledger's service: a name, not unknown_service
     joule_otel.instrument(db=db, flush_interval=0.5)
     try:
         with running(
@@ -268,16 +275,24 @@ def run_demo(
         joule_otel.uninstrument()
     _mark_as_demo(db)
 
+    from joule_otel.dashboard import units
     from joule_otel.ledger.maintenance import query
 
-    columns, rows = query(
+    _, found = query(
         db,
-        "SELECT workload, count(*) AS calls, round(sum(energy_j)) AS joules, "
-        "round(sum(carbon_mg) / 1000, 2) AS carbon_g, count(error_type) AS errors "
-        "FROM inference_calls GROUP BY 1 ORDER BY joules DESC NULLS LAST",
+        "SELECT workload, count(*), coalesce(sum(energy_j), 0), coalesce(sum(carbon_mg), 0), count(error_type) "
+        "FROM inference_calls GROUP BY 1 ORDER BY 3 DESC",
     )
     print(f"  ledger: {db}")
-    print_table(columns, rows)
+    print_table(
+        ["workload", "calls", "energy", "carbon", "errors"],
+        [(w, n, units.energy(j), units.carbon(mg), e) for w, n, j, mg, e in found],
+    )
+    total_calls = sum(r[1] for r in found)
+    print(
+        f"  {total_calls} calls in the ledger: {units.energy(sum(r[2] for r in found))}, "
+        f"{units.carbon(sum(r[3] for r in found))}"
+    )
     if not dashboard:
         return 0
     env = dict(os.environ, JOULE_OTEL_DB=str(db), JOULE_OTEL_BUDGETS=str(budgets_file))

@@ -590,7 +590,12 @@ def test_demo_reruns_over_its_own_ledger(tmp_path):
             timeout=300,
         )
         assert cli.returncode == 0, cli.stderr[-3000:]
-        counts.append(len(ledger_rows(db)))
+        rows = ledger_rows(db)
+        counts.append(len(rows))
+        # one story: the count it prints is the ledger's, the service has a name, no figure rounds to nothing
+        assert f"{len(rows)} calls in the ledger" in cli.stdout
+        assert {r["service"] for r in rows} == {"joule-demo"}
+        assert " 0.0 g" not in cli.stdout and " 0 g" not in cli.stdout
     assert counts[0] >= 12 and counts[1] == counts[0]  # the second run replaced the first demo's rows
 
 
