@@ -30,6 +30,7 @@ from joule_otel._genai import (
 )
 from joule_otel._genai import (
     INFERENCE_OPERATIONS,
+    OPENAI_RESPONSE_HEADERS,
     OTHER_OPERATION,
     SEMCONV_OPERATIONS,
     error_type_for,
@@ -188,7 +189,10 @@ class Capture:
         # the background reuses the reading and these two fields; not the whole body, whose objects (a long
         # conversation's messages) would wait with the call and weigh on the app's garbage collector
         call.request_fields = {name: request[name] for name in ("model", "stream") if name in request}
-        call.provider = provider_for(call.server_address, _has_header(call.response_headers, *_RESPONSE_HEADER_KEYS))
+        joule = _has_header(call.response_headers, *_RESPONSE_HEADER_KEYS)
+        call.provider = provider_for(
+            call.server_address, joule, not joule and _has_header(call.response_headers, *OPENAI_RESPONSE_HEADERS)
+        )
         values: dict[str, Any] = {
             attr.GEN_AI_PROVIDER_NAME: call.provider,
             attr.GEN_AI_OPERATION_NAME: SEMCONV_OPERATIONS.get(call.operation),

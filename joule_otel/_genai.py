@@ -53,6 +53,8 @@ OPENAI_PROVIDER = "openai"
 JOULE_DOMAIN = "greenjoules.cloud"
 """Joule Cloud's hosts are this domain and its subdomains (``api.greenjoules.cloud``)."""
 OPENAI_HOST = "api.openai.com"
+OPENAI_RESPONSE_HEADERS = (b"openai-version", b"openai-processing-ms")
+"""Headers OpenAI's API (and Azure OpenAI) sends on every response: the API is OpenAI's, whatever the host."""
 
 _route_cache: dict[bytes, str | None] = {}
 _JSON_DECODER = json.JSONDecoder()
@@ -78,17 +80,18 @@ def route_operation(raw_path: bytes | str) -> str | None:
     return operation
 
 
-def provider_for(host: str | None, joule_headers: bool) -> str:
+def provider_for(host: str | None, joule_headers: bool, openai_headers: bool = False) -> str:
     """``joule_cloud`` for a response with Joule headers or a Joule host, ``openai`` for OpenAI's API, else the host.
 
     Another provider's call is never recorded as Joule's: only what Joule sends (or Joule's own host) makes it so.
+    OpenAI's API is recognised by its host or by the headers it sends (a proxy or gateway in front of it).
     """
     if joule_headers:
         return JOULE_PROVIDER
     name = (host or "").strip().lower().rstrip(".")
     if name == JOULE_DOMAIN or name.endswith("." + JOULE_DOMAIN):
         return JOULE_PROVIDER
-    if name == OPENAI_HOST:
+    if name == OPENAI_HOST or openai_headers:
         return OPENAI_PROVIDER
     return clean_string(name) or "unknown"
 

@@ -20,7 +20,13 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from joule_otel._capture import CallRecord
 from joule_otel._decode import BodyFacts, parse_body
 from joule_otel._events import EVENT_NAME, event_attributes
-from joule_otel._genai import error_type_for, parse_request_body, provider_for, requested_model
+from joule_otel._genai import (
+    OPENAI_RESPONSE_HEADERS,
+    error_type_for,
+    parse_request_body,
+    provider_for,
+    requested_model,
+)
 from joule_otel._metrics import Measurement, MetricRecorder
 from joule_otel.headers import REGION, RESPONSE_HEADERS, header_map, header_value, read_energy_map
 from joule_otel.ledger.row import LedgerRow
@@ -332,7 +338,11 @@ class Pipeline:
         duration_s = max(call.t_end - call.t0, 0) / 1e9
         ttft_s = (call.t_first - call.t0) / 1e9 if is_sse and call.t_first else None
         model = requested_model(request)
-        provider = call.provider or provider_for(call.server_address, any(k in headers for k in _JOULE_KEYS))
+        provider = call.provider or provider_for(
+            call.server_address,
+            any(k in headers for k in _JOULE_KEYS),
+            any(k in headers for k in OPENAI_RESPONSE_HEADERS),
+        )
         if record:
             self.recorder.record(
                 Measurement(

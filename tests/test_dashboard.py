@@ -377,12 +377,19 @@ def test_rollup_answers_equal_row_by_row_answers(rollup_and_raw, case):
                 ["bucket", "group"],
             )
         weeks = queries.energy_over_time(rolled, filters, "workload", "7 days").bucket
-        assert all(week.weekday() == 0 and week.hour == 0 for week in weeks.dt.tz_convert("UTC"))
+        assert all(week.weekday() == 0 and week.hour == 0 for week in weeks)  # naive, in the zone asked (UTC)
+        for zone in ("Asia/Kolkata", "America/St_Johns", "Europe/Helsinki"):
+            days = queries.energy_over_time(rolled, filters, "workload", "1 day", zone)
+            _frames_equal(days, queries.energy_over_time(raw, filters, "workload", "1 day", zone), ["bucket", "group"])
+            assert all(day.hour == 0 and day.minute == 0 for day in days.bucket)  # midnight in that zone
+            assert days.energy_j.sum() == pytest.approx(
+                queries.kpis(raw, filters)["energy_j"] if not days.empty else 0.0
+            )
         for query, keys in (
             (queries.energy_histogram, ["bin_start_j"]),
             (queries.carbon_by_region, ["region"]),
             (queries.router_flows, ["requested", "routed"]),
-            (queries.model_efficiency, ["model"]),
+            (queries.model_efficiency, ["model", "kind"]),
         ):
             _frames_equal(query(rolled, filters), query(raw, filters), keys)
         as_of = start + timedelta(days=2, minutes=17)

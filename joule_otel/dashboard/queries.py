@@ -8,6 +8,7 @@ without Streamlit: pass any DuckDB connection whose ``inference_calls`` is the l
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -38,6 +39,7 @@ class Filters:
     models: tuple[str, ...] = ()
     regions: tuple[str, ...] = ()
     tiers: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()
     status: str = "all"
     extra: tuple[tuple[str, Any], ...] = field(default=())
 
@@ -92,6 +94,7 @@ def _dimension_clauses(filters: Filters) -> tuple[list[str], list[Any]]:
         ("routed_to", filters.models),
         ("region", filters.regions),
         ("tier", filters.tiers),
+        ("provider", filters.providers),
     ):
         if values:
             clauses.append(f"list_contains(?::VARCHAR[], {column})")
@@ -198,11 +201,12 @@ def options(con: Any) -> dict[str, Any]:
     row = con.execute(
         f"{with_facts} SELECT min(first_at), max(last_at), coalesce(sum(calls), 0), "
         "list_sort(list(DISTINCT service)), list_sort(list(DISTINCT workload)), "
-        "list_sort(list(DISTINCT routed_to)), list_sort(list(DISTINCT region)), list_sort(list(DISTINCT tier)) "
+        "list_sort(list(DISTINCT routed_to)), list_sort(list(DISTINCT region)), list_sort(list(DISTINCT tier)), "
+        "list_sort(list(DISTINCT provider)) "
         "FROM facts",
         params,
     ).fetchone()
-    keys = ("first", "last", "rows", "services", "workloads", "models", "regions", "tiers")
+    keys = ("first", "last", "rows", "services", "workloads", "models", "regions", "tiers", "providers")
     result = dict(zip(keys, row, strict=True))
     for key in keys[3:]:
         result[key] = [v for v in (result[key] or []) if v is not None]
@@ -215,7 +219,8 @@ SELECT
   coalesce(sum(carbon_mg), 0) AS carbon_mg,
   coalesce(sum(calls), 0) AS calls,
   sum(energy_j) / nullif(sum(energy_calls), 0) AS mean_j_per_call,
-  sum(out_energy_j) * 1000.0 / nullif(sum(out_tokens_e), 0) AS j_per_1k_output,
+  sum(out_energy_j) FILTER (WHERE operation IS DISTINCT FROM 'embeddings') * 1000.0
+    / nullif(sum(out_tokens_e) FILTER (WHERE operation IS DISTINCT FROM 'embeddings'), 0) AS j_per_1k_output,
   sum(calls) FILTER (WHERE requested_model = 'auto') / nullif(sum(calls), 0) AS auto_share,
   coalesce(sum(calls) FILTER (WHERE status_code = 402), 0) AS refused_402,
   coalesce(sum(calls) FILTER (WHERE error_type IS NOT NULL), 0) AS errors
@@ -242,52 +247,88 @@ def kpis(con: Any, filters: Filters) -> dict[str, Any]:
     return current
 
 
-BUCKET_SECONDS = {"5 minutes": 300, "1 hour": 3600, "1 day": 86400, "7 days": 7 * 86400}
-MONDAY_OFFSET_S = 4 * 86400
-"""1970-01-01 was a Thursday: weeks counted from the epoch are shifted by four days to start on Mondays."""
+BUCKET_SECONDS = {
+    "1 minute": 60,
+    "5 minutes": 300,
+    "1 hour": 3600,
+    "1 day": 86400,
+    "7 days": 7 * 86400,
+}
+"""The time buckets a chart can use, and their length."""
 
 
 def bucket_for(span: timedelta) -> str:
-    """A time bucket that gives a readable number of points over ``span``."""
-    if span <= timedelta(hours=3):
+    """The bucket that gives a readable number of bars over ``span`` (about 12 to 100)."""
+    if span <= timedelta(hours=2):
+        return "1 minute"
+    if span <= timedelta(hours=8):
         return "5 minutes"
-    if span <= timedelta(days=2):
+    if span <= timedelta(days=4):
         return "1 hour"
     if span <= timedelta(days=90):
         return "1 day"
     return "7 days"
 
 
-def energy_over_time(con: Any, filters: Filters, by: str, bucket: str) -> Any:
-    """Joules per time bucket (UTC-aligned), split by a dimension of :data:`DIMENSIONS`."""
+def _whole_hour_zone(tz: str, moment: datetime | None) -> bool:
+    """Whether ``tz`` is a whole number of hours off UTC at ``moment`` (its days then start on UTC hours)."""
+    from zoneinfo import ZoneInfo
+
+    offset = (moment or datetime.now(timezone.utc)).astimezone(ZoneInfo(tz)).utcoffset() or timedelta(0)
+    return offset % timedelta(hours=1) == timedelta(0)
+
+
+def energy_over_time(con: Any, filters: Filters, by: str, bucket: str, tz: str = "UTC") -> Any:
+    """Joules per time bucket, split by a dimension of :data:`DIMENSIONS`.
+
+    Buckets start at midnight (days), on Mondays (weeks) and on the hour in the zone ``tz``; hourly and
+    longer buckets read the hourly rollup when the zone's days begin on a UTC hour (not in +05:30).
+    ``bucket`` is the bucket's start as a timestamp without zone, in ``tz``.
+    """
     column = DIMENSIONS[by]
     seconds = BUCKET_SECONDS[bucket]
-    offset = MONDAY_OFFSET_S if seconds == BUCKET_SECONDS["7 days"] else 0
-    with_facts, params = facts(con, filters, hourly=seconds >= 3600)
+    hourly = seconds >= 3600 and _whole_hour_zone(tz, filters.start)
+    with_facts, params = facts(con, filters, hourly=hourly)
+    # weeks: time_bucket's default origin (2000-01-03) is a Monday
     return _df(
         con,
         f"""
         {with_facts}
-        SELECT to_timestamp((epoch_us(t) - {offset * 1_000_000}) // {seconds * 1_000_000} * {seconds} + {offset})
-                 AS bucket,
-               coalesce({column}, '(none)') AS "group",
+        SELECT timezone(?, time_bucket(INTERVAL '{bucket}', t, ?)) AS bucket,
+               {_label(column)} AS "group",
                sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg, sum(calls) AS calls
-        FROM facts
+        FROM facts WHERE energy_j > 0
         GROUP BY ALL ORDER BY bucket, "group"
     """,
-        params,
+        [*params, tz, tz],
     )
 
 
+UNKNOWN = {
+    "workload": "(no workload)",
+    "routed_to": "(not served)",
+    "requested_model": "(unknown)",
+    "region": "(unknown region)",
+    "tier": "(unknown tier)",
+    "service": "(unknown service)",
+    "provider": "(unknown provider)",
+}
+"""What a person reads where the ledger holds NULL: a call refused before routing was served by no model."""
+
+
+def _label(column: str) -> str:
+    return f"coalesce({column}, '{UNKNOWN[column]}')"
+
+
 def breakdown(con: Any, filters: Filters, by: str) -> Any:
-    """Energy, carbon, calls, tokens and errors per value of one dimension."""
+    """Energy, carbon, calls, tokens and errors per value of one dimension (every value, with or without energy)."""
     column = DIMENSIONS[by]
     with_facts, params = facts(con, filters)
     return _df(
         con,
         f"""
         {with_facts}
-        SELECT coalesce({column}, '(none)') AS "group", sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg,
+        SELECT {_label(column)} AS "group", sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg,
                sum(calls) AS calls, sum(output_tokens) AS output_tokens,
                coalesce(sum(calls) FILTER (WHERE error_type IS NOT NULL), 0) AS errors
         FROM facts
@@ -304,7 +345,7 @@ def workload_model(con: Any, filters: Filters) -> Any:
         con,
         f"""
         {with_facts}
-        SELECT coalesce(workload, '(none)') AS workload, coalesce(routed_to, '(refused)') AS model,
+        SELECT {_label("workload")} AS workload, {_label("routed_to")} AS model,
                sum(energy_j) AS energy_j, sum(calls) AS calls
         FROM facts
         GROUP BY ALL HAVING sum(energy_j) > 0 ORDER BY energy_j DESC
@@ -320,7 +361,7 @@ def router_flows(con: Any, filters: Filters) -> Any:
         con,
         f"""
         {with_facts}
-        SELECT coalesce(requested_model, '(unknown)') AS requested, coalesce(routed_to, '(refused)') AS routed,
+        SELECT {_label("requested_model")} AS requested, {_label("routed_to")} AS routed,
                sum(energy_j) AS energy_j, sum(calls) AS calls
         FROM facts
         GROUP BY ALL HAVING sum(energy_j) > 0 ORDER BY energy_j DESC
@@ -350,22 +391,31 @@ def _sampled_calls(con: Any, filters: Filters) -> tuple[str, list[Any], bool]:
     )
 
 
-def model_efficiency(con: Any, filters: Filters) -> Any:
-    """Per routed model: J per output token, J per call, median latency and time to first chunk.
+KIND_SQL = "CASE WHEN operation = 'embeddings' THEN 'embeddings' ELSE 'generation' END"
+"""Efficiency compares like with like: generation per output token, embeddings per input token."""
 
-    Energy figures are exact; latency percentiles come from :func:`_sampled_calls` (exact up to
-    :data:`SAMPLE_TARGET_ROWS` calls).
+
+def model_efficiency(con: Any, filters: Filters) -> Any:
+    """Per routed model and kind of call: J per token, J per call, median latency and time to first chunk.
+
+    Generation (chat, completions, responses) is measured per output token over the calls that produced
+    some; embeddings, which produce none, per input token. Energy figures are exact; latency percentiles
+    come from :func:`_sampled_calls` (exact up to :data:`SAMPLE_TARGET_ROWS` calls).
     """
     with_facts, params = facts(con, filters)
     energy = _df(
         con,
         f"""
         {with_facts}
-        SELECT routed_to AS model,
-               sum(out_energy_j) / nullif(sum(out_tokens_e), 0) AS j_per_output_token,
+        SELECT routed_to AS model, kind,
+               CASE WHEN kind = 'generation' THEN sum(out_energy_j) / nullif(sum(out_tokens_e), 0) END
+                 AS j_per_output_token,
+               CASE WHEN kind = 'embeddings'
+                    THEN sum(energy_j) / nullif(sum(input_tokens) FILTER (WHERE energy_j IS NOT NULL), 0)
+               END AS j_per_input_token,
                sum(energy_j) / nullif(sum(energy_calls), 0) AS j_per_call, sum(calls) AS calls
-        FROM facts WHERE routed_to IS NOT NULL
-        GROUP BY ALL
+        FROM (SELECT *, {KIND_SQL} AS kind FROM facts) WHERE routed_to IS NOT NULL
+        GROUP BY routed_to, kind
     """,
         params,
     )
@@ -373,15 +423,17 @@ def model_efficiency(con: Any, filters: Filters) -> Any:
     latency = _df(
         con,
         f"""
-        SELECT routed_to AS model, median(duration_ms) AS p50_duration_ms,
+        SELECT routed_to AS model, {KIND_SQL} AS kind, median(duration_ms) AS p50_duration_ms,
                quantile_cont(duration_ms, 0.95) AS p95_duration_ms, median(ttft_ms) AS p50_ttft_ms
         {source} {"AND" if "WHERE" in source else "WHERE"} routed_to IS NOT NULL
         GROUP BY ALL
     """,
         sample_params,
     )
-    merged = energy.merge(latency, on="model", how="left")
-    return merged.sort_values("j_per_output_token", ascending=False, na_position="last").reset_index(drop=True)
+    merged = energy.merge(latency, on=["model", "kind"], how="left")
+    return merged.sort_values(
+        ["kind", "j_per_output_token", "j_per_input_token"], ascending=[False, False, False]
+    ).reset_index(drop=True)
 
 
 def carbon_by_region(con: Any, filters: Filters) -> Any:
@@ -391,7 +443,7 @@ def carbon_by_region(con: Any, filters: Filters) -> Any:
         con,
         f"""
         {with_facts}
-        SELECT coalesce(region, '(unpinned)') AS region, sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg,
+        SELECT {_label("region")} AS region, sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg,
                sum(carbon_mg) / nullif(sum(carbon_energy_j), 0) AS mg_per_j,
                sum(carbon_mg) / nullif(sum(carbon_energy_j), 0) * 3600 AS g_per_kwh,
                sum(calls) AS calls
@@ -447,7 +499,7 @@ def latency_sample(con: Any, filters: Filters, rows: int = 3000) -> Any:
         con,
         f"""
         SELECT * FROM (
-          SELECT duration_ms, ttft_ms, energy_j, coalesce(routed_to, '(refused)') AS model, workload, stream
+          SELECT duration_ms, ttft_ms, energy_j, {_label("routed_to")} AS model, workload, stream
           {source} {"AND" if "WHERE" in source else "WHERE"} energy_j IS NOT NULL)
         USING SAMPLE reservoir({int(rows)} ROWS) REPEATABLE (7)
     """,
@@ -456,13 +508,13 @@ def latency_sample(con: Any, filters: Filters, rows: int = 3000) -> Any:
 
 
 def _month_to_date(filters: Filters, workloads: list[str], as_of: datetime) -> Filters:
-    """The filters narrowed to these workloads, from the start of ``as_of``'s month to ``as_of``."""
-    month_start = as_of.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    """The filters narrowed to these workloads, from the start of ``as_of``'s UTC month to ``as_of``."""
+    month_start = _utc(as_of).replace(day=1, hour=0, minute=0, second=0, microsecond=0)  # type: ignore[union-attr]
     return replace(filters, start=month_start, end=as_of + timedelta(microseconds=1), workloads=tuple(workloads))
 
 
 def budget_status(con: Any, filters: Filters, budgets: dict[str, float], as_of: datetime) -> Any:
-    """Month to date per budgeted workload: spend, burn rate, projected exhaustion, 402s."""
+    """Month to date per budgeted workload: spend, share used, and what the service enforced (402s, since when)."""
     if not budgets:
         return None
     with_facts, params = facts(con, _month_to_date(filters, list(budgets), as_of))
@@ -474,11 +526,12 @@ def budget_status(con: Any, filters: Filters, budgets: dict[str, float], as_of: 
         spend AS (
           SELECT workload, coalesce(sum(energy_j), 0) AS spent_j,
                  coalesce(sum(calls) FILTER (WHERE status_code = 402), 0) AS refused,
-                 min(first_at) FILTER (WHERE status_code = 402) AS first_402
+                 min(first_at) FILTER (WHERE status_code = 402) AS first_402,
+                 max(last_at) FILTER (WHERE status_code = 402) AS last_402
           FROM facts GROUP BY workload)
         SELECT b.workload, b.budget_j, coalesce(spend.spent_j, 0) AS spent_j,
                coalesce(spend.spent_j, 0) / b.budget_j AS used_share, coalesce(spend.refused, 0) AS refused_402,
-               spend.first_402
+               spend.first_402, spend.last_402
         FROM b LEFT JOIN spend USING (workload) ORDER BY used_share DESC
     """,
         [*params, list(budgets), [float(v) for v in budgets.values()]],
@@ -499,6 +552,161 @@ def budget_burn(con: Any, filters: Filters, workloads: list[str], as_of: datetim
         ORDER BY workload, day
     """,
         params,
+    )
+
+
+JOULE_PROVIDER = "joule_cloud"
+
+
+def migration(con: Any, filters: Filters, bucket: str, tz: str = "UTC") -> Any:
+    """Per time bucket, workload and provider: calls, tokens and measured energy (Joule's only)."""
+    seconds = BUCKET_SECONDS[bucket]
+    with_facts, params = facts(con, filters, hourly=seconds >= 3600 and _whole_hour_zone(tz, filters.start))
+    return _df(
+        con,
+        f"""
+        {with_facts}
+        SELECT timezone(?, time_bucket(INTERVAL '{bucket}', t, ?)) AS bucket,
+               {_label("workload")} AS workload, {_label("provider")} AS provider,
+               sum(calls) AS calls, coalesce(sum(input_tokens), 0) + coalesce(sum(output_tokens), 0) AS tokens,
+               sum(energy_j) FILTER (WHERE provider = '{JOULE_PROVIDER}') AS measured_j
+        FROM facts
+        GROUP BY ALL ORDER BY bucket, workload, provider
+    """,
+        [*params, tz, tz],
+    )
+
+
+def other_provider_calls(con: Any, filters: Filters) -> Any:
+    """Calls not served by Joule, per provider, model and workload: what an estimate of their energy needs.
+
+    Read from single calls (the mean latency is not in the rollup); these are the minority a migration
+    leaves behind, and only read when the facts show some.
+    """
+    clause, params = where(filters)
+    other = "provider IS DISTINCT FROM ?"
+    clause = f"{clause} AND {other}" if clause else f"WHERE {other}"
+    return _df(
+        con,
+        f"""
+        SELECT {_label("provider")} AS provider, coalesce(routed_to, requested_model) AS model,
+               {_label("workload")} AS workload, count(*) AS calls,
+               coalesce(sum(output_tokens), 0) AS output_tokens,
+               coalesce(avg(output_tokens), 0) AS mean_output_tokens,
+               coalesce(avg(duration_ms), 0) / 1000.0 AS mean_latency_s
+        FROM inference_calls {clause} AND error_type IS NULL
+        GROUP BY ALL ORDER BY calls DESC
+    """,
+        [*params, JOULE_PROVIDER],
+    )
+
+
+def _number(value: Any) -> float | None:
+    """A float, or None for NULL/NaN (what pandas makes of a SQL NULL)."""
+    if value is None:
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+@dataclass(frozen=True)
+class WhatIf:
+    """A workload's calls as they ran, and the same calls on another model, tier or region."""
+
+    workload: str
+    rows: Any
+    """Per kind of call: tokens, J per token now and then, energy now and then, carbon now and then."""
+    energy_now_j: float
+    energy_then_j: float
+    carbon_now_mg: float
+    carbon_then_mg: float
+    intensity_then_mg_per_j: float | None
+    missing: tuple[str, ...]
+    """What could not be measured (a model or tier with no calls of that kind): left as it was."""
+
+
+def what_if(
+    con: Any,
+    filters: Filters,
+    workload: str,
+    *,
+    model: str | None = None,
+    tier: str | None = None,
+    region: str | None = None,
+) -> WhatIf:
+    """The workload's calls in the period, re-priced at rates this ledger measured.
+
+    Energy: each kind's tokens (generation: output tokens, embeddings: input tokens) times the J per
+    token measured over every call of that kind on ``model`` and ``tier`` in the period (the
+    workload's own rate where one is not given or has no calls). Carbon: that energy times ``region``'s
+    measured intensity (mg per J), else the workload's own.
+    """
+    base = replace(filters, workloads=())
+    with_facts, params = facts(con, base)
+    rate = """
+        CASE WHEN kind = 'generation' THEN sum(out_energy_j) / nullif(sum(out_tokens_e), 0)
+             ELSE sum(energy_j) / nullif(sum(input_tokens) FILTER (WHERE energy_j IS NOT NULL), 0) END"""
+    tokens = """
+        CASE WHEN kind = 'generation' THEN sum(out_tokens_e)
+             ELSE sum(input_tokens) FILTER (WHERE energy_j IS NOT NULL) END"""
+    kinded = f"(SELECT *, {KIND_SQL} AS kind FROM facts)"
+    own = _df(
+        con,
+        f"""
+        {with_facts}
+        SELECT kind, {tokens} AS tokens, {rate} AS j_per_token_now,
+               sum(energy_j) AS energy_now_j, sum(carbon_mg) AS carbon_now_mg,
+               sum(carbon_mg) / nullif(sum(carbon_energy_j), 0) AS mg_per_j_now,
+               list(DISTINCT routed_to) FILTER (WHERE routed_to IS NOT NULL) AS models,
+               list(DISTINCT tier) FILTER (WHERE tier IS NOT NULL) AS tiers
+        FROM {kinded} WHERE workload = ? AND energy_j > 0
+        GROUP BY kind ORDER BY kind DESC
+    """,
+        [*params, workload],
+    )
+    missing: list[str] = []
+    then_rates: list[float | None] = []
+    for item in own.itertuples():
+        models = [model] if model else list(item.models)
+        tiers = [tier] if tier else list(item.tiers)
+        measured = con.execute(
+            f"""{with_facts} SELECT {rate} FROM {kinded}
+                WHERE kind = ? AND list_contains(?::VARCHAR[], routed_to) AND list_contains(?::VARCHAR[], tier)
+                GROUP BY kind""",
+            [*params, item.kind, models, tiers],
+        ).fetchone()
+        found = measured[0] if measured else None
+        if found is None:
+            missing.append(f"no {item.kind} calls on {', '.join(models)} at tier {', '.join(tiers)}")
+        then_rates.append(found if found is not None else item.j_per_token_now)
+    rows = own.drop(columns=["models", "tiers"]).assign(j_per_token_then=then_rates)
+    rows["energy_then_j"] = [
+        t * r if _number(t) is not None and _number(r) is not None else e
+        for t, r, e in zip(rows["tokens"], rows["j_per_token_then"], rows["energy_now_j"], strict=True)
+    ]
+    intensity = None
+    if region:
+        found_region = con.execute(
+            f"{with_facts} SELECT sum(carbon_mg) / nullif(sum(carbon_energy_j), 0) FROM facts WHERE region = ?",
+            [*params, region],
+        ).fetchone()
+        intensity = found_region[0] if found_region else None
+        if intensity is None:
+            missing.append(f"no carbon figures from region {region}")
+    now_intensity = rows["mg_per_j_now"]
+    rows["carbon_then_mg"] = [
+        e * (intensity if intensity is not None else (_number(i) or 0.0))
+        for e, i in zip(rows["energy_then_j"], now_intensity, strict=True)
+    ]
+    return WhatIf(
+        workload=workload,
+        rows=rows,
+        energy_now_j=float(rows["energy_now_j"].sum()),
+        energy_then_j=float(rows["energy_then_j"].sum()),
+        carbon_now_mg=float(rows["carbon_now_mg"].fillna(0).sum()),
+        carbon_then_mg=float(rows["carbon_then_mg"].sum()),
+        intensity_then_mg_per_j=intensity,
+        missing=tuple(missing),
     )
 
 

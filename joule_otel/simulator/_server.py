@@ -4,6 +4,10 @@ Routes: ``POST /v1/chat/completions`` (plain and SSE), ``POST /v1/embeddings``, 
 ``GET /v1/receipts`` (every receipt issued, for reconciliation) and ``GET /v1/account`` (the
 calling token's balance and budget). Responses carry the Joule headers; errors use the OpenAI
 envelope. State (receipts, spend per token) is in memory and guarded by one lock.
+
+Under ``/openai/v1`` the same routes answer as OpenAI's API does, for a team's calls not yet moved
+(the migration view): OpenAI's model names (:data:`OPENAI_STAND_INS`), OpenAI's response headers
+(``openai-version``, ``openai-processing-ms``, ``x-request-id``), no Joule header, no receipt, no bill.
 """
 
 from __future__ import annotations
@@ -263,10 +267,22 @@ class ChatPlan:
     receipt: Receipt
 
 
+OPENAI_PREFIX = "/openai"
+OPENAI_STAND_INS = {
+    "gpt-4o-mini": "llama-3.3-70b-instruct",
+    "gpt-4o": "llama-3.3-405b-instruct",
+    "gpt-4.1-mini": "llama-3.3-70b-instruct",
+    "text-embedding-3-small": "gpt-oss-120b",
+}
+"""OpenAI model names the ``/openai/v1`` routes accept → the catalog model whose answers they borrow."""
+
+
 class Handler(BaseHTTPRequestHandler):
     """One connection's requests (HTTP/1.1 keep-alive)."""
 
     protocol_version = "HTTP/1.1"
+    openai_mode = False
+    """This request came under ``/openai/v1``: answer as OpenAI's API does (no Joule headers, no bill)."""
     disable_nagle_algorithm = True
     server: SimulatorHTTPServer
     server_version = "JouleCloudSimulator/1"
@@ -329,6 +345,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, routes: dict[str, Any]) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
+        self.openai_mode = path.startswith(OPENAI_PREFIX + "/")
+        if self.openai_mode:
+            path = path.removeprefix(OPENAI_PREFIX)
+            routes = {route: handler for route, handler in routes.items() if route in _OPENAI_ROUTES}
         handler = routes.get(path)
         try:
             if handler is None:
@@ -339,7 +359,8 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as err:
             # "every response includes X-Energy-Joules" (the migration guide): a refused call bills nothing, says so,
             # and carries no receipt
-            self._send_json(err.status, err.body, {"X-Energy-Joules": "0", "X-Carbon-mg": "0"})
+            refused = self._openai_headers() if self.openai_mode else {"X-Energy-Joules": "0", "X-Carbon-mg": "0"}
+            self._send_json(err.status, err.body, refused)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
@@ -387,6 +408,10 @@ class Handler(BaseHTTPRequestHandler):
         model = body.get("model")
         if not model or not isinstance(model, str):
             raise ApiError(400, "You must provide a model parameter.", "invalid_request_error", None, "model")
+        if self.openai_mode:
+            if model not in OPENAI_STAND_INS:
+                raise ApiError(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found")
+            return token, OPENAI_STAND_INS[model], "standard", "us-east"
         if model != catalog.AUTO and model not in catalog.MODELS:
             raise ApiError(
                 404,
@@ -423,7 +448,16 @@ class Handler(BaseHTTPRequestHandler):
             )
         return token, model, tier, region
 
+    def _openai_headers(self) -> dict[str, str]:
+        return {
+            "openai-version": "2020-10-01",
+            "openai-processing-ms": str(int(self.server.state.config.latency_s * 1000) + 1),
+            "x-request-id": f"req_{self.server.state.fork_rng().getrandbits(96):024x}",
+        }
+
     def _joule_headers(self, receipt: Receipt) -> dict[str, str]:
+        if self.openai_mode:
+            return self._openai_headers()
         return {
             "X-Energy-Joules": repr(receipt.energy_j),
             "X-Carbon-mg": repr(receipt.carbon_mg),
@@ -468,14 +502,15 @@ class Handler(BaseHTTPRequestHandler):
             0,
             False,
         )
-        self.server.state.bill(receipt, token)
+        if not self.openai_mode:
+            self.server.state.bill(receipt, token)
         self._pause(self.server.state.config.latency_s)
         self._send_json(
             200,
             {
                 "object": "list",
                 "data": data,
-                "model": routed,
+                "model": body["model"] if self.openai_mode else routed,
                 "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens},
             },
             self._joule_headers(receipt),
@@ -569,7 +604,10 @@ class Handler(BaseHTTPRequestHandler):
         body = self._json_request()
         token, model, tier, region = self._common(body)
         plan = self._plan_chat(body, token, model, tier, region)
-        self.server.state.bill(plan.receipt, token)
+        if self.openai_mode:
+            plan = dataclasses.replace(plan, model=body["model"])
+        else:
+            self.server.state.bill(plan.receipt, token)
         self._pause(self.server.state.config.latency_s)
         usage = {
             "prompt_tokens": plan.input_tokens,
@@ -653,6 +691,11 @@ class Handler(BaseHTTPRequestHandler):
                 yield event({"content": word if index == 0 else " " + word})
         # The final event carries the measured energy too: a streaming server knows it only at the end.
         joule = {"energy_joules": plan.receipt.energy_j, "carbon_mg": plan.receipt.carbon_mg}
+        if self.openai_mode:
+            yield event({}, plan.finish_reason)
+            if usage is not None:
+                yield json.dumps({**base, "choices": [], "usage": usage}, separators=(",", ":")).encode()
+            return
         if usage is None:
             yield event({}, plan.finish_reason, joule=joule)
         else:
@@ -804,6 +847,10 @@ class Handler(BaseHTTPRequestHandler):
     def _pause(seconds: float) -> None:
         if seconds > 0:
             time.sleep(seconds)
+
+
+_OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/models"})
+"""What the OpenAI stand-in serves (receipts and accounts are Joule's)."""
 
 
 class SimulatorHTTPServer(ThreadingHTTPServer):
