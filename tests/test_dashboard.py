@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +146,11 @@ def test_units_read_like_a_person_writes():
     assert "km by car" in units.carbon_equivalent(479_000 * 10)
 
 
+UNIT_FACTORS = {"J": 1.0, "kJ": 1e3, "MJ": 1e6, "GJ": 1e9, "mg": 1.0, "g": 1e3, "kg": 1e6}
+
+
 def figure_values(chart, key: str = "y") -> float:
+    """The sum a chart draws, in base units (J, mg): the axis title says the scale, e.g. "Energy (kJ)"."""
     spec = json.loads(chart.proto.spec)
     total = 0.0
     for trace in spec["data"]:
@@ -154,7 +158,9 @@ def figure_values(chart, key: str = "y") -> float:
         if isinstance(values, dict) and "bdata" in values:
             values = np.frombuffer(base64.b64decode(values["bdata"]), dtype=np.dtype(values["dtype"]))
         total += float(np.nansum(np.asarray(values, dtype=float)))
-    return total
+    title = spec["layout"][f"{key}axis"]["title"]["text"]
+    unit = title.rsplit("(", 1)[-1].split(")")[0].split()[0]
+    return total * UNIT_FACTORS[unit]
 
 
 def charts_by_id(at) -> dict[str, object]:
@@ -176,6 +182,11 @@ def run_app() -> AppTest:
     return at
 
 
+def url_list(at: AppTest, key: str) -> list[str]:
+    value = at.query_params[key]
+    return [value] if isinstance(value, str) else list(value)
+
+
 def test_app_on_sample_data_obeys_every_filter(isolated_home):
     at = run_app()
     assert "Bundled sample data" in at.sidebar.caption[0].value
@@ -185,61 +196,102 @@ def test_app_on_sample_data_obeys_every_filter(isolated_home):
         opts = queries.options(con)
     charts = charts_by_id(at)
     assert {
-        "over_time",
+        "energy_over_time",
         "by_workload",
         "by_model",
         "by_region",
         "by_tier",
         "treemap",
-        "router_sankey",
+        "router_flows",
         "carbon_regions",
         "energy_histogram",
         "latency_energy",
         "budget_burn",
+        "j_per_output_token",
+        "j_per_input_token",
     } <= set(charts)
-    assert figure_values(charts["over_time"]) == pytest.approx(total[0])
+    assert at.selectbox(key="f_range_select").value in ("Last 30 days", "All data")
+    assert figure_values(charts["energy_over_time"]) == pytest.approx(total[0])
     assert figure_values(charts["by_workload"], "x") == pytest.approx(total[0])
     assert at.metric[2].value == f"{total[1]:,}"
     assert int(at.metric[6].value.replace(",", "")) > 0, "the sample's batch job ran out of budget"
 
     for key, values in (
-        ("workloads", ["support-bot"]),
-        ("models", ["gpt-oss-120b"]),
-        ("regions", ["eu-fi"]),
-        ("tiers", ["standard"]),
-        ("services", ["support-api"]),
+        ("workload", ["support-bot"]),
+        ("model", ["gpt-oss-120b"]),
+        ("region", ["eu-fi"]),
+        ("tier", ["standard"]),
+        ("service", ["support-api"]),
     ):
-        at.multiselect(key=key).set_value(values).run()
+        at.multiselect(key=f"f_{key}_select").set_value(values).run()
         assert not at.exception
-        filters = queries.Filters(**{key: tuple(values)})
+        assert url_list(at, key) == values, "the address bar is a link to this view"
+        filters = queries.Filters(**{key + "s": tuple(values)})
         with sample.connect() as con:
             expected = queries.kpis(con, filters)["energy_j"]
         charts = charts_by_id(at)
-        assert figure_values(charts["over_time"]) == pytest.approx(expected), key
+        assert figure_values(charts["energy_over_time"]) == pytest.approx(expected), key
         assert figure_values(charts["by_workload"], "x") == pytest.approx(expected), key
-        at.multiselect(key=key).set_value([]).run()
+        at.multiselect(key=f"f_{key}_select").set_value([]).run()
 
-    at.selectbox(key="status").set_value("402 only").run()
+    at.selectbox(key="f_status_select").set_value("402 only").run()
     assert not at.exception
     assert at.warning, "a selection of only refused calls explains itself"
-    at.selectbox(key="status").set_value("all").run()
-    first = opts["first"].date()
-    at.date_input(key="dates").set_value((first, first)).run()
+    at.selectbox(key="f_status_select").set_value("all").run()
+    first = opts["first"].astimezone(timezone.utc)
+    at.selectbox(key="f_range_select").set_value("Custom").run()
+    at.date_input(key="start_day").set_value(first.date()).run()
+    at.time_input(key="start_time").set_value(time(0, 0)).run()
+    at.date_input(key="end_day").set_value(first.date() + timedelta(days=1)).run()
+    at.time_input(key="end_time").set_value(time(0, 0)).run()
+    assert not at.exception
+    day_start = datetime.combine(first.date(), time(0, 0), timezone.utc)
     with sample.connect() as con:
-        one_day = queries.kpis(
-            con,
-            queries.Filters(
-                start=datetime.combine(first, datetime.min.time(), timezone.utc),
-                end=datetime.combine(first, datetime.min.time(), timezone.utc) + timedelta(days=1),
-            ),
-        )["energy_j"]
-    assert figure_values(charts_by_id(at)["over_time"]) == pytest.approx(one_day)
-    at.radio(key="split_by").set_value("region").run()
+        one_day = queries.kpis(con, queries.Filters(start=day_start, end=day_start + timedelta(days=1)))["energy_j"]
+    assert figure_values(charts_by_id(at)["energy_over_time"]) == pytest.approx(one_day)
+    assert url_list(at, "from") == [day_start.strftime("%Y-%m-%dT%H:%M")]
+    at.radio(key="f_split").set_value("region").run()
     assert not at.exception
     at.text_input(key="search").set_value("rcpt_").run()
     assert not at.exception
     at.toggle(key="live").set_value(True).run()
     assert not at.exception
+
+
+def test_a_shared_link_restores_the_view(isolated_home):
+    """Query parameters (what the address bar held when a link was shared) set every filter on arrival."""
+    sample = Source(SAMPLE_PATH, "sample", "")
+    with sample.connect() as con:
+        first = queries.options(con)["first"].astimezone(timezone.utc)
+    day = first.date()
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.query_params.update(
+        {
+            "range": "Custom",
+            "from": f"{day}T00:00",
+            "to": f"{day + timedelta(days=2)}T00:00",
+            "workload": ["support-bot", "nightly-summaries"],
+            "status": "ok",
+            "tz": "UTC",
+        }
+    )
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="f_range_select").value == "Custom"
+    assert at.date_input(key="start_day").value == day
+    assert at.multiselect(key="f_workload_select").value == ["support-bot", "nightly-summaries"]
+    assert at.selectbox(key="f_status_select").value == "ok"
+    start = datetime.combine(day, time(0, 0), timezone.utc)
+    filters = queries.Filters(
+        start=start,
+        end=start + timedelta(days=2),
+        workloads=("support-bot", "nightly-summaries"),
+        status="ok",
+    )
+    with sample.connect() as con:
+        expected = queries.kpis(con, filters)
+    assert at.metric[2].value == f"{expected['calls']:,}"
+    assert figure_values(charts_by_id(at)["energy_over_time"]) == pytest.approx(expected["energy_j"])
 
 
 def test_app_on_a_fresh_ledger_with_trace_links(isolated_home, monkeypatch, joule_simulator):
@@ -260,10 +312,10 @@ def test_app_on_a_fresh_ledger_with_trace_links(isolated_home, monkeypatch, joul
     monkeypatch.setenv("JOULE_OTEL_DB", str(db))
     monkeypatch.setenv("JOULE_OTEL_TRACE_URL", "http://127.0.0.1:3000/trace/{trace_id}")
     at = run_app()
-    assert str(db) in at.sidebar.caption[0].value
+    assert units.plain(str(db)) in at.sidebar.caption[0].value  # shown as text, markup escaped
     assert at.metric[2].value == "5"
     expected = sum(r.energy_j for r in joule_simulator.receipts)
-    assert figure_values(charts_by_id(at)["over_time"]) == pytest.approx(expected)
+    assert figure_values(charts_by_id(at)["energy_over_time"]) == pytest.approx(expected)
     frames = [df.value for df in at.dataframe]
     receipts_table = next(f for f in frames if "receipt_id" in f.columns)
     assert set(receipts_table.receipt_id) == {r.receipt_id for r in joule_simulator.receipts}

@@ -1,27 +1,91 @@
 """The joule-otel energy dashboard (Streamlit).
 
-Order: page config → sidebar (source, live refresh, filters) → cached queries → KPI row → charts →
-tables. The ledger is opened for each batch of queries and released at once, never held across
-reruns, so apps keep writing while it is open.
+Order: page config → sidebar (source, time, filters; mirrored in the URL) → cached queries → KPI row
+→ tabs of charts and tables. The ledger is opened for each batch of queries and released at once,
+never held across reruns, so apps keep writing while it is open. Every value from the ledger reaches
+the page as text: through :func:`units.plain` in markdown, :mod:`charts` (escaped) in Plotly, and
+dataframes, which never render markup.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from datetime import datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
 import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 import streamlit as st
 
 from joule_otel.config import JOULE_OTEL_TRACE_URL
-from joule_otel.dashboard import queries, units
+from joule_otel.dashboard import charts, estimates, queries, timerange, units
 from joule_otel.dashboard.sources import SAMPLE_BUDGETS_PATH, Source, load_budgets, resolve_source, source_for
+from joule_otel.ledger.spool import Spool
 
 st.set_page_config(page_title="joule-otel · energy", page_icon="⚡", layout="wide")
+
+READABLE = {
+    "group": "value",
+    "bucket": "time",
+    "energy_j": "energy (J)",
+    "carbon_mg": "carbon (mg CO2e)",
+    "calls": "calls",
+    "errors": "errors",
+    "output_tokens": "output tokens",
+    "j_per_output_token": "J per output token",
+    "j_per_input_token": "J per input token",
+    "j_per_call": "J per call",
+    "p50_duration_ms": "median duration (ms)",
+    "p95_duration_ms": "p95 duration (ms)",
+    "p50_ttft_ms": "median time to first chunk (ms)",
+    "mg_per_j": "mg CO2e per J",
+    "g_per_kwh": "g CO2e per kWh",
+    "if_cleanest_mg": "carbon at the cleanest region (mg CO2e)",
+    "cleanest_region": "cleanest region",
+    "bin_start_j": "bin from (J)",
+    "bin_end_j": "bin to (J)",
+    "cumulative_j": "energy this month so far (J)",
+    "duration_ms": "duration (ms)",
+    "ttft_ms": "time to first chunk (ms)",
+    "measured_j": "measured energy (J)",
+    "tokens": "tokens",
+}
+"""Column names a person reads, in tables and exports alike."""
+
+URL_LISTS = ("service", "workload", "model", "region", "tier", "provider")
+URL_VALUES = ("range", "from", "to", "tz", "status", "split")
+
+
+def _restore_from_url() -> None:
+    """On a page's first run, the filters of a shared link (query parameters) become the widgets' values."""
+    if st.session_state.get("_restored"):
+        return
+    st.session_state["_restored"] = True
+    params = st.query_params
+    for key in URL_LISTS:
+        values = params.get_all(key)
+        if values:
+            st.session_state[f"f_{key}"] = values
+    for key in URL_VALUES:
+        if key in params:
+            st.session_state[f"f_{key}"] = params[key]
+    for key, day_key, time_key in (("from", "start_day", "start_time"), ("to", "end_day", "end_time")):
+        if key in params:
+            try:
+                moment = datetime.fromisoformat(params[key])
+            except ValueError:
+                continue
+            st.session_state[day_key], st.session_state[time_key] = moment.date(), moment.time().replace(second=0)
+
+
+def _save_to_url(values: dict[str, Any]) -> None:
+    """The page's filters as query parameters: the address bar is a link that restores this view."""
+    wanted = {k: v for k, v in values.items() if v not in (None, "", [], ())}
+    if dict(st.query_params.to_dict()) != {k: (v[-1] if isinstance(v, list) else v) for k, v in wanted.items()}:
+        st.query_params.from_dict(wanted)
+
+
+_restore_from_url()
 
 # -- sidebar: source ----------------------------------------------------------------------------
 st.sidebar.title("⚡ joule-otel")
@@ -30,10 +94,14 @@ custom_path = st.sidebar.text_input(
     "Ledger, Parquet or CSV path", value="", key="source_path", placeholder=str(default_source.path)
 )
 source: Source = source_for(custom_path, "chosen in the sidebar") if custom_path.strip() else default_source
-if source.kind != "sample" and not source.path.exists() and source.kind != "ledger":
-    st.sidebar.error(f"{source.path} does not exist; showing {default_source.label}")
+if (
+    source.kind != "sample"
+    and not source.path.exists()
+    and not (source.kind == "ledger" and Spool(source.path).segments())
+):
+    st.sidebar.error(f"{units.plain(source.path)} does not exist; showing {units.plain(default_source.label)}")
     source = default_source
-st.sidebar.caption(f"**{source.label}**  \n{source.why}")
+st.sidebar.caption(f"**{units.plain(source.label)}**  \n{units.plain(source.why)}")
 
 live = st.sidebar.toggle("Live refresh", value=False, key="live")
 interval_s = st.sidebar.select_slider(
@@ -54,16 +122,17 @@ def load_page(
     _source: Source,
     filters: queries.Filters,
     split_by: str,
+    bucket: str,
+    tz_name: str,
     budgets: tuple[tuple[str, float], ...],
     search: str,
-    as_of: datetime | None,
+    as_of: datetime,
 ) -> dict[str, Any]:
     """Every query of the page, in one short visit to the ledger."""
-    bucket = queries.bucket_for((filters.end - filters.start) if filters.start and filters.end else timedelta(days=30))
     with _source.connect() as con:
         page: dict[str, Any] = {
             "kpis": queries.kpis(con, filters),
-            "over_time": queries.energy_over_time(con, filters, split_by, bucket),
+            "over_time": queries.energy_over_time(con, filters, split_by, bucket, tz_name),
             "by": {dim: queries.breakdown(con, filters, dim) for dim in ("workload", "model", "region", "tier")},
             "treemap": queries.workload_model(con, filters),
             "flows": queries.router_flows(con, filters),
@@ -73,20 +142,42 @@ def load_page(
             "histogram": queries.energy_histogram(con, filters),
             "sample": queries.latency_sample(con, filters),
             "receipts": queries.receipts(con, filters, search),
+            "migration": queries.migration(con, filters, bucket, tz_name),
             "budgets": None,
             "burn": None,
         }
-        if budgets and as_of is not None:
+        elsewhere = page["migration"]
+        others = elsewhere[elsewhere["provider"] != queries.JOULE_PROVIDER]
+        page["other_calls"] = queries.other_provider_calls(con, filters) if not others.empty else None
+        if budgets:
             page["budgets"] = queries.budget_status(con, filters, dict(budgets), as_of)
             page["burn"] = queries.budget_burn(con, filters, [name for name, _ in budgets], as_of)
-    page["bucket"] = bucket
     return page
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def load_what_if(
+    signature: tuple[Any, ...],
+    _source: Source,
+    filters: queries.Filters,
+    workload: str,
+    model: str | None,
+    tier: str | None,
+    region: str | None,
+) -> queries.WhatIf:
+    """The what-if figures for one choice (cached like the page)."""
+    with _source.connect() as con:
+        return queries.what_if(con, filters, workload, model=model, tier=tier, region=region)
 
 
 def export_rows(source: Source, filters: queries.Filters, search: str, fmt: str) -> bytes:
     """Every filtered row as CSV or Parquet bytes, computed only when a download is clicked."""
     with source.connect() as con:
         frame = queries.receipts(con, filters, search, limit=None)
+    return _encode(frame, fmt)
+
+
+def _encode(frame: pd.DataFrame, fmt: str) -> bytes:
     buffer = io.BytesIO()
     if fmt == "csv":
         frame.to_csv(buffer, index=False)
@@ -95,10 +186,34 @@ def export_rows(source: Source, filters: queries.Filters, search: str, fmt: str)
     return buffer.getvalue()
 
 
+def readable(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with the column names a person reads."""
+    return frame.rename(columns=READABLE)
+
+
+def show(container: Any, fig: Any, frame: pd.DataFrame, key: str) -> None:
+    """A chart, and its figures as CSV and Parquet downloads beneath it."""
+    container.plotly_chart(fig, width="stretch", key=key)
+    data = readable(frame)
+    left, right, _ = container.columns([1, 1, 4])
+    left.download_button(
+        "CSV", data=_encode(data, "csv"), file_name=f"{key}.csv", mime="text/csv", key=f"{key}_csv", type="tertiary"
+    )
+    right.download_button(
+        "Parquet",
+        data=_encode(data, "parquet"),
+        file_name=f"{key}.parquet",
+        mime="application/octet-stream",
+        key=f"{key}_parquet",
+        type="tertiary",
+    )
+
+
 try:
     opts = load_options(source.signature(), source)
 except Exception as exc:  # a corrupt file, a folder without permission: say so, do not crash
-    st.error(f"Cannot read {source.path}: {exc}")
+    reason = str(exc).splitlines()[0] if source.kind != "csv" else type(exc).__name__  # never a file's contents
+    st.error(f"Cannot read {units.plain(source.path)}: {units.plain(reason)}")
     st.stop()
 
 if not opts["rows"]:
@@ -109,27 +224,96 @@ if not opts["rows"]:
     )
     st.stop()
 
+# -- sidebar: time ------------------------------------------------------------------------------
+first: datetime = pd.Timestamp(opts["first"]).to_pydatetime()
+last: datetime = pd.Timestamp(opts["last"]).to_pydatetime()
+now = datetime.now(timezone.utc)
+st.sidebar.header("Time")
+browser_zone = st.context.timezone or "UTC"
+zone_choices = sorted({browser_zone, "UTC", *(st.session_state.get("f_tz") or "UTC").split(",")})
+tz_name = st.sidebar.selectbox(
+    "Time zone",
+    zone_choices,
+    index=zone_choices.index(st.session_state.get("f_tz") or browser_zone)
+    if (st.session_state.get("f_tz") or browser_zone) in zone_choices
+    else 0,
+    key="f_tz_select",
+    help="Times, days and weeks on the page are in this zone; your browser's is the default.",
+)
+tz_name = tz_name or "UTC"
+tz = timerange.zone(tz_name)
+presets = list(timerange.PRESETS)
+wanted_preset = st.session_state.get("f_range") or timerange.default_preset(last, now)
+preset = st.sidebar.selectbox(
+    "Time range", presets, index=presets.index(wanted_preset) if wanted_preset in presets else 0, key="f_range_select"
+)
+custom: tuple[date, time, date, time] | None = None
+if preset == timerange.CUSTOM:
+    local_first, local_last = first.astimezone(tz), (last + timedelta(minutes=1)).astimezone(tz)
+    day_from, time_from = st.sidebar.columns(2)
+    day_to, time_to = st.sidebar.columns(2)
+    custom = (
+        day_from.date_input("From", value=st.session_state.get("start_day", local_first.date()), key="start_day"),
+        time_from.time_input(
+            "at", value=st.session_state.get("start_time", local_first.time().replace(second=0)), key="start_time"
+        ),
+        day_to.date_input("To", value=st.session_state.get("end_day", local_last.date()), key="end_day"),
+        time_to.time_input(
+            "at ", value=st.session_state.get("end_time", local_last.time().replace(second=0)), key="end_time"
+        ),
+    )
+start, end = timerange.resolve(preset or timerange.ALL, now=now, first=first, last=last, tz=tz, custom=custom)
+st.sidebar.caption(units.plain(timerange.describe(start, end, tz)))
+bucket = queries.bucket_for(end - start)
+
 # -- sidebar: filters ---------------------------------------------------------------------------
-first: datetime = opts["first"].to_pydatetime() if hasattr(opts["first"], "to_pydatetime") else opts["first"]
-last: datetime = opts["last"].to_pydatetime() if hasattr(opts["last"], "to_pydatetime") else opts["last"]
 st.sidebar.header("Filters")
-date_range = st.sidebar.date_input(
-    "Time range", value=(first.date(), last.date()), min_value=first.date(), max_value=last.date(), key="dates"
-)
-start_date, end_date = (
-    date_range if isinstance(date_range, (tuple, list)) and len(date_range) == 2 else (first.date(), last.date())
-)
+
+
+def pick(label: str, key: str, choices: list[str]) -> tuple[str, ...]:
+    """A multiselect whose shared-link values are kept only when the data has them."""
+    chosen = [v for v in st.session_state.get(f"f_{key}", []) if v in choices]
+    return tuple(st.sidebar.multiselect(label, choices, default=chosen, key=f"f_{key}_select"))
+
+
 filters = queries.Filters(
-    start=datetime.combine(start_date, time.min, tzinfo=timezone.utc),
-    end=datetime.combine(end_date, time.min, tzinfo=timezone.utc) + timedelta(days=1),
-    services=tuple(st.sidebar.multiselect("Service", opts["services"], key="services")),
-    workloads=tuple(st.sidebar.multiselect("Workload", opts["workloads"], key="workloads")),
-    models=tuple(st.sidebar.multiselect("Model (routed)", opts["models"], key="models")),
-    regions=tuple(st.sidebar.multiselect("Region", opts["regions"], key="regions")),
-    tiers=tuple(st.sidebar.multiselect("Tier", opts["tiers"], key="tiers")),
-    status=st.sidebar.selectbox("Status", queries.STATUSES, key="status") or "all",
+    start=start,
+    end=end,
+    services=pick("Service", "service", opts["services"]),
+    workloads=pick("Workload", "workload", opts["workloads"]),
+    models=pick("Model (routed)", "model", opts["models"]),
+    regions=pick("Region", "region", opts["regions"]),
+    tiers=pick("Tier", "tier", opts["tiers"]),
+    providers=pick("Provider", "provider", opts["providers"]),
+    status=st.sidebar.selectbox(
+        "Status",
+        queries.STATUSES,
+        index=queries.STATUSES.index(st.session_state.get("f_status", "all"))
+        if st.session_state.get("f_status", "all") in queries.STATUSES
+        else 0,
+        key="f_status_select",
+    )
+    or "all",
 )
-as_of: datetime = min(last, filters.end) if filters.end is not None else last
+split_choices = list(queries.DIMENSIONS)[:4]
+split_by: str = st.session_state["f_split"] if st.session_state.get("f_split") in split_choices else "workload"
+_save_to_url(
+    {
+        "range": preset,
+        "tz": tz_name,
+        "from": start.astimezone(tz).strftime("%Y-%m-%dT%H:%M") if preset == timerange.CUSTOM else None,
+        "to": end.astimezone(tz).strftime("%Y-%m-%dT%H:%M") if preset == timerange.CUSTOM else None,
+        "service": list(filters.services),
+        "workload": list(filters.workloads),
+        "model": list(filters.models),
+        "region": list(filters.regions),
+        "tier": list(filters.tiers),
+        "provider": list(filters.providers),
+        "status": filters.status if filters.status != "all" else None,
+        "split": split_by if split_by != "workload" else None,
+    }
+)
+as_of = min(last, end, now)
 # budgets are month to date as of the newest call shown (sample data lies in the past); a comment, never a bare
 # string: Streamlit's "magic" would render a string statement on the page
 
@@ -145,13 +329,14 @@ except ValueError as exc:
 def render() -> None:
     """The page below the sidebar (a fragment when live refresh is on)."""
     st.title("Where your joules go")
-    split_by = st.session_state.get("split_by", "workload")
     search = st.session_state.get("search", "")
     page = load_page(
         source.signature(),
         source,
         filters,
         split_by,
+        bucket,
+        tz_name,
         tuple(sorted(budget_map.items())),
         search,
         as_of,
@@ -159,129 +344,91 @@ def render() -> None:
     kpi = page["kpis"]
     prev = kpi["previous"] or {}
 
-    def delta(key: str, fmt: Any) -> str | None:
-        before, now = prev.get(key), kpi.get(key)
-        if before in (None, 0) or now is None or pd.isna(before) or pd.isna(now):
+    def delta(key: str) -> str | None:
+        before, current = prev.get(key), kpi.get(key)
+        if before in (None, 0) or current is None or pd.isna(before) or pd.isna(current):
             return None
-        return f"{(now - before) / before:+.0%} vs previous"
+        return f"{(current - before) / before:+.0%} vs previous {units.span(end - start)}"
 
     # -- KPI row --------------------------------------------------------------------------------
     cols = st.columns(7)
-    cols[0].metric(
-        "Energy",
-        units.energy(kpi["energy_j"]),
-        delta("energy_j", None),
-        delta_color="inverse",
-        help=f"{units.energy_wh(kpi['energy_j'])} · {units.energy_equivalent(kpi['energy_j'])}",
-    )
+    cols[0].metric("Energy", units.energy(kpi["energy_j"]), delta("energy_j"), delta_color="inverse")
     cols[1].metric(
-        "Carbon (CO2e)",
-        units.carbon(kpi["carbon_mg"]).removesuffix(" CO2e"),
-        delta("carbon_mg", None),
-        delta_color="inverse",
-        help=units.carbon_equivalent(kpi["carbon_mg"]),
+        "Carbon (CO2e)", units.carbon(kpi["carbon_mg"]).removesuffix(" CO2e"), delta("carbon_mg"), delta_color="inverse"
     )
-    cols[2].metric("Calls", f"{kpi['calls']:,}", delta("calls", None), delta_color="off")
-    cols[3].metric(
-        "Mean per call", units.energy(kpi["mean_j_per_call"]), delta("mean_j_per_call", None), delta_color="inverse"
-    )
+    cols[2].metric("Calls", f"{kpi['calls']:,}", delta("calls"), delta_color="off")
+    cols[3].metric("Energy per call", units.energy(kpi["mean_j_per_call"]), delta("mean_j_per_call"), "inverse")
     cols[4].metric(
-        "J per 1k output tokens",
+        "Per 1k output tokens",
         units.energy(kpi["j_per_1k_output"]),
-        delta("j_per_1k_output", None),
+        delta("j_per_1k_output"),
         delta_color="inverse",
+        help="Generation calls only (chat, completions, responses); embeddings produce no output tokens.",
     )
-    cols[5].metric("Sent to auto", f"{(kpi['auto_share'] or 0):.0%}", delta("auto_share", None), delta_color="off")
-    cols[6].metric("402 refused", f"{kpi['refused_402']:,}", delta("refused_402", None), delta_color="inverse")
+    cols[5].metric("Asked for auto", f"{(kpi['auto_share'] or 0):.0%}", delta("auto_share"), delta_color="off")
+    cols[6].metric("402 refused", f"{kpi['refused_402']:,}", delta("refused_402"), delta_color="inverse")
     st.caption(
-        f"{units.energy_wh(kpi['energy_j'])} · {units.energy_equivalent(kpi['energy_j'])} · "
-        f"{units.carbon_equivalent(kpi['carbon_mg'])}"
+        " · ".join(
+            part
+            for part in (
+                units.energy_wh(kpi["energy_j"]),
+                units.energy_equivalent(kpi["energy_j"]),
+                units.carbon_equivalent(kpi["carbon_mg"]),
+                f"times in {units.plain(tz_name)}",
+            )
+            if part
+        )
     )
-
-    if not kpi["energy_j"]:
+    if not kpi["calls"]:
+        st.info(
+            f"No calls in this period. The ledger holds calls from {first.astimezone(tz):%d %b %Y %H:%M} to "
+            f"{last.astimezone(tz):%d %b %Y %H:%M}: choose *All data* or another range."
+        )
+    elif not kpi["energy_j"]:
         st.warning(
-            "These calls carry no energy figures (all were refused or failed). "
-            "Check the Receipts tab and the 402s under Budgets."
+            "These calls carry no energy figures (all were refused, failed, or served by another provider). "
+            "Check the Receipts, Budgets and Migration tabs."
         )
 
-    overview, router, carbon_tab, efficiency, budgets_tab, receipts_tab = st.tabs(
-        ["Overview", "Router", "Carbon", "Efficiency", "Budgets", "Receipts"]
-    )
+    tabs = st.tabs(["Overview", "Router", "Carbon", "Efficiency", "Budgets", "Migration", "What if", "Receipts"])
+    overview, router, carbon_tab, efficiency, budgets_tab, migration_tab, what_if_tab, receipts_tab = tabs
 
     with overview:
-        st.radio("Split energy by", list(queries.DIMENSIONS)[:4], key="split_by", horizontal=True)
-        if page["over_time"].empty or not page["over_time"]["energy_j"].notna().any():
+        st.radio("Split energy by", split_choices, key="f_split", horizontal=True)
+        over_time = page["over_time"]
+        if over_time.empty:
             st.info("No energy recorded in this selection.")
         else:
-            fig = px.bar(
-                page["over_time"],
-                x="bucket",
-                y="energy_j",
-                color="group",
-                labels={"energy_j": "Energy (J)", "bucket": f"per {page['bucket']}", "group": split_by},
-                title=f"Joules over time by {split_by}",
+            show(
+                st,
+                charts.over_time(over_time, bucket=bucket, start=start, end=end, split_label=split_by, tz_name=tz_name),
+                over_time,
+                "energy_over_time",
             )
-            st.plotly_chart(fig, width="stretch", key="over_time")
         left, right = st.columns(2)
         for col, dim in ((left, "workload"), (right, "model"), (left, "region"), (right, "tier")):
             frame = page["by"][dim]
-            if frame["energy_j"].notna().any():
-                col.plotly_chart(
-                    px.bar(
-                        frame,
-                        x="energy_j",
-                        y="group",
-                        orientation="h",
-                        title=f"Energy by {dim}",
-                        labels={"energy_j": "Energy (J)", "group": dim},
-                        hover_data=["calls", "carbon_mg", "errors"],
-                    ),
-                    width="stretch",
-                    key=f"by_{dim}",
-                )
+            if frame["energy_j"].fillna(0).gt(0).any():
+                show(col, charts.breakdown(frame, dim), frame, f"by_{dim}")
         if not page["treemap"].empty:
-            st.plotly_chart(
-                px.treemap(
-                    page["treemap"], path=["workload", "model"], values="energy_j", title="Workload → model (joules)"
-                ),
-                width="stretch",
-                key="treemap",
-            )
+            show(st, charts.treemap(page["treemap"]), page["treemap"], "treemap")
 
     with router:
         flows = page["flows"]
         if flows.empty:
             st.info("No routed calls in this selection.")
         else:
-            labels = [f"asked: {x}" for x in flows["requested"].unique()] + [
-                f"served: {x}" for x in flows["routed"].unique()
-            ]
-            index = {label: i for i, label in enumerate(labels)}
-            sankey = go.Figure(
-                go.Sankey(
-                    node={"label": labels, "pad": 14},
-                    link={
-                        "source": [index[f"asked: {r}"] for r in flows["requested"]],
-                        "target": [index[f"served: {r}"] for r in flows["routed"]],
-                        "value": flows["energy_j"].tolist(),
-                    },
-                )
-            )
-            sankey.update_layout(title="Requested model → routed model, weighted by joules")
-            st.plotly_chart(sankey, width="stretch", key="router_sankey")
-            st.dataframe(flows, hide_index=True, width="stretch")
-        eff = page["efficiency"]
-        if not eff.empty and eff["j_per_output_token"].notna().any():
-            st.plotly_chart(
-                px.bar(
-                    eff,
-                    x="model",
-                    y="j_per_output_token",
-                    title="J per output token by model",
-                    labels={"j_per_output_token": "J / output token"},
-                ),
+            show(st, charts.sankey(flows), flows, "router_flows")
+            st.dataframe(
+                flows,
+                hide_index=True,
                 width="stretch",
-                key="router_j_per_token",
+                column_config={
+                    "requested": "requested model",
+                    "routed": "routed to",
+                    "energy_j": st.column_config.NumberColumn("energy (J)", format="localized"),
+                    "calls": st.column_config.NumberColumn("calls", format="localized"),
+                },
             )
 
     with carbon_tab:
@@ -289,151 +436,78 @@ def render() -> None:
         if regions.empty:
             st.info("No carbon figures in this selection.")
         else:
-            st.plotly_chart(
-                px.bar(
-                    regions,
-                    x="region",
-                    y="carbon_mg",
-                    color="g_per_kwh",
-                    color_continuous_scale="RdYlGn_r",
-                    hover_data=["energy_j", "mg_per_j", "calls"],
-                    title="Carbon by region, coloured by effective intensity (g CO2e/kWh)",
-                    labels={"carbon_mg": "Carbon (mg CO2e)", "g_per_kwh": "g/kWh"},
-                ),
-                width="stretch",
-                key="carbon_regions",
-            )
+            show(st, charts.carbon_regions(regions), regions, "carbon_regions")
             savings = page["savings"]
             if not savings.empty:
-                savings = savings.assign(saving_mg=savings["carbon_mg"] - savings["if_cleanest_mg"])
+                cleanest = str(savings["cleanest_region"].iloc[0])
                 st.subheader("Where moving a workload cuts carbon")
                 st.caption(
-                    f"If each workload were served from the cleanest region in the data "
-                    f"({savings['cleanest_region'].iloc[0]}):"
+                    "If each workload were served from the cleanest region in this selection "
+                    f"({units.plain(cleanest)}), at the energy it used."
                 )
-                st.plotly_chart(
-                    px.bar(
-                        savings,
-                        x="workload",
-                        y=["carbon_mg", "if_cleanest_mg"],
-                        barmode="group",
-                        labels={"value": "mg CO2e"},
-                        title="Carbon now vs. at the cleanest region",
-                    ),
-                    width="stretch",
-                    key="carbon_savings",
-                )
+                show(st, charts.carbon_savings(savings, cleanest), savings, "carbon_savings")
 
     with efficiency:
         eff = page["efficiency"]
         if eff.empty:
             st.info("No served calls in this selection.")
         else:
+            generation = eff[eff["kind"] == "generation"]
+            embeddings = eff[eff["kind"] == "embeddings"]
+            left, right = st.columns(2)
+            if generation["j_per_output_token"].notna().any():
+                show(
+                    left,
+                    charts.per_token(
+                        generation, "j_per_output_token", "Generation: energy per output token", "per output token"
+                    ),
+                    generation,
+                    "j_per_output_token",
+                )
+            if embeddings["j_per_input_token"].notna().any():
+                show(
+                    right,
+                    charts.per_token(
+                        embeddings, "j_per_input_token", "Embeddings: energy per input token", "per input token"
+                    ),
+                    embeddings,
+                    "j_per_input_token",
+                )
             st.dataframe(
                 eff,
                 hide_index=True,
                 width="stretch",
                 column_config={
-                    "j_per_output_token": st.column_config.NumberColumn("J / output token", format="%.3f"),
+                    "model": "routed model",
+                    "kind": "kind",
+                    "j_per_output_token": st.column_config.NumberColumn("J / output token", format="%.4f"),
+                    "j_per_input_token": st.column_config.NumberColumn("J / input token", format="%.5f"),
                     "j_per_call": st.column_config.NumberColumn("J / call", format="%.1f"),
+                    "calls": st.column_config.NumberColumn("calls", format="localized"),
+                    "p50_duration_ms": st.column_config.NumberColumn("median duration (ms)", format="%.0f"),
+                    "p95_duration_ms": st.column_config.NumberColumn("p95 duration (ms)", format="%.0f"),
+                    "p50_ttft_ms": st.column_config.NumberColumn("median first chunk (ms)", format="%.0f"),
                 },
             )
         hist = page["histogram"]
         if not hist.empty:
-            hist = hist.assign(
-                range=[
-                    f"{units.energy(a)}–{units.energy(b)}"
-                    for a, b in zip(hist["bin_start_j"], hist["bin_end_j"], strict=True)
-                ]
-            )
-            st.plotly_chart(
-                px.bar(hist, x="range", y="calls", title="Energy per call (log-spaced bins)"),
-                width="stretch",
-                key="energy_histogram",
-            )
+            show(st, charts.histogram(hist), hist, "energy_histogram")
         sample = page["sample"]
         if not sample.empty:
             left, right = st.columns(2)
-            left.plotly_chart(
-                px.scatter(
-                    sample,
-                    x="duration_ms",
-                    y="energy_j",
-                    color="model",
-                    log_y=True,
-                    title="Latency vs energy",
-                    labels={"duration_ms": "duration (ms)"},
-                ),
-                width="stretch",
-                key="latency_energy",
-            )
+            show(left, charts.latency_energy(sample), sample, "latency_energy")
             streams = sample[sample["ttft_ms"].notna()]
             if not streams.empty:
-                right.plotly_chart(
-                    px.box(
-                        streams, x="model", y="ttft_ms", title="Time to first chunk (streams)", labels={"ttft_ms": "ms"}
-                    ),
-                    width="stretch",
-                    key="ttft",
-                )
+                show(right, charts.ttft(streams), streams, "ttft")
 
     with budgets_tab:
-        if budget_error:
-            st.error(budget_error)
-        status = page["budgets"]
-        if status is None or status.empty:
-            st.info(
-                "No energy budgets configured. Set JOULE_OTEL_BUDGETS to a JSON, TOML or CSV file of "
-                'monthly joules per workload, e.g. {"support-bot": 150000}.'
-            )
-        else:
-            month_start = as_of.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-            elapsed_days = max((as_of - month_start).total_seconds() / 86400, 1 / 24)
-            rows = []
-            for item in status.itertuples():
-                rate = item.spent_j / elapsed_days
-                left_j = item.budget_j - item.spent_j
-                if left_j <= 0:
-                    projection = "exhausted"
-                elif rate <= 0:
-                    projection = "no spend yet"
-                else:
-                    when = as_of + timedelta(days=left_j / rate)
-                    next_month = (month_start + timedelta(days=32)).replace(day=1)
-                    projection = when.strftime("%Y-%m-%d") if when < next_month else "lasts the month"
-                rows.append(
-                    {
-                        "workload": item.workload,
-                        "budget": units.energy(item.budget_j),
-                        "spent": units.energy(item.spent_j),
-                        "used": item.used_share,
-                        "burn per day": units.energy(rate),
-                        "projected exhaustion": projection,
-                        "402s": item.refused_402,
-                    }
-                )
-            st.dataframe(
-                pd.DataFrame(rows),
-                hide_index=True,
-                width="stretch",
-                column_config={
-                    "used": st.column_config.ProgressColumn("used", min_value=0.0, max_value=1.0, format="percent")
-                },
-            )
-            burn = page["burn"]
-            if burn is not None and not burn.empty:
-                fig = px.line(
-                    burn,
-                    x="day",
-                    y="cumulative_j",
-                    color="workload",
-                    markers=True,
-                    title="Burn-down this month (cumulative joules vs budget)",
-                )
-                for name, joules in budget_map.items():
-                    if name in set(burn["workload"]):
-                        fig.add_hline(y=joules, line_dash="dot", annotation_text=f"{name} budget")
-                st.plotly_chart(fig, width="stretch", key="budget_burn")
+        _budgets(page)
+
+    with migration_tab:
+        _migration(page)
+
+    with what_if_tab:
+        _what_if()
 
     with receipts_tab:
         st.text_input("Search receipt id or workload", key="search")
@@ -443,17 +517,30 @@ def render() -> None:
             table = table.assign(
                 trace=[template.replace("{trace_id}", t) if isinstance(t, str) else None for t in table["trace_id"]]
             )
+        table = table.assign(started_at=table["started_at"].dt.tz_convert(tz_name).dt.tz_localize(None))
         st.dataframe(
             table,
             hide_index=True,
             width="stretch",
             column_config={
-                "trace": st.column_config.LinkColumn("trace", display_text="open trace"),
+                "started_at": st.column_config.DatetimeColumn(f"started ({tz_name})", format="YYYY-MM-DD HH:mm:ss"),
+                "receipt_id": "receipt",
+                "requested_model": "requested model",
+                "routed_to": "routed to",
                 "energy_j": st.column_config.NumberColumn("energy (J)", format="%.3f"),
+                "carbon_mg": st.column_config.NumberColumn("carbon (mg CO2e)", format="%.3f"),
+                "input_tokens": st.column_config.NumberColumn("input tokens", format="localized"),
+                "output_tokens": st.column_config.NumberColumn("output tokens", format="localized"),
+                "duration_ms": st.column_config.NumberColumn("duration (ms)", format="%.0f"),
+                "ttft_ms": st.column_config.NumberColumn("first chunk (ms)", format="%.0f"),
+                "status_code": st.column_config.NumberColumn("status", format="%d"),
+                "error_type": "error",
+                "trace_id": "trace id",
+                "trace": st.column_config.LinkColumn("trace", display_text="open trace"),
             },
         )
         st.caption(f"Newest {len(table):,} rows shown; the export holds every filtered row.")
-        left, right = st.columns(2)
+        left, right, _ = st.columns([1, 1, 4])
         left.download_button(
             "Export CSV",
             data=lambda: export_rows(source, filters, search, "csv"),
@@ -468,6 +555,200 @@ def render() -> None:
             mime="application/octet-stream",
             key="export_parquet",
         )
+
+
+def _budgets(page: dict[str, Any]) -> None:
+    """Month to date against each workload's budget, and what the service itself enforced (402s)."""
+    if budget_error:
+        st.error(units.plain(budget_error))
+    status = page["budgets"]
+    if status is None or status.empty:
+        st.info(
+            "No energy budgets configured. Set JOULE_OTEL_BUDGETS to a JSON, TOML or CSV file of "
+            'monthly joules per workload, e.g. {"support-bot": 150000}.'
+        )
+        return
+    month_start = as_of.astimezone(timezone.utc).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    next_month = (month_start + timedelta(days=32)).replace(day=1)
+    elapsed_days = max((as_of - month_start).total_seconds() / 86400, 1 / 24)
+    rows = []
+    for item in status.itertuples():
+        rate = item.spent_j / elapsed_days
+        left_j = item.budget_j - item.spent_j
+        if item.refused_402:
+            first_402 = pd.Timestamp(item.first_402).tz_convert(tz_name)
+            projection = f"refused by the service since {first_402:%d %b %H:%M}"
+        elif left_j <= 0:
+            projection = "spent"
+        elif rate <= 0:
+            projection = "no spend yet"
+        else:
+            when = as_of + timedelta(days=left_j / rate)
+            projection = f"{when.astimezone(tz):%d %b}" if when < next_month else "lasts the month"
+        rows.append(
+            {
+                "workload": item.workload,
+                "budget (file)": units.energy(item.budget_j),
+                "spent this month": units.energy(item.spent_j),
+                "used": item.used_share,
+                "burn per day": units.energy(rate),
+                "runs out": projection,
+                "402 refusals": int(item.refused_402),
+                "last 402": pd.Timestamp(item.last_402).tz_convert(tz_name).strftime("%d %b %H:%M")
+                if item.refused_402
+                else "–",
+            }
+        )
+    st.dataframe(
+        pd.DataFrame(rows),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "used": st.column_config.ProgressColumn("used", min_value=0.0, max_value=1.0, format="percent"),
+        },
+    )
+    enforced = status[status["refused_402"] > 0]
+    if not enforced.empty:
+        st.warning(
+            "Joule Cloud refused calls with 402 (insufficient balance) for "
+            + ", ".join(
+                f"{units.plain(w)} ({n:,} calls)" for w, n in zip(enforced.workload, enforced.refused_402, strict=True)
+            )
+            + ". The service enforces its own balance or per-token budget, which may be lower than this file's."
+        )
+    st.caption(f"Month to date as of {as_of.astimezone(tz):%d %b %Y %H:%M} ({units.plain(tz_name)}); UTC months.")
+    burn = page["burn"]
+    if burn is not None and not burn.empty:
+        show(st, charts.burn_down(burn, budget_map, month_start, next_month), burn, "budget_burn")
+
+
+def _migration(page: dict[str, Any]) -> None:
+    """Calls still on another provider, per workload, over time; their energy estimated, never measured."""
+    frame = page["migration"]
+    if frame.empty:
+        st.info("No calls in this selection.")
+        return
+    elsewhere = frame[frame["provider"] != queries.JOULE_PROVIDER]
+    if elsewhere.empty:
+        st.success("Every call in this selection was served by Joule Cloud: nothing left to migrate.")
+        return
+    show(st, charts.migration_share(frame, bucket, start, end, tz_name), frame, "migration_share")
+    per_workload = frame.groupby(["workload", "provider"], as_index=False)[["calls", "tokens", "measured_j"]].sum(
+        min_count=1
+    )
+    totals = per_workload.groupby("workload")[["calls", "tokens"]].transform("sum")
+    per_workload["share of calls"] = per_workload["calls"] / totals["calls"]
+    per_workload["share of tokens"] = per_workload["tokens"] / totals["tokens"].where(totals["tokens"] > 0)
+    estimate_text: dict[tuple[str, str], str] = {}
+    other = page["other_calls"]
+    have_estimator = estimates.available()
+    if other is not None and have_estimator:
+        sums: dict[tuple[str, str], list[float]] = {}
+        for item in other.itertuples():
+            found = estimates.estimate(
+                item.provider, item.model, int(item.calls), item.mean_output_tokens, item.mean_latency_s
+            )
+            if found is not None:
+                low_high = sums.setdefault((item.workload, item.provider), [0.0, 0.0])
+                low_high[0] += found.low_j
+                low_high[1] += found.high_j
+        estimate_text = {k: f"{units.energy(lo)} – {units.energy(hi)}" for k, (lo, hi) in sums.items()}
+    per_workload["energy"] = [
+        units.energy(j)
+        if p == queries.JOULE_PROVIDER
+        else f"≈ {estimate_text[(w, p)]} (estimate)"
+        if (w, p) in estimate_text
+        else "not measured"
+        for w, p, j in zip(per_workload.workload, per_workload.provider, per_workload.measured_j, strict=True)
+    ]
+    st.dataframe(
+        per_workload.drop(columns=["measured_j"]),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "calls": st.column_config.NumberColumn("calls", format="localized"),
+            "tokens": st.column_config.NumberColumn("tokens", format="localized"),
+            "share of calls": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="percent"),
+            "share of tokens": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="percent"),
+        },
+    )
+    if have_estimator:
+        st.caption(
+            "Joule Cloud's energy is measured per call. Other providers send no figure: their range is an "
+            "estimate by EcoLogits (low–high, from the model, output tokens and latency of each call), never added "
+            "to the measured totals above."
+        )
+    else:
+        st.caption(
+            "Other providers send no energy figure. `pip install 'joule-otel[estimates]'` adds an EcoLogits "
+            "estimate (a range, labelled as such, never added to measured totals)."
+        )
+
+
+def _what_if() -> None:
+    """One workload's calls re-priced on another model, tier or region, from rates this ledger measured."""
+    workloads = [w for w in opts["workloads"] if not filters.workloads or w in filters.workloads]
+    if not workloads:
+        st.info("No workloads in this selection.")
+        return
+    pick_workload, pick_model, pick_tier, pick_region = st.columns(4)
+    as_now = "as now"
+    workload = pick_workload.selectbox("Workload", workloads, key="wi_workload")
+    model = pick_model.selectbox("Pinned model", [as_now, *opts["models"]], key="wi_model")
+    tier = pick_tier.selectbox("Tier", [as_now, *opts["tiers"]], key="wi_tier")
+    region = pick_region.selectbox("Region", [as_now, *opts["regions"]], key="wi_region")
+    result = load_what_if(
+        source.signature(),
+        source,
+        filters,
+        workload,
+        None if model == as_now else model,
+        None if tier == as_now else tier,
+        None if region == as_now else region,
+    )
+    if result.rows.empty:
+        st.info(f"{units.plain(workload)} has no measured calls in this selection.")
+        return
+    saved_j = result.energy_now_j - result.energy_then_j
+    saved_mg = result.carbon_now_mg - result.carbon_then_mg
+    moves = [
+        f"pinned to {units.plain(model)}" if model != as_now else "",
+        f"on the {units.plain(tier)} tier" if tier != as_now else "",
+        f"in {units.plain(region)}" if region != as_now else "",
+    ]
+    change = ", ".join(m for m in moves if m) or "as it ran"
+    verb = "saved" if saved_j >= 0 else "cost"
+    st.subheader(
+        f"{units.plain(workload)} {change} would have {verb} "
+        f"{units.energy(abs(saved_j))} and {units.carbon(abs(saved_mg))} in this period"
+    )
+    st.dataframe(
+        result.rows,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "kind": "kind of call",
+            "tokens": st.column_config.NumberColumn("tokens (output; input for embeddings)", format="localized"),
+            "j_per_token_now": st.column_config.NumberColumn("J / token now", format="%.5f"),
+            "j_per_token_then": st.column_config.NumberColumn("J / token then", format="%.5f"),
+            "energy_now_j": st.column_config.NumberColumn("energy now (J)", format="localized"),
+            "energy_then_j": st.column_config.NumberColumn("energy then (J)", format="localized"),
+            "carbon_now_mg": st.column_config.NumberColumn("carbon now (mg)", format="localized"),
+            "mg_per_j_now": st.column_config.NumberColumn("mg CO2e / J now", format="%.4f"),
+            "carbon_then_mg": st.column_config.NumberColumn("carbon then (mg)", format="localized"),
+        },
+    )
+    intensity = (
+        f"{result.intensity_then_mg_per_j:.4f} mg CO2e per J measured in {units.plain(region)}"
+        if result.intensity_then_mg_per_j is not None
+        else "the workload's own intensity"
+    )
+    st.caption(
+        "energy then = tokens × J per token measured on this ledger's calls of that kind on the chosen model and tier "
+        f"in this period; carbon then = energy then × {intensity}."
+    )
+    for note in result.missing:
+        st.warning(f"Left as it ran: {units.plain(note)} in this selection.")
 
 
 if live:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 
 J_PER_KWH = 3.6e6
 PHONE_CHARGE_J = 54_000.0
@@ -58,3 +59,24 @@ def carbon_equivalent(milligrams: float) -> str:
         return ""
     metres = milligrams / 1000.0 / CAR_G_PER_KM * 1000.0
     return f"≈ {metres:,.0f} m by car" if metres < 1000 else f"≈ {metres / 1000:,.1f} km by car"
+
+
+_MARKDOWN_SPECIALS = set("\\`*_{}[]()#+-.!|<>~$:&")
+
+
+def plain(value: object) -> str:
+    """A value from the ledger made safe for Streamlit markdown: every markup character escaped.
+
+    ``![b](http://host/x)`` in a header then reads as those characters, and no image is fetched.
+    """
+    return "".join("\\" + ch if ch in _MARKDOWN_SPECIALS else ch for ch in str(value)).replace("\n", " ")
+
+
+def span(length: timedelta) -> str:
+    """A period's length as a person says it: '15 min', '24 h', '7 days'."""
+    seconds = length.total_seconds()
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"

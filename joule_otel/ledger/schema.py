@@ -88,8 +88,17 @@ ENERGY_BIN_SQL = "CASE WHEN energy_j > 0 THEN CAST(floor(log10(energy_j) * 4) AS
 
 
 def select_list(present: set[str] | frozenset[str]) -> str:
-    """The ledger's columns in table order, NULL for any that ``present`` lacks (an older segment or file)."""
-    return ", ".join(name if name in present else f"CAST(NULL AS {kind}) AS {name}" for name, kind in COLUMNS)
+    """The ledger's columns in table order, NULL for any that ``present`` lacks (an older segment or file).
+
+    A missing ``provider`` reads as the schema upgrade would have set it (:data:`PROVIDER_BACKFILL_SQL`).
+    """
+
+    def missing(name: str, kind: str) -> str:
+        if name == "provider" and present >= _BACKFILL_NEEDS:
+            return f"{PROVIDER_BACKFILL_SQL} AS provider"
+        return f"CAST(NULL AS {kind}) AS {name}"
+
+    return ", ".join(name if name in present else missing(name, kind) for name, kind in COLUMNS)
 
 
 def parquet_select(con: Any, files: list[str]) -> str:
@@ -199,6 +208,7 @@ PROVIDER_BACKFILL_SQL = (
     "ELSE coalesce(server_address, 'unknown') END"
 )
 """The ``provider`` of a row written before the column existed (see :func:`joule_otel._genai.provider_for`)."""
+_BACKFILL_NEEDS = frozenset({"receipt_id", "energy_j", "carbon_mg", "routed_to", "tier", "server_address"})
 
 
 def _version(raw: str) -> int:

@@ -1,0 +1,305 @@
+"""Every chart of the dashboard: query results → Plotly figures a person reads.
+
+Rules every builder follows: values from the ledger (workloads, models, regions, receipts) are
+escaped before Plotly sees them, so a model called ``<a href=…>`` is text, never a link; axes carry
+their unit and a scale chosen for the data (J, kJ, MJ; mg, g, kg); time axes span the period shown
+with ticks no finer than the bucket. No Streamlit here: the page decides where a figure goes.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from datetime import datetime, timedelta
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from joule_otel.dashboard import units
+from joule_otel.dashboard.timerange import TICK_FORMATS
+
+ENERGY_SCALES = ((1.0, "J"), (1e3, "kJ"), (1e6, "MJ"), (1e9, "GJ"))
+CARBON_SCALES = ((1.0, "mg"), (1e3, "g"), (1e6, "kg"), (1e9, "t"))
+BUCKET_MS = {"1 minute": 60_000, "5 minutes": 300_000, "1 hour": 3_600_000, "1 day": 86_400_000, "7 days": 604_800_000}
+
+
+def text(value: Any) -> str:
+    """A ledger value as Plotly text: escaped, so markup in it is shown, never interpreted."""
+    return html.escape("" if value is None else str(value), quote=False)
+
+
+def safe(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """A copy of ``frame`` with these text columns escaped for Plotly."""
+    return frame.assign(**{c: frame[c].map(text) for c in columns if c in frame})
+
+
+def scale(values: Any, scales: tuple[tuple[float, str], ...]) -> tuple[float, str]:
+    """The divisor and unit that print the largest of ``values`` between 1 and 1000."""
+    numbers = [abs(float(v)) for v in values if v is not None and not pd.isna(v)]
+    peak = max(numbers, default=0.0)
+    factor, name = scales[0]
+    for candidate, candidate_name in scales:
+        if peak >= candidate:
+            factor, name = candidate, candidate_name
+    return factor, name
+
+
+def _layout(fig: go.Figure, title: str, **axes: Any) -> go.Figure:
+    fig.update_layout(title=title, margin={"t": 50, "l": 10, "r": 10, "b": 10}, legend_title_text="", **axes)
+    return fig
+
+
+def over_time(
+    frame: pd.DataFrame, *, bucket: str, start: datetime, end: datetime, split_label: str, tz_name: str
+) -> go.Figure:
+    """Stacked bars of energy per bucket and group, on an axis that spans the whole period."""
+    factor, unit = scale(frame.groupby("bucket")["energy_j"].sum(), ENERGY_SCALES)
+    fig = go.Figure()
+    width = BUCKET_MS[bucket] * 0.9
+    half = timedelta(milliseconds=BUCKET_MS[bucket] / 2)
+    for group, part in frame.groupby("group", sort=True):
+        name = text(group)
+        fig.add_bar(
+            x=part["bucket"] + half,
+            y=part["energy_j"] / factor,
+            name=name,
+            width=width,
+            customdata=part[["calls"]].to_numpy(),
+            hovertemplate=f"{name}<br>%{{x|%d %b %Y %H:%M}}<br>%{{y:,.3~f}} {unit}<br>%{{customdata[0]:,}} calls"
+            "<extra></extra>",
+        )
+    span_start = pd.Timestamp(start).tz_convert(tz_name).tz_localize(None)
+    span_end = pd.Timestamp(end).tz_convert(tz_name).tz_localize(None)
+    return _layout(
+        fig,
+        f"Energy per {bucket} by {split_label}",
+        barmode="stack",
+        xaxis={"type": "date", "range": [span_start, span_end], "tickformat": TICK_FORMATS[bucket], "title": tz_name},
+        yaxis={"title": f"Energy ({unit})", "tickformat": ",.3~f"},
+    )
+
+
+def breakdown(frame: pd.DataFrame, dim_label: str) -> go.Figure:
+    """Horizontal bars of energy per value of one dimension (values without energy are left out)."""
+    frame = frame[frame["energy_j"].fillna(0) > 0]
+    factor, unit = scale(frame["energy_j"], ENERGY_SCALES)
+    carbon_factor, carbon_unit = scale(frame["carbon_mg"], CARBON_SCALES)
+    fig = go.Figure(
+        go.Bar(
+            x=frame["energy_j"] / factor,
+            y=frame["group"].map(text),
+            orientation="h",
+            customdata=pd.concat(
+                [frame["calls"], (frame["carbon_mg"] / carbon_factor).fillna(0), frame["errors"]], axis=1
+            ).to_numpy(),
+            hovertemplate=f"%{{y}}<br>%{{x:,.3~f}} {unit}<br>%{{customdata[1]:,.3~f}} {carbon_unit} CO2e"
+            "<br>%{customdata[0]:,} calls, %{customdata[2]:,} errors<extra></extra>",
+        )
+    )
+    fig.update_yaxes(autorange="reversed", title=dim_label, type="category")
+    return _layout(fig, f"Energy by {dim_label}", xaxis={"title": f"Energy ({unit})", "tickformat": ",.3~f"})
+
+
+def treemap(frame: pd.DataFrame) -> go.Figure:
+    """Workload → model, sized by joules."""
+    workloads = frame.groupby("workload", sort=False)["energy_j"].sum()
+    ids = [f"w/{w}" for w in workloads.index] + [f"w/{w}/{m}" for w, m in zip(frame.workload, frame.model, strict=True)]
+    labels = [text(w) for w in workloads.index] + [text(m) for m in frame.model]
+    parents = [""] * len(workloads) + [f"w/{w}" for w in frame.workload]
+    values = list(workloads) + list(frame.energy_j)
+    fig = go.Figure(
+        go.Treemap(
+            ids=ids,
+            labels=labels,
+            parents=parents,
+            values=values,
+            branchvalues="total",
+            customdata=[units.energy(v) for v in values],
+            texttemplate="%{label}<br>%{customdata}",
+            hovertemplate="%{label}<br>%{customdata}<extra></extra>",
+        )
+    )
+    return _layout(fig, "Workload → routed model, by energy")
+
+
+def sankey(flows: pd.DataFrame) -> go.Figure:
+    """Requested model → routed model, weighted by joules."""
+    asked = [f"asked: {text(x)}" for x in flows["requested"].unique()]
+    served = [f"served: {text(x)}" for x in flows["routed"].unique()]
+    labels = asked + served
+    index = {label: i for i, label in enumerate(labels)}
+    fig = go.Figure(
+        go.Sankey(
+            node={"label": labels, "pad": 14, "hovertemplate": "%{label}<extra></extra>"},
+            link={
+                "source": [index[f"asked: {text(r)}"] for r in flows["requested"]],
+                "target": [index[f"served: {text(r)}"] for r in flows["routed"]],
+                "value": flows["energy_j"].tolist(),
+                "customdata": [units.energy(v) for v in flows["energy_j"]],
+                "hovertemplate": "%{source.label} → %{target.label}<br>%{customdata}<extra></extra>",
+            },
+        )
+    )
+    return _layout(fig, "Requested model → routed model, weighted by energy")
+
+
+def per_token(frame: pd.DataFrame, column: str, title: str, unit_label: str) -> go.Figure:
+    """Bars of a J-per-token figure by model (millijoules when below a joule)."""
+    frame = frame[frame[column].notna()]
+    factor, unit = (1e-3, "mJ") if frame[column].max() < 1 else (1.0, "J")
+    fig = go.Figure(
+        go.Bar(
+            x=frame["model"].map(text),
+            y=frame[column] / factor,
+            hovertemplate=f"%{{x}}<br>%{{y:,.3~f}} {unit} {unit_label}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(type="category", title="routed model")
+    return _layout(fig, title, yaxis={"title": f"{unit} {unit_label}", "tickformat": ",.3~f"})
+
+
+def carbon_regions(frame: pd.DataFrame) -> go.Figure:
+    """Carbon per region, coloured by the effective grid intensity."""
+    factor, unit = scale(frame["carbon_mg"], CARBON_SCALES)
+    fig = go.Figure(
+        go.Bar(
+            x=frame["region"].map(text),
+            y=frame["carbon_mg"] / factor,
+            marker={
+                "color": frame["g_per_kwh"],
+                "colorscale": "RdYlGn_r",
+                "colorbar": {"title": {"text": "g CO2e/kWh"}},
+            },
+            customdata=pd.concat([frame["g_per_kwh"].fillna(0), frame["calls"]], axis=1).to_numpy(),
+            hovertemplate=f"%{{x}}<br>%{{y:,.3~f}} {unit} CO2e<br>%{{customdata[0]:,.0f}} g CO2e/kWh"
+            "<br>%{customdata[1]:,} calls<extra></extra>",
+        )
+    )
+    fig.update_xaxes(type="category", title="region")
+    return _layout(fig, "Carbon by region", yaxis={"title": f"Carbon ({unit} CO2e)", "tickformat": ",.3~f"})
+
+
+def carbon_savings(frame: pd.DataFrame, cleanest: str) -> go.Figure:
+    """Carbon now and at the cleanest region, per workload."""
+    factor, unit = scale(pd.concat([frame["carbon_mg"], frame["if_cleanest_mg"]]), CARBON_SCALES)
+    fig = go.Figure()
+    for column, name in (("carbon_mg", "as served"), ("if_cleanest_mg", f"if served from {text(cleanest)}")):
+        fig.add_bar(
+            x=frame["workload"].map(text),
+            y=frame[column] / factor,
+            name=name,
+            hovertemplate=f"%{{x}}<br>{name}: %{{y:,.3~f}} {unit} CO2e<extra></extra>",
+        )
+    fig.update_xaxes(type="category", title="workload")
+    return _layout(
+        fig, "Carbon as served vs. at the cleanest region", barmode="group", yaxis={"title": f"Carbon ({unit} CO2e)"}
+    )
+
+
+def histogram(frame: pd.DataFrame) -> go.Figure:
+    """Calls per ¼-decade energy bin, every bin from the lowest to the highest shown (empty ones at 0)."""
+    bins = [round(4 * math.log10(v)) for v in frame["bin_start_j"]]
+    calls = dict(zip(bins, frame["calls"], strict=True))
+    every = list(range(min(bins), max(bins) + 1)) if bins else []
+    labels = [f"{units.energy(10 ** (b / 4))}–{units.energy(10 ** ((b + 1) / 4))}" for b in every]
+    fig = go.Figure(
+        go.Bar(x=labels, y=[calls.get(b, 0) for b in every], hovertemplate="%{x}<br>%{y:,} calls<extra></extra>")
+    )
+    fig.update_xaxes(type="category", title="energy per call")
+    return _layout(fig, "Energy per call (¼-decade bins)", yaxis={"title": "calls", "tickformat": ",d"})
+
+
+def latency_energy(frame: pd.DataFrame) -> go.Figure:
+    """Duration against energy per call, one colour per model; energy on a log axis with a tick per decade."""
+    fig = go.Figure()
+    for model, part in frame.groupby("model", sort=True):
+        name = text(model)
+        fig.add_scatter(
+            x=part["duration_ms"],
+            y=part["energy_j"],
+            mode="markers",
+            name=name,
+            marker={"size": 5, "opacity": 0.7},
+            hovertemplate=f"{name}<br>%{{x:,.0f}} ms<br>%{{y:,.3~f}} J<extra></extra>",
+        )
+    return _layout(
+        fig,
+        "Latency vs energy per call",
+        xaxis={"title": "duration (ms)", "tickformat": ",d"},
+        yaxis={"title": "energy (J, log scale)", "type": "log", "dtick": 1, "tickformat": ",~g"},
+    )
+
+
+def ttft(frame: pd.DataFrame) -> go.Figure:
+    """Time to first chunk of streams, per model."""
+    fig = go.Figure()
+    for model, part in frame.groupby("model", sort=True):
+        fig.add_box(y=part["ttft_ms"], name=text(model), boxpoints=False)
+    return _layout(fig, "Time to first chunk (streams)", showlegend=False, yaxis={"title": "ms", "tickformat": ",d"})
+
+
+def burn_down(burn: pd.DataFrame, budgets: dict[str, float], month_start: datetime, month_end: datetime) -> go.Figure:
+    """One small chart per budgeted workload: cumulative energy this month as a line, the budget dashed.
+
+    Each workload gets its own scale and its own budget line, so a 500 J budget is not a flat line under
+    a 400 kJ one and no two labels sit on each other.
+    """
+    names = [w for w in budgets if w in set(burn["workload"])]
+    columns = min(3, max(1, len(names)))
+    rows = math.ceil(len(names) / columns) if names else 1
+    fig = make_subplots(rows=rows, cols=columns, subplot_titles=[text(n) for n in names], vertical_spacing=0.18)
+    for i, name in enumerate(names):
+        row, col = i // columns + 1, i % columns + 1
+        part = burn[burn["workload"] == name].sort_values("day")
+        factor, unit = scale([*part["cumulative_j"], budgets[name]], ENERGY_SCALES)
+        fig.add_scatter(
+            x=part["day"],
+            y=part["cumulative_j"] / factor,
+            mode="lines+markers",
+            name=text(name),
+            showlegend=False,
+            hovertemplate=f"%{{x|%d %b}}<br>%{{y:,.3~f}} {unit} so far<extra></extra>",
+            row=row,
+            col=col,
+        )
+        fig.add_scatter(
+            x=[month_start, month_end],
+            y=[budgets[name] / factor] * 2,
+            mode="lines",
+            line={"dash": "dot", "color": "firebrick"},
+            name="budget",
+            showlegend=i == 0,
+            hovertemplate=f"budget: {units.energy(budgets[name])}<extra></extra>",
+            row=row,
+            col=col,
+        )
+        fig.update_yaxes(title_text=unit, rangemode="tozero", tickformat=",.3~f", row=row, col=col)
+        fig.update_xaxes(range=[month_start, month_end], tickformat="%d %b", row=row, col=col)
+    fig.update_layout(height=300 * rows)
+    return _layout(fig, "Burn-down this month: cumulative energy vs budget (UTC days)")
+
+
+def migration_share(frame: pd.DataFrame, bucket: str, start: datetime, end: datetime, tz_name: str) -> go.Figure:
+    """Per workload, the share of calls not on Joule Cloud in each bucket (a line that should fall to 0 %)."""
+    fig = go.Figure()
+    for workload, part in frame.groupby("workload", sort=True):
+        totals = part.groupby("bucket")["calls"].sum()
+        elsewhere = part[part["provider"] != "joule_cloud"].groupby("bucket")["calls"].sum()
+        share = (elsewhere.reindex(totals.index).fillna(0) / totals).sort_index()
+        name = text(workload)
+        fig.add_scatter(
+            x=share.index,
+            y=share.values,
+            mode="lines+markers",
+            name=name,
+            hovertemplate=f"{name}<br>%{{x|%d %b %Y %H:%M}}<br>%{{y:.0%}} of calls elsewhere<extra></extra>",
+        )
+    span = [pd.Timestamp(t).tz_convert(tz_name).tz_localize(None) for t in (start, end)]
+    return _layout(
+        fig,
+        "Share of calls still on another provider",
+        xaxis={"type": "date", "range": span, "tickformat": TICK_FORMATS[bucket], "title": tz_name},
+        yaxis={"title": "calls on other providers", "tickformat": ".0%", "range": [0, 1.05]},
+    )
