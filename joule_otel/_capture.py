@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from time import perf_counter_ns, time_ns
 from typing import Any
 
@@ -345,6 +346,34 @@ class Capture:
 _CONTENT_ENCODING = b"content-encoding"
 _REGION_KEY = REGION.encode("latin-1")
 _RESPONSE_HEADER_KEYS = tuple(name.lower().encode() for name in RESPONSE_HEADERS)
+
+
+_moment_offset_ns: contextvars.ContextVar[int] = contextvars.ContextVar("joule_otel_moment_offset_ns", default=0)
+
+
+def _offset_time_ns() -> int:
+    return _wall_clock_ns() + _moment_offset_ns.get()
+
+
+_wall_clock_ns = time_ns
+
+
+@contextmanager
+def replayed_at(moment_ns: int) -> Iterator[None]:
+    """Calls made inside start at ``moment_ns`` (epoch ns) as far as the ledger can tell, plus the time they take.
+
+    For ``joule-otel demo``'s history only: weeks of calls go through the real SDK, simulator and capture,
+    each dated to its day. Swaps this module's clock for the duration (the hot path never pays for it);
+    the offset is per context, so concurrent tasks each keep their own moment. The swapped clock stays
+    (reading a zero offset) for the rest of the process: tasks on other threads may still be replaying.
+    """
+    global time_ns
+    token = _moment_offset_ns.set(moment_ns - _wall_clock_ns())
+    time_ns = _offset_time_ns
+    try:
+        yield
+    finally:
+        _moment_offset_ns.reset(token)
 
 
 def _has_header(headers: Any, *names: bytes) -> bool:

@@ -90,6 +90,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(
         calls=args.calls,
+        history_days=args.history_days,
         db=Path(args.db).expanduser() if args.db else None,
         browser=not args.no_browser,
         dashboard=not args.no_dashboard,
@@ -157,7 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="simulator + realistic traffic + ledger + dashboard, offline")
-    demo.add_argument("--calls", type=int, default=400, help="inference calls to make (default 400)")
+    demo.add_argument("--calls", type=int, default=400, help="tasks to run today (default 400)")
+    demo.add_argument(
+        "--history-days",
+        type=int,
+        default=28,
+        help="days of earlier traffic to write first, dated through the capture path (default 28; 0 for none)",
+    )
     demo.add_argument("--db", help="ledger to write (default: demo.duckdb in the user data folder)")
     demo.add_argument("--no-browser", action="store_true", help="do not open a browser")
     demo.add_argument("--no-dashboard", action="store_true", help="exit after the traffic instead of serving")

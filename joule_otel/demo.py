@@ -7,6 +7,11 @@ Five workloads, as a small company on Joule Cloud would run them:
 - ``search-embeddings``: embeddings for a search index, pinned to ``eu-se``;
 - ``ops-agent``: a tool-using agent (tool call → tool result → answer) on the priority tier;
 - ``batch-enrichment``: its own API token with a small energy budget, which runs out: 402s.
+
+Before today's traffic, four weeks of history go through the same SDK, simulator and capture, each call
+dated to its day (:func:`joule_otel._capture.replayed_at`): traffic that grows week on week, the nightly
+summaries moving to the batch tier in week three, and support-bot and search-embeddings migrating from
+OpenAI (the simulator's ``/openai/v1`` stand-in) to Joule Cloud, so the dashboard opens on trends.
 """
 
 from __future__ import annotations
@@ -23,25 +28,28 @@ import time
 import webbrowser
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import joule_otel
 from joule_otel._terminal import dashboard_command, port_taken, print_table
 from joule_otel.simulator import running
+from joule_otel.simulator._server import OPENAI_PREFIX
 
 DEMO_SERVICE = "joule-demo"
 """The demo's ``service.name`` (unless ``OTEL_SERVICE_NAME`` says otherwise)."""
 
 DEMO_BUDGETS_J = {
-    "batch-enrichment": 6_000.0,
-    "support-bot": 150_000.0,
-    "nightly-summaries": 400_000.0,
-    "search-embeddings": 500.0,
-    "ops-agent": 60_000.0,
+    "batch-enrichment": 40_000.0,
+    "support-bot": 20_000.0,
+    "nightly-summaries": 250_000.0,
+    "search-embeddings": 1_500.0,
+    "ops-agent": 4_500.0,
 }
 """Energy budgets the demo's dashboard shows (J per month)."""
-BATCH_TOKEN_BUDGET_J = 3_000.0
+BATCH_TOKEN_BUDGET_J = 1_500.0
 
 _QUESTIONS = [
     "My invoice shows more joules than last month, why?",
@@ -74,9 +82,18 @@ def default_demo_db() -> Path:
     return default_db_path().with_name("demo.duckdb")
 
 
-def _support_bot(client: Any, rng: random.Random) -> None:
+@dataclass(frozen=True)
+class Era:
+    """How a task runs at its moment: on OpenAI still (``legacy``), and the nightly summaries' tier."""
+
+    legacy: bool = False
+    nightly_tier: str = "batch"
+
+
+def _support_bot(client: Any, rng: random.Random, era: Era) -> None:
+    pinned = {} if era.legacy else {"extra_headers": {"X-Region": "eu-fi"}}
     stream = client.chat.completions.create(
-        model="auto",
+        model="gpt-4o-mini" if era.legacy else "auto",
         stream=True,
         stream_options={"include_usage": True},
         messages=[
@@ -84,30 +101,33 @@ def _support_bot(client: Any, rng: random.Random) -> None:
             {"role": "user", "content": rng.choice(_QUESTIONS)},
         ],
         max_tokens=rng.randint(60, 220),
-        extra_headers={"X-Region": "eu-fi"},
+        **pinned,
     )
     for _ in stream:
         pass
 
 
-def _nightly_summary(client: Any, rng: random.Random) -> None:
+def _nightly_summary(client: Any, rng: random.Random, era: Era) -> None:
     client.chat.completions.create(
         model="llama-3.3-405b-instruct",
         max_tokens=rng.randint(250, 600),
         messages=[{"role": "user", "content": "Summarise:\n" + _DOCUMENT[: rng.randint(2_000, 3_400)]}],
-        extra_headers={"X-Tier": "batch"},
+        extra_headers={"X-Tier": era.nightly_tier},
     )
 
 
-def _embeddings(client: Any, rng: random.Random) -> None:
+def _embeddings(client: Any, rng: random.Random, era: Era) -> None:
     docs = [
         f"knowledge base article {rng.randint(1, 10_000)}: " + " ".join(rng.choices(_QUESTIONS, k=3))
         for _ in range(rng.randint(4, 16))
     ]
-    client.embeddings.create(model="auto", input=docs, extra_headers={"X-Region": "eu-se"})
+    if era.legacy:
+        client.embeddings.create(model="text-embedding-3-small", input=docs)
+    else:
+        client.embeddings.create(model="auto", input=docs, extra_headers={"X-Region": "eu-se"})
 
 
-def _agent(client: Any, rng: random.Random) -> None:
+def _agent(client: Any, rng: random.Random, era: Era) -> None:
     messages: list[dict[str, Any]] = [{"role": "user", "content": "Is the checkout service degraded?"}]
     first = client.chat.completions.create(
         model="auto",
@@ -128,7 +148,7 @@ def _agent(client: Any, rng: random.Random) -> None:
     )
 
 
-def _batch_enrichment(client: Any, rng: random.Random) -> None:
+def _batch_enrichment(client: Any, rng: random.Random, era: Era) -> None:
     import openai
 
     try:
@@ -143,7 +163,9 @@ def _batch_enrichment(client: Any, rng: random.Random) -> None:
             raise
 
 
-_MIX: list[tuple[str, float, Callable[[Any, random.Random], None], str]] = [
+Task = Callable[[Any, random.Random, Era], None]
+
+_MIX: list[tuple[str, float, Task, str]] = [
     ("support-bot", 0.38, _support_bot, "main"),
     ("nightly-summaries", 0.10, _nightly_summary, "main"),
     ("search-embeddings", 0.22, _embeddings, "main"),
@@ -152,39 +174,104 @@ _MIX: list[tuple[str, float, Callable[[Any, random.Random], None], str]] = [
 ]
 
 
-def _progress(done: int, total: int, started: float) -> None:
+HISTORY_DAYS = 28
+HISTORY_TASKS_PER_DAY = 18
+"""Tasks on a weekday of the first week; each week brings 10 % more, weekends half as many."""
+LEGACY_SHARE = {"support-bot": (0.7, 0.4, 0.15, 0.0), "search-embeddings": (1.0, 0.5, 0.0, 0.0)}
+"""Per week of history (oldest first), the share of a workload's tasks still sent to OpenAI."""
+TODAY_LEGACY_SHARE = {"support-bot": 0.04}
+"""A few stragglers remain today: the migration view has something left to show."""
+_WORK_HOURS = [1, 1, 1, 1, 1, 1, 2, 4, 8, 10, 10, 9, 7, 9, 10, 9, 8, 6, 4, 3, 2, 2, 1, 1]
+"""Relative traffic per hour of the (UTC) day: office hours, a lunch dip, a quiet night."""
+
+
+@dataclass(frozen=True)
+class PlannedTask:
+    """One task of the demo: which workload, through which account and provider, when."""
+
+    name: str
+    func: Task
+    account: str
+    era: Era
+    moment_ns: int | None = None
+    """None: now (today's traffic); else the past moment the calls are dated to."""
+
+
+def plan_today(calls: int, seed: int) -> list[PlannedTask]:
+    """Today's ``calls`` tasks of the mix, a few still on OpenAI."""
+    rng = random.Random(seed)
+    picks = rng.choices(_MIX, weights=[w for _, w, _, _ in _MIX], k=calls)
+    plan = []
+    for name, _, func, account in picks:
+        legacy = rng.random() < TODAY_LEGACY_SHARE.get(name, 0.0)
+        plan.append(PlannedTask(name, func, "openai" if legacy else account, Era(legacy=legacy)))
+    return plan
+
+
+def plan_history(now: datetime, seed: int, days: int = HISTORY_DAYS) -> list[PlannedTask]:
+    """``days`` days before today, oldest first: growing traffic, a tier change, a migration from OpenAI."""
+    rng = random.Random(seed + 1)
+    today = now.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    plan: list[PlannedTask] = []
+    for days_ago in range(days, 0, -1):
+        day = today - timedelta(days=days_ago)
+        week = min((days - days_ago) // 7, 3)
+        count = round(HISTORY_TASKS_PER_DAY * 1.1**week * (0.5 if day.weekday() >= 5 else 1.0))
+        era_tier = "standard" if week < 2 else "batch"
+        for name, _, func, account in rng.choices(_MIX, weights=[w for _, w, _, _ in _MIX], k=count):
+            legacy = rng.random() < LEGACY_SHARE.get(name, (0.0,) * 4)[week]
+            hour = rng.randint(1, 3) if name == "nightly-summaries" else rng.choices(range(24), _WORK_HOURS)[0]
+            moment = day + timedelta(hours=hour, seconds=rng.uniform(0, 3600))
+            plan.append(
+                PlannedTask(
+                    name,
+                    func,
+                    "openai" if legacy else account,
+                    Era(legacy=legacy, nightly_tier=era_tier),
+                    int(moment.timestamp() * 1e9),
+                )
+            )
+    return plan
+
+
+def _progress(done: int, total: int, started: float, what: str) -> None:
     width = 32
     filled = int(width * done / max(total, 1))
     rate = done / max(time.monotonic() - started, 1e-9)
-    sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} calls  {rate:5.1f}/s")
+    sys.stderr.write(f"\r  {what:<8} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks  {rate:5.1f}/s")
     sys.stderr.flush()
 
 
-def run_traffic(base_url: str, calls: int, seed: int) -> None:
-    """Send ``calls`` tasks of the mix through the openai SDK, four at a time, with a progress bar."""
+def run_traffic(base_url: str, plan: list[PlannedTask], seed: int, what: str = "today") -> None:
+    """Run the planned tasks through the openai SDK, four at a time, with a progress bar."""
     import openai
+
+    from joule_otel._capture import replayed_at
 
     clients = {
         "main": openai.OpenAI(base_url=base_url, api_key="jc_demo_main", max_retries=0),
         "batch": openai.OpenAI(base_url=base_url, api_key="jc_demo_batch", max_retries=0),
+        "openai": openai.OpenAI(
+            base_url=base_url.replace("/v1", OPENAI_PREFIX + "/v1"), api_key="sk-demo-legacy", max_retries=0
+        ),
     }
-    rng = random.Random(seed)
-    plan = rng.choices(_MIX, weights=[w for _, w, _, _ in _MIX], k=calls)
     started = time.monotonic()
     done = 0
-    lock = threading.Lock()
 
-    def task(index: int, name: str, func: Callable[[Any, random.Random], None], account: str) -> None:
-        with joule_otel.workload(name):
-            func(clients[account], random.Random(seed * 100_003 + index))
+    def task(index: int, planned: PlannedTask) -> None:
+        with joule_otel.workload(planned.name):
+            if planned.moment_ns is None:
+                planned.func(clients[planned.account], random.Random(seed * 100_003 + index), planned.era)
+            else:
+                with replayed_at(planned.moment_ns):
+                    planned.func(clients[planned.account], random.Random(seed * 100_003 + index), planned.era)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = [pool.submit(task, i, name, func, account) for i, (name, _, func, account) in enumerate(plan)]
+        futures = [pool.submit(task, i, planned) for i, planned in enumerate(plan)]
         for future in as_completed(futures):
             future.result()
-            with lock:
-                done += 1
-                _progress(done, calls, started)
+            done += 1
+            _progress(done, len(plan), started, what)
     sys.stderr.write("\n")
 
 
@@ -243,10 +330,13 @@ def run_demo(
     dashboard: bool = True,
     port: int = 8501,
     seed: int = 42,
+    history_days: int = HISTORY_DAYS,
 ) -> int:
     """Run the demo end to end; returns an exit code."""
     if calls < 1:
         raise ValueError("--calls must be at least 1")
+    if history_days < 0:
+        raise ValueError("--history-days must be 0 or more")
     if dashboard and port_taken("127.0.0.1", port):  # say so before the traffic, not after it
         raise ValueError(f"port {port} on 127.0.0.1 is already in use; pass another with --port, or --no-dashboard")
     db = db or default_demo_db()
@@ -255,13 +345,17 @@ def run_demo(
     budgets_file = db.with_name("demo-budgets.json")
     budgets_file.write_text(json.dumps(DEMO_BUDGETS_J, indent=2))
 
+    history = plan_history(datetime.now(timezone.utc), seed, history_days) if history_days else []
     print(
-        f"joule-otel demo: {calls} tasks through the openai SDK to a local Joule Cloud simulator "
-        "(an agent task makes two calls)"
+        f"joule-otel demo: {len(history)} tasks of history over {history_days} days, then {calls} tasks today, "
+        "through the openai SDK to a local Joule Cloud simulator (an agent task makes two calls)"
     )
     os.environ.setdefault("OTEL_SERVICE_NAME", DEMO_SERVICE)  # the ledger's service: a name, not unknown_service
     joule_otel.instrument(db=db, flush_interval=0.5)
     try:
+        if history:
+            with running(seed=seed + 1, token_delay_s=0.0, latency_s=0.002) as past:
+                run_traffic(past.base_url, history, seed + 1, "history")
         with running(
             seed=seed,
             token_delay_s=0.002,
@@ -269,7 +363,7 @@ def run_demo(
             energy_budgets={"jc_demo_batch": BATCH_TOKEN_BUDGET_J},
         ) as sim:
             print(f"  simulator: {sim.base_url}")
-            run_traffic(sim.base_url, calls, seed)
+            run_traffic(sim.base_url, plan_today(calls, seed), seed)
             joule_otel.flush(timeout_s=30)
     finally:
         joule_otel.uninstrument()
@@ -289,6 +383,9 @@ def run_demo(
         [(w, n, units.energy(j), units.carbon(mg), e) for w, n, j, mg, e in found],
     )
     total_calls = sum(r[1] for r in found)
+    _, legacy = query(db, "SELECT count(*) FROM inference_calls WHERE provider = 'openai'")
+    if legacy[0][0]:
+        print(f"  {legacy[0][0]} of them went to OpenAI's API (the simulator's stand-in): see the Migration tab")
     print(
         f"  {total_calls} calls in the ledger: {units.energy(sum(r[2] for r in found))}, "
         f"{units.carbon(sum(r[3] for r in found))}"

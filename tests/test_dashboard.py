@@ -8,6 +8,7 @@ from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -475,3 +476,95 @@ def test_a_rollup_that_disagrees_with_the_rows_is_not_used(known_ledger, caplog)
     with reader.connect(known_ledger) as con:
         assert queries._has_rollup(con)
         assert queries.kpis(con, window)["energy_j"] == 450.0
+
+
+def test_budgets_tab_says_what_the_service_enforced(known_ledger, isolated_home, monkeypatch):
+    """A workload that got 402s never reads "lasts the month", though the file's budget is far from spent."""
+    budgets = isolated_home / "budgets.json"
+    budgets.write_text(json.dumps({"batch": 1_000_000.0, "bot": 100_000.0}))
+    monkeypatch.setenv("JOULE_OTEL_DB", str(known_ledger))
+    monkeypatch.setenv("JOULE_OTEL_BUDGETS", str(budgets))
+    at = run_app()
+    table = next(df.value for df in at.dataframe if "runs out" in df.value.columns).set_index("workload")
+    assert table.loc["batch", "runs out"].startswith("refused by the service since")
+    assert table.loc["batch", "402 refusals"] == 1
+    assert table.loc["bot", "runs out"] == "lasts the month"
+    assert table.loc["batch", "spent this month"] == "1.00 kJ"
+    assert any("batch (1 call)" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert "budget_burn" in charts_by_id(at)
+
+
+def test_migration_what_if_and_efficiency_on_real_traffic(isolated_home, monkeypatch, joule_simulator):
+    """OpenAI calls (the simulator's stand-in) are counted, estimated as a labelled range, never summed in."""
+    import openai
+
+    import joule_otel
+
+    db = isolated_home / "mixed.duckdb"
+    joule_otel.instrument(db=db, flush_interval=0.2)
+    try:
+        legacy = openai.OpenAI(
+            base_url=joule_simulator.base_url.replace("/v1", "/openai/v1"), api_key="sk", max_retries=0
+        )
+        joule = openai.OpenAI(base_url=joule_simulator.base_url, api_key="k", max_retries=0)
+        with joule_otel.workload("bot"):
+            for _ in range(3):
+                legacy.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+            for tier in ("standard", "batch"):
+                for _ in range(2):
+                    joule.chat.completions.create(
+                        model="llama-3.3-70b-instruct",
+                        messages=[{"role": "user", "content": "hi"}],
+                        extra_headers={"X-Tier": tier, "X-Region": "eu-se"},
+                    )
+        with joule_otel.workload("index"):
+            joule.embeddings.create(model="auto", input=["one two three", "four five"])
+        joule_otel.flush()
+    finally:
+        joule_otel.uninstrument()
+    receipts = joule_simulator.receipts
+    assert len(receipts) == 5, "the OpenAI stand-in bills nothing"
+    monkeypatch.setenv("JOULE_OTEL_DB", str(db))
+    at = run_app()
+    assert at.metric[2].value == "8"
+    measured = sum(r.energy_j for r in receipts)
+    assert figure_values(charts_by_id(at)["by_workload"], "x") == pytest.approx(measured), "estimates never summed"
+    migration = next(df.value for df in at.dataframe if "share of calls" in df.value.columns)
+    openai_row = migration[(migration.workload == "bot") & (migration.provider == "openai")].iloc[0]
+    assert openai_row["calls"] == 3 and openai_row["share of calls"] == pytest.approx(3 / 7)
+    assert openai_row["energy"].startswith("≈ ") and openai_row["energy"].endswith("(estimate)")
+    efficiency = next(df.value for df in at.dataframe if "J / output token" in df.value.columns or "kind" in df.value)
+    kinds = dict(zip(efficiency["model"] + "/" + efficiency["kind"], efficiency.index, strict=True))
+    assert any(k.endswith("/embeddings") for k in kinds) and any(k.endswith("/generation") for k in kinds)
+    embedding = efficiency[efficiency["kind"] == "embeddings"].iloc[0]
+    assert pd.isna(embedding["j_per_output_token"]) and embedding["j_per_input_token"] > 0
+
+    at.selectbox(key="wi_workload").set_value("bot").run()
+    at.selectbox(key="wi_tier").set_value("batch").run()
+    assert not at.exception
+    standard = [r for r in receipts if r.tier == "standard"]
+    batch = [r for r in receipts if r.tier == "batch"]
+    rate_batch = sum(r.energy_j for r in batch) / sum(r.output_tokens for r in batch)
+    tokens = sum(r.output_tokens for r in standard + batch)
+    saved = sum(r.energy_j for r in standard + batch) - tokens * rate_batch
+    headline = at.subheader[-1].value
+    verb = "saved" if saved >= 0 else "cost"
+    assert f"would have {verb} {units.energy(abs(saved))}" in headline, headline
+
+
+def test_opening_a_path_never_writes_or_echoes_it(isolated_home):
+    """The "open another ledger" box: any path typed is read only; a bad file's contents never reach the page."""
+    folder = isolated_home / "typed"
+    folder.mkdir()
+    secret = folder / "secret.csv"
+    secret.write_text('password=hunter2,token=abc\n\x00\x01 not csv at all "\n')
+    passwd = folder / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    before = sorted(p.relative_to(isolated_home) for p in isolated_home.rglob("*"))
+    at = run_app()
+    for typed in (secret, passwd, folder / "missing" / "deeper" / "ledger.duckdb", folder / "gone.parquet"):
+        at.text_input(key="source_path").set_value(str(typed)).run()
+        assert not at.exception, typed
+        shown = " ".join(e.value for e in [*at.error, *at.sidebar.error])
+        assert "hunter2" not in shown and "root:x" not in shown, shown
+    assert sorted(p.relative_to(isolated_home) for p in isolated_home.rglob("*")) == before

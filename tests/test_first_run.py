@@ -134,3 +134,61 @@ def test_reading_a_path_never_writes_anything(tmp_path):
     with reader.connect(plain) as con:  # not a ledger: no rows, and no passwd.lock beside it
         assert con.execute("SELECT count(*) FROM inference_calls").fetchone() == (0,)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["passwd"]
+
+
+def test_no_string_statement_renders_on_the_page():
+    """Streamlit "magic" writes a bare expression statement to the page: the app has none but docstrings."""
+    import ast
+
+    import joule_otel
+
+    tree = ast.parse((Path(joule_otel.__file__).parent / "dashboard" / "app.py").read_text())
+    docstrings = {id(tree.body[0])} | {
+        id(node.body[0]) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+    }
+    stray = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and id(node) not in docstrings
+    ]
+    assert stray == [], f"bare strings at lines {stray} would render on every page"
+
+
+def test_streamlit_run_from_another_folder_binds_loopback_only(tmp_path):
+    """`streamlit run /path/to/checkout/dashboard` elsewhere: the checkout's config still applies (loopback)."""
+    import psutil
+
+    port = free_port()
+    home = tmp_path / "home"
+    home.mkdir()
+    checkout_dashboard = Path(__file__).resolve().parent.parent / "dashboard"
+    env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(checkout_dashboard), "--server.port", str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                assert time.monotonic() < deadline, "the dashboard did not come up"
+                time.sleep(0.3)
+        listening = {
+            c.laddr.ip
+            for c in psutil.Process(proc.pid).net_connections()
+            if c.status == "LISTEN" and c.laddr.port == port
+        }
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=30)
+    assert listening == {"127.0.0.1"}, listening
+    assert "Email" not in output and "usage statistics" not in output.lower()

@@ -24,6 +24,8 @@ from joule_otel.ledger.spool import Spool
 
 st.set_page_config(page_title="joule-otel · energy", page_icon="⚡", layout="wide")
 
+# column names a person reads, in tables and exports alike (comments, never bare strings: Streamlit's "magic"
+# renders a string statement on the page)
 READABLE = {
     "group": "value",
     "bucket": "time",
@@ -50,8 +52,8 @@ READABLE = {
     "measured_j": "measured energy (J)",
     "tokens": "tokens",
 }
-"""Column names a person reads, in tables and exports alike."""
 
+# the query parameters of a shared link
 URL_LISTS = ("service", "workload", "model", "region", "tier", "provider")
 URL_VALUES = ("range", "from", "to", "tz", "status", "split")
 
@@ -101,7 +103,7 @@ if (
 ):
     st.sidebar.error(f"{units.plain(source.path)} does not exist; showing {units.plain(default_source.label)}")
     source = default_source
-st.sidebar.caption(f"**{units.plain(source.label)}**  \n{units.plain(source.why)}")
+st.sidebar.caption(f"**{source.kind_label}**: {units.plain(source.path)}  \n{source.why}")
 
 live = st.sidebar.toggle("Live refresh", value=False, key="live")
 interval_s = st.sidebar.select_slider(
@@ -212,7 +214,8 @@ def show(container: Any, fig: Any, frame: pd.DataFrame, key: str) -> None:
 try:
     opts = load_options(source.signature(), source)
 except Exception as exc:  # a corrupt file, a folder without permission: say so, do not crash
-    reason = str(exc).splitlines()[0] if source.kind != "csv" else type(exc).__name__  # never a file's contents
+    # never a file's contents: DuckDB's CSV errors quote the line they stumbled on
+    reason = str(exc).splitlines()[0] if source.kind != "csv" or isinstance(exc, ValueError) else type(exc).__name__
     st.error(f"Cannot read {units.plain(source.path)}: {units.plain(reason)}")
     st.stop()
 
@@ -240,8 +243,8 @@ tz_name = st.sidebar.selectbox(
     key="f_tz_select",
     help="Times, days and weeks on the page are in this zone; your browser's is the default.",
 )
-tz_name = tz_name or "UTC"
 tz = timerange.zone(tz_name)
+tz_name = tz.key  # a zone the browser or a link named, once it is known to exist
 presets = list(timerange.PRESETS)
 wanted_preset = st.session_state.get("f_range") or timerange.default_preset(last, now)
 preset = st.sidebar.selectbox(
@@ -263,7 +266,7 @@ if preset == timerange.CUSTOM:
         ),
     )
 start, end = timerange.resolve(preset or timerange.ALL, now=now, first=first, last=last, tz=tz, custom=custom)
-st.sidebar.caption(units.plain(timerange.describe(start, end, tz)))
+st.sidebar.caption(timerange.describe(start, end, tz))
 bucket = queries.bucket_for(end - start)
 
 # -- sidebar: filters ---------------------------------------------------------------------------
@@ -374,7 +377,7 @@ def render() -> None:
                 units.energy_wh(kpi["energy_j"]),
                 units.energy_equivalent(kpi["energy_j"]),
                 units.carbon_equivalent(kpi["carbon_mg"]),
-                f"times in {units.plain(tz_name)}",
+                f"times in {tz_name}",
             )
             if part
         )
@@ -609,14 +612,13 @@ def _budgets(page: dict[str, Any]) -> None:
     )
     enforced = status[status["refused_402"] > 0]
     if not enforced.empty:
+        counts = [(w, int(n)) for w, n in zip(enforced.workload, enforced.refused_402, strict=True)]
         st.warning(
             "Joule Cloud refused calls with 402 (insufficient balance) for "
-            + ", ".join(
-                f"{units.plain(w)} ({n:,} calls)" for w, n in zip(enforced.workload, enforced.refused_402, strict=True)
-            )
+            + ", ".join(f"{units.plain(w)} ({n:,} call{'s' if n != 1 else ''})" for w, n in counts)
             + ". The service enforces its own balance or per-token budget, which may be lower than this file's."
         )
-    st.caption(f"Month to date as of {as_of.astimezone(tz):%d %b %Y %H:%M} ({units.plain(tz_name)}); UTC months.")
+    st.caption(f"Month to date as of {as_of.astimezone(tz):%d %b %Y %H:%M} ({tz_name}); UTC months.")
     burn = page["burn"]
     if burn is not None and not burn.empty:
         show(st, charts.burn_down(burn, budget_map, month_start, next_month), burn, "budget_burn")
@@ -632,7 +634,15 @@ def _migration(page: dict[str, Any]) -> None:
     if elsewhere.empty:
         st.success("Every call in this selection was served by Joule Cloud: nothing left to migrate.")
         return
-    show(st, charts.migration_share(frame, bucket, start, end, tz_name), frame, "migration_share")
+    moving = set(elsewhere["workload"])
+    trend = frame[frame["workload"].isin(moving)]
+    if end - start >= timedelta(days=14) and bucket != "7 days":  # shares of a few calls a day are noise
+        trend = trend.assign(bucket=trend["bucket"].dt.to_period("W-SUN").dt.start_time)
+        trend = trend.groupby(["bucket", "workload", "provider"], as_index=False)[["calls", "tokens"]].sum()
+        trend_bucket = "7 days"
+    else:
+        trend_bucket = bucket
+    show(st, charts.migration_share(trend, trend_bucket, start, end, tz_name), trend, "migration_share")
     per_workload = frame.groupby(["workload", "provider"], as_index=False)[["calls", "tokens", "measured_j"]].sum(
         min_count=1
     )
@@ -658,6 +668,8 @@ def _migration(page: dict[str, Any]) -> None:
         if p == queries.JOULE_PROVIDER
         else f"≈ {estimate_text[(w, p)]} (estimate)"
         if (w, p) in estimate_text
+        else "not measured (no estimate for this model)"
+        if have_estimator
         else "not measured"
         for w, p, j in zip(per_workload.workload, per_workload.provider, per_workload.measured_j, strict=True)
     ]
@@ -697,6 +709,12 @@ def _what_if() -> None:
     model = pick_model.selectbox("Pinned model", [as_now, *opts["models"]], key="wi_model")
     tier = pick_tier.selectbox("Tier", [as_now, *opts["tiers"]], key="wi_tier")
     region = pick_region.selectbox("Region", [as_now, *opts["regions"]], key="wi_region")
+    if model == tier == region == as_now:
+        st.info(
+            "Choose a model, tier or region above: the page re-prices this workload's calls at the rates "
+            "measured there."
+        )
+        return
     result = load_what_if(
         source.signature(),
         source,
@@ -722,20 +740,28 @@ def _what_if() -> None:
         f"{units.plain(workload)} {change} would have {verb} "
         f"{units.energy(abs(saved_j))} and {units.carbon(abs(saved_mg))} in this period"
     )
+    rows = result.rows
     st.dataframe(
-        result.rows,
+        pd.DataFrame(
+            {
+                "kind of call": rows["kind"],
+                "tokens (output; input for embeddings)": rows["tokens"],
+                "J / token now": rows["j_per_token_now"],
+                "J / token then": rows["j_per_token_then"],
+                "energy now": rows["energy_now_j"].map(units.energy),
+                "energy then": rows["energy_then_j"].map(units.energy),
+                "mg CO2e / J now": rows["mg_per_j_now"],
+                "carbon now": rows["carbon_now_mg"].map(units.carbon),
+                "carbon then": rows["carbon_then_mg"].map(units.carbon),
+            }
+        ),
         hide_index=True,
         width="stretch",
         column_config={
-            "kind": "kind of call",
-            "tokens": st.column_config.NumberColumn("tokens (output; input for embeddings)", format="localized"),
-            "j_per_token_now": st.column_config.NumberColumn("J / token now", format="%.5f"),
-            "j_per_token_then": st.column_config.NumberColumn("J / token then", format="%.5f"),
-            "energy_now_j": st.column_config.NumberColumn("energy now (J)", format="localized"),
-            "energy_then_j": st.column_config.NumberColumn("energy then (J)", format="localized"),
-            "carbon_now_mg": st.column_config.NumberColumn("carbon now (mg)", format="localized"),
-            "mg_per_j_now": st.column_config.NumberColumn("mg CO2e / J now", format="%.4f"),
-            "carbon_then_mg": st.column_config.NumberColumn("carbon then (mg)", format="localized"),
+            "tokens (output; input for embeddings)": st.column_config.NumberColumn(format="localized"),
+            "J / token now": st.column_config.NumberColumn(format="%.5f"),
+            "J / token then": st.column_config.NumberColumn(format="%.5f"),
+            "mg CO2e / J now": st.column_config.NumberColumn(format="%.4f"),
         },
     )
     intensity = (

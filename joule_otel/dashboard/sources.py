@@ -29,11 +29,16 @@ class Source:
     why: str
 
     @property
-    def label(self) -> str:
-        """What the sidebar shows."""
+    def kind_label(self) -> str:
+        """What kind of source this is, as a person says it."""
         return {"ledger": "Ledger", "parquet": "Parquet export", "csv": "CSV export", "sample": "Bundled sample data"}[
             self.kind
-        ] + f": {self.path}"
+        ]
+
+    @property
+    def label(self) -> str:
+        """What the sidebar shows."""
+        return f"{self.kind_label}: {self.path}"
 
     def signature(self) -> tuple[Any, ...]:
         """Changes whenever the data may have changed (a cache key for the queries)."""
@@ -61,6 +66,10 @@ class Source:
             quoted = "'" + str(self.path).replace("'", "''") + "'"
             relation = f"{function}({quoted})"
             present = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()}
+            if not {"started_at", "energy_j"} <= present:  # never list what it has: a CSV's header is its first line
+                raise ValueError(
+                    f"{self.path} is not an export of inference_calls (no started_at and energy_j columns)"
+                )
             # an export of an older version lacks later columns (provider): they read as NULL
             con.execute(f"CREATE VIEW inference_calls AS SELECT {schema.select_list(present)} FROM {relation}")
             yield con

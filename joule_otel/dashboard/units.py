@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import timedelta
 
 J_PER_KWH = 3.6e6
@@ -61,15 +62,17 @@ def carbon_equivalent(milligrams: float) -> str:
     return f"≈ {metres:,.0f} m by car" if metres < 1000 else f"≈ {metres / 1000:,.1f} km by car"
 
 
-_MARKDOWN_SPECIALS = set("\\`*_{}[]()#+-.!|<>~$:&")
-
-
 def plain(value: object) -> str:
-    """A value from the ledger made safe for Streamlit markdown: every markup character escaped.
+    """A value from the ledger for Streamlit markdown: an inline code span, whose content is never markup.
 
-    ``![b](http://host/x)`` in a header then reads as those characters, and no image is fetched.
+    ``![b](http://host/x)`` then reads as those characters: no image is fetched and no link is made.
+    Escaping is not enough: Streamlit links any ``http://…`` it finds in text, escaped or not, but never
+    inside code. The fence is one backtick longer than any run in the value.
     """
-    return "".join("\\" + ch if ch in _MARKDOWN_SPECIALS else ch for ch in str(value)).replace("\n", " ")
+    text = " ".join(str(value).splitlines()) or " "
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def span(length: timedelta) -> str:
