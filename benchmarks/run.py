@@ -358,7 +358,9 @@ def dashboard(sizes: list[int]) -> list[dict[str, object]]:
             steps = {
                 "options": lambda c: queries.options(c),
                 "kpis (+ previous period)": lambda c: queries.kpis(c, filters),
-                "energy over time": lambda c: queries.energy_over_time(c, filters, "workload", "1 day"),
+                "energy over time": lambda c: queries.energy_over_time(
+                    c, filters, "workload", "1 day", "Europe/Helsinki"
+                ),
                 "breakdowns ×4": lambda c: [
                     queries.breakdown(c, filters, d) for d in ("workload", "model", "region", "tier")
                 ],
@@ -377,6 +379,11 @@ def dashboard(sizes: list[int]) -> list[dict[str, object]]:
                     queries.budget_burn(c, filters, list(budgets), as_of),
                 ),
                 "receipts page": lambda c: queries.receipts(c, filters, "rcpt_"),
+                "migration (+ other providers' calls)": lambda c: (
+                    queries.migration(c, filters, "1 day", "Europe/Helsinki"),
+                    queries.other_provider_calls(c, filters),
+                ),
+                "what if (one choice)": lambda c: queries.what_if(c, filters, "support-bot", tier="batch"),
             }
             pages = []
             for _ in range(2):  # the first page of a process also pays one-time set-up (timezone conversion)

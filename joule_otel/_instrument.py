@@ -22,10 +22,12 @@ from typing import Any
 
 from opentelemetry import metrics
 
+from joule_otel import attributes as attr
+from joule_otel._budget_watch import BudgetWatch
 from joule_otel._capture import Capture, install, uninstall
 from joule_otel._exporters import Providers, flush_provider, resolve_providers, shutdown_created
 from joule_otel._genai import redact_url
-from joule_otel._metrics import MetricRecorder
+from joule_otel._metrics import METRICS_NONE, MetricRecorder
 from joule_otel._pipeline import Pipeline
 from joule_otel._version import __version__
 from joule_otel.config import Settings
@@ -68,6 +70,8 @@ def instrument(
     otlp_endpoint: str | None = None,
     capture_content: bool | None = None,
     call_events: bool | None = None,
+    budgets: str | os.PathLike[str] | dict[str, float] | None = None,
+    budget_thresholds: tuple[float, ...] | None = None,
     tracer_provider: Any | None = None,
     meter_provider: Any | None = None,
     **other: Any,
@@ -88,6 +92,9 @@ def instrument(
         otlp_endpoint: OTLP base URL, e.g. ``http://127.0.0.1:4318`` (else ``OTEL_EXPORTER_OTLP_*``).
         capture_content: put prompts on spans (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``).
         call_events: send one OTLP log record per call, for ``joule-otel collect`` (``JOULE_OTEL_CALL_EVENTS``).
+        budgets: monthly energy budgets: a JSON/TOML/CSV file or ``{workload: joules}`` (``JOULE_OTEL_BUDGETS``):
+            a warning as each threshold is crossed, and ``joule.budget.*`` gauges.
+        budget_thresholds: shares of a budget that warn, default ``(0.8, 1.0)`` (``JOULE_OTEL_BUDGET_THRESHOLDS``).
         tracer_provider: use this TracerProvider instead of the global one.
         meter_provider: use this MeterProvider instead of the global one.
         **other: ``flush_interval_s`` (the older name of ``flush_interval``); anything else is an error.
@@ -107,6 +114,8 @@ def instrument(
         otlp_endpoint=otlp_endpoint,
         capture_content=capture_content,
         call_events=call_events,
+        budgets=budgets,
+        budget_thresholds=budget_thresholds,
         **other,
     )
     with _lock:
@@ -135,6 +144,7 @@ def _instrument_clients(settings: Settings, providers: Providers) -> _Instrument
         pipeline.submit(call)
 
     capture = Capture(sink, capture_content=settings.capture_content)
+    watch = _budget_watch(settings, meter, recorder)
     pipeline = Pipeline(
         service_name=providers.service_name,
         default_workload=settings.workload,
@@ -145,6 +155,7 @@ def _instrument_clients(settings: Settings, providers: Providers) -> _Instrument
         events_logger=providers.logger_provider.get_logger("joule_otel", __version__)
         if providers.logger_provider is not None
         else None,
+        watch=watch,
     )
     modules = []
     for name in HTTP_MODULES:
@@ -157,6 +168,34 @@ def _instrument_clients(settings: Settings, providers: Providers) -> _Instrument
     if providers.tracer_provider is not None:
         state.span_instrumentors = _enable_http_spans(providers.tracer_provider, modules)
     return state
+
+
+def _budget_watch(settings: Settings, meter: Any, recorder: MetricRecorder) -> BudgetWatch:
+    """The budget watch, with its gauges and refusals counter on joule-otel's meter unless metrics are off."""
+    from opentelemetry.metrics import Observation
+
+    from joule_otel._budget_watch import budget_attributes
+    from joule_otel.instruments import create_budget_instruments
+
+    watch = BudgetWatch(list(settings.budgets), settings.budget_thresholds, settings.db_path)
+    if settings.metrics == METRICS_NONE:
+        return watch
+
+    def observe(value: Any) -> Any:
+        def callback(options: Any) -> list[Any]:
+            return [Observation(value(b, spent), budget_attributes(b)) for b, spent in watch.observations()]
+
+        return callback
+
+    refusals = create_budget_instruments(
+        meter,
+        limit=observe(lambda b, spent: b.joules),
+        spent=observe(lambda b, spent: spent),
+        remaining=observe(lambda b, spent: max(b.joules - spent, 0.0)),
+        used=observe(lambda b, spent: spent / b.joules),
+    )
+    watch.count_refusal = lambda workload: refusals.add(1, {attr.JOULE_WORKLOAD: recorder.metric_workload(workload)})
+    return watch
 
 
 def _redact_span_url(span: Any, request: Any) -> None:

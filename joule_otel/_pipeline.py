@@ -17,6 +17,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
+from joule_otel._budget_watch import BudgetWatch
 from joule_otel._capture import CallRecord
 from joule_otel._decode import BodyFacts, parse_body
 from joule_otel._events import EVENT_NAME, event_attributes
@@ -69,8 +70,11 @@ class Pipeline:
         writer: LedgerWriter | None,
         capture_stats: Any,
         events_logger: Any = None,
+        watch: BudgetWatch | None = None,
     ) -> None:
         self.service_name = service_name
+        self.watch = watch
+        """Month-to-date energy against the budgets, and the 402 warnings (see :mod:`joule_otel._budget_watch`)."""
         self.events_logger = events_logger
         """An OTel Logger that call events go to (``JOULE_OTEL_CALL_EVENTS``), or None."""
         self.default_workload = default_workload
@@ -256,6 +260,12 @@ class Pipeline:
         self, *, final: bool, compact_timeout_s: float, force_segment: bool = False, compact: bool = True
     ) -> None:
         rows = self._drain()
+        watch = self.watch
+        if watch is not None and rows:
+            try:
+                watch.observe(rows)
+            except Exception:
+                self.capture_stats.internal_error("budget watch")
         now = time.monotonic()
         due = final or force_segment or now - self._last_segment >= self.flush_interval_s
         if due:
@@ -274,6 +284,11 @@ class Pipeline:
             writer.write_segment()
         if compact:
             writer.compact(force=final, timeout_s=compact_timeout_s if final else 0.0)
+        if watch is not None and not final:
+            try:
+                watch.refresh(nothing_pending=writer.stats.pending_rows == 0)
+            except Exception:
+                self.capture_stats.internal_error("budget watch")
 
     # -- processing ---------------------------------------------------------------------------
     def _drain(self) -> list[LedgerRow]:

@@ -35,6 +35,8 @@ JOULE_RECEIPT_ID = "joule.receipt_id"
 """Billing receipt (``X-Receipt-Id``), on spans only: unbounded, so never on metrics."""
 JOULE_WORKLOAD = "joule.workload"
 """The workload tag; also the baggage key that carries it across services."""
+JOULE_BUDGET_SERVICE = "joule.budget.service"
+"""On ``joule.budget.*`` gauges: the service a budget covers, when it covers one only."""
 JOULE_ENERGY_SOURCE = "joule.energy.source"
 """Where the energy figure came from: ``header``, ``stream_final`` or ``absent``."""
 

@@ -31,7 +31,9 @@ JOULE_OTEL_PROMETHEUS_HOST = "JOULE_OTEL_PROMETHEUS_HOST"
 JOULE_OTEL_TRACE_URL = "JOULE_OTEL_TRACE_URL"
 """Template with ``{trace_id}`` that the dashboard links receipts to."""
 JOULE_OTEL_BUDGETS = "JOULE_OTEL_BUDGETS"
-"""File of per-workload energy budgets for the dashboard (TOML, JSON or CSV)."""
+"""File of monthly energy budgets per workload (JSON, TOML or CSV): the dashboard, warnings, gauges, alert rules."""
+JOULE_OTEL_BUDGET_THRESHOLDS = "JOULE_OTEL_BUDGET_THRESHOLDS"
+"""Shares of a budget that log a warning, e.g. ``0.8,1`` (the default) or ``50%,90%,100%``."""
 JOULE_OTEL_METRICS = "JOULE_OTEL_METRICS"
 """Which metrics are recorded: ``all`` (default), ``energy`` (the ``joule.*`` ones only), ``none``."""
 JOULE_OTEL_CALL_EVENTS = "JOULE_OTEL_CALL_EVENTS"
@@ -125,6 +127,9 @@ class Settings:
     max_workloads: int
     metrics: str
     call_events: bool
+    budgets: tuple[Any, ...] = ()
+    """:class:`joule_otel.budgets.Budget` s to watch (from ``budgets=`` or ``JOULE_OTEL_BUDGETS``)."""
+    budget_thresholds: tuple[float, ...] = (0.8, 1.0)
 
     OPTIONS: ClassVar[dict[str, str]] = {
         "db": JOULE_OTEL_DB,
@@ -137,6 +142,8 @@ class Settings:
         "otlp_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
         "capture_content": OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT,
         "call_events": JOULE_OTEL_CALL_EVENTS,
+        "budgets": JOULE_OTEL_BUDGETS,
+        "budget_thresholds": JOULE_OTEL_BUDGET_THRESHOLDS,
     }
     """``instrument()`` option → the environment variable it overrides."""
 
@@ -187,6 +194,7 @@ class Settings:
                 raise ValueError(f"{name} must be True or False, not {options[name]!r}")
         capture_content = options.get("capture_content")
         call_events = options.get("call_events")
+        budgets, thresholds = _budget_options(options.get("budgets"), options.get("budget_thresholds"))
 
         if db is None:
             db_path = db_path_from_env()
@@ -220,4 +228,42 @@ class Settings:
             ),
             metrics=metrics_mode or _env_choice(JOULE_OTEL_METRICS, METRICS_MODES, "all"),
             call_events=call_events if call_events is not None else _truthy(os.environ.get(JOULE_OTEL_CALL_EVENTS)),
+            budgets=budgets,
+            budget_thresholds=thresholds,
         )
+
+
+def _budget_options(budgets: Any, thresholds: Any) -> tuple[tuple[Any, ...], tuple[float, ...]]:
+    """``budgets=`` (a file, or ``{workload: joules}``) and ``budget_thresholds=``, else their variables.
+
+    An invalid option raises ``ValueError``; an invalid variable or file named by one is warned about and
+    ignored (capture goes on without budgets).
+    """
+    from joule_otel.budgets import DEFAULT_THRESHOLDS, Budget, load_budgets, parse_thresholds
+
+    if thresholds is not None:
+        if isinstance(thresholds, (str, bytes)) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 10 for t in thresholds
+        ):
+            raise ValueError(f"budget_thresholds must be shares such as (0.8, 1.0), not {thresholds!r}")
+        shares = tuple(sorted({float(t) for t in thresholds})) or DEFAULT_THRESHOLDS
+    else:
+        try:
+            shares = parse_thresholds(os.environ.get(JOULE_OTEL_BUDGET_THRESHOLDS))
+        except ValueError as exc:
+            _log.warning("joule_otel: %s; using 80%% and 100%%", exc)
+            shares = DEFAULT_THRESHOLDS
+    if isinstance(budgets, dict):
+        try:
+            return tuple(Budget(str(w), float(j)) for w, j in budgets.items() if float(j) > 0), shares
+        except (TypeError, ValueError):
+            raise ValueError(f"budgets must map workload names to joules, not {budgets!r}") from None
+    if budgets is not None and not isinstance(budgets, (str, os.PathLike)):
+        raise ValueError(f"budgets must be a file path or a {{workload: joules}} dict, not {type(budgets).__name__}")
+    if budgets is not None:
+        return tuple(load_budgets(budgets)), shares  # ValueError: says which entry and why
+    try:
+        return tuple(load_budgets()), shares
+    except ValueError as exc:
+        _log.warning("joule_otel: %s (%s); budget warnings and gauges are off", exc, JOULE_OTEL_BUDGETS)
+        return (), shares

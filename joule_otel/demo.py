@@ -369,7 +369,7 @@ def run_demo(
         joule_otel.uninstrument()
     _mark_as_demo(db)
 
-    from joule_otel.dashboard import units
+    from joule_otel import units
     from joule_otel.ledger.maintenance import query
 
     _, found = query(

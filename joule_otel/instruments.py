@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from opentelemetry.metrics import Counter, Histogram, Meter
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
 
 ENERGY = "joule.client.energy"
 CARBON = "joule.client.carbon"
@@ -12,6 +13,11 @@ REQUEST_ENERGY = "joule.client.request.energy"
 OPERATION_DURATION = "gen_ai.client.operation.duration"
 TOKEN_USAGE = "gen_ai.client.token.usage"
 TIME_TO_FIRST_CHUNK = "gen_ai.client.operation.time_to_first_chunk"
+BUDGET_LIMIT = "joule.budget.limit"
+BUDGET_SPENT = "joule.budget.spent"
+BUDGET_REMAINING = "joule.budget.remaining"
+BUDGET_USED = "joule.budget.used"
+BUDGET_REFUSALS = "joule.budget.refusals"
 
 GEN_AI_METRICS = (OPERATION_DURATION, TOKEN_USAGE, TIME_TO_FIRST_CHUNK)
 """Metrics another GenAI instrumentation may already record; recorded here only when none does."""
@@ -70,4 +76,33 @@ def create_instruments(meter: Meter) -> Instruments:
             description="Time to receive the first chunk of a streamed response.",
             explicit_bucket_boundaries_advisory=list(TTFC_BUCKETS_S),
         ),
+    )
+
+
+BudgetCallback = Callable[[CallbackOptions], Iterable[Observation]]
+
+
+def create_budget_instruments(
+    meter: Meter, *, limit: BudgetCallback, spent: BudgetCallback, remaining: BudgetCallback, used: BudgetCallback
+) -> Counter:
+    """The ``joule.budget.*`` gauges (observed through the callbacks) and the 402 refusals counter it returns."""
+    meter.create_observable_gauge(
+        BUDGET_LIMIT, callbacks=[limit], unit="J", description="Monthly energy budget of a workload."
+    )
+    meter.create_observable_gauge(
+        BUDGET_SPENT,
+        callbacks=[spent],
+        unit="J",
+        description="Energy a workload used this UTC month (ledger + process).",
+    )
+    meter.create_observable_gauge(
+        BUDGET_REMAINING, callbacks=[remaining], unit="J", description="Energy left in a workload's monthly budget."
+    )
+    meter.create_observable_gauge(
+        BUDGET_USED, callbacks=[used], unit="1", description="Share of a workload's monthly energy budget used."
+    )
+    return meter.create_counter(
+        BUDGET_REFUSALS,
+        unit="{call}",
+        description="Calls Joule Cloud refused with 402 insufficient_balance (the account's or the key's budget).",
     )

@@ -12,8 +12,10 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from joule_otel.dashboard import queries, units
-from joule_otel.dashboard.sources import SAMPLE_PATH, Source, load_budgets, source_for
+from joule_otel import units
+from joule_otel.budgets import Budget, load_budgets
+from joule_otel.dashboard import queries
+from joule_otel.dashboard.sources import SAMPLE_PATH, Source, source_for
 from joule_otel.ledger import reader, schema
 from joule_otel.ledger.compact import compact
 from joule_otel.ledger.spool import Spool
@@ -130,8 +132,8 @@ def test_budgets_month_to_date(known_ledger, tmp_path):
     (tmp_path / "b.csv").write_text("workload,budget_j\nbot,12.5\n")
     (tmp_path / "b.toml").write_text("[budgets]\nbot = 7\n")
     (tmp_path / "bad.json").write_text('{"bot": "lots"}')
-    assert load_budgets(tmp_path / "b.csv") == {"bot": 12.5}
-    assert load_budgets(tmp_path / "b.toml") == {"bot": 7.0}
+    assert load_budgets(tmp_path / "b.csv") == [Budget("bot", 12.5)]
+    assert load_budgets(tmp_path / "b.toml") == [Budget("bot", 7.0)]
     with pytest.raises(ValueError, match="not a number"):
         load_budgets(tmp_path / "bad.json")
 
@@ -490,7 +492,7 @@ def test_budgets_tab_says_what_the_service_enforced(known_ledger, isolated_home,
     assert table.loc["batch", "402 refusals"] == 1
     assert table.loc["bot", "runs out"] == "lasts the month"
     assert table.loc["batch", "spent this month"] == "1.00 kJ"
-    assert any("batch (1 call)" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert any("`batch` (1 call)" in w.value for w in at.warning), [w.value for w in at.warning]
     assert "budget_burn" in charts_by_id(at)
 
 

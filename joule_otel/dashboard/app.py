@@ -17,9 +17,11 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from joule_otel import units
+from joule_otel.budgets import Budget, load_budgets
 from joule_otel.config import JOULE_OTEL_TRACE_URL
-from joule_otel.dashboard import charts, estimates, queries, timerange, units
-from joule_otel.dashboard.sources import SAMPLE_BUDGETS_PATH, Source, load_budgets, resolve_source, source_for
+from joule_otel.dashboard import charts, estimates, queries, timerange
+from joule_otel.dashboard.sources import SAMPLE_BUDGETS_PATH, Source, resolve_source, source_for
 from joule_otel.ledger.spool import Spool
 
 st.set_page_config(page_title="joule-otel · energy", page_icon="⚡", layout="wide")
@@ -126,7 +128,7 @@ def load_page(
     split_by: str,
     bucket: str,
     tz_name: str,
-    budgets: tuple[tuple[str, float], ...],
+    budgets: tuple[Budget, ...],
     search: str,
     as_of: datetime,
 ) -> dict[str, Any]:
@@ -152,8 +154,8 @@ def load_page(
         others = elsewhere[elsewhere["provider"] != queries.JOULE_PROVIDER]
         page["other_calls"] = queries.other_provider_calls(con, filters) if not others.empty else None
         if budgets:
-            page["budgets"] = queries.budget_status(con, filters, dict(budgets), as_of)
-            page["burn"] = queries.budget_burn(con, filters, [name for name, _ in budgets], as_of)
+            page["budgets"] = queries.budget_status(con, filters, list(budgets), as_of)
+            page["burn"] = queries.budget_burn(con, filters, list(budgets), as_of)
     return page
 
 
@@ -321,12 +323,13 @@ as_of = min(last, end, now)
 # string: Streamlit's "magic" would render a string statement on the page
 
 budget_error = None
+budget_list: list[Budget] = []
 try:
-    budget_map = load_budgets()
-    if not budget_map and source.kind == "sample":
-        budget_map = load_budgets(SAMPLE_BUDGETS_PATH)
+    budget_list = load_budgets()
+    if not budget_list and source.kind == "sample":
+        budget_list = load_budgets(SAMPLE_BUDGETS_PATH)
 except ValueError as exc:
-    budget_map, budget_error = {}, str(exc)
+    budget_error = str(exc)
 
 
 def render() -> None:
@@ -340,7 +343,7 @@ def render() -> None:
         split_by,
         bucket,
         tz_name,
-        tuple(sorted(budget_map.items())),
+        tuple(budget_list),
         search,
         as_of,
     )
@@ -621,7 +624,8 @@ def _budgets(page: dict[str, Any]) -> None:
     st.caption(f"Month to date as of {as_of.astimezone(tz):%d %b %Y %H:%M} ({tz_name}); UTC months.")
     burn = page["burn"]
     if burn is not None and not burn.empty:
-        show(st, charts.burn_down(burn, budget_map, month_start, next_month), burn, "budget_burn")
+        limits = {b.label: b.joules for b in budget_list}
+        show(st, charts.burn_down(burn, limits, month_start, next_month), burn, "budget_burn")
 
 
 def _migration(page: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from joule_otel.dashboard import units
+from joule_otel import units
 from joule_otel.dashboard.timerange import TICK_FORMATS
 
 ENERGY_SCALES = ((1.0, "J"), (1e3, "kJ"), (1e6, "MJ"), (1e9, "GJ"))

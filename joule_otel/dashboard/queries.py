@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from joule_otel.budgets import Budget
+
 DIMENSIONS = {
     "workload": "workload",
     "model": "routed_to",
@@ -513,45 +515,76 @@ def _month_to_date(filters: Filters, workloads: list[str], as_of: datetime) -> F
     return replace(filters, start=month_start, end=as_of + timedelta(microseconds=1), workloads=tuple(workloads))
 
 
-def budget_status(con: Any, filters: Filters, budgets: dict[str, float], as_of: datetime) -> Any:
-    """Month to date per budgeted workload: spend, share used, and what the service enforced (402s, since when)."""
-    if not budgets:
+def _budget_list(budgets: Any) -> list[Budget]:
+    """Budgets as a list, from :class:`Budget` s, a ``{workload: joules}`` mapping, or workload names (the burn)."""
+    if isinstance(budgets, dict):
+        return [Budget(w, float(j)) for w, j in budgets.items()]
+    return [b if isinstance(b, Budget) else Budget(b, 1.0) if isinstance(b, str) else Budget(*b) for b in budgets]
+
+
+def budget_status(con: Any, filters: Filters, budgets: Any, as_of: datetime) -> Any:
+    """Month to date per budget: spend, share used, and what the service enforced (402s, since when).
+
+    ``budgets``: :class:`joule_otel.budgets.Budget` s (a budget of one service counts that service's calls
+    only) or ``{workload: joules}``. One row per budget, ``workload`` holding its label.
+    """
+    items = _budget_list(budgets)
+    if not items:
         return None
-    with_facts, params = facts(con, _month_to_date(filters, list(budgets), as_of))
+    with_facts, params = facts(con, _month_to_date(filters, sorted({b.workload for b in items}), as_of))
     return _df(
         con,
         f"""
         {with_facts},
-        b AS (SELECT unnest(?::VARCHAR[]) AS workload, unnest(?::DOUBLE[]) AS budget_j),
+        b AS (SELECT unnest(?::VARCHAR[]) AS label, unnest(?::VARCHAR[]) AS workload,
+                     unnest(?::VARCHAR[]) AS service, unnest(?::DOUBLE[]) AS budget_j),
         spend AS (
-          SELECT workload, coalesce(sum(energy_j), 0) AS spent_j,
+          SELECT workload, service, coalesce(sum(energy_j), 0) AS spent_j,
                  coalesce(sum(calls) FILTER (WHERE status_code = 402), 0) AS refused,
                  min(first_at) FILTER (WHERE status_code = 402) AS first_402,
                  max(last_at) FILTER (WHERE status_code = 402) AS last_402
-          FROM facts GROUP BY workload)
-        SELECT b.workload, b.budget_j, coalesce(spend.spent_j, 0) AS spent_j,
-               coalesce(spend.spent_j, 0) / b.budget_j AS used_share, coalesce(spend.refused, 0) AS refused_402,
-               spend.first_402, spend.last_402
-        FROM b LEFT JOIN spend USING (workload) ORDER BY used_share DESC
+          FROM facts GROUP BY workload, service)
+        SELECT b.label AS workload, any_value(b.budget_j) AS budget_j, coalesce(sum(spend.spent_j), 0) AS spent_j,
+               coalesce(sum(spend.spent_j), 0) / any_value(b.budget_j) AS used_share,
+               coalesce(sum(spend.refused), 0) AS refused_402, min(spend.first_402) AS first_402,
+               max(spend.last_402) AS last_402
+        FROM b LEFT JOIN spend ON spend.workload = b.workload AND (b.service IS NULL OR spend.service = b.service)
+        GROUP BY b.label ORDER BY used_share DESC, b.label
     """,
-        [*params, list(budgets), [float(v) for v in budgets.values()]],
+        [
+            *params,
+            [x.label for x in items],
+            [x.workload for x in items],
+            [x.service for x in items],
+            [x.joules for x in items],
+        ],
     )
 
 
-def budget_burn(con: Any, filters: Filters, workloads: list[str], as_of: datetime) -> Any:
-    """Cumulative joules per UTC day this month, per budgeted workload (the burn-down)."""
-    with_facts, params = facts(con, _month_to_date(filters, workloads, as_of))
+def budget_burn(con: Any, filters: Filters, budgets: Any, as_of: datetime) -> Any:
+    """Cumulative joules per UTC day this month, per budget (the burn-down); ``workload`` holds its label.
+
+    ``budgets`` as in :func:`budget_status`; a list of workload names also does.
+    """
+    items = _budget_list(budgets or [])
+    if not items:
+        return None
+    with_facts, params = facts(con, _month_to_date(filters, sorted({b.workload for b in items}), as_of))
     return _df(
         con,
         f"""
-        {with_facts}
+        {with_facts},
+        b AS (SELECT unnest(?::VARCHAR[]) AS label, unnest(?::VARCHAR[]) AS workload,
+                     unnest(?::VARCHAR[]) AS service),
+        daily AS (
+          SELECT b.label AS workload, to_timestamp(epoch_us(facts.t) // 86400000000 * 86400) AS day,
+                 coalesce(sum(facts.energy_j), 0) AS energy_j
+          FROM facts JOIN b ON facts.workload = b.workload AND (b.service IS NULL OR facts.service = b.service)
+          GROUP BY ALL)
         SELECT workload, day, sum(energy_j) OVER (PARTITION BY workload ORDER BY day) AS cumulative_j
-        FROM (SELECT workload, to_timestamp(epoch_us(t) // 86400000000 * 86400) AS day,
-                     coalesce(sum(energy_j), 0) AS energy_j
-              FROM facts GROUP BY ALL)
-        ORDER BY workload, day
+        FROM daily ORDER BY workload, day
     """,
-        params,
+        [*params, [x.label for x in items], [x.workload for x in items], [x.service for x in items]],
     )
 
 

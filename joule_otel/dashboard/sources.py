@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from joule_otel.config import JOULE_OTEL_BUDGETS, JOULE_OTEL_DB, default_db_path
+from joule_otel.config import JOULE_OTEL_DB, default_db_path
 from joule_otel.ledger import reader, schema
 from joule_otel.ledger.spool import Spool
 
@@ -104,49 +101,3 @@ def resolve_source() -> Source:
     if _has_rows(default):
         return Source(default, "ledger", "the per-user default ledger")
     return Source(SAMPLE_PATH, "sample", "no ledger with data was found, so this is sample data")
-
-
-def load_budgets(path: str | os.PathLike[str] | None = None) -> dict[str, float]:
-    """Monthly energy budgets (J) per workload from JSON, TOML or CSV (``workload,budget_j``).
-
-    Raises:
-        ValueError: the file exists but cannot be read as budgets (the message says why).
-    """
-    if path is None:
-        configured = os.environ.get(JOULE_OTEL_BUDGETS, "").strip()
-        if not configured:
-            return {}
-        path = configured
-    file = Path(path).expanduser()
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise ValueError(f"cannot read budgets file {file}: {exc}") from exc
-    raw: Any
-    try:
-        if file.suffix.lower() == ".toml":
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:  # Python 3.10: the same parser, from PyPI
-                import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
-
-            raw = tomllib.loads(text)
-            raw = raw.get("budgets", raw)
-        elif file.suffix.lower() == ".csv":
-            raw = {row["workload"]: row["budget_j"] for row in csv.DictReader(text.splitlines())}
-        else:
-            raw = json.loads(text)
-    except (ValueError, KeyError) as exc:
-        raise ValueError(f"budgets file {file} is not valid: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"budgets file {file} must map workload names to joules")
-    budgets: dict[str, float] = {}
-    for name, value in raw.items():
-        try:
-            joules = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"budget of {name!r} in {file} is not a number: {value!r}") from None
-        if joules <= 0:
-            raise ValueError(f"budget of {name!r} in {file} must be positive")
-        budgets[str(name)] = joules
-    return budgets

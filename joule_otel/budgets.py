@@ -1,0 +1,140 @@
+"""Energy budgets: one file, read by the dashboard, the in-app warnings and gauges, and the Prometheus rules.
+
+A budget is joules per UTC calendar month for a workload, optionally for one service only. The file
+(``JOULE_OTEL_BUDGETS``) is JSON, TOML or CSV::
+
+    {"support-bot": 150000, "nightly-summaries": {"joules": 400000, "service": "reports"}}
+
+    # TOML: a table of numbers, or [[budget]] entries
+    [budgets]
+    support-bot = 150000
+    [[budget]]
+    workload = "nightly-summaries"
+    service = "reports"
+    joules = 400000
+
+    workload,budget_j,service          # CSV; service may be left empty
+    support-bot,150000,
+
+No OpenTelemetry import here: this module is a leaf the dashboard and the CLI load on their own.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from joule_otel.config import JOULE_OTEL_BUDGET_THRESHOLDS, JOULE_OTEL_BUDGETS
+
+DEFAULT_THRESHOLDS = (0.8, 1.0)
+"""Shares of a budget at which a warning is logged (and alert rules fire): 80 % and 100 %."""
+
+
+class Budget(NamedTuple):
+    """Joules a workload may use per UTC month (on one service, or on all when ``service`` is None)."""
+
+    workload: str
+    joules: float
+    service: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``support-bot``, or ``support-bot @ support-api`` for a budget of one service."""
+        return self.workload if self.service is None else f"{self.workload} @ {self.service}"
+
+
+def _entry(name: str, value: Any, file: Path) -> Budget:
+    """One budget from a file entry: a number, or a table with ``joules`` (or ``budget_j``) and ``service``."""
+    service = None
+    if isinstance(value, dict):
+        service = value.get("service") or None
+        if service is not None and not isinstance(service, str):
+            raise ValueError(f"service of budget {name!r} in {file} must be a name, not {service!r}")
+        value = value.get("joules", value.get("budget_j"))
+    try:
+        joules = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget of {name!r} in {file} is not a number: {value!r}") from None
+    if not joules > 0 or joules == float("inf"):
+        raise ValueError(f"budget of {name!r} in {file} must be a positive number of joules, not {value!r}")
+    if not str(name).strip():
+        raise ValueError(f"a budget in {file} has no workload name")
+    return Budget(str(name).strip(), joules, service.strip() if service else None)
+
+
+def load_budgets(path: str | os.PathLike[str] | None = None) -> list[Budget]:
+    """The budgets of a JSON, TOML or CSV file (``JOULE_OTEL_BUDGETS`` when no path is given; none if unset).
+
+    Raises:
+        ValueError: the file cannot be read as budgets (the message says which entry and why).
+    """
+    if path is None:
+        configured = os.environ.get(JOULE_OTEL_BUDGETS, "").strip()
+        if not configured:
+            return []
+        path = configured
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read budgets file {file}: {exc.strerror or exc}") from None
+    entries: list[tuple[str, Any]] = []
+    try:
+        suffix = file.suffix.lower()
+        if suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # Python 3.10: the same parser, from PyPI
+                import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+            raw = tomllib.loads(text)
+            table = raw.get("budgets", {k: v for k, v in raw.items() if k != "budget"})
+            entries += list(table.items()) if isinstance(table, dict) else []
+            for item in raw.get("budget", []):
+                entries.append((item.get("workload", ""), item))
+        elif suffix == ".csv":
+            for row in csv.DictReader(text.splitlines()):
+                entries.append((row["workload"], {"joules": row["budget_j"], "service": row.get("service") or None}))
+        else:
+            raw = json.loads(text)
+            if isinstance(raw, list):
+                entries += [(item.get("workload", ""), item) for item in raw if isinstance(item, dict)]
+            elif isinstance(raw, dict):
+                entries += list(raw.items())
+            else:
+                raise ValueError("it must map workload names to joules")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"budgets file {file} is not valid: {exc}") from None
+    budgets = [_entry(name, value, file) for name, value in entries]
+    seen: set[tuple[str, str | None]] = set()
+    for budget in budgets:
+        key = (budget.workload, budget.service)
+        if key in seen:
+            raise ValueError(f"budgets file {file} names {budget.label} twice")
+        seen.add(key)
+    return budgets
+
+
+def parse_thresholds(raw: str | None) -> tuple[float, ...]:
+    """``"0.8,1"`` (or ``"80%,100%"``) → ``(0.8, 1.0)``; empty → :data:`DEFAULT_THRESHOLDS`.
+
+    Raises:
+        ValueError: a share that is not a number in (0, 10].
+    """
+    if raw is None or not raw.strip():
+        return DEFAULT_THRESHOLDS
+    shares = []
+    for part in raw.split(","):
+        text = part.strip()
+        try:
+            share = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
+        except ValueError:
+            raise ValueError(f"{JOULE_OTEL_BUDGET_THRESHOLDS}: {text!r} is not a share such as 0.8 or 80%") from None
+        if not 0 < share <= 10:
+            raise ValueError(f"{JOULE_OTEL_BUDGET_THRESHOLDS}: {text!r} is not a share in (0, 10]")
+        shares.append(share)
+    return tuple(sorted(set(shares)))
