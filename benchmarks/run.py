@@ -337,9 +337,10 @@ def dashboard(sizes: list[int]) -> list[dict[str, object]]:
                 from joule_otel.ledger.schema import migrate
 
                 migrate(con)
-                cols = ", ".join(
-                    c if c != "receipt_id" else "receipt_id || '-' || k AS receipt_id" for c in schema.COLUMN_NAMES
-                )
+                present = {
+                    r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{SAMPLE_PATH}')").fetchall()
+                }
+                cols = schema.select_list(present).replace("receipt_id", "receipt_id || '-' || k AS receipt_id", 1)
                 sample_rows = con.execute(f"SELECT count(*) FROM read_parquet('{SAMPLE_PATH}')").fetchone()[0]
                 copies = -(-size // sample_rows)
                 # the sample's three weeks, denser: rows in time order, as a ledger fills up

@@ -123,7 +123,7 @@ class BudgetWatch:
         self._roll_month(now)
         self._last_read = time.monotonic()
         try:
-            read = _ledger_month_to_date(self.db_path, month_start(now))
+            read = ledger_month_to_date(self.db_path, month_start(now))
         except Exception:  # a busy or unreadable ledger: keep the last figures and try again later
             _log.debug("joule_otel: reading month-to-date energy failed", exc_info=True)
             return
@@ -182,7 +182,7 @@ def budget_attributes(budget: Budget) -> dict[str, Any]:
     return values
 
 
-def _ledger_month_to_date(db_path: Path, start: datetime) -> dict[Key, float]:
+def ledger_month_to_date(db_path: Path, start: datetime) -> dict[Key, float]:
     """Joules per (workload, service) since ``start`` (an hour boundary) in the ledger, from the rollup where it can."""
     from joule_otel.ledger import reader
 

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -168,6 +169,24 @@ def _instrument_clients(settings: Settings, providers: Providers) -> _Instrument
     if providers.tracer_provider is not None:
         state.span_instrumentors = _enable_http_spans(providers.tracer_provider, modules)
     return state
+
+
+def listen_to_rows(listener: Any) -> Callable[[], None] | None:
+    """Call ``listener(rows)`` on the background thread with each cycle's ledger rows; returns how to stop it.
+
+    For joule-otel's own consumers in the same process (the pytest plugin). None when capture is not on.
+    """
+    state = _state
+    if state is None:
+        return None
+    listeners = state.pipeline.row_listeners
+    listeners.append(listener)
+
+    def stop() -> None:
+        if listener in listeners:
+            listeners.remove(listener)
+
+    return stop
 
 
 def _budget_watch(settings: Settings, meter: Any, recorder: MetricRecorder) -> BudgetWatch:

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
@@ -74,6 +75,8 @@ class Pipeline:
     ) -> None:
         self.service_name = service_name
         self.watch = watch
+        self.row_listeners: list[Callable[[list[LedgerRow]], None]] = []
+        """Called on the background thread with each cycle's rows (the pytest plugin's energy per test)."""
         """Month-to-date energy against the budgets, and the 402 warnings (see :mod:`joule_otel._budget_watch`)."""
         self.events_logger = events_logger
         """An OTel Logger that call events go to (``JOULE_OTEL_CALL_EVENTS``), or None."""
@@ -266,6 +269,11 @@ class Pipeline:
                 watch.observe(rows)
             except Exception:
                 self.capture_stats.internal_error("budget watch")
+        for listener in self.row_listeners if rows else ():
+            try:
+                listener(rows)
+            except Exception:
+                self.capture_stats.internal_error("row listener")
         now = time.monotonic()
         due = final or force_segment or now - self._last_segment >= self.flush_interval_s
         if due:

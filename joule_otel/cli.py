@@ -151,6 +151,43 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_budgets(args: argparse.Namespace) -> int:
+    from joule_otel.budgets import load_budgets, parse_thresholds, prometheus_rules
+
+    budgets = load_budgets(args.file)
+    if not budgets:
+        raise ValueError(f"{args.file} holds no budgets")
+    if args.budgets_command == "rules":
+        text = prometheus_rules(
+            budgets,
+            thresholds=parse_thresholds(args.thresholds),
+            exhaustion_days=args.exhaustion_days,
+            burn_window=args.burn_window,
+        )
+        if args.output in (None, "-"):
+            sys.stdout.write(text)
+        else:
+            Path(args.output).write_text(text)
+            print(f"wrote {len(budgets)} budgets' rules to {args.output}", file=sys.stderr)
+        return 0
+    from datetime import datetime, timezone
+
+    from joule_otel._budget_watch import ledger_month_to_date, month_start
+    from joule_otel.config import db_path_from_env
+    from joule_otel.units import energy
+
+    db = Path(args.db).expanduser() if args.db else db_path_from_env()
+    if db is None:
+        raise ValueError("JOULE_OTEL_DB is off: pass --db")
+    spent = ledger_month_to_date(db, month_start(datetime.now(timezone.utc)))
+    rows = []
+    for budget in budgets:
+        used = sum(j for (w, s), j in spent.items() if w == budget.workload and budget.service in (None, s))
+        rows.append((budget.label, energy(budget.joules), energy(used), f"{used / budget.joules:.0%}"))
+    print_table(["budget", "per month", "this month", "used"], rows)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``joule-otel`` argument parser."""
     parser = argparse.ArgumentParser(prog="joule-otel", description="Energy observability for Joule Cloud.")
@@ -213,6 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--days", type=int, default=21, help="days of history (default 21)")
     sample.add_argument("--seed", type=int, default=7, help="seed (default 7)")
     sample.set_defaults(func=_cmd_sample_data)
+
+    budgets = sub.add_parser("budgets", help="energy budgets: Prometheus alert rules, month to date")
+    bsub = budgets.add_subparsers(dest="budgets_command", required=True)
+    rules = bsub.add_parser(
+        "rules",
+        help="write Prometheus recording and alerting rules for a budgets file",
+        description="Rules over the joule.budget.* gauges apps export: a warning per threshold, a critical alert "
+        "when the burn rate would spend a budget within --exhaustion-days, and one for any 402.",
+    )
+    rules.add_argument("file", help="budgets file (JSON, TOML or CSV), as JOULE_OTEL_BUDGETS names it")
+    rules.add_argument("-o", "--output", help="rules file to write (default: standard output)")
+    rules.add_argument("--thresholds", default="0.8,1", help="shares that alert, e.g. 0.5,0.8,1 (default 0.8,1)")
+    rules.add_argument(
+        "--exhaustion-days", type=float, default=7.0, help="alert when a budget runs out within this (default 7)"
+    )
+    rules.add_argument("--burn-window", default="6h", help="PromQL range the burn rate is measured over (default 6h)")
+    status = bsub.add_parser("status", help="each budget against the ledger's energy this month")
+    status.add_argument("file", help="budgets file (JSON, TOML or CSV)")
+    status.add_argument("--db", help="ledger path (default: JOULE_OTEL_DB or the per-user ledger)")
+    budgets.set_defaults(func=_cmd_budgets)
 
     ledger = sub.add_parser("ledger", help="inspect and maintain the ledger")
     ledger.add_argument("--db", help="ledger path (default: JOULE_OTEL_DB or the per-user ledger)")

@@ -1,0 +1,173 @@
+"""The pytest plugin's energy check, run as users run it: real pytest runs of an example suite (pytester,
+each in its own process) against the simulator, through the real openai SDK."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+SUITE = """
+import json, os
+from pathlib import Path
+
+import anyio
+import openai
+import pytest
+
+import joule_otel
+
+EXTRA = int(os.environ.get("EXTRA_CALLS", "0"))
+SPENT = Path(os.environ["SPENT_DIR"])
+
+
+@pytest.fixture
+def client(joule_simulator, request):
+    yield openai.OpenAI(base_url=joule_simulator.base_url, api_key="jc_test", max_retries=0)
+    billed = sum(r.energy_j for r in joule_simulator.receipts)  # what the simulator billed this test
+    calls = len(joule_simulator.receipts)
+    (SPENT / (request.node.name + ".json")).write_text(json.dumps({"joules": billed, "calls": calls}))
+
+
+def ask(client, n):
+    for i in range(n):
+        client.chat.completions.create(model="llama-3.3-70b-instruct", max_tokens=50,
+                                       messages=[{"role": "user", "content": f"question {i}"}])
+
+
+def test_summary(client):
+    ask(client, 2 + EXTRA)
+
+
+def test_no_calls(client):
+    assert 1 + 1 == 2
+
+
+def test_embeddings(client):
+    client.embeddings.create(model="auto", input=["a b c", "d e f"])
+
+
+@pytest.mark.anyio
+async def test_async(joule_simulator, request):
+    async with openai.AsyncOpenAI(base_url=joule_simulator.base_url, api_key="jc_test", max_retries=0) as aclient:
+        await aclient.chat.completions.create(model="auto", max_tokens=30, messages=[{"role": "user", "content": "hi"}])
+    billed = sum(r.energy_j for r in joule_simulator.receipts)
+    (SPENT / (request.node.name + ".json")).write_text(json.dumps({"joules": billed, "calls": 1}))
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+"""
+
+
+@pytest.fixture
+def suite(pytester, tmp_path, monkeypatch):
+    spent = tmp_path / "spent"
+    spent.mkdir()
+    monkeypatch.setenv("SPENT_DIR", str(spent))
+    monkeypatch.delenv("JOULE_OTEL_DB", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    pytester.makepyfile(test_suite=SUITE)
+    return spent
+
+
+def by_test(entries: dict) -> dict:
+    """Report entries keyed ``test_suite.py::name`` (node ids carry the rootdir's path, which args can move)."""
+    return {key.rsplit("/", 1)[-1]: value for key, value in entries.items()}
+
+
+def billed(spent, name: str) -> float:
+    return json.loads((spent / f"{name}.json").read_text())["joules"]
+
+
+def run(pytester, *args: str):
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "anyio", *args)
+
+
+def test_joule_prints_energy_per_test_and_writes_a_report(pytester, suite, tmp_path):
+    report_file = tmp_path / "energy-report.json"
+    result = run(pytester, "--joule", "--joule-report", str(report_file))
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*joule energy*", "*test_suite.py::test_summary*", "total: 4 calls*in 4 tests"])
+    report = json.loads(report_file.read_text())
+    tests = by_test(report["tests"])
+    for name in ("test_summary", "test_embeddings", "test_async"):
+        assert tests[f"test_suite.py::{name}"]["joules"] == pytest.approx(billed(suite, name)), name
+    assert tests["test_suite.py::test_summary"]["calls"] == 2
+    assert tests["test_suite.py::test_no_calls"] == {"joules": 0.0, "carbon_mg": 0.0, "calls": 0}
+    assert report["total"]["calls"] == 4
+    assert report["total"]["joules"] == pytest.approx(sum(t["joules"] for t in tests.values()))
+    assert report["regressions"] == {}
+
+
+def test_a_regression_fails_and_passes_again_after_the_baseline_is_updated(pytester, suite, tmp_path, monkeypatch):
+    baseline = tmp_path / "energy.json"
+    run(pytester, "--joule-save", str(baseline)).assert_outcomes(passed=4)
+    saved = by_test(json.loads(baseline.read_text())["tests"])
+    assert saved["test_suite.py::test_summary"]["joules"] == pytest.approx(billed(suite, "test_summary"))
+
+    run(pytester, "--joule-compare", str(baseline)).assert_outcomes(passed=4)  # same calls: same energy
+
+    monkeypatch.setenv("EXTRA_CALLS", "3")  # test_summary now asks five questions instead of two
+    report_file = tmp_path / "report.json"
+    result = run(pytester, "--joule-compare", str(baseline), "--joule-report", str(report_file))
+    result.assert_outcomes(passed=3, failed=1)
+    before = saved["test_suite.py::test_summary"]["joules"]
+    after = billed(suite, "test_summary")
+    result.stdout.fnmatch_lines(
+        [f"*test_summary*energy regression: {before:,.2f} J → {after:,.2f} J (+*%; tolerance +10%, floor 1 J*"]
+    )
+    assert list(by_test(json.loads(report_file.read_text())["regressions"])) == ["test_suite.py::test_summary"]
+
+    # a tolerance wide enough lets it through; a new baseline makes it the norm
+    run(pytester, "--joule-compare", str(baseline), "--joule-tolerance", "500%").assert_outcomes(passed=4)
+    run(pytester, "--joule-save", str(baseline)).assert_outcomes(passed=4)
+    run(pytester, "--joule-compare", str(baseline)).assert_outcomes(passed=4)
+
+
+def test_a_marker_caps_one_test_on_every_run(pytester, suite):
+    pytester.makepyfile(
+        test_capped="""
+import openai, pytest
+
+@pytest.mark.joule(max_joules=0.001)
+def test_capped(joule_simulator):
+    client = openai.OpenAI(base_url=joule_simulator.base_url, api_key="k", max_retries=0)
+    client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+
+@pytest.mark.joule(max_joules=1_000_000)
+def test_roomy(joule_simulator):
+    client = openai.OpenAI(base_url=joule_simulator.base_url, api_key="k", max_retries=0)
+    client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+"""
+    )
+    result = run(pytester, "test_capped.py")  # no --joule option: the marker alone turns the check on
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*test_capped*", "energy * J is over this test's cap of 0.001 J (1 call)"])
+
+
+def test_a_suite_that_uses_none_of_it_is_left_alone(pytester, suite):
+    pytester.makepyfile(
+        test_plain="""
+import joule_otel._instrument as inst
+
+def test_nothing_instrumented():
+    assert inst._state is None
+"""
+    )
+    run(pytester, "test_plain.py").assert_outcomes(passed=1)
+
+
+def test_xdist_workers_each_count_their_own_tests_once(pytester, suite, tmp_path):
+    serial, parallel = tmp_path / "serial.json", tmp_path / "parallel.json"
+    run(pytester, "--joule-report", str(serial)).assert_outcomes(passed=4)
+    result = run(pytester, "-n", "2", "--joule", "--joule-report", str(parallel))
+    result.assert_outcomes(passed=4)
+    one, two = json.loads(serial.read_text()), json.loads(parallel.read_text())
+    assert set(by_test(two["tests"])) == set(by_test(one["tests"])) and len(two["tests"]) == 4
+    assert two["total"]["calls"] == one["total"]["calls"] == 4
+    assert two["total"]["joules"] == pytest.approx(one["total"]["joules"])
+    result.stdout.fnmatch_lines(["*joule energy*", "total: 4 calls*in 4 tests"])
