@@ -211,9 +211,10 @@ def _budget_watch(settings: Settings, meter: Any, recorder: MetricRecorder) -> B
         limit=observe(lambda b, spent: b.joules),
         spent=observe(lambda b, spent: spent),
         remaining=observe(lambda b, spent: max(b.joules - spent, 0.0)),
-        used=observe(lambda b, spent: spent / b.joules),
     )
     watch.count_refusal = lambda workload: refusals.add(1, {attr.JOULE_WORKLOAD: recorder.metric_workload(workload)})
+    for workload in {b.workload for b in watch.budgets}:  # a series from 0: the first 402 is an increase
+        refusals.add(0, {attr.JOULE_WORKLOAD: recorder.metric_workload(workload)})
     return watch
 
 

@@ -102,7 +102,9 @@ def load_budgets(path: str | os.PathLike[str] | None = None) -> list[Budget]:
         else:
             raw = json.loads(text)
             if isinstance(raw, list):
-                entries += [(item.get("workload", ""), item) for item in raw if isinstance(item, dict)]
+                if not all(isinstance(item, dict) for item in raw):
+                    raise ValueError('a list holds objects such as {"workload": "bot", "joules": 1000}')
+                entries += [(item.get("workload", ""), item) for item in raw]
             elif isinstance(raw, dict):
                 entries += list(raw.items())
             else:
@@ -182,7 +184,9 @@ def prometheus_rules(
         "  - name: joule-otel-budgets-alerts",
         "    rules:",
         "      - alert: JouleInsufficientBalance",
-        f"        expr: sum by (joule_workload) (increase({REFUSALS_METRIC}[10m])) > 0",
+        # a counter's first sample is no increase: a series that appeared in the window counts too
+        f"        expr: sum by (joule_workload) (increase({REFUSALS_METRIC}[10m])) > 0 or sum by (joule_workload) "
+        f"({REFUSALS_METRIC} unless {REFUSALS_METRIC} offset 10m) > 0",
         "        labels:",
         "          severity: critical",
         "        annotations:",
@@ -203,7 +207,7 @@ def prometheus_rules(
                 "        annotations:",
                 f"          summary: {_yaml_text(f'{budget.label} has used {share:.0%} of its monthly energy budget')}",
                 "          description: "
-                + _yaml_text(f"{{{{ $value | humanize }}}}J of {budget.joules:g} J used this month."),
+                + _yaml_text(f"{{{{ $value | humanize }}}} J of {budget.joules:g} J used this month."),
             ]
         lines += [
             "      - alert: JouleEnergyBudgetExhaustionProjected",

@@ -16,7 +16,6 @@ TIME_TO_FIRST_CHUNK = "gen_ai.client.operation.time_to_first_chunk"
 BUDGET_LIMIT = "joule.budget.limit"
 BUDGET_SPENT = "joule.budget.spent"
 BUDGET_REMAINING = "joule.budget.remaining"
-BUDGET_USED = "joule.budget.used"
 BUDGET_REFUSALS = "joule.budget.refusals"
 
 GEN_AI_METRICS = (OPERATION_DURATION, TOKEN_USAGE, TIME_TO_FIRST_CHUNK)
@@ -83,7 +82,7 @@ BudgetCallback = Callable[[CallbackOptions], Iterable[Observation]]
 
 
 def create_budget_instruments(
-    meter: Meter, *, limit: BudgetCallback, spent: BudgetCallback, remaining: BudgetCallback, used: BudgetCallback
+    meter: Meter, *, limit: BudgetCallback, spent: BudgetCallback, remaining: BudgetCallback
 ) -> Counter:
     """The ``joule.budget.*`` gauges (observed through the callbacks) and the 402 refusals counter it returns."""
     meter.create_observable_gauge(
@@ -97,9 +96,6 @@ def create_budget_instruments(
     )
     meter.create_observable_gauge(
         BUDGET_REMAINING, callbacks=[remaining], unit="J", description="Energy left in a workload's monthly budget."
-    )
-    meter.create_observable_gauge(
-        BUDGET_USED, callbacks=[used], unit="1", description="Share of a workload's monthly energy budget used."
     )
     return meter.create_counter(
         BUDGET_REFUSALS,

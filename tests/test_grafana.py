@@ -32,6 +32,8 @@ PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 SCRAPE_INTERVAL_S = 1
 DURATION_COUNT = "gen_ai_client_operation_duration_seconds_count"
+APP_BUDGETS_J = {"support-bot": 300.0, "search": 1e7, "never-called": 5000.0}
+"""support-bot crosses 80 % and 100 % in seconds; search would run out within days at its rate; the third never runs."""
 
 APP = textwrap.dedent("""
     import sys, time
@@ -179,7 +181,21 @@ def prometheus_with_both_paths(tmp_path_factory):
     with running(seed=3, energy_budgets={"jc_grafana_batch": 1500.0}) as sim:
         script = tmp / "app.py"
         script.write_text(APP)
-        env = dict(os.environ, OTEL_SERVICE_NAME="scraped-svc", OTEL_METRIC_EXPORT_INTERVAL="1000")
+        budgets = tmp / "budgets.json"
+        budgets.write_text(json.dumps(APP_BUDGETS_J))
+        rules = subprocess.run(
+            [sys.executable, "-m", "joule_otel.cli", "budgets", "rules", str(budgets), "-o", str(tmp / "rules.yml")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert rules.returncode == 0, rules.stderr
+        env = dict(
+            os.environ,
+            OTEL_SERVICE_NAME="scraped-svc",
+            OTEL_METRIC_EXPORT_INTERVAL="1000",
+            JOULE_OTEL_BUDGETS=str(budgets),
+        )
         app = subprocess.Popen(
             [sys.executable, str(script), sim.base_url, str(app_port), str(tmp / "app.duckdb"), "240"],
             env=env,
@@ -204,6 +220,8 @@ def prometheus_with_both_paths(tmp_path_factory):
         threading.Thread(target=relay.serve_forever, daemon=True).start()
         config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
         config["global"]["scrape_interval"] = f"{SCRAPE_INTERVAL_S}s"
+        config["global"]["evaluation_interval"] = f"{SCRAPE_INTERVAL_S}s"
+        config["rule_files"] = [str(tmp / "rules.yml")]
         for job in config["scrape_configs"]:
             port = relay_port if job["job_name"] == "otel-collector" else app_port
             job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
@@ -393,3 +411,36 @@ def test_concrete_choices_are_escaped_and_narrow_every_panel(prometheus_with_bot
                 assert not _has_numbers(result) or panel["title"] == "Calls by outcome"
             else:
                 assert _has_numbers(result), f"{panel['title']!r} returned no data: {expr}"
+
+
+def _firing(api: str) -> list[dict]:
+    body = _get(f"{api}/api/v1/alerts")
+    assert body is not None and body["status"] == "success"
+    return [a for a in body["data"]["alerts"] if a["state"] == "firing"]
+
+
+def test_budget_rules_fire_on_a_real_app(prometheus_with_both_paths):
+    """The rules `joule-otel budgets rules` wrote, evaluated by a real Prometheus over a real app's gauges."""
+    api, _ = prometheus_with_both_paths
+
+    def fired() -> set[tuple[str, str, str]]:
+        return {
+            (a["labels"]["alertname"], a["labels"].get("joule_workload", ""), a["labels"].get("severity", ""))
+            for a in _firing(api)
+        }
+
+    wanted = {
+        ("JouleEnergyBudgetThreshold", "support-bot", "warning"),
+        ("JouleEnergyBudgetThreshold", "support-bot", "critical"),
+        ("JouleEnergyBudgetExhaustionProjected", "search", "critical"),
+        ("JouleInsufficientBalance", "nightly-batch", "critical"),
+    }
+    _wait(lambda: wanted <= fired(), 60, f"alerts {wanted}")
+    alerts = fired()
+    assert not any(w == "never-called" for _, w, _ in alerts)
+    assert ("JouleEnergyBudgetThreshold", "search", "warning") not in alerts
+    assert ("JouleEnergyBudgetExhaustionProjected", "support-bot", "critical") not in alerts, "already spent"
+    spent = _instant(api, 'joule:budget_spent:joules{joule_workload="support-bot"}')
+    limit = _instant(api, 'max(joule_budget_limit_joules{joule_workload="support-bot"})')
+    assert limit == 300.0 and spent >= limit
+    assert _instant(api, 'max(joule_budget_spent_joules{joule_workload="never-called"})') == 0.0

@@ -38,6 +38,8 @@ REQUEST_ENERGY = "joule_client_request_energy_joules"
 DURATION = "gen_ai_client_operation_duration_seconds"
 TOKENS = "gen_ai_client_token_usage"
 TTFC = "gen_ai_client_operation_time_to_first_chunk_seconds"
+BUDGET_SPENT = "joule_budget_spent_joules"
+BUDGET_LIMIT = "joule_budget_limit_joules"
 
 FILTER = 'joule_workload=~"$workload", gen_ai_response_model=~"$model", joule_region=~"$region"'
 """The template variables every series selector carries (an "All" choice expands to ``.*``)."""
@@ -65,6 +67,11 @@ def increase(metric: str, extra: str = "", window: str = "$__range") -> str:
     """``increase`` over the dashboard's range, filtered the same way."""
     selector = FILTER + (f", {extra}" if extra else "")
     return f"increase({metric}{{{selector}}}[{window}]){SERVICE}"
+
+
+def budget(metric: str) -> str:
+    """A ``joule.budget.*`` gauge per budget (the largest any process reports: they read one ledger)."""
+    return f'max by (joule_workload, joule_budget_service) ({metric}{{joule_workload=~"$workload"}}{SERVICE})'
 
 
 def quantile(q: float, histogram: str) -> str:
@@ -308,6 +315,28 @@ def build() -> model.Dashboard:
                     "{{joule_workload}}",
                 ),
                 width=24,
+            )
+        )
+        .with_row(db.Row("Budgets (JOULE_OTEL_BUDGETS)"))
+        .with_panel(
+            series(
+                "Month-to-date energy vs budget",
+                "joule",
+                "joule.budget.spent (this UTC month, from the ledger and each process) and joule.budget.limit.",
+                query(budget(BUDGET_SPENT), "{{joule_workload}} {{joule_budget_service}} spent"),
+                query(budget(BUDGET_LIMIT), "{{joule_workload}} {{joule_budget_service}} budget", ref="B"),
+                width=12,
+            )
+        )
+        .with_panel(
+            series(
+                "Budget used",
+                "percentunit",
+                "Share of each monthly budget used; `joule-otel budgets rules` alerts at the thresholds.",
+                query(
+                    f"{budget(BUDGET_SPENT)} / {budget(BUDGET_LIMIT)}", "{{joule_workload}} {{joule_budget_service}}"
+                ),
+                width=12,
             )
         )
     )
