@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="simulator + realistic traffic + ledger + dashboard, offline")
-    demo.add_argument("--calls", type=int, default=400, help="tasks to run today (default 400)")
+    demo.add_argument("--calls", type=int, default=60, help="tasks to run today (default 60)")
     demo.add_argument(
         "--history-days",
         type=int,

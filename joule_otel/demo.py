@@ -49,7 +49,7 @@ DEMO_BUDGETS_J = {
     "ops-agent": 4_500.0,
 }
 """Energy budgets the demo's dashboard shows (J per month)."""
-BATCH_TOKEN_BUDGET_J = 1_500.0
+BATCH_TOKEN_BUDGET_J = 600.0
 
 _QUESTIONS = [
     "My invoice shows more joules than last month, why?",
@@ -175,7 +175,7 @@ _MIX: list[tuple[str, float, Task, str]] = [
 
 
 HISTORY_DAYS = 28
-HISTORY_TASKS_PER_DAY = 18
+HISTORY_TASKS_PER_DAY = 30
 """Tasks on a weekday of the first week; each week brings 10 % more, weekends half as many."""
 LEGACY_SHARE = {"support-bot": (0.7, 0.4, 0.15, 0.0), "search-embeddings": (1.0, 0.5, 0.0, 0.0)}
 """Per week of history (oldest first), the share of a workload's tasks still sent to OpenAI."""
@@ -324,7 +324,7 @@ def _mark_as_demo(db: Path) -> None:
 
 def run_demo(
     *,
-    calls: int = 400,
+    calls: int = 60,
     db: Path | None = None,
     browser: bool = True,
     dashboard: bool = True,

@@ -75,7 +75,7 @@ def serve_dashboard(tmp_path: Path, env_extra: dict[str, str]) -> tuple[subproce
 
 @pytest.fixture(scope="module")
 def demo_ledger(tmp_path_factory) -> tuple[Path, Path]:
-    """A demo's ledger and budgets: two weeks of history and today's traffic, through the real capture path."""
+    """A demo's ledger and budgets: ten days of history and today's traffic, through the real capture path."""
     folder = tmp_path_factory.mktemp("demo")
     db = folder / "demo.duckdb"
     env = dict(os.environ, XDG_DATA_HOME=str(folder / "xdg"))
@@ -89,7 +89,7 @@ def demo_ledger(tmp_path_factory) -> tuple[Path, Path]:
             "--calls",
             "80",
             "--history-days",
-            "14",
+            "10",
             "--db",
             str(db),
         ],

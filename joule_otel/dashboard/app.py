@@ -365,11 +365,12 @@ def render() -> None:
     cols[2].metric("Calls", f"{kpi['calls']:,}", delta("calls"), delta_color="off")
     cols[3].metric("Energy per call", units.energy(kpi["mean_j_per_call"]), delta("mean_j_per_call"), "inverse")
     cols[4].metric(
-        "Per 1k output tokens",
+        "Per 1k tok. out",
         units.energy(kpi["j_per_1k_output"]),
         delta("j_per_1k_output"),
         delta_color="inverse",
-        help="Generation calls only (chat, completions, responses); embeddings produce no output tokens.",
+        help="Energy per 1000 output tokens, of generation calls only (chat, completions, responses): "
+        "embeddings produce no output tokens.",
     )
     cols[5].metric("Asked for auto", f"{(kpi['auto_share'] or 0):.0%}", delta("auto_share"), delta_color="off")
     cols[6].metric("402 refused", f"{kpi['refused_402']:,}", delta("refused_402"), delta_color="inverse")
@@ -777,8 +778,14 @@ def _what_if() -> None:
         "energy then = tokens × J per token measured on this ledger's calls of that kind on the chosen model and tier "
         f"in this period; carbon then = energy then × {intensity}."
     )
-    for note in result.missing:
-        st.warning(f"Left as it ran: {units.plain(note)} in this selection.")
+    for kind, names, tiers in result.missing:
+        if kind == "carbon":
+            st.warning(f"No carbon figures from {units.plain(names[0])} in this selection: carbon left as it ran.")
+        else:
+            st.warning(
+                f"No {kind} calls on {', '.join(units.plain(n) for n in names)} at the "
+                f"{', '.join(units.plain(t) for t in tiers)} tier in this selection: {kind} left as it ran."
+            )
 
 
 if live:

@@ -654,8 +654,9 @@ class WhatIf:
     carbon_now_mg: float
     carbon_then_mg: float
     intensity_then_mg_per_j: float | None
-    missing: tuple[str, ...]
-    """What could not be measured (a model or tier with no calls of that kind): left as it was."""
+    missing: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]
+    """What could not be measured, left as it ran: (kind of call, models, tiers) with no calls in the period, or
+    ("carbon", (region,), ()) for a region without carbon figures."""
 
 
 def what_if(
@@ -697,7 +698,7 @@ def what_if(
     """,
         [*params, workload],
     )
-    missing: list[str] = []
+    missing: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
     then_rates: list[float | None] = []
     for item in own.itertuples():
         models = [model] if model else list(item.models)
@@ -710,7 +711,7 @@ def what_if(
         ).fetchone()
         found = measured[0] if measured else None
         if found is None:
-            missing.append(f"no {item.kind} calls on {', '.join(models)} at tier {', '.join(tiers)}")
+            missing.append((item.kind, tuple(models), tuple(tiers)))
         then_rates.append(found if found is not None else item.j_per_token_now)
     rows = own.drop(columns=["models", "tiers"]).assign(j_per_token_then=then_rates)
     rows["energy_then_j"] = [
@@ -725,7 +726,7 @@ def what_if(
         ).fetchone()
         intensity = found_region[0] if found_region else None
         if intensity is None:
-            missing.append(f"no carbon figures from region {region}")
+            missing.append(("carbon", (region,), ()))
     now_intensity = rows["mg_per_j_now"]
     rows["carbon_then_mg"] = [
         e * (intensity if intensity is not None else (_number(i) or 0.0))
