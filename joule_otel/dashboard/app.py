@@ -190,6 +190,13 @@ def _encode(frame: pd.DataFrame, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def text_number(value: Any, fmt: str) -> str:
+    """A number as a table shows it, and "–" where there is none (never "None" or "nan")."""
+    if value is None or pd.isna(value):
+        return "–"
+    return format(int(value) if fmt.endswith("d") else float(value), fmt)
+
+
 def readable(frame: pd.DataFrame) -> pd.DataFrame:
     """The frame with the column names a person reads."""
     return frame.rename(columns=READABLE)
@@ -480,22 +487,24 @@ def render() -> None:
                     embeddings,
                     "j_per_input_token",
                 )
-            st.dataframe(
-                eff,
-                hide_index=True,
-                width="stretch",
-                column_config={
-                    "model": "routed model",
-                    "kind": "kind",
-                    "j_per_output_token": st.column_config.NumberColumn("J / output token", format="%.4f"),
-                    "j_per_input_token": st.column_config.NumberColumn("J / input token", format="%.5f"),
-                    "j_per_call": st.column_config.NumberColumn("J / call", format="%.1f"),
-                    "calls": st.column_config.NumberColumn("calls", format="localized"),
-                    "p50_duration_ms": st.column_config.NumberColumn("median duration (ms)", format="%.0f"),
-                    "p95_duration_ms": st.column_config.NumberColumn("p95 duration (ms)", format="%.0f"),
-                    "p50_ttft_ms": st.column_config.NumberColumn("median first chunk (ms)", format="%.0f"),
-                },
+            table = pd.DataFrame(
+                {
+                    "routed model": eff["model"],
+                    "kind": eff["kind"],
+                    "J / token": [
+                        text_number(o if k == "generation" else i, ".4f") + (" out" if k == "generation" else " in")
+                        for k, o, i in zip(
+                            eff["kind"], eff["j_per_output_token"], eff["j_per_input_token"], strict=True
+                        )
+                    ],
+                    "J / call": eff["j_per_call"].map(lambda v: text_number(v, ",.1f")),
+                    "calls": eff["calls"].map(lambda v: text_number(v, ",.0f")),
+                    "median duration (ms)": eff["p50_duration_ms"].map(lambda v: text_number(v, ",.0f")),
+                    "p95 duration (ms)": eff["p95_duration_ms"].map(lambda v: text_number(v, ",.0f")),
+                    "median first chunk (ms)": eff["p50_ttft_ms"].map(lambda v: text_number(v, ",.0f")),
+                }
             )
+            st.dataframe(table, hide_index=True, width="stretch")
         hist = page["histogram"]
         if not hist.empty:
             show(st, charts.histogram(hist), hist, "energy_histogram")
@@ -525,6 +534,29 @@ def render() -> None:
                 trace=[template.replace("{trace_id}", t) if isinstance(t, str) else None for t in table["trace_id"]]
             )
         table = table.assign(started_at=table["started_at"].dt.tz_convert(tz_name).dt.tz_localize(None))
+        for column, fmt in (
+            ("energy_j", ",.3f"),
+            ("carbon_mg", ",.3f"),
+            ("input_tokens", ",.0f"),
+            ("output_tokens", ",.0f"),
+            ("duration_ms", ",.0f"),
+            ("ttft_ms", ",.0f"),
+        ):
+            table[column] = table[column].map(lambda v, fmt=fmt: text_number(v, fmt))
+        for column in (
+            "receipt_id",
+            "workload",
+            "service",
+            "operation",
+            "requested_model",
+            "routed_to",
+            "tier",
+            "region",
+            "error_type",
+            "trace_id",
+        ):
+            table[column] = table[column].fillna("–")
+        table["status_code"] = table["status_code"].map(lambda v: text_number(v, "d"))
         st.dataframe(
             table,
             hide_index=True,
@@ -534,13 +566,13 @@ def render() -> None:
                 "receipt_id": "receipt",
                 "requested_model": "requested model",
                 "routed_to": "routed to",
-                "energy_j": st.column_config.NumberColumn("energy (J)", format="%.3f"),
-                "carbon_mg": st.column_config.NumberColumn("carbon (mg CO2e)", format="%.3f"),
-                "input_tokens": st.column_config.NumberColumn("input tokens", format="localized"),
-                "output_tokens": st.column_config.NumberColumn("output tokens", format="localized"),
-                "duration_ms": st.column_config.NumberColumn("duration (ms)", format="%.0f"),
-                "ttft_ms": st.column_config.NumberColumn("first chunk (ms)", format="%.0f"),
-                "status_code": st.column_config.NumberColumn("status", format="%d"),
+                "energy_j": "energy (J)",
+                "carbon_mg": "carbon (mg CO2e)",
+                "input_tokens": "input tokens",
+                "output_tokens": "output tokens",
+                "duration_ms": "duration (ms)",
+                "ttft_ms": "first chunk (ms)",
+                "status_code": "status",
                 "error_type": "error",
                 "trace_id": "trace id",
                 "trace": st.column_config.LinkColumn("trace", display_text="open trace"),
