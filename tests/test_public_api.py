@@ -20,6 +20,7 @@ def test_internal_modules_are_named_as_internal():
     """Modules with no public role start with an underscore (httpx's and Logfire's convention)."""
     public_modules = {
         "attributes",  # attribute keys users filter on
+        "budgets",  # the budgets file, read by the app, the dashboard and `joule-otel budgets`
         "cli",
         "collect",  # joule-otel collect
         "config",  # the environment variables, documented
@@ -28,8 +29,10 @@ def test_internal_modules_are_named_as_internal():
         "headers",  # parsing a Joule response, for anyone reconciling receipts by hand
         "instrumentor",  # the zero-code entry point
         "instruments",  # metric names, units and buckets
+        "pytest_plugin",  # the pytest11 entry point: the simulator fixture and the energy check
         "ledger",
         "simulator",
+        "units",  # J/kJ, mg/g and their everyday equivalents, as the dashboard and the CLI print them
         "workload",
     }
     root = Path(joule_otel.__path__[0])
