@@ -190,31 +190,36 @@ def listen_to_rows(listener: Any) -> Callable[[], None] | None:
 
 
 def _budget_watch(settings: Settings, meter: Any, recorder: MetricRecorder) -> BudgetWatch:
-    """The budget watch, with its gauges and refusals counter on joule-otel's meter unless metrics are off."""
+    """The budget watch, with its refusals counter and gauges on joule-otel's meter unless metrics are off."""
     from opentelemetry.metrics import Observation
 
     from joule_otel._budget_watch import budget_attributes
-    from joule_otel.instruments import create_budget_instruments
+    from joule_otel.instruments import create_budget_gauges, create_refusals_counter
 
-    watch = BudgetWatch(list(settings.budgets), settings.budget_thresholds, settings.db_path)
     if settings.metrics == METRICS_NONE:
-        return watch
+        return BudgetWatch(list(settings.budgets), settings.budget_thresholds, settings.db_path)
+    refusals = create_refusals_counter(meter)
+    watch = BudgetWatch(
+        list(settings.budgets),
+        settings.budget_thresholds,
+        settings.db_path,
+        count_refusal=lambda workload: refusals.add(1, {attr.JOULE_WORKLOAD: recorder.metric_workload(workload)}),
+    )
+    for workload in {b.workload for b in watch.budgets}:  # a series from 0: the first 402 is an increase
+        refusals.add(0, {attr.JOULE_WORKLOAD: recorder.metric_workload(workload)})
 
-    def observe(value: Any) -> Any:
+    def observe(value: Callable[[Any, float], float]) -> Callable[[Any], list[Any]]:
         def callback(options: Any) -> list[Any]:
             return [Observation(value(b, spent), budget_attributes(b)) for b, spent in watch.observations()]
 
         return callback
 
-    refusals = create_budget_instruments(
+    create_budget_gauges(
         meter,
         limit=observe(lambda b, spent: b.joules),
         spent=observe(lambda b, spent: spent),
         remaining=observe(lambda b, spent: max(b.joules - spent, 0.0)),
     )
-    watch.count_refusal = lambda workload: refusals.add(1, {attr.JOULE_WORKLOAD: recorder.metric_workload(workload)})
-    for workload in {b.workload for b in watch.budgets}:  # a series from 0: the first 402 is an increase
-        refusals.add(0, {attr.JOULE_WORKLOAD: recorder.metric_workload(workload)})
     return watch
 
 

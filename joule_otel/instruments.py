@@ -81,10 +81,10 @@ def create_instruments(meter: Meter) -> Instruments:
 BudgetCallback = Callable[[CallbackOptions], Iterable[Observation]]
 
 
-def create_budget_instruments(
+def create_budget_gauges(
     meter: Meter, *, limit: BudgetCallback, spent: BudgetCallback, remaining: BudgetCallback
-) -> Counter:
-    """The ``joule.budget.*`` gauges (observed through the callbacks) and the 402 refusals counter it returns."""
+) -> None:
+    """The ``joule.budget.*`` gauges, observed through the callbacks."""
     meter.create_observable_gauge(
         BUDGET_LIMIT, callbacks=[limit], unit="J", description="Monthly energy budget of a workload."
     )
@@ -97,6 +97,10 @@ def create_budget_instruments(
     meter.create_observable_gauge(
         BUDGET_REMAINING, callbacks=[remaining], unit="J", description="Energy left in a workload's monthly budget."
     )
+
+
+def create_refusals_counter(meter: Meter) -> Counter:
+    """``joule.budget.refusals``: calls refused with 402 ``insufficient_balance``, per workload."""
     return meter.create_counter(
         BUDGET_REFUSALS,
         unit="{call}",
