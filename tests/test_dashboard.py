@@ -391,7 +391,6 @@ def rollup_and_raw(tmp_path_factory):
 
 
 def _frames_equal(a, b, keys):
-    import pandas as pd
 
     a = a.sort_values(keys).reset_index(drop=True)
     b = b.sort_values(keys).reset_index(drop=True)
