@@ -261,6 +261,16 @@ def test_app_on_sample_data_obeys_every_filter(isolated_home):
     assert not at.exception
 
 
+def test_a_link_with_values_no_widget_can_show_opens_the_default_view(isolated_home):
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.query_params.update({"range": "Last century", "split": "colour", "status": "x", "tz": "Mars/Olympus_Mons"})
+    at.run()
+    assert not at.exception, at.exception
+    assert at.radio(key="f_split").value == "workload"
+    assert at.selectbox(key="f_tz_select").value == "UTC"
+    assert "Mars/Olympus_Mons" not in at.selectbox(key="f_tz_select").options
+
+
 def test_a_shared_link_restores_the_view(isolated_home):
     """Query parameters (what the address bar held when a link was shared) set every filter on arrival."""
     sample = Source(SAMPLE_PATH, "sample", "")

@@ -70,8 +70,14 @@ def _restore_from_url() -> None:
         values = params.get_all(key)
         if values:
             st.session_state[f"f_{key}"] = values
+    allowed: dict[str, Any] = {  # a link is typed by people: a value a widget cannot show is dropped, not an error
+        "range": lambda v: v in timerange.PRESETS,
+        "status": lambda v: v in queries.STATUSES,
+        "split": lambda v: v in list(queries.DIMENSIONS)[:4],
+        "tz": lambda v: timerange.zone(v).key == v,
+    }
     for key in URL_VALUES:
-        if key in params:
+        if key in params and allowed.get(key, lambda v: True)(params[key]):
             st.session_state[f"f_{key}"] = params[key]
     for key, day_key, time_key in (("from", "start_day", "start_time"), ("to", "end_day", "end_time")):
         if key in params:
