@@ -582,9 +582,10 @@ def test_demo_refuses_a_ledger_that_is_not_a_demos(ledger_path, joule_simulator)
 def test_demo_reruns_over_its_own_ledger(tmp_path):
     db = tmp_path / "d" / "demo.duckdb"
     counts = []
+    command = [sys.executable, "-m", "joule_otel.cli", "demo", "--db", str(db), "--calls", "12", "--no-dashboard"]
     for _ in range(2):
         cli = subprocess.run(
-            [sys.executable, "-m", "joule_otel.cli", "demo", "--db", str(db), "--calls", "12", "--no-dashboard"],
+            [*command, "--history-days", "2"],
             capture_output=True,
             text=True,
             timeout=300,
