@@ -440,15 +440,16 @@ def render() -> None:
         else:
             show(st, charts.sankey(flows), flows, "router_flows")
             st.dataframe(
-                flows,
+                pd.DataFrame(
+                    {
+                        "requested model": flows["requested"],
+                        "routed to": flows["routed"],
+                        "energy": flows["energy_j"].map(units.energy),
+                        "calls": flows["calls"].map(lambda v: text_number(v, ",.0f")),
+                    }
+                ),
                 hide_index=True,
                 width="stretch",
-                column_config={
-                    "requested": "requested model",
-                    "routed": "routed to",
-                    "energy_j": st.column_config.NumberColumn("energy (J)", format="localized"),
-                    "calls": st.column_config.NumberColumn("calls", format="localized"),
-                },
             )
 
     with carbon_tab:
