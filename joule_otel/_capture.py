@@ -23,6 +23,7 @@ from typing import Any
 
 import wrapt
 from opentelemetry import trace
+from opentelemetry.context import get_current as get_current_context
 from opentelemetry.trace import SpanKind
 
 from joule_otel import attributes as attr
@@ -31,17 +32,17 @@ from joule_otel._genai import (
 )
 from joule_otel._genai import (
     INFERENCE_OPERATIONS,
-    OPENAI_RESPONSE_HEADERS,
     OTHER_OPERATION,
     SEMCONV_OPERATIONS,
+    RequestFields,
     error_type_for,
     parse_request_body,
-    provider_for,
-    requested_model,
+    provider_of,
+    request_fields,
     route_operation,
 )
-from joule_otel.headers import REGION, RESPONSE_HEADERS, EnergyReading, header_map, header_value, read_energy_map
-from joule_otel.workload import current_workload
+from joule_otel.headers import RESPONSE_HEADERS, EnergyReading, header_map, read_energy_map, request_region
+from joule_otel.workload import baggage_workload, innermost_workload
 
 _log = logging.getLogger("joule_otel")
 
@@ -59,6 +60,7 @@ class CallRecord:
 
     __slots__ = (
         "chunks",
+        "context",
         "error",
         "kept",
         "method",
@@ -80,7 +82,7 @@ class CallRecord:
         "workload",
     )
 
-    def __init__(self, request: Any, operation: str, t0: int, started_ns: int) -> None:
+    def __init__(self, request: Any, operation: str, t0: int, started_ns: int, context: Any = None) -> None:
         self.t0 = t0
         self.started_ns = started_ns
         self.t_first = 0
@@ -96,11 +98,13 @@ class CallRecord:
         if self.request_body is not None and len(self.request_body) > REQUEST_CAP_BYTES:
             self.request_body = None  # an upload, not a prompt: not kept (it is never parsed)
         self.provider: str | None = None
-        self.workload = current_workload()
+        self.workload = innermost_workload()
+        self.context = context
+        """The OpenTelemetry context the call was made in, when not empty: its baggage may name the workload."""
         self.status_code: int | None = None
         self.response_headers: Any = None
         self.reading: EnergyReading | None = None
-        self.request_fields: dict[str, Any] | None = None
+        self.request_fields: RequestFields | None = None
         self.trace_id: int | None = None
         self.span_id: int | None = None
         self.error: str | None = None
@@ -172,32 +176,32 @@ class Capture:
         claim = _claim.get()
         if claim is not None:
             claim[0] = True
-        call = CallRecord(request, operation, t0, started_ns)
+        context = get_current_context() or None  # an app without spans or baggage: an empty context, nothing to read
+        call = CallRecord(request, operation, t0, started_ns, context)
         call.status_code = response.status_code
         call.response_headers = headers
-        span = trace.get_current_span()
-        if span.is_recording() and _is_http_client_span(span):
-            self._annotate(span, call)
+        if context is not None:
+            span = trace.get_current_span(context)
+            if span.is_recording() and _is_http_client_span(span):
+                self._annotate(span, call)
         return call
 
     def _annotate(self, span: Any, call: CallRecord) -> None:
         """Span attributes, while the HTTP client span is open (it ends when the headers arrive)."""
-        reading = read_energy_map(header_map(call.response_headers), header_value(call.request_headers, _REGION_KEY))
+        headers = header_map(call.response_headers)
+        reading = read_energy_map(headers, request_region(headers, call.request_headers))
         call.reading = reading
         ctx = span.get_span_context()
         call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
-        request = parse_request_body(call.request_body)
-        # the background reuses the reading and these two fields; not the whole body, whose objects (a long
-        # conversation's messages) would wait with the call and weigh on the app's garbage collector
-        call.request_fields = {name: request[name] for name in ("model", "stream") if name in request}
-        joule = _has_header(call.response_headers, *_RESPONSE_HEADER_KEYS)
-        call.provider = provider_for(
-            call.server_address, joule, not joule and _has_header(call.response_headers, *OPENAI_RESPONSE_HEADERS)
-        )
+        # the background reuses the reading and these two fields
+        call.request_fields = fields = request_fields(call.request_body)
+        call.provider = provider_of(call.server_address, headers)
+        if call.workload is None:
+            call.workload = baggage_workload(call.context)
         values: dict[str, Any] = {
             attr.GEN_AI_PROVIDER_NAME: call.provider,
             attr.GEN_AI_OPERATION_NAME: SEMCONV_OPERATIONS.get(call.operation),
-            attr.GEN_AI_REQUEST_MODEL: requested_model(request),
+            attr.GEN_AI_REQUEST_MODEL: fields.model,
             attr.GEN_AI_RESPONSE_MODEL: reading.routed_to,
             attr.JOULE_ENERGY: reading.energy_j,
             attr.JOULE_CARBON: reading.carbon_mg,
@@ -208,8 +212,10 @@ class Capture:
             attr.JOULE_ENERGY_SOURCE: "header" if reading.energy_j is not None else "absent",
             attr.ERROR_TYPE: error_type_for(call.status_code, None),
         }
-        if self.capture_content and "messages" in request:
-            values[attr.GEN_AI_INPUT_MESSAGES] = json.dumps(request["messages"], default=str)[:65536]
+        if self.capture_content:
+            request = parse_request_body(call.request_body)
+            if "messages" in request:
+                values[attr.GEN_AI_INPUT_MESSAGES] = json.dumps(request["messages"], default=str)[:65536]
         span.set_attributes({k: v for k, v in values.items() if v is not None})
 
     def _transport_error(self, request: Any, exc: BaseException, t0: int, started_ns: int) -> None:
@@ -344,7 +350,6 @@ class Capture:
 
 
 _CONTENT_ENCODING = b"content-encoding"
-_REGION_KEY = REGION.encode("latin-1")
 _RESPONSE_HEADER_KEYS = tuple(name.lower().encode() for name in RESPONSE_HEADERS)
 
 

@@ -14,14 +14,44 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from joule_otel.headers import parse_carbon, parse_energy, parse_token_count
 
+WHOLE_BODY_BYTES = 32 << 10
+"""A JSON body up to this size is decoded whole for its top-level ``usage`` or ``error`` (only those fields, in C);
+a larger one (embeddings of many inputs) is searched from its end, where ``usage`` comes, and only that object
+decoded."""
 DECODED_CAP = 16 << 20
 """A compressed body is inflated to at most this many bytes."""
 SSE_TAIL_BYTES = 64 << 10
 """Only the last events of a stream carry usage and the final figures: only this much of its end is read."""
 _JSON_DECODER = json.JSONDecoder()
 _COLON_BRACE = re.compile(rb"\s*:\s*\{")
+
+
+class _TopLevel(msgspec.Struct):
+    usage: Any = None
+    error: Any = None
+
+
+_TOP_LEVEL_DECODER = msgspec.json.Decoder(_TopLevel)
+
+
+def top_level_object(data: bytes, key: bytes) -> Any:
+    """The value of the top-level ``usage`` or ``error`` of a JSON body (``key`` quoted, as :func:`object_after`).
+
+    Small bodies are decoded for those two fields only; large ones, or JSON the fast decoder refuses, are searched
+    with :func:`object_after`.
+    """
+    if len(data) <= WHOLE_BODY_BYTES:
+        try:
+            found = _TOP_LEVEL_DECODER.decode(data)
+        except (msgspec.MsgspecError, ValueError, RecursionError):
+            pass
+        else:
+            return found.usage if key == b'"usage"' else found.error
+    return object_after(data, key)
 
 
 @dataclass
@@ -143,11 +173,11 @@ def parse_body(data: bytes, *, is_sse: bool, status_code: int | None, content_en
                 _joule_extension(object_after(line, b'"joule"'), facts)
         return facts
     if status_code is not None and status_code >= 400:
-        error = object_after(data, b'"error"')
+        error = top_level_object(data, b'"error"')
         if isinstance(error, dict):
             code = error.get("code") or error.get("type")
             if isinstance(code, str) and code.strip():
                 facts.error_code = code.strip()[:64]
         return facts
-    facts.input_tokens, facts.output_tokens = usage_tokens(object_after(data, b'"usage"'))
+    facts.input_tokens, facts.output_tokens = usage_tokens(top_level_object(data, b'"usage"'))
     return facts

@@ -22,17 +22,12 @@ from joule_otel._budget_watch import BudgetWatch
 from joule_otel._capture import CallRecord
 from joule_otel._decode import BodyFacts, parse_body
 from joule_otel._events import EVENT_NAME, event_attributes
-from joule_otel._genai import (
-    OPENAI_RESPONSE_HEADERS,
-    error_type_for,
-    parse_request_body,
-    provider_for,
-    requested_model,
-)
+from joule_otel._genai import error_type_for, provider_of, request_fields
 from joule_otel._metrics import Measurement, MetricRecorder
-from joule_otel.headers import REGION, RESPONSE_HEADERS, header_map, header_value, read_energy_map
+from joule_otel.headers import header_map, read_energy_map, request_region
 from joule_otel.ledger.row import LedgerRow
 from joule_otel.ledger.writer import LedgerWriter, rows_to_arrow
+from joule_otel.workload import baggage_workload
 
 _log = logging.getLogger("joule_otel")
 
@@ -53,9 +48,8 @@ YIELD_EVERY = 8
 RECENT_RECEIPTS = 100_000
 FORK_WAIT_S = 10.0
 """The longest a fork waits for the worker to finish an import or a cycle (a compaction takes ~0.1 s)."""
-_REGION_KEY = REGION.encode("latin-1")
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_JOULE_KEYS = tuple(name.encode("latin-1") for name in RESPONSE_HEADERS)
+_NO_FACTS = BodyFacts()
 
 
 class Pipeline:
@@ -329,43 +323,40 @@ class Pipeline:
     def _process(self, call: CallRecord, record: bool) -> LedgerRow | None:
         self.calls_seen += 1
         headers = header_map(call.response_headers)
-        reading = call.reading
-        if reading is None:
-            reading = read_energy_map(headers, header_value(call.request_headers, _REGION_KEY))
+        reading = call.reading or read_energy_map(headers, request_region(headers, call.request_headers))
         if reading.invalid:
             self.capture_stats.invalid_headers += len(reading.invalid)
         receipt = reading.receipt_id
         if receipt is not None:
-            if receipt in self._recent:
+            recent = self._recent
+            if receipt in recent:
                 self.duplicate_receipts += 1
                 return None
-            self._recent[receipt] = None
-            if len(self._recent) > RECENT_RECEIPTS:
-                self._recent.popitem(last=False)
-        request = call.request_fields if call.request_fields is not None else parse_request_body(call.request_body)
+            recent[receipt] = None
+            if len(recent) > RECENT_RECEIPTS:
+                recent.popitem(last=False)
+        request = call.request_fields or request_fields(call.request_body)
         is_sse = headers.get(b"content-type", b"").startswith(b"text/event-stream")
         if call.chunks:
-            encoding = headers.get(b"content-encoding", b"").decode("latin-1")
+            encoding = headers.get(b"content-encoding")
             facts = parse_body(
-                b"".join(call.chunks), is_sse=is_sse, status_code=call.status_code, content_encoding=encoding
+                b"".join(call.chunks),
+                is_sse=is_sse,
+                status_code=call.status_code,
+                content_encoding=encoding.decode("latin-1") if encoding else "",
             )
         else:
-            facts = BodyFacts()
+            facts = _NO_FACTS
         energy, carbon = reading.energy_j, reading.carbon_mg
         if facts.stream_energy_j is not None:  # the final stream event wins over the header
             energy = facts.stream_energy_j
             if facts.stream_carbon_mg is not None:
                 carbon = facts.stream_carbon_mg
         error_type = call.error or error_type_for(call.status_code, facts.error_code)
-        workload = call.workload or self.default_workload or self.service_name
+        workload = call.workload or baggage_workload(call.context) or self.default_workload or self.service_name
         duration_s = max(call.t_end - call.t0, 0) / 1e9
         ttft_s = (call.t_first - call.t0) / 1e9 if is_sse and call.t_first else None
-        model = requested_model(request)
-        provider = call.provider or provider_for(
-            call.server_address,
-            any(k in headers for k in _JOULE_KEYS),
-            any(k in headers for k in OPENAI_RESPONSE_HEADERS),
-        )
+        provider = call.provider or provider_of(call.server_address, headers)
         if record:
             self.recorder.record(
                 Measurement(
@@ -373,7 +364,7 @@ class Pipeline:
                         self.recorder.metric_workload(workload),
                         call.operation,
                         provider,
-                        model,
+                        request.model,
                         reading.routed_to,
                         reading.tier,
                         reading.region,
@@ -389,7 +380,6 @@ class Pipeline:
                     span_id=call.span_id,
                 )
             )
-        stream = request.get("stream") if request else is_sse
         row = LedgerRow(
             receipt,
             call.started_ns // 1000,
@@ -401,7 +391,7 @@ class Pipeline:
             call.server_address,
             call.status_code,
             error_type,
-            model,
+            request.model,
             reading.routed_to,
             reading.tier,
             reading.region,
@@ -409,7 +399,7 @@ class Pipeline:
             carbon,
             facts.input_tokens,
             facts.output_tokens,
-            stream if isinstance(stream, bool) else bool(stream),
+            is_sse if request.stream is None else request.stream or is_sse,
             f"{call.trace_id:032x}" if call.trace_id else None,
             f"{call.span_id:016x}" if call.span_id else None,
             provider,

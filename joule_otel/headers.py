@@ -143,9 +143,9 @@ def read_energy_map(
     return EnergyReading(
         energy_j=energy,
         carbon_mg=carbon,
-        routed_to=_label(values.get(_ROUTED_KEY), False),
-        tier=_label(values.get(_TIER_KEY), True),
-        region=_label(values.get(_REGION_KEY), True) or _label(request_region, True),
+        routed_to=clean_label(values.get(_ROUTED_KEY)),
+        tier=clean_label(values.get(_TIER_KEY), lower=True),
+        region=clean_label(values.get(_REGION_KEY), lower=True) or clean_label(request_region, lower=True),
         receipt_id=_receipt(values.get(_RECEIPT_KEY)),
         invalid=invalid,
     )
@@ -155,8 +155,11 @@ _LABELS_CACHED = 4_096
 _labels: dict[tuple[str | bytes, bool], str | None] = {}
 
 
-def _label(value: str | bytes | None, lower: bool) -> str | None:
-    """:func:`clean_string` (lower-cased if asked) of a value from a small set (models, tiers, regions), remembered."""
+def clean_label(value: str | bytes | None, *, lower: bool = False) -> str | None:
+    """:func:`clean_string` (lower-cased if asked) of a value from a small set (models, tiers, regions), remembered.
+
+    The memory is bounded: past :data:`_LABELS_CACHED` distinct values it starts over.
+    """
     if value is None:
         return None
     key = (value, lower)
@@ -194,6 +197,11 @@ def header_map(headers: Any) -> dict[bytes, bytes]:
         return {lowered: value for _, lowered, value in headers._list}
     except (AttributeError, TypeError, ValueError):  # not httpx's layout: the public view
         return {name.lower(): value for name, value in headers.raw}
+
+
+def request_region(response: Mapping[bytes, object], request_headers: Any) -> bytes | None:
+    """The request's ``X-Region`` when the response (a :func:`header_map`) does not say where it was served."""
+    return None if _REGION_KEY in response else header_value(request_headers, _REGION_KEY)
 
 
 def header_value(headers: Any, name: bytes) -> bytes | None:

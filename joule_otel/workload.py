@@ -32,10 +32,24 @@ Kept per context rather than on the object, so one object may be entered by many
 
 def current_workload() -> str | None:
     """The innermost ``workload()`` tag, else the ``joule.workload`` baggage, else ``None``."""
+    return innermost_workload() or baggage_workload(context.get_current())
+
+
+def innermost_workload() -> str | None:
+    """The innermost ``workload()`` tag of this context, else ``None`` (the baggage is not looked at)."""
     frames = _frames.get()
-    if frames:
-        return frames[-1][1]
-    value = baggage.get_baggage(JOULE_WORKLOAD)
+    return frames[-1][1] if frames else None
+
+
+def baggage_workload(ctx: context.Context | None) -> str | None:
+    """The ``joule.workload`` baggage of an OpenTelemetry context (cleaned like a tag), else ``None``.
+
+    Capture keeps the call's context and reads this on the background thread: most calls are made in a
+    ``workload()`` block or with no baggage at all, and pay nothing for it.
+    """
+    if not ctx:
+        return None
+    value = baggage.get_baggage(JOULE_WORKLOAD, ctx)
     return clean_string(str(value)) if value is not None else None
 
 
