@@ -63,15 +63,12 @@ class CallRecord:
         "context",
         "error",
         "kept",
-        "method",
         "operation",
         "provider",
         "reading",
-        "request_body",
+        "request",
         "request_fields",
-        "request_headers",
         "response_headers",
-        "server_address",
         "span_id",
         "started_ns",
         "status_code",
@@ -88,15 +85,8 @@ class CallRecord:
         self.t_first = 0
         self.t_end = 0
         self.operation = operation
-        self.method = request.method
-        self.server_address: str | None = request.url.host
-        self.request_headers = request.headers
-        try:
-            self.request_body: bytes | None = request.content
-        except Exception:  # a streaming upload has no content to read
-            self.request_body = None
-        if self.request_body is not None and len(self.request_body) > REQUEST_CAP_BYTES:
-            self.request_body = None  # an upload, not a prompt: not kept (it is never parsed)
+        self.request = request
+        """httpx's request: its host, headers and body are read in the background (the response holds it anyway)."""
         self.provider: str | None = None
         self.workload = innermost_workload()
         self.context = context
@@ -110,6 +100,23 @@ class CallRecord:
         self.error: str | None = None
         self.chunks: list[bytes] = []
         self.kept = 0
+
+    @property
+    def server_address(self) -> str | None:
+        return self.request.url.host  # type: ignore[no-any-return]
+
+    @property
+    def request_headers(self) -> Any:
+        return self.request.headers
+
+    @property
+    def request_body(self) -> bytes | None:
+        """The request's body, or None for a streaming upload or one past the cap (an upload, not a prompt)."""
+        try:
+            body = self.request.content
+        except Exception:  # a streaming upload has no content to read
+            return None
+        return body if len(body) <= REQUEST_CAP_BYTES else None
 
     def keep(self, chunk: bytes) -> None:
         """Keep body bytes for usage parsing, bounded: a tail for plain bodies, nothing past the cap if encoded.

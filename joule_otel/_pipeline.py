@@ -356,7 +356,8 @@ class Pipeline:
         workload = call.workload or baggage_workload(call.context) or self.default_workload or self.service_name
         duration_s = max(call.t_end - call.t0, 0) / 1e9
         ttft_s = (call.t_first - call.t0) / 1e9 if is_sse and call.t_first else None
-        provider = call.provider or provider_of(call.server_address, headers)
+        host = call.server_address
+        provider = call.provider or provider_of(host, headers)
         if record:
             self.recorder.record(
                 Measurement(
@@ -388,7 +389,7 @@ class Pipeline:
             self.service_name,
             workload,
             call.operation,
-            call.server_address,
+            host,
             call.status_code,
             error_type,
             request.model,
