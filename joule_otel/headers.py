@@ -146,7 +146,7 @@ def read_energy_map(
         routed_to=clean_label(values.get(_ROUTED_KEY)),
         tier=clean_label(values.get(_TIER_KEY), lower=True),
         region=clean_label(values.get(_REGION_KEY), lower=True) or clean_label(request_region, lower=True),
-        receipt_id=_receipt(values.get(_RECEIPT_KEY)),
+        receipt_id=clean_receipt(values.get(_RECEIPT_KEY)),
         invalid=invalid,
     )
 
@@ -176,12 +176,18 @@ def clean_label(value: str | bytes | None, *, lower: bool = False) -> str | None
     return cleaned
 
 
-def _receipt(value: str | bytes | None) -> str | None:
+def clean_receipt(value: str | bytes | None) -> str | None:
     """:func:`clean_string` of a receipt id (unique per call, not worth remembering), the usual clean ASCII id fast."""
     if type(value) is bytes and 0 < len(value) <= MAX_STRING and value.isascii():
-        text = value.decode("ascii")
-        if text.isprintable() and text == text.strip():
-            return text
+        value = value.decode("ascii")
+    if (
+        type(value) is str
+        and 0 < len(value) <= MAX_STRING
+        and value.isascii()
+        and value.isprintable()
+        and value == value.strip()
+    ):
+        return value
     return clean_string(value)
 
 

@@ -26,6 +26,8 @@ from joule_otel.headers import (
     RESPONSE_HEADERS,
     ROUTED_TO,
     TIER,
+    clean_label,
+    clean_receipt,
     clean_string,
     parse_carbon,
     parse_energy,
@@ -48,7 +50,14 @@ _REQUEST = "http.request.header."
 
 def header_attribute(attributes: dict[str, Any], name: str, *, request: bool = False) -> str | None:
     """The last value of a captured header: a string array, or one comma-joined string (Node's http)."""
-    value = attributes.get((_REQUEST if request else _RESPONSE) + name)
+    return _header(attributes, (_REQUEST if request else _RESPONSE) + name)
+
+
+def _header(attributes: dict[str, Any], key: str) -> str | None:
+    """:func:`header_attribute` by the attribute's whole name."""
+    value = attributes.get(key)
+    if type(value) is str and "," not in value:  # the usual case: one value (protobuf's arrays are reduced to it)
+        return value.strip()
     if isinstance(value, list):
         value = value[-1] if value else None
     if not isinstance(value, str):
@@ -56,9 +65,19 @@ def header_attribute(attributes: dict[str, Any], name: str, *, request: bool = F
     return value.rsplit(",", 1)[-1].strip() if "," in value else value.strip()
 
 
+_ENERGY, _CARBON, _ROUTED, _TIER, _REGION, _RECEIPT, _CONTENT_TYPE = (
+    _RESPONSE + name for name in (ENERGY_JOULES, CARBON_MG, ROUTED_TO, TIER, REGION, RECEIPT_ID, "content-type")
+)
+_REQUEST_REGION = _REQUEST + REGION
+_JOULE_ATTRIBUTES = tuple(_RESPONSE + name for name in RESPONSE_HEADERS)
+
+
 def is_joule_call(span: Span) -> bool:
     """A CLIENT span that carries any of Joule's response headers."""
-    return span.kind == SPAN_KIND_CLIENT and any(_RESPONSE + name in span.attributes for name in RESPONSE_HEADERS)
+    if span.kind != SPAN_KIND_CLIENT:
+        return False
+    attributes = span.attributes
+    return any(key in attributes for key in _JOULE_ATTRIBUTES)
 
 
 @dataclass
@@ -157,40 +176,43 @@ def call_row(span: Span, parent: GenAIFacts | None, agent: str | None = None) ->
         return None
     status = a.get("http.response.status_code", a.get("http.status_code"))
     status = status if type(status) is int and 0 <= status < 1000 else None
-    region = header_attribute(a, REGION) or header_attribute(a, REGION, request=True)
-    tier = header_attribute(a, TIER)
-    error_type = error_type_for(status, None) or _text(a.get("error.type"))
-    workload = _text(a.get("joule.workload") or span.resource.get("joule.workload"))
-    service = _text(span.resource.get("service.name"))
+    region = _header(a, _REGION) or _header(a, _REQUEST_REGION)
+    workload = _label(a.get("joule.workload") or span.resource.get("joule.workload"))
+    service = _label(span.resource.get("service.name"))
     return LedgerRow(
-        receipt_id=_text(header_attribute(a, RECEIPT_ID)),
-        started_at_us=max(span.start_ns, 0) // 1000,
-        duration_ms=max(span.end_ns - span.start_ns, 0) / 1e6 if span.end_ns else None,
-        ttft_ms=parent.ttft_ms if parent else None,
-        service=service,
-        workload=workload or (parent.workload if parent else None) or agent or service,
-        operation=operation,
-        server_address=_text(host),
-        status_code=status,
-        error_type=error_type,
-        requested_model=parent.requested_model if parent else None,
-        routed_to=_text(header_attribute(a, ROUTED_TO)),
-        tier=tier.lower() if tier else None,
-        region=region.lower() if region else None,
-        energy_j=parse_energy(header_attribute(a, ENERGY_JOULES)),
-        carbon_mg=parse_carbon(header_attribute(a, CARBON_MG)),
-        input_tokens=parent.input_tokens if parent else None,
-        output_tokens=parent.output_tokens if parent else None,
-        stream=_streamed(a, parent),
-        trace_id=span.trace_id or None,
-        span_id=span.span_id or None,
-        provider=JOULE_PROVIDER,
+        clean_receipt(_header(a, _RECEIPT)),
+        max(span.start_ns, 0) // 1000,
+        max(span.end_ns - span.start_ns, 0) / 1e6 if span.end_ns else None,
+        parent.ttft_ms if parent else None,
+        service,
+        workload or (parent.workload if parent else None) or agent or service,
+        operation,
+        _label(host),
+        status,
+        error_type_for(status, None) or _label(a.get("error.type")),
+        parent.requested_model if parent else None,
+        clean_label(_header(a, _ROUTED)),
+        clean_label(_header(a, _TIER), lower=True),
+        clean_label(region, lower=True),
+        parse_energy(_header(a, _ENERGY)),
+        parse_carbon(_header(a, _CARBON)),
+        parent.input_tokens if parent else None,
+        parent.output_tokens if parent else None,
+        _streamed(a, parent),
+        span.trace_id or None,
+        span.span_id or None,
+        JOULE_PROVIDER,
     )
+
+
+def _label(value: Any) -> str | None:
+    """A name from a small set (a host, a service, a workload, an error type), cleaned once and remembered."""
+    return clean_label(value) if isinstance(value, str) else None
 
 
 def _streamed(attributes: dict[str, Any], parent: GenAIFacts | None) -> bool | None:
     """A stream: the response was server-sent events (``content-type`` captured), or the GenAI span says so."""
-    content_type = header_attribute(attributes, "content-type")
+    content_type = _header(attributes, _CONTENT_TYPE)
     if content_type is not None:
         return content_type.lower().startswith("text/event-stream")
     return parent.stream if parent is not None else None
@@ -247,8 +269,8 @@ def prepare(spans: list[Span]) -> Prepared:
                         trace_id=span.trace_id,
                         span_id=span.span_id,
                         parent_span_id=span.parent_span_id,
-                        own_workload=bool(_text(a.get("joule.workload") or span.resource.get("joule.workload"))),
-                        stream_known=header_attribute(a, "content-type") is not None,
+                        own_workload=bool(_label(a.get("joule.workload") or span.resource.get("joule.workload"))),
+                        stream_known=_header(a, _CONTENT_TYPE) is not None,
                     )
                 )
     return found
