@@ -26,7 +26,7 @@ from joule_otel._genai import error_type_for, provider_of, request_fields
 from joule_otel._metrics import Measurement, MetricRecorder
 from joule_otel.headers import header_map, read_energy_map, request_region
 from joule_otel.ledger.row import LedgerRow
-from joule_otel.ledger.writer import LedgerWriter, rows_to_arrow
+from joule_otel.ledger.writer import LedgerWriter, load_arrow
 from joule_otel.workload import baggage_workload
 
 _log = logging.getLogger("joule_otel")
@@ -222,9 +222,7 @@ class Pipeline:
             # pyarrow, and pandas which its first conversion of Python objects imports, take up to a second here:
             # load them now, at instrument() time, rather than in the middle of the app's first requests
             try:
-                import pyarrow.parquet  # noqa: F401
-
-                rows_to_arrow([])
+                load_arrow()
             except Exception:
                 _log.warning("joule_otel: pyarrow cannot be used; the ledger cannot be written", exc_info=True)
         self._ready.set()

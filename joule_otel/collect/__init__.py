@@ -54,7 +54,7 @@ def serve(
     from joule_otel.collect._metrics import ServiceRecorders
     from joule_otel.collect._server import RowSink, create_app, decoding_workers
     from joule_otel.config import Settings
-    from joule_otel.ledger.writer import LedgerWriter
+    from joule_otel.ledger.writer import LedgerWriter, load_arrow
 
     settings = Settings.resolve(db=db)
     providers = resolve_providers(settings, None, None)
@@ -62,6 +62,8 @@ def serve(
     recorders = ServiceRecorders(settings, providers, per_service=per_service)
     writer = LedgerWriter(settings.db_path) if settings.db_path is not None else None
     sink = RowSink(writer, recorders, settings.flush_interval_s)
+    if writer is not None:
+        load_arrow()  # before listening, not while the first exports wait
     decoders = decoding_workers()  # trace exports decoded where the CPU is: a process per core
     server = uvicorn.Server(
         uvicorn.Config(

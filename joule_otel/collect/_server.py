@@ -333,15 +333,23 @@ async def _prepare_traces(decoders: Any, body: bytes, encoding: str, content_typ
 
 
 def decoding_workers() -> Any | None:
-    """A pool of processes that decode trace exports (one per core), or None on a single core."""
+    """A pool of processes that decode trace exports (one per core), started and ready; None on a single core.
+
+    Each process is started and imports what decoding needs now (an empty export decoded), not while the first
+    exports wait: that took several seconds of their time on a 2-core VM under load.
+    """
     import multiprocessing
     import os
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, wait
 
     cores = os.cpu_count() or 1
     if cores < 2:
         return None
-    return ProcessPoolExecutor(max_workers=min(cores, 4), mp_context=multiprocessing.get_context("spawn"))
+    count = min(cores, 4)
+    pool = ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"))
+    # a pool starts one process for each task submitted while none is idle
+    wait([pool.submit(prepare_traces, b"", "", PROTOBUF_TYPES[0]) for _ in range(count)], timeout=60)
+    return pool
 
 
 def _decode(body: bytes, encoding: str, content_type: str, signal: str) -> _otlp.Decoded:

@@ -58,6 +58,19 @@ def rows_to_arrow(rows: list[LedgerRow]) -> Any:
     return pa.Table.from_batches([pa.RecordBatch.from_struct_array(structs)], schema=arrow_schema)
 
 
+def load_arrow() -> None:
+    """Import what writing a segment needs: pyarrow, its Parquet writer, and the pandas its first conversion imports.
+
+    Up to a few seconds on a small VM, better spent before the first rows than among them.
+
+    Raises:
+        Exception: whatever the import raises (pyarrow missing or broken).
+    """
+    import pyarrow.parquet  # noqa: F401
+
+    rows_to_arrow([])
+
+
 class LedgerWriter:
     """Buffers rows, writes segments, compacts. Not thread-safe: one background thread owns it."""
 
