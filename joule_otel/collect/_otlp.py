@@ -172,15 +172,15 @@ def traces_from_message(request: Any) -> Decoded:
                 try:
                     found.spans.append(
                         Span(
-                            trace_id=span.trace_id.hex(),
-                            span_id=span.span_id.hex(),
-                            parent_span_id=span.parent_span_id.hex(),
-                            name=span.name,
-                            kind=int(span.kind),
-                            start_ns=int(span.start_time_unix_nano),
-                            end_ns=int(span.end_time_unix_nano),
-                            attributes=_pb_span_attributes(span.attributes),
-                            resource=resource,
+                            span.trace_id.hex(),
+                            span.span_id.hex(),
+                            span.parent_span_id.hex(),
+                            span.name,
+                            span.kind,
+                            span.start_time_unix_nano,
+                            span.end_time_unix_nano,
+                            _pb_span_attributes(span.attributes),
+                            resource,
                         )
                     )
                 except Exception as exc:  # a span this code cannot read: skipped, counted

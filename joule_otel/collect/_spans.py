@@ -69,15 +69,12 @@ _ENERGY, _CARBON, _ROUTED, _TIER, _REGION, _RECEIPT, _CONTENT_TYPE = (
     _RESPONSE + name for name in (ENERGY_JOULES, CARBON_MG, ROUTED_TO, TIER, REGION, RECEIPT_ID, "content-type")
 )
 _REQUEST_REGION = _REQUEST + REGION
-_JOULE_ATTRIBUTES = tuple(_RESPONSE + name for name in RESPONSE_HEADERS)
+_JOULE_ATTRIBUTES = frozenset(_RESPONSE + name for name in RESPONSE_HEADERS)
 
 
 def is_joule_call(span: Span) -> bool:
     """A CLIENT span that carries any of Joule's response headers."""
-    if span.kind != SPAN_KIND_CLIENT:
-        return False
-    attributes = span.attributes
-    return any(key in attributes for key in _JOULE_ATTRIBUTES)
+    return span.kind == SPAN_KIND_CLIENT and not _JOULE_ATTRIBUTES.isdisjoint(span.attributes)
 
 
 @dataclass
@@ -94,11 +91,16 @@ class GenAIFacts:
     """Its own parent: AI SDK 7 puts the ``functionId`` (``gen_ai.agent.name``) on the ``invoke_agent`` span there."""
 
 
+_GENAI_MARKS = frozenset(
+    {"gen_ai.usage.input_tokens", "ai.usage.inputTokens", "ai.usage.promptTokens", "gen_ai.request.model"}
+)
+"""A span with any of these attributes (or an ``ai.*`` name) is a GenAI span."""
+
+
 def genai_facts(span: Span) -> GenAIFacts | None:
     """The facts of a GenAI span (the AI SDK's ``doGenerate``/``doStream``, a ``gen_ai.*`` span), else None."""
     a = span.attributes
-    names = ("gen_ai.usage.input_tokens", "ai.usage.inputTokens", "ai.usage.promptTokens", "gen_ai.request.model")
-    if not any(name in a for name in names) and not span.name.startswith("ai."):
+    if _GENAI_MARKS.isdisjoint(a) and not span.name.startswith("ai."):
         return None
     first_chunk = a.get("ai.response.msToFirstChunk")
     return GenAIFacts(
@@ -244,6 +246,17 @@ class Prepared:
     up: list[tuple[str, str, str]]
     rejected: int = 0
     errors: list[str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # crossing from a decoding process: calls as flat tuples pickle 5x faster than tuples of named tuples
+        state = dict(self.__dict__)
+        state["calls"] = [(*call.row, *call[1:]) for call in self.calls]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        width = len(LedgerRow._fields)
+        state["calls"] = [Call(LedgerRow._make(flat[:width]), *flat[width:]) for flat in state["calls"]]
+        self.__dict__.update(state)
 
 
 def prepare(spans: list[Span]) -> Prepared:
