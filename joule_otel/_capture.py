@@ -27,7 +27,6 @@ from opentelemetry.context import get_current as get_current_context
 from opentelemetry.trace import SpanKind
 
 from joule_otel import attributes as attr
-from joule_otel._decode import decode
 from joule_otel._genai import (
     BODY_CAP_BYTES as REQUEST_CAP_BYTES,
 )
@@ -46,7 +45,6 @@ from joule_otel.headers import (
     RESPONSE_HEADERS,
     EnergyReading,
     header_map,
-    header_value,
     read_energy_map,
     request_region,
 )
@@ -57,13 +55,6 @@ _log = logging.getLogger("joule_otel")
 BODY_CAP_BYTES = 4 << 20
 """Body bytes kept for parsing usage; past this only a tail is kept (or, if encoded, nothing)."""
 TAIL_BYTES = 64 << 10
-INFLATE_HERE_BYTES = 16 << 10
-"""A compressed body up to this size is inflated where the call finishes, not on the background thread.
-
-zlib hands the GIL over while it inflates; on the background thread that gives it to an app thread back from the
-network, and the background thread resumes cold, a context switch per call: measured at ~30 us of background CPU for
-a 300-byte body that inflates in 2-3 us. The thread that finishes a call holds the GIL with nobody waiting for it."""
-
 _claim: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("joule_otel_claim", default=None)
 """Set by the client-level wrapper around one request: the transport-level wrapper beneath it marks the call as
 captured, so a call is captured exactly once, by the innermost wrapper that sees it (where the HTTP span is open)."""
@@ -75,7 +66,6 @@ class CallRecord:
     __slots__ = (
         "chunks",
         "context",
-        "decoded",
         "error",
         "kept",
         "operation",
@@ -115,8 +105,6 @@ class CallRecord:
         self.error: str | None = None
         self.chunks: list[bytes] = []
         self.kept = 0
-        self.decoded = False
-        """``chunks`` hold the body inflated already (its ``Content-Encoding`` undone)."""
 
     @property
     def server_address(self) -> str | None:
@@ -134,13 +122,6 @@ class CallRecord:
         except Exception:  # a streaming upload has no content to read
             return None
         return body if len(body) <= REQUEST_CAP_BYTES else None
-
-    def inflate(self) -> None:
-        """Undo the body's ``Content-Encoding`` now (see :data:`INFLATE_HERE_BYTES`); a plain body is left as it is."""
-        encoding = header_value(self.response_headers, _CONTENT_ENCODING)
-        if encoding:
-            self.chunks = [decode(b"".join(self.chunks), encoding.decode("latin-1"))]
-            self.decoded = True
 
     def keep(self, chunk: bytes) -> None:
         """Keep body bytes for usage parsing, bounded: a tail for plain bodies, nothing past the cap if encoded.
@@ -188,8 +169,6 @@ class Capture:
             return
         if not call.t_end:
             call.t_end = perf_counter_ns()
-        if 0 < call.kept <= INFLATE_HERE_BYTES:
-            call.inflate()
         self._sink(call)
 
     def finish_all(self) -> None:

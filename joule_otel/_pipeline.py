@@ -340,7 +340,7 @@ class Pipeline:
         request = call.request_fields or request_fields(call.request_body)
         is_sse = headers.get(b"content-type", b"").startswith(b"text/event-stream")
         if call.chunks:
-            encoding = None if call.decoded else headers.get(b"content-encoding")
+            encoding = headers.get(b"content-encoding")
             facts = parse_body(
                 b"".join(call.chunks),
                 is_sse=is_sse,
