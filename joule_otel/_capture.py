@@ -27,6 +27,7 @@ from opentelemetry.context import get_current as get_current_context
 from opentelemetry.trace import SpanKind
 
 from joule_otel import attributes as attr
+from joule_otel._decode import decode
 from joule_otel._genai import (
     BODY_CAP_BYTES as REQUEST_CAP_BYTES,
 )
@@ -45,6 +46,7 @@ from joule_otel.headers import (
     RESPONSE_HEADERS,
     EnergyReading,
     header_map,
+    header_value,
     read_energy_map,
     request_region,
 )
@@ -66,6 +68,7 @@ class CallRecord:
     __slots__ = (
         "chunks",
         "context",
+        "decoded",
         "error",
         "kept",
         "operation",
@@ -105,6 +108,8 @@ class CallRecord:
         self.error: str | None = None
         self.chunks: list[bytes] = []
         self.kept = 0
+        self.decoded = False
+        """``chunks`` hold the body with its ``Content-Encoding`` undone already (see :meth:`inflate`)."""
 
     @property
     def server_address(self) -> str | None:
@@ -122,6 +127,14 @@ class CallRecord:
         except Exception:  # a streaming upload has no content to read
             return None
         return body if len(body) <= REQUEST_CAP_BYTES else None
+
+    def inflate(self) -> None:
+        """Undo the body's ``Content-Encoding`` (called on the background thread); a plain body is left as it is."""
+        if self.chunks and not self.decoded:
+            encoding = header_value(self.response_headers, _CONTENT_ENCODING)
+            if encoding:
+                self.chunks = [decode(b"".join(self.chunks), encoding.decode("latin-1"))]
+            self.decoded = True
 
     def keep(self, chunk: bytes) -> None:
         """Keep body bytes for usage parsing, bounded: a tail for plain bodies, nothing past the cap if encoded.

