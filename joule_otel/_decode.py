@@ -39,10 +39,10 @@ _TOP_LEVEL_DECODER = msgspec.json.Decoder(_TopLevel)
 
 
 def top_level_object(data: bytes, key: bytes) -> Any:
-    """The value of the top-level ``usage`` or ``error`` of a JSON body (``key`` quoted, as :func:`object_after`).
+    """The ``usage`` or ``error`` of a JSON body (``key`` quoted, as :func:`object_after` takes it).
 
-    Small bodies are decoded for those two fields only; large ones, or JSON the fast decoder refuses, are searched
-    with :func:`object_after`.
+    Small bodies are decoded for the top-level field only, in C; when it is not there (or the JSON is some the fast
+    decoder refuses), and for large bodies, the last such object anywhere is found with :func:`object_after`.
     """
     if len(data) <= WHOLE_BODY_BYTES:
         try:
@@ -50,7 +50,9 @@ def top_level_object(data: bytes, key: bytes) -> Any:
         except (msgspec.MsgspecError, ValueError, RecursionError):
             pass
         else:
-            return found.usage if key == b'"usage"' else found.error
+            value = found.usage if key == b'"usage"' else found.error
+            if value is not None:
+                return value
     return object_after(data, key)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -191,6 +192,19 @@ def export(*spans, service: str = "node-shop") -> bytes:
         ]
     )
     return request.SerializeToString()
+
+
+def test_what_a_decoding_process_prepares_arrives_intact():
+    """Calls cross from a decoding process flattened for pickling: they arrive as they were made."""
+    from joule_otel.collect._server import prepare_traces
+
+    calls = [fetch_span(span_id=bytes([n]) * 8, receipt=f"rcpt_{n}") for n in range(1, 9)]
+    prepared = prepare_traces(export(generate_span(), *calls), "", "application/x-protobuf")
+    assert len(prepared.calls) == 8 and len(prepared.parents) == 1
+    arrived = pickle.loads(pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL))
+    assert arrived == prepared
+    assert [type(call.row) for call in arrived.calls] == [type(call.row) for call in prepared.calls]
+    assert arrived.calls[0].row.receipt_id == "rcpt_1" and arrived.calls[0].row.energy_j == 123.5
 
 
 def test_a_node_call_span_and_its_ai_sdk_parent_from_a_later_export_make_one_full_row(collector):
