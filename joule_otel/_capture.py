@@ -57,6 +57,7 @@ _log = logging.getLogger("joule_otel")
 BODY_CAP_BYTES = 4 << 20
 """Body bytes kept for parsing usage; past this only a tail is kept (or, if encoded, nothing)."""
 TAIL_BYTES = 64 << 10
+
 _claim: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("joule_otel_claim", default=None)
 """Set by the client-level wrapper around one request: the transport-level wrapper beneath it marks the call as
 captured, so a call is captured exactly once, by the innermost wrapper that sees it (where the HTTP span is open)."""
@@ -250,7 +251,7 @@ class Capture:
         claim = _claim.get()
         if claim is not None:
             claim[0] = True
-        call = CallRecord(request, operation, t0, started_ns)
+        call = CallRecord(request, operation, t0, started_ns, get_current_context() or None)
         call.error = type(exc).__qualname__
         self.inflight[call] = call
         self.finish(call)
