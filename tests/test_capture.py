@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -201,9 +202,17 @@ def test_workload_resolution_nested_async_and_decorated(ledger_path, joule_simul
         token = context.attach(baggage.set_baggage("joule.workload", "from-baggage"))
         try:
             call("baggage")
+            # a call that never reached a server is a row too, and its baggage names its workload as well
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                closed = probe.getsockname()[1]
+            unreachable = openai.OpenAI(base_url=f"http://127.0.0.1:{closed}/v1", api_key=SECRET, max_retries=0)
+            with pytest.raises(openai.APIConnectionError):
+                unreachable.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
         finally:
             context.detach(token)
         call("default")
+        assert {r["workload"] for r in rows(ledger_path) if r["error_type"] == "ConnectError"} == {"from-baggage"}
         found = {r["workload"] for r in rows(ledger_path)}
         assert found == {
             "outer",
