@@ -73,6 +73,9 @@ class CallRecord:
         "error",
         "kept",
         "operation",
+        "plain",
+        "plain_done",
+        "plain_size",
         "provider",
         "reading",
         "request",
@@ -111,6 +114,10 @@ class CallRecord:
         self.kept = 0
         self.decoded = False
         """``chunks`` hold the body with its ``Content-Encoding`` undone already (see :meth:`inflate`)."""
+        self.plain: list[bytes] | None = None
+        """The body as the app's client decoded it (see :class:`_TeeDecoder`); None if not seen or past the cap."""
+        self.plain_done = False
+        self.plain_size = 0
 
     @property
     def server_address(self) -> str | None:
@@ -130,12 +137,27 @@ class CallRecord:
         return body if len(body) <= REQUEST_CAP_BYTES else None
 
     def inflate(self) -> None:
-        """Undo the body's ``Content-Encoding`` (called on the background thread); a plain body is left as it is."""
-        if self.chunks and not self.decoded:
+        """Undo the body's ``Content-Encoding`` (called on the background thread); a plain body is left as it is.
+
+        The app's client inflated the body already when it read it: that copy is taken when it is whole, and the raw
+        bytes are inflated here only when it is not (the app read the raw stream, or the body passed the cap).
+        """
+        if self.plain is not None and self.plain_done:
+            self.chunks, self.plain, self.decoded = self.plain, None, True
+        elif self.chunks and not self.decoded:
             encoding = header_value(self.response_headers, _CONTENT_ENCODING)
             if encoding:
                 self.chunks = [decode(b"".join(self.chunks), encoding.decode("latin-1"))]
             self.decoded = True
+
+    def keep_plain(self, piece: bytes) -> None:
+        """Keep a piece of the body the app's client decoded, up to :data:`BODY_CAP_BYTES` (then none of it)."""
+        plain = self.plain
+        if plain is not None:
+            plain.append(piece)
+            self.plain_size += len(piece)
+            if self.plain_size > BODY_CAP_BYTES:
+                self.plain = None  # the raw bytes' tail is what is left to parse
 
     def keep(self, chunk: bytes) -> None:
         """Keep body bytes for usage parsing, bounded: a tail for plain bodies, nothing past the cap if encoded.
@@ -361,6 +383,7 @@ class Capture:
                 self.inflight[call] = call
                 sync_cls, async_cls = self._streams_for(type(response))
                 response.stream = (sync_cls if sync else async_cls)(response.stream, call, self)
+                _tee_decoder(response, call)
         except Exception:
             self.internal_error("response handling")
 
@@ -422,6 +445,58 @@ def _is_http_client_span(span: Any) -> bool:
         and scope is not None
         and scope.name.startswith("opentelemetry.instrumentation.httpx")
     )
+
+
+class _TeeDecoder:
+    """A response's own content decoder, keeping what it puts out for the call.
+
+    The body is then inflated once, by the app's client as it reads it, not a second time in the background.
+    Everything is the inner decoder's: what ``decode`` and ``flush`` return (bytes in httpx, an iterator of bytes in
+    httpx2) reaches the app unchanged, errors included, and any other attribute is the inner one's. httpx leaves
+    ``_decoder`` out when a response is pickled.
+    """
+
+    __slots__ = ("_call", "_inner")
+
+    def __init__(self, inner: Any, call: CallRecord) -> None:
+        self._inner, self._call = inner, call
+
+    def decode(self, data: bytes) -> Any:
+        out = self._inner.decode(data)
+        if type(out) is bytes:
+            self._call.keep_plain(out)
+            return out
+        return self._tee(out, last=False)
+
+    def flush(self) -> Any:
+        out = self._inner.flush()
+        if type(out) is bytes:
+            self._call.keep_plain(out)
+            self._call.plain_done = True
+            return out
+        return self._tee(out, last=True)
+
+    def _tee(self, pieces: Any, *, last: bool) -> Iterator[bytes]:
+        call = self._call
+        for piece in pieces:
+            call.keep_plain(piece)
+            yield piece
+        if last:
+            call.plain_done = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _tee_decoder(response: Any, call: CallRecord) -> None:
+    """Put a :class:`_TeeDecoder` around the response's decoder when it has one (a compressed body)."""
+    get_decoder = getattr(response, "_get_content_decoder", None)
+    if get_decoder is None:
+        return
+    decoder = get_decoder()  # what the client's own reading would make first: made now, and kept by the response
+    if type(decoder).__name__ != "IdentityDecoder" and getattr(response, "_decoder", None) is decoder:
+        call.plain = []
+        response._decoder = _TeeDecoder(decoder, call)
 
 
 def _make_stream_classes(sync_base: type, async_base: type) -> tuple[type, type]:

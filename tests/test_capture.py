@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import gzip
 import json
+import pickle
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -673,3 +676,99 @@ def test_a_meter_provider_set_after_instrument_gets_the_metrics_from_then_on(tmp
         check=True,
     )
     assert out.stdout.split() == ["2", "5"]
+
+
+class _GzipHandler(BaseHTTPRequestHandler):
+    """Chat completions with a gzip body (or, for ``/v1/broken/...``, a body that claims gzip and is not)."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16},
+            }
+        ).encode()
+        data = b"this is not gzip" if self.path.startswith("/v1/broken/") else gzip.compress(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("X-Energy-Joules", "5.5")
+        self.send_header(
+            "X-Receipt-Id", f"rcpt_{self.path.rsplit('/', 1)[-1]}_{threading.get_ident()}_{time.time_ns()}"
+        )
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def gzip_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GzipHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_compressed_body_is_inflated_once_by_the_apps_client(ledger_only, gzip_server, monkeypatch):
+    """The body the app's client inflated is what is parsed; only a body read raw is inflated in the background."""
+    import httpx2
+
+    from joule_otel import _capture
+
+    inflated = []
+    real_decode = _capture.decode
+    monkeypatch.setattr(
+        _capture, "decode", lambda data, encoding: inflated.append(encoding) or real_decode(data, encoding)
+    )
+    body = {"model": "auto", "messages": HI}
+    responses = []
+    with httpx.Client() as client:  # httpx 0.28: a decoder returns bytes
+        responses.append(client.post(f"{gzip_server}/v1/chat/completions", json=body))
+        with client.stream("POST", f"{gzip_server}/v1/chat/completions", json=body) as raw:
+            assert b"".join(raw.iter_raw())[:2] == b"\x1f\x8b"  # the app read the raw bytes: nothing decoded them
+    with httpx2.Client() as client:  # httpx2 (openai >= 3): a decoder returns an iterator of bytes
+        responses.append(client.post(f"{gzip_server}/v1/chat/completions", json=body))
+    openai.OpenAI(base_url=f"{gzip_server}/v1", api_key=SECRET, max_retries=0).chat.completions.create(
+        model="auto", messages=HI
+    )
+
+    async def async_read() -> None:
+        async with httpx2.AsyncClient() as client:
+            responses.append(await client.post(f"{gzip_server}/v1/chat/completions", json=body))
+
+    asyncio.run(async_read())
+    assert all(r.json()["usage"]["completion_tokens"] == 9 for r in responses)
+    found = rows(ledger_only)
+    assert len(found) == 5
+    assert [(r["input_tokens"], r["output_tokens"], r["energy_j"]) for r in found] == [(7, 9, 5.5)] * 5
+    assert inflated == ["gzip"]  # the raw read only
+    for response in responses:  # a response the app keeps can still be pickled (a cache, say)
+        assert pickle.loads(pickle.dumps(response)).content == response.content
+
+
+def test_a_body_that_cannot_be_inflated_fails_the_same_with_capture(gzip_server, ledger_path):
+    def read() -> str:
+        with httpx.Client() as client:
+            try:
+                client.post(f"{gzip_server}/v1/broken/chat/completions", json={"model": "auto"})
+            except httpx.DecodingError as exc:
+                return type(exc).__name__
+        return "no error"
+
+    without = read()
+    joule_otel.instrument(db=ledger_path, flush_interval=0.2)
+    try:
+        assert read() == without == "DecodingError"
+        assert [(r["energy_j"], r["output_tokens"]) for r in rows(ledger_path)] == [(5.5, None)]
+    finally:
+        joule_otel.uninstrument()
