@@ -48,13 +48,8 @@ _RESPONSE = "http.response.header."
 _REQUEST = "http.request.header."
 
 
-def header_attribute(attributes: dict[str, Any], name: str, *, request: bool = False) -> str | None:
-    """The last value of a captured header: a string array, or one comma-joined string (Node's http)."""
-    return _header(attributes, (_REQUEST if request else _RESPONSE) + name)
-
-
 def _header(attributes: dict[str, Any], key: str) -> str | None:
-    """:func:`header_attribute` by the attribute's whole name."""
+    """The last value of a captured header's attribute: a string array, or one comma-joined string (Node's http)."""
     value = attributes.get(key)
     if type(value) is str and "," not in value:  # the usual case: one value (protobuf's arrays are reduced to it)
         return value.strip()
