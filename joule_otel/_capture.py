@@ -88,6 +88,7 @@ class CallRecord:
         "t_end",
         "t_first",
         "trace_id",
+        "waited",
         "workload",
     )
 
@@ -118,6 +119,7 @@ class CallRecord:
         """The body as the app's client decoded it (see :class:`_TeeDecoder`); None if not seen or past the cap."""
         self.plain_done = False
         self.plain_size = 0
+        self.waited = False
 
     @property
     def server_address(self) -> str | None:
@@ -149,6 +151,13 @@ class CallRecord:
             if encoding:
                 self.chunks = [decode(b"".join(self.chunks), encoding.decode("latin-1"))]
             self.decoded = True
+
+    def decoding(self) -> bool:
+        """Whether the app's client is still decoding the body (begun, not flushed): true once, then it is waited."""
+        if self.plain_size and not self.plain_done and self.plain is not None and not self.waited:
+            self.waited = True
+            return True
+        return False
 
     def keep_plain(self, piece: bytes) -> None:
         """Keep a piece of the body the app's client decoded, up to :data:`BODY_CAP_BYTES` (then none of it)."""

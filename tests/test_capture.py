@@ -772,3 +772,28 @@ def test_a_body_that_cannot_be_inflated_fails_the_same_with_capture(gzip_server,
         assert [(r["energy_j"], r["output_tokens"]) for r in rows(ledger_path)] == [(5.5, None)]
     finally:
         joule_otel.uninstrument()
+
+
+def test_a_call_caught_before_its_decoder_flushed_waits_one_drain(ledger_only, monkeypatch):
+    """A call finishes when its raw stream ends, a moment before the client flushes its decoder: it waits a drain."""
+    from joule_otel import _capture, _instrument
+    from joule_otel._capture import CallRecord
+
+    inflated = []
+    monkeypatch.setattr(_capture, "decode", lambda data, encoding: inflated.append(encoding) or b"")
+    body = json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions", json={"model": "auto"})
+    call = CallRecord(request, "chat", time.perf_counter_ns(), time.time_ns())
+    call.status_code = 200
+    call.response_headers = httpx.Headers({"content-encoding": "gzip", "x-receipt-id": "rcpt_waited"})
+    call.chunks, call.kept = [gzip.compress(body)], 1
+    call.plain, call.plain_size = [body], len(body)  # decoded by the app's client, not yet flushed
+    pipeline = _instrument._state.pipeline
+    with pipeline._cycle_lock:  # the background thread waits: these drains are the only ones
+        pipeline.submit(call)
+        assert pipeline._drain(wait_for_decoders=True) == []
+        assert list(pipeline._queue) == [call]
+        call.plain_done = True  # the client flushed its decoder
+        (row,) = pipeline._drain(wait_for_decoders=True)
+    assert (row.receipt_id, row.input_tokens, row.output_tokens) == ("rcpt_waited", 3, 4)
+    assert inflated == []  # the app's copy was parsed: nothing inflated twice
