@@ -6,6 +6,7 @@ from pathlib import Path
 
 import hypothesis.strategies  # noqa: F401 - import before any test starts threads (CPython 3.11.7 AST race)
 import pytest
+from hypothesis import HealthCheck, settings
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -13,6 +14,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import joule_otel
+
+# Property tests check what is computed, never how fast: on a shared machine a draw can stall for seconds (another
+# test's subprocess, a full collection), and Hypothesis's timing checks then fail a correct test at random.
+settings.register_profile("joule_otel", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("joule_otel")
 
 
 @dataclass
