@@ -13,9 +13,12 @@ that the HTTP client span is the current span when the response headers arrive.
 from __future__ import annotations
 
 import contextvars
+import functools
+import inspect
 import json
 import logging
 import threading
+import types
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from time import perf_counter_ns, time_ns
@@ -183,11 +186,16 @@ class CallRecord:
             self.chunks, self.kept = [tail], len(tail)
 
 
+def _nowhere(call: CallRecord) -> None:
+    """The sink of a capture no pipeline stands behind yet: its calls are dropped."""
+
+
 class Capture:
     """The wrappers installed on the transports, and the calls whose bodies are still streaming."""
 
-    def __init__(self, sink: Callable[[CallRecord], None], *, capture_content: bool = False) -> None:
-        self._sink = sink
+    def __init__(self, *, capture_content: bool = False) -> None:
+        self.sink: Callable[[CallRecord], None] = _nowhere
+        """Where finished calls go: the pipeline's ``submit``, set once the pipeline behind this capture exists."""
         self.capture_content = capture_content
         self.inflight: dict[CallRecord, CallRecord] = {}
         self.errors = 0
@@ -214,7 +222,7 @@ class Capture:
             return
         if not call.t_end:
             call.t_end = perf_counter_ns()
-        self._sink(call)
+        self.sink(call)
 
     def finish_all(self) -> None:
         """Finish every call still streaming (at exit): its row is written with what arrived so far."""
@@ -294,7 +302,7 @@ class Capture:
         """Wraps ``HTTPTransport.handle_request`` of httpx and httpx2."""
         t0, started_ns = perf_counter_ns(), time_ns()
         try:
-            response = wrapped(*args, **kwargs)
+            response = wrapped(instance, *args, **kwargs)
         except Exception as exc:
             self._failed(args[0] if args else kwargs["request"], exc, t0, started_ns)
             raise
@@ -307,7 +315,7 @@ class Capture:
         """Wraps ``AsyncHTTPTransport.handle_async_request`` of httpx and httpx2."""
         t0, started_ns = perf_counter_ns(), time_ns()
         try:
-            response = await wrapped(*args, **kwargs)
+            response = await wrapped(instance, *args, **kwargs)
         except Exception as exc:
             self._failed(args[0] if args else kwargs["request"], exc, t0, started_ns)
             raise
@@ -326,12 +334,12 @@ class Capture:
             not getattr(instance, "_mounts", True)
             and type(getattr(instance, "_transport", None)) in self.covered_transports
         ):
-            return wrapped(*args, **kwargs)  # the transport wrapper sees this call
+            return wrapped(instance, *args, **kwargs)  # the transport wrapper sees this call
         claim = [False]
         token = _claim.set(claim)
         t0, started_ns = perf_counter_ns(), time_ns()
         try:
-            response = wrapped(*args, **kwargs)
+            response = wrapped(instance, *args, **kwargs)
         except Exception as exc:
             _claim.reset(token)
             if not claim[0]:
@@ -354,12 +362,12 @@ class Capture:
             not getattr(instance, "_mounts", True)
             and type(getattr(instance, "_transport", None)) in self.covered_transports
         ):
-            return await wrapped(*args, **kwargs)  # the transport wrapper sees this call
+            return await wrapped(instance, *args, **kwargs)  # the transport wrapper sees this call
         claim = [False]
         token = _claim.set(claim)
         t0, started_ns = perf_counter_ns(), time_ns()
         try:
-            response = await wrapped(*args, **kwargs)
+            response = await wrapped(instance, *args, **kwargs)
         except Exception as exc:
             _claim.reset(token)
             if not claim[0]:
@@ -586,32 +594,60 @@ def install(capture: Capture, module: Any) -> None:
         if cls is None or method not in cls.__dict__:
             _log.debug("joule_otel: %s.%s.%s not found; not wrapped", module.__name__, class_name, method)
             continue
-        wrapper = getattr(capture, wrapper_name)
         current = cls.__dict__[method]
         if not isinstance(current, wrapt.FunctionWrapper):
-            setattr(cls, method, wrapt.FunctionWrapper(current, wrapper))
+            setattr(cls, method, _patched(current, capture, wrapper_name))
             continue
         holder = current
         while isinstance(holder.__wrapped__, wrapt.FunctionWrapper):
             holder = holder.__wrapped__
-        holder.__wrapped__ = wrapt.FunctionWrapper(holder.__wrapped__, wrapper)
+        holder.__wrapped__ = _patched(holder.__wrapped__, capture, wrapper_name)
 
 
 def uninstall(capture: Capture, module: Any) -> None:
     """Remove this capture's wrappers, wherever they stand in the chain."""
-    for class_name, method, wrapper_name in _PATCHES:
+    for class_name, method, _ in _PATCHES:
         cls = getattr(module, class_name, None)
         if cls is None or method not in cls.__dict__:
             continue
-        wrapper = getattr(capture, wrapper_name)
         current = cls.__dict__[method]
-        if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper == wrapper:
+        if _is_patch_of(current, capture):
             setattr(cls, method, current.__wrapped__)
             continue
         holder = current
         while isinstance(holder, wrapt.FunctionWrapper):
-            inner = holder.__wrapped__
-            if isinstance(inner, wrapt.FunctionWrapper) and inner._self_wrapper == wrapper:
+            inner: Any = holder.__wrapped__
+            if _is_patch_of(inner, capture):
                 holder.__wrapped__ = inner.__wrapped__
                 break
             holder = inner
+
+
+def _is_patch_of(method: Any, capture: Capture) -> bool:
+    """Whether ``method`` is one of ``capture``'s patches (its real type checked: a wrapt proxy forwards attributes)."""
+    return type(method) is types.FunctionType and method.__dict__.get("_joule_otel_capture") is capture
+
+
+def _patched(original: Any, capture: Capture, wrapper_name: str) -> Any:
+    """``original`` (a plain function of the class) calling the capture's wrapper around it.
+
+    A plain function, not a ``wrapt.FunctionWrapper``: binding and calling one costs about 1.5 us, paid twice a call
+    (the client's hop and the transport) on the app's thread. Another instrumentation's wrapt wrapper around it binds
+    it as it would the original.
+    """
+    wrapper = getattr(capture, wrapper_name)
+    if inspect.iscoroutinefunction(original):
+
+        async def patched_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return await wrapper(original, self, args, kwargs)
+
+        patched: Any = patched_async
+    else:
+
+        def patched_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return wrapper(original, self, args, kwargs)
+
+        patched = patched_sync
+    functools.update_wrapper(patched, original)
+    patched._joule_otel_capture = capture
+    return patched

@@ -138,13 +138,7 @@ def _instrument_clients(settings: Settings, providers: Providers) -> _Instrument
         mode=settings.metrics,
         max_workloads=settings.max_workloads,
     )
-    pipeline: Pipeline | None = None
-
-    def sink(call: Any) -> None:
-        assert pipeline is not None
-        pipeline.submit(call)
-
-    capture = Capture(sink, capture_content=settings.capture_content)
+    capture = Capture(capture_content=settings.capture_content)
     watch = _budget_watch(settings, meter, recorder)
     pipeline = Pipeline(
         service_name=providers.service_name,
@@ -158,6 +152,7 @@ def _instrument_clients(settings: Settings, providers: Providers) -> _Instrument
         else None,
         watch=watch,
     )
+    capture.sink = pipeline.submit
     modules = []
     for name in HTTP_MODULES:
         if importlib.util.find_spec(name) is None:

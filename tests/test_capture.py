@@ -415,6 +415,56 @@ def test_sampler_always_off_keeps_ledger_and_metrics(ledger_path, joule_simulato
     assert total == pytest.approx(sum(r.energy_j for r in joule_simulator.receipts))
 
 
+@pytest.mark.parametrize("joule_first", [True, False])
+def test_the_wrappers_keep_the_methods_shape_and_leave_no_trace(joule_first, ledger_path):
+    """The wrappers are plain functions, inside any wrapt wrapper; every one is gone after uninstrument()."""
+    import inspect
+
+    import httpx2
+    import wrapt
+    from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor
+
+    slots = [
+        (module, cls, name)
+        for module in (httpx, httpx2)
+        for cls, name in (
+            (module.HTTPTransport, "handle_request"),
+            (module.AsyncHTTPTransport, "handle_async_request"),
+            (module.Client, "_send_single_request"),
+            (module.AsyncClient, "_send_single_request"),
+        )
+    ]
+    originals = {(cls, name): cls.__dict__[name] for _, cls, name in slots}
+
+    def innermost(cls: type, name: str) -> object:
+        method = cls.__dict__[name]
+        while isinstance(method, wrapt.FunctionWrapper):
+            method = method.__wrapped__
+        return method
+
+    otel = HTTPX2ClientInstrumentor()
+    if not joule_first:
+        otel.instrument()
+    joule_otel.instrument(db=ledger_path)
+    if joule_first:
+        otel.instrument()
+    try:
+        for _, cls, name in slots:
+            patched = innermost(cls, name)
+            assert patched is not originals[(cls, name)]
+            assert patched.__name__ == name and patched.__wrapped__ is originals[(cls, name)]
+            assert inspect.iscoroutinefunction(patched) == inspect.iscoroutinefunction(originals[(cls, name)])
+    finally:
+        joule_otel.uninstrument()
+    try:
+        for _, cls, name in slots:
+            assert innermost(cls, name) is originals[(cls, name)]
+    finally:
+        otel.uninstrument()
+    for _, cls, name in slots:
+        assert cls.__dict__[name] is originals[(cls, name)]
+
+
 @pytest.mark.parametrize("order", ["httpx-instrumented-first", "joule-first"])
 def test_works_whichever_httpx_instrumentation_ran_first(order, ledger_path, joule_simulator):
     from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor, HTTPXClientInstrumentor
