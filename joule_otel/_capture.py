@@ -328,13 +328,9 @@ class Capture:
         """Wraps ``Client._send_single_request``: captures calls whose transport is not ``HTTPTransport``.
 
         Custom and third-party transports (a WSGI or mock transport, say) are seen here; a call the transport
-        wrapper beneath already captured is left to it.
+        wrapper beneath already captured is left to it. A client whose every call goes through a transport patched
+        below never gets here (see :func:`_patched`).
         """
-        if (
-            not getattr(instance, "_mounts", True)
-            and type(getattr(instance, "_transport", None)) in self.covered_transports
-        ):
-            return wrapped(instance, *args, **kwargs)  # the transport wrapper sees this call
         claim = [False]
         token = _claim.set(claim)
         t0, started_ns = perf_counter_ns(), time_ns()
@@ -358,11 +354,6 @@ class Capture:
         openai's ``DefaultAioHttpClient`` and litellm's (so DSPy's) async calls run on aiohttp through such a
         transport.
         """
-        if (
-            not getattr(instance, "_mounts", True)
-            and type(getattr(instance, "_transport", None)) in self.covered_transports
-        ):
-            return await wrapped(instance, *args, **kwargs)  # the transport wrapper sees this call
         claim = [False]
         token = _claim.set(claim)
         t0, started_ns = perf_counter_ns(), time_ns()
@@ -377,13 +368,6 @@ class Capture:
         if not claim[0]:
             self._answered(args[0] if args else kwargs["request"], response, t0, started_ns, sync=False)
         return response
-
-    def _seen_below(self, client: Any) -> bool:
-        """Whether the client's every call goes through a transport this capture wraps (no mounts, its own type)."""
-        return (
-            not getattr(client, "_mounts", True)
-            and type(getattr(client, "_transport", None)) in self.covered_transports
-        )
 
     def _failed(self, request: Any, exc: BaseException, t0: int, started_ns: int) -> None:
         """The request raised (a connection error, a timeout): an inference call is still a row."""
@@ -633,15 +617,36 @@ def _patched(original: Any, capture: Capture, wrapper_name: str) -> Any:
 
     A plain function, not a ``wrapt.FunctionWrapper``: binding and calling one costs about 1.5 us, paid twice a call
     (the client's hop and the transport) on the app's thread. Another instrumentation's wrapt wrapper around it binds
-    it as it would the original.
+    it as it would the original. A client's hop (``_send_single_request``) goes straight on when the client's
+    every call goes through a transport patched below (its own ``HTTPTransport``, no mounts): the common case costs
+    one frame.
     """
     wrapper = getattr(capture, wrapper_name)
+    covered = capture.covered_transports
+    client_hop = wrapper_name.endswith("client_wrapper")
     if inspect.iscoroutinefunction(original):
+        if client_hop:
 
-        async def patched_async(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return await wrapper(original, self, args, kwargs)
+            async def patched_client_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+                if not getattr(self, "_mounts", True) and type(getattr(self, "_transport", None)) in covered:
+                    return await original(self, *args, **kwargs)  # the transport's patch sees this call
+                return await wrapper(original, self, args, kwargs)
 
-        patched: Any = patched_async
+            patched: Any = patched_client_async
+        else:
+
+            async def patched_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+                return await wrapper(original, self, args, kwargs)
+
+            patched = patched_async
+    elif client_hop:
+
+        def patched_client_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not getattr(self, "_mounts", True) and type(getattr(self, "_transport", None)) in covered:
+                return original(self, *args, **kwargs)  # the transport's patch sees this call
+            return wrapper(original, self, args, kwargs)
+
+        patched = patched_client_sync
     else:
 
         def patched_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
