@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,9 @@ CLIENT = HERE / "overhead_client.py"
 
 
 COST = HERE / "cost_client.py"
+
+
+INSTRUCTIONS = HERE / "instructions_client.py"
 
 
 COST_MODES = {
@@ -148,6 +152,65 @@ PEERS = {
     "openai-v2": "opentelemetry.instrumentation.openai_v2",
     "openai-v2-metrics": "opentelemetry.instrumentation.openai_v2",
 }
+
+
+def app_instructions(calls: int) -> list[dict[str, object]]:
+    """Instructions on the app's thread per plain httpx2 call, with and without capture, counted by callgrind.
+
+    Unlike CPU time, an instruction count does not move with the machine's load or speed, so small changes to the
+    app thread's work show up here first. Needs Valgrind (``apt-get install valgrind``); skipped without it.
+    """
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("(app-thread instructions: valgrind not installed, skipped)", file=sys.stderr)
+        return []
+    sim, base_url = start_simulator()
+    counts: dict[str, int] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            procs = {
+                mode: subprocess.Popen(
+                    [
+                        "valgrind",
+                        "--tool=callgrind",
+                        "--separate-threads=yes",
+                        "--instr-atstart=no",
+                        f"--callgrind-out-file={tmp}/{mode}.out",
+                        sys.executable,
+                        str(INSTRUCTIONS),
+                        base_url,
+                        str(Path(tmp) / "ledger.duckdb"),
+                        mode,
+                        str(calls),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for mode in ("off", "on")
+            }
+            for mode, proc in procs.items():
+                if proc.wait(timeout=1800) != 0:
+                    raise RuntimeError(f"the {mode} instructions client failed under valgrind")
+                app_thread = Path(f"{tmp}/{mode}.out-01").read_text()
+                counts[mode] = int(
+                    next(line for line in app_thread.splitlines() if line.startswith("totals:")).split()[1]
+                )
+    finally:
+        sim.terminate()
+        sim.wait()
+    off, on = counts["off"] / calls, counts["on"] / calls
+    return [
+        {"app thread, per httpx2 call": "without capture", "instructions": f"{off:,.0f}", "of the call": ""},
+        {
+            "app thread, per httpx2 call": "joule_otel.instrument() (ledger only)",
+            "instructions": f"{on:,.0f}",
+            "of the call": "",
+        },
+        {
+            "app thread, per httpx2 call": "joule-otel's share",
+            "instructions": f"{on - off:+,.0f}",
+            "of the call": f"{(on - off) / off:+.1%}",
+        },
+    ]
 
 
 def _importable(module: str) -> bool:
@@ -681,6 +744,10 @@ def main() -> int:
         (
             "joule-otel's own CPU per call (in one process: calls switched on and off in turn, per-thread CPU clocks)",
             lambda: own_cost(args.calls * 2),
+        ),
+        (
+            "Instructions on the app's thread per call (callgrind; deterministic where CPU clocks are noisy)",
+            lambda: app_instructions(200),
         ),
         ("OpenTelemetry SDK floor (alone, the least disturbed of 5 runs)", lambda: sdk_floor(5_000)),
         ("Ledger ingest", lambda: ledger_ingest(1_000_000)),
