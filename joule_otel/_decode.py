@@ -38,6 +38,21 @@ class _TopLevel(msgspec.Struct):
 _TOP_LEVEL_DECODER = msgspec.json.Decoder(_TopLevel)
 
 
+class _Usage(msgspec.Struct):
+    prompt_tokens: Any = msgspec.UNSET
+    completion_tokens: Any = msgspec.UNSET
+    input_tokens: Any = msgspec.UNSET
+    output_tokens: Any = msgspec.UNSET
+
+
+class _Answer(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_ANSWER_DECODER = msgspec.json.Decoder(_Answer)
+"""A successful JSON body's token counts, decoded in C without building ``usage``'s other members (the details)."""
+
+
 def top_level_object(data: bytes, key: bytes) -> Any:
     """The ``usage`` or ``error`` of a JSON body (``key`` quoted, as :func:`object_after` takes it).
 
@@ -156,10 +171,22 @@ def data_lines_backwards(data: bytes) -> Iterator[bytes]:
 
 def parse_body(data: bytes, *, is_sse: bool, status_code: int | None, content_encoding: str = "") -> BodyFacts:
     """Usage, the stream's final energy figure and the error code, from a response body's bytes as received."""
+    if content_encoding:
+        data = decode(data, content_encoding)
     facts = BodyFacts()
-    data = decode(data, content_encoding)
     if not data:
         return facts
+    if not is_sse and (status_code is None or status_code < 400) and len(data) <= WHOLE_BODY_BYTES:
+        # the usual answer, read in one C call; anything unusual (usage not an object, say) takes the path below
+        try:
+            usage = _ANSWER_DECODER.decode(data).usage
+        except (msgspec.MsgspecError, ValueError, RecursionError):
+            usage = None
+        if usage is not None:
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            facts.input_tokens = parse_token_count(usage.input_tokens if prompt is msgspec.UNSET else prompt)
+            facts.output_tokens = parse_token_count(usage.output_tokens if completion is msgspec.UNSET else completion)
+            return facts
     if is_sse:
         seen = 0
         # the figures come in the last events: walk back from the end, parse only events that carry them

@@ -133,6 +133,7 @@ class _Fields(msgspec.Struct):
 
 
 _FIELDS_DECODER = msgspec.json.Decoder(_Fields)
+_new_tuple = tuple.__new__  # a named tuple made once a call, without its keyword-taking ``__new__``
 _NOTHING_READ = RequestFields(None, None)
 
 
@@ -155,8 +156,9 @@ def request_fields(body: bytes | None) -> RequestFields:
         model, stream = request.get("model"), request.get("stream")
     except (ValueError, RecursionError):  # not UTF-8; nested deeper than the interpreter's limit
         return _NOTHING_READ
-    return RequestFields(
-        clean_label(model) if isinstance(model, str) else None, stream if isinstance(stream, bool) else bool(stream)
+    return _new_tuple(
+        RequestFields,
+        (clean_label(model) if type(model) is str else None, stream if type(stream) is bool else bool(stream)),
     )
 
 

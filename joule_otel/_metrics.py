@@ -8,8 +8,7 @@ instrumentation in the process records them already.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
@@ -31,9 +30,8 @@ MetricKey = tuple[str | None, ...]
 """(workload, operation, provider, requested model, routed model, tier, region, error type): one attribute set."""
 
 
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    """What one call contributes to the metrics."""
+class Measurement(NamedTuple):
+    """What one call contributes to the metrics (a named tuple: one is made a call, on the background thread)."""
 
     key: MetricKey
     energy_j: float | None

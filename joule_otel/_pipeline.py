@@ -22,7 +22,7 @@ from joule_otel._budget_watch import BudgetWatch
 from joule_otel._capture import CallRecord
 from joule_otel._decode import BodyFacts, parse_body
 from joule_otel._events import EVENT_NAME, event_attributes
-from joule_otel._genai import error_type_for, provider_of, request_fields
+from joule_otel._genai import JOULE_PROVIDER, error_type_for, provider_of, request_fields
 from joule_otel._metrics import Measurement, MetricRecorder
 from joule_otel.headers import header_map, read_energy_map, request_region
 from joule_otel.ledger.row import LedgerRow
@@ -53,6 +53,8 @@ RECENT_RECEIPTS = 100_000
 FORK_WAIT_S = 10.0
 """The longest a fork waits for the worker to finish an import or a cycle (a compaction takes ~0.1 s)."""
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_new_row = tuple.__new__
+"""A :class:`LedgerRow` made without its ``__new__`` (a Python function of 22 arguments): one a call."""
 _NO_FACTS = BodyFacts()
 
 
@@ -374,8 +376,10 @@ class Pipeline:
         workload = call.workload or baggage_workload(call.context) or self.default_workload or self.service_name
         duration_s = max(call.t_end - call.t0, 0) / 1e9
         ttft_s = (call.t_first - call.t0) / 1e9 if is_sse and call.t_first else None
-        host = call.server_address
-        provider = call.provider or provider_of(host, headers)
+        host = call.request.url.host
+        provider = call.provider or (
+            JOULE_PROVIDER if receipt is not None or reading.energy_j is not None else provider_of(host, headers)
+        )
         if record:
             self.recorder.record(
                 Measurement(
@@ -399,29 +403,32 @@ class Pipeline:
                     span_id=call.span_id,
                 )
             )
-        row = LedgerRow(
-            receipt,
-            call.started_ns // 1000,
-            duration_s * 1000.0,
-            ttft_s * 1000.0 if ttft_s is not None else None,
-            self.service_name,
-            workload,
-            call.operation,
-            host,
-            call.status_code,
-            error_type,
-            request.model,
-            reading.routed_to,
-            reading.tier,
-            reading.region,
-            energy,
-            carbon,
-            facts.input_tokens,
-            facts.output_tokens,
-            is_sse if request.stream is None else request.stream or is_sse,
-            f"{call.trace_id:032x}" if call.trace_id else None,
-            f"{call.span_id:016x}" if call.span_id else None,
-            provider,
+        row = _new_row(
+            LedgerRow,
+            (
+                receipt,
+                call.started_ns // 1000,
+                duration_s * 1000.0,
+                ttft_s * 1000.0 if ttft_s is not None else None,
+                self.service_name,
+                workload,
+                call.operation,
+                host,
+                call.status_code,
+                error_type,
+                request.model,
+                reading.routed_to,
+                reading.tier,
+                reading.region,
+                energy,
+                carbon,
+                facts.input_tokens,
+                facts.output_tokens,
+                is_sse if request.stream is None else request.stream or is_sse,
+                f"{call.trace_id:032x}" if call.trace_id else None,
+                f"{call.span_id:016x}" if call.span_id else None,
+                provider,
+            ),
         )
         if self.events_logger is not None:
             self._emit_event(row, call)

@@ -131,29 +131,47 @@ def read_energy(get: Callable[[str], str | bytes | None], request_region: str | 
 def read_energy_map(
     values: Mapping[bytes, str | bytes | None], request_region: str | bytes | None = None
 ) -> EnergyReading:
-    """:func:`read_energy` over a mapping of lower-cased header names (bytes) to values, e.g. :func:`header_map`'s."""
-    raw_energy, raw_carbon = values.get(_ENERGY_KEY), values.get(_CARBON_KEY)
-    energy, carbon = parse_energy(raw_energy), parse_carbon(raw_carbon)
+    """:func:`read_energy` over a mapping of lower-cased header names (bytes) to values, e.g. :func:`header_map`'s.
+
+    Run for every call on the background thread, so the usual case (clean ASCII values, labels seen before) takes no
+    call it can avoid: what :func:`parse_quantity` and :func:`clean_label` do is inlined here.
+    """
+    get = values.get
+    raw_energy, raw_carbon = get(_ENERGY_KEY), get(_CARBON_KEY)
+    energy = carbon = None
     invalid: tuple[str, ...] = ()
-    if (raw_energy is not None and energy is None) or (raw_carbon is not None and carbon is None):
-        invalid = tuple(
-            name
-            for name, raw, number in ((ENERGY_JOULES, raw_energy, energy), (CARBON_MG, raw_carbon, carbon))
-            if raw is not None and number is None
-        )
-    return EnergyReading(
-        energy_j=energy,
-        carbon_mg=carbon,
-        routed_to=clean_label(values.get(_ROUTED_KEY)),
-        tier=clean_label(values.get(_TIER_KEY), lower=True),
-        region=clean_label(values.get(_REGION_KEY), lower=True) or clean_label(request_region, lower=True),
-        receipt_id=clean_receipt(values.get(_RECEIPT_KEY)),
-        invalid=invalid,
-    )
+    if raw_energy is not None:
+        energy = parse_quantity(raw_energy, MAX_ENERGY_J)
+        if energy is None:
+            invalid = (ENERGY_JOULES,)
+    if raw_carbon is not None:
+        carbon = parse_quantity(raw_carbon, MAX_CARBON_MG)
+        if carbon is None:
+            invalid = (*invalid, CARBON_MG)
+    routed, tier, region = get(_ROUTED_KEY), get(_TIER_KEY), get(_REGION_KEY)
+    if routed is not None:
+        routed = _plain_labels.get(routed, _UNSEEN)
+        if routed is _UNSEEN:
+            routed = clean_label(get(_ROUTED_KEY))
+    if tier is not None:
+        tier = _lower_labels.get(tier, _UNSEEN)
+        if tier is _UNSEEN:
+            tier = clean_label(get(_TIER_KEY), lower=True)
+    if region is not None:
+        region = _lower_labels.get(region, _UNSEEN)
+        if region is _UNSEEN:
+            region = clean_label(get(_REGION_KEY), lower=True)
+    if region is None and request_region is not None:
+        region = clean_label(request_region, lower=True)
+    return _new_tuple(EnergyReading, (energy, carbon, routed, tier, region, clean_receipt(get(_RECEIPT_KEY)), invalid))
 
 
+_new_tuple = tuple.__new__
+"""A named tuple made without its ``__new__`` (a Python function taking keywords): for tuples made once a call."""
+_UNSEEN: Any = object()
 _LABELS_CACHED = 4_096
-_labels: dict[tuple[str | bytes, bool], str | None] = {}
+_plain_labels: dict[str | bytes, str | None] = {}
+_lower_labels: dict[str | bytes, str | None] = {}
 
 
 def clean_label(value: str | bytes | None, *, lower: bool = False) -> str | None:
@@ -163,17 +181,16 @@ def clean_label(value: str | bytes | None, *, lower: bool = False) -> str | None
     """
     if value is None:
         return None
-    key = (value, lower)
-    try:
-        return _labels[key]
-    except KeyError:
-        pass
+    labels = _lower_labels if lower else _plain_labels
+    known = labels.get(value, _UNSEEN)
+    if known is not _UNSEEN:
+        return known  # type: ignore[no-any-return]
     cleaned = clean_string(value)
     if cleaned is not None and lower:
         cleaned = cleaned.lower()
-    if len(_labels) >= _LABELS_CACHED:  # an unbounded set of values: start over rather than grow
-        _labels.clear()
-    _labels[key] = cleaned
+    if len(labels) >= _LABELS_CACHED:  # an unbounded set of values: start over rather than grow
+        labels.clear()
+    labels[value] = cleaned
     return cleaned
 
 

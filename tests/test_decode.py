@@ -100,6 +100,33 @@ def test_usage_is_the_top_level_one_small_body_or_large(
     assert (facts.input_tokens, facts.output_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
 
 
+TOKEN_VALUES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5) | st.lists(st.integers())
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["prompt_tokens", "completion_tokens", "input_tokens", "output_tokens", "x"]), TOKEN_VALUES
+    )
+    | TOKEN_VALUES
+)
+@example({"prompt_tokens": None, "input_tokens": 5, "completion_tokens": 1 << 63, "output_tokens": 2})
+@example({"prompt_tokens": True, "completion_tokens": 2.0})
+def test_usage_tokens_read_what_the_standard_library_reads(usage: Any) -> None:
+    """Whatever ``usage`` holds, the token counts are what the standard library's reading gives, or missing."""
+    body = json.dumps({"id": "c", "usage": usage, "choices": []}).encode()
+    facts = parse_body(body, is_sse=False, status_code=200)
+    expected: tuple[int | None, int | None] = (None, None)
+    if isinstance(usage, dict):
+        expected = tuple(  # type: ignore[assignment]
+            value if type(value) is int and 0 <= value < 1 << 63 else None
+            for value in (
+                usage.get("prompt_tokens", usage.get("input_tokens")),
+                usage.get("completion_tokens", usage.get("output_tokens")),
+            )
+        )
+    assert (facts.input_tokens, facts.output_tokens) == expected
+
+
 def test_usage_found_below_the_top_level_when_it_is_only_there() -> None:
     body = json.dumps({"response": {"usage": {"input_tokens": 3, "output_tokens": 4}}}).encode()
     assert top_level_object(body, b'"usage"') == {"input_tokens": 3, "output_tokens": 4}
