@@ -41,18 +41,11 @@ from joule_otel._genai import (
     RequestFields,
     error_type_for,
     parse_request_body,
-    provider_of,
+    provider_of_scanned,
     request_fields,
     route_operation,
 )
-from joule_otel.headers import (
-    RESPONSE_HEADERS,
-    EnergyReading,
-    header_map,
-    header_value,
-    read_energy_map,
-    request_region,
-)
+from joule_otel.headers import RESPONSE_HEADERS, EnergyReading, header_value, read_response
 from joule_otel.workload import baggage_workload, innermost_workload
 
 _log = logging.getLogger("joule_otel")
@@ -253,14 +246,13 @@ class Capture:
 
     def _annotate(self, span: Any, call: CallRecord) -> None:
         """Span attributes, while the HTTP client span is open (it ends when the headers arrive)."""
-        headers = header_map(call.response_headers)
-        reading = read_energy_map(headers, request_region(headers, call.request_headers))
+        reading, found = read_response(call.response_headers, call.request_headers)
         call.reading = reading
         ctx = span.get_span_context()
         call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
         # the background reuses the reading and these two fields
         call.request_fields = fields = request_fields(call.request_body)
-        call.provider = provider_of(call.server_address, headers)
+        call.provider = provider_of_scanned(call.server_address, found)
         if call.workload is None:
             call.workload = baggage_workload(call.context)
         values: dict[str, Any] = {

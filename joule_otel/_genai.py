@@ -7,12 +7,11 @@ none of them. Pure functions; nothing here raises on what a server or caller sen
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import msgspec
 
-from joule_otel.headers import RESPONSE_HEADERS, clean_label, clean_string
+from joule_otel.headers import RESPONSE_HEADERS, SCANNED, clean_label, clean_string
 
 BODY_CAP_BYTES = 4 << 20
 """Request bodies larger than this are not parsed (an upload, not a prompt worth reading a model from)."""
@@ -59,8 +58,7 @@ OPENAI_HOST = "api.openai.com"
 OPENAI_RESPONSE_HEADERS = (b"openai-version", b"openai-processing-ms")
 """Headers OpenAI's API (and Azure OpenAI) sends on every response: the API is OpenAI's, whatever the host."""
 
-_JOULE_HEADER_KEYS = frozenset(name.encode("latin-1") for name in RESPONSE_HEADERS)
-_OPENAI_HEADER_KEYS = frozenset(OPENAI_RESPONSE_HEADERS)
+assert SCANNED[len(RESPONSE_HEADERS) + 3 :] == OPENAI_RESPONSE_HEADERS  # what provider_of_scanned reads
 _route_cache: dict[bytes, str | None] = {}
 _JSON_DECODER = json.JSONDecoder()
 
@@ -101,10 +99,13 @@ def provider_for(host: str | None, joule_headers: bool, openai_headers: bool = F
     return clean_string(name) or "unknown"
 
 
-def provider_of(host: str | None, headers: Mapping[bytes, object]) -> str:
-    """:func:`provider_for` of a response, from its headers as :func:`joule_otel.headers.header_map` gives them."""
-    joule = not _JOULE_HEADER_KEYS.isdisjoint(headers)
-    return provider_for(host, joule, not joule and not _OPENAI_HEADER_KEYS.isdisjoint(headers))
+_NO_JOULE_HEADER: list[Any] = [None] * len(RESPONSE_HEADERS) + [None]
+
+
+def provider_of_scanned(host: str | None, found: list[Any]) -> str:
+    """:func:`provider_for` of a response, from what :func:`joule_otel.headers.scan_headers` found."""
+    joule = found[:6] != _NO_JOULE_HEADER  # the five Joule response headers and X-Region, in SCANNED order
+    return provider_for(host, joule, not joule and (found[8] is not None or found[9] is not None))
 
 
 def parse_request_body(body: bytes | None) -> dict[str, Any]:

@@ -22,9 +22,9 @@ from joule_otel._budget_watch import BudgetWatch
 from joule_otel._capture import CallRecord
 from joule_otel._decode import BodyFacts, parse_body
 from joule_otel._events import EVENT_NAME, event_attributes
-from joule_otel._genai import JOULE_PROVIDER, error_type_for, provider_of, request_fields
+from joule_otel._genai import JOULE_PROVIDER, error_type_for, provider_of_scanned, request_fields
 from joule_otel._metrics import Measurement, MetricRecorder
-from joule_otel.headers import header_map, read_energy_map, request_region
+from joule_otel.headers import SCANNED_CONTENT_ENCODING, SCANNED_CONTENT_TYPE, read_response, scan_headers
 from joule_otel.ledger.row import LedgerRow
 from joule_otel.ledger.writer import LedgerWriter, load_arrow
 from joule_otel.workload import baggage_workload
@@ -342,8 +342,11 @@ class Pipeline:
 
     def _process(self, call: CallRecord, record: bool) -> LedgerRow | None:
         self.calls_seen += 1
-        headers = header_map(call.response_headers)
-        reading = call.reading or read_energy_map(headers, request_region(headers, call.request_headers))
+        reading = call.reading  # read on the app's thread already when the call had a span
+        if reading is None:
+            reading, found = read_response(call.response_headers, call.request.headers)
+        else:
+            found = scan_headers(call.response_headers)
         if reading.invalid:
             self.capture_stats.invalid_headers += len(reading.invalid)
         receipt = reading.receipt_id
@@ -356,9 +359,10 @@ class Pipeline:
             if len(recent) > RECENT_RECEIPTS:
                 recent.popitem(last=False)
         request = call.request_fields or request_fields(call.request_body)
-        is_sse = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+        content_type = found[SCANNED_CONTENT_TYPE]
+        is_sse = content_type is not None and content_type.startswith(b"text/event-stream")
         if call.chunks:
-            encoding = None if call.decoded else headers.get(b"content-encoding")
+            encoding = None if call.decoded else found[SCANNED_CONTENT_ENCODING]
             facts = parse_body(
                 b"".join(call.chunks),
                 is_sse=is_sse,
@@ -378,7 +382,7 @@ class Pipeline:
         ttft_s = (call.t_first - call.t0) / 1e9 if is_sse and call.t_first else None
         host = call.request.url.host
         provider = call.provider or (
-            JOULE_PROVIDER if receipt is not None or reading.energy_j is not None else provider_of(host, headers)
+            JOULE_PROVIDER if receipt is not None or reading.energy_j is not None else provider_of_scanned(host, found)
         )
         if record:
             self.recorder.record(

@@ -131,13 +131,17 @@ def read_energy(get: Callable[[str], str | bytes | None], request_region: str | 
 def read_energy_map(
     values: Mapping[bytes, str | bytes | None], request_region: str | bytes | None = None
 ) -> EnergyReading:
-    """:func:`read_energy` over a mapping of lower-cased header names (bytes) to values, e.g. :func:`header_map`'s.
+    """:func:`read_energy` over a mapping of lower-cased header names (bytes) to values, e.g. :func:`header_map`'s."""
+    return read_scanned([values.get(name) for name in SCANNED], request_region)
+
+
+def read_scanned(found: list[Any], request_region: str | bytes | None = None) -> EnergyReading:
+    """:func:`read_energy` of what :func:`scan_headers` found.
 
     Run for every call on the background thread, so the usual case (clean ASCII values, labels seen before) takes no
     call it can avoid: what :func:`parse_quantity` and :func:`clean_label` do is inlined here.
     """
-    get = values.get
-    raw_energy, raw_carbon = get(_ENERGY_KEY), get(_CARBON_KEY)
+    raw_energy, raw_carbon, routed, tier, region, receipt = found[:6]
     energy = carbon = None
     invalid: tuple[str, ...] = ()
     if raw_energy is not None:
@@ -148,22 +152,61 @@ def read_energy_map(
         carbon = parse_quantity(raw_carbon, MAX_CARBON_MG)
         if carbon is None:
             invalid = (*invalid, CARBON_MG)
-    routed, tier, region = get(_ROUTED_KEY), get(_TIER_KEY), get(_REGION_KEY)
     if routed is not None:
         routed = _plain_labels.get(routed, _UNSEEN)
         if routed is _UNSEEN:
-            routed = clean_label(get(_ROUTED_KEY))
+            routed = clean_label(found[2])
     if tier is not None:
         tier = _lower_labels.get(tier, _UNSEEN)
         if tier is _UNSEEN:
-            tier = clean_label(get(_TIER_KEY), lower=True)
+            tier = clean_label(found[3], lower=True)
     if region is not None:
         region = _lower_labels.get(region, _UNSEEN)
         if region is _UNSEEN:
-            region = clean_label(get(_REGION_KEY), lower=True)
+            region = clean_label(found[4], lower=True)
     if region is None and request_region is not None:
         region = clean_label(request_region, lower=True)
-    return _new_tuple(EnergyReading, (energy, carbon, routed, tier, region, clean_receipt(get(_RECEIPT_KEY)), invalid))
+    return _new_tuple(EnergyReading, (energy, carbon, routed, tier, region, clean_receipt(receipt), invalid))
+
+
+SCANNED = (
+    _ENERGY_KEY,
+    _CARBON_KEY,
+    _ROUTED_KEY,
+    _TIER_KEY,
+    _REGION_KEY,
+    _RECEIPT_KEY,
+    b"content-type",
+    b"content-encoding",
+    b"openai-version",
+    b"openai-processing-ms",
+)
+"""The response headers capture reads (lower-cased), in the order :func:`scan_headers` gives their values."""
+SCANNED_CONTENT_TYPE, SCANNED_CONTENT_ENCODING = 6, 7
+_SLOTS = {name: slot for slot, name in enumerate(SCANNED)}
+
+
+def scan_headers(headers: Any) -> list[Any]:
+    """The values of the :data:`SCANNED` headers of an httpx (or httpx2) message, ``None`` where absent, in one pass.
+
+    The last one sent wins, as in :func:`header_map`. One lookup in a fixed table a header, where building a map of
+    them all grows a dict twice.
+    """
+    found: list[Any] = [None] * len(SCANNED)
+    if headers is None:
+        return found
+    slots = _SLOTS
+    try:
+        for _, lowered, value in headers._list:
+            slot = slots.get(lowered)
+            if slot is not None:
+                found[slot] = value
+    except (AttributeError, TypeError, ValueError):  # not httpx's layout: the public view
+        for name, value in headers.raw:
+            slot = slots.get(name.lower())
+            if slot is not None:
+                found[slot] = value
+    return found
 
 
 _new_tuple = tuple.__new__
@@ -223,9 +266,14 @@ def header_map(headers: Any) -> dict[bytes, bytes]:
         return {name.lower(): value for name, value in headers.raw}
 
 
-def request_region(response: Mapping[bytes, object], request_headers: Any) -> bytes | None:
-    """The request's ``X-Region`` when the response (a :func:`header_map`) does not say where it was served."""
-    return None if _REGION_KEY in response else header_value(request_headers, _REGION_KEY)
+def read_response(headers: Any, request_headers: Any) -> tuple[EnergyReading, list[Any]]:
+    """The reading of a response's headers, and what :func:`scan_headers` found.
+
+    The request's ``X-Region`` stands when the response does not say where the call was served.
+    """
+    found = scan_headers(headers)
+    region = header_value(request_headers, _REGION_KEY) if found[4] is None else None
+    return read_scanned(found, region), found
 
 
 def header_value(headers: Any, name: bytes) -> bytes | None:

@@ -14,6 +14,7 @@ from joule_otel.headers import (
     MAX_ENERGY_J,
     MAX_STRING,
     MAX_TOKENS,
+    SCANNED,
     clean_string,
     header_map,
     header_value,
@@ -23,6 +24,8 @@ from joule_otel.headers import (
     parse_token_count,
     read_energy,
     read_energy_map,
+    read_response,
+    scan_headers,
 )
 
 
@@ -167,7 +170,9 @@ class RawOnly:
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["X-Energy-Joules", "x-tier", "X-REGION", "Content-Type", "x-receipt-id"]),
+            st.sampled_from(
+                ["X-Energy-Joules", "x-tier", "X-REGION", "Content-Type", "x-receipt-id", "OpenAI-Version", "x-other"]
+            ),
             st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20),
         ),
         max_size=8,
@@ -183,7 +188,11 @@ def test_header_map_and_value_agree_with_httpx_whatever_the_layout(pairs):
             assert mapped[key] == last.encode()  # the last one sent, as a dict keeps it
             assert header_value(view, key) == last.encode()
         assert read_energy_map(mapped) == read_energy(lambda name, m=mapped: m.get(name.encode()))
+        # the single pass capture makes finds what the map holds, and reads the same
+        assert scan_headers(view) == [mapped.get(name) for name in SCANNED]
+        assert read_response(view, None) == (read_energy_map(mapped), scan_headers(view))
     assert header_map(None) == {} and header_value(None, b"x-region") is None
+    assert scan_headers(None) == [None] * len(SCANNED)
 
 
 @given(
@@ -199,3 +208,12 @@ def test_string_headers_read_as_clean_string_says_every_time(values):
         assert reading.receipt_id == cleaned
         assert reading.routed_to == cleaned
         assert reading.tier == reading.region == (cleaned.lower() if cleaned else None)
+
+
+def test_the_requests_region_stands_when_the_response_does_not_say():
+    request = httpx.Headers({"X-Region": " EU-FI "})
+    unsaid = httpx.Headers({"x-energy-joules": "2.5"})
+    said = httpx.Headers({"x-energy-joules": "2.5", "X-Region": "us-west"})
+    assert read_response(unsaid, request)[0].region == "eu-fi"
+    assert read_response(said, request)[0].region == "us-west"
+    assert read_response(unsaid, None)[0].region is None
