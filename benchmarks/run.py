@@ -155,60 +155,72 @@ PEERS = {
 
 
 def app_instructions(calls: int) -> list[dict[str, object]]:
-    """Instructions on the app's thread per plain httpx2 call, with and without capture, counted by callgrind.
+    """Instructions per plain httpx2 call, counted by callgrind: the app's thread with and without capture, and the
+    background's work on one call.
 
-    Unlike CPU time, an instruction count does not move with the machine's load or speed, so small changes to the
-    app thread's work show up here first. Needs Valgrind (``apt-get install valgrind``); skipped without it.
+    Unlike CPU time, an instruction count does not move with the machine's load or speed, so small changes to
+    joule-otel's work show up here first. Needs Valgrind (``apt-get install valgrind``); skipped without it.
     """
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        print("(app-thread instructions: valgrind not installed, skipped)", file=sys.stderr)
+        print("(instructions: valgrind not installed, skipped)", file=sys.stderr)
         return []
     sim, base_url = start_simulator()
     counts: dict[str, int] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            procs = {
-                mode: subprocess.Popen(
+
+            def run(mode: str, *options: str) -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
                     [
                         "valgrind",
                         "--tool=callgrind",
-                        "--separate-threads=yes",
                         "--instr-atstart=no",
+                        *options,
                         f"--callgrind-out-file={tmp}/{mode}.out",
                         sys.executable,
                         str(INSTRUCTIONS),
                         base_url,
-                        str(Path(tmp) / "ledger.duckdb"),
+                        str(Path(tmp) / f"{mode}.duckdb"),
                         mode,
                         str(calls),
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
+                    env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts from run to run
                 )
-                for mode in ("off", "on")
-            }
+
+            def totals(path: str) -> int:
+                text = Path(path).read_text()
+                return int(next(line for line in text.splitlines() if line.startswith("totals:")).split()[1])
+
+            procs = {mode: run(mode, "--separate-threads=yes") for mode in ("off", "on")}
             for mode, proc in procs.items():
                 if proc.wait(timeout=1800) != 0:
                     raise RuntimeError(f"the {mode} instructions client failed under valgrind")
-                app_thread = Path(f"{tmp}/{mode}.out-01").read_text()
-                counts[mode] = int(
-                    next(line for line in app_thread.splitlines() if line.startswith("totals:")).split()[1]
-                )
+                counts[mode] = totals(f"{tmp}/{mode}.out-01")  # the app's thread
+            if run("drain").wait(timeout=1800) != 0:
+                raise RuntimeError("the drain instructions client failed under valgrind")
+            counts["drain"] = totals(f"{tmp}/drain.out") - totals(f"{tmp}/drain.out.1")  # less an empty window
     finally:
         sim.terminate()
         sim.wait()
-    off, on = counts["off"] / calls, counts["on"] / calls
+    off, on, drained = counts["off"] / calls, counts["on"] / calls, counts["drain"] / calls
     return [
-        {"app thread, per httpx2 call": "without capture", "instructions": f"{off:,.0f}", "of the call": ""},
+        {"per httpx2 call": "app thread without capture", "instructions": f"{off:,.0f}", "of the call": ""},
         {
-            "app thread, per httpx2 call": "joule_otel.instrument() (ledger only)",
+            "per httpx2 call": "app thread with joule_otel.instrument() (ledger only)",
             "instructions": f"{on:,.0f}",
             "of the call": "",
         },
         {
-            "app thread, per httpx2 call": "joule-otel's share",
+            "per httpx2 call": "joule-otel's share of the app thread",
             "instructions": f"{on - off:+,.0f}",
             "of the call": f"{(on - off) / off:+.1%}",
+        },
+        {
+            "per httpx2 call": "background thread: parsing and the row (one drain of them all)",
+            "instructions": f"{drained:,.0f}",
+            "of the call": f"{drained / off:.1%}",
         },
     ]
 
@@ -746,7 +758,7 @@ def main() -> int:
             lambda: own_cost(args.calls * 2),
         ),
         (
-            "Instructions on the app's thread per call (callgrind; deterministic where CPU clocks are noisy)",
+            "Instructions per call, app thread and background (callgrind; deterministic where CPU clocks are noisy)",
             lambda: app_instructions(200),
         ),
         ("OpenTelemetry SDK floor (alone, the least disturbed of 5 runs)", lambda: sdk_floor(5_000)),
