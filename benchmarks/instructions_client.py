@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 def _callgrind(*args: str) -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     if mode != "off":
         import joule_otel
 
-        joule_otel.instrument(db=db, metrics="all", **({"flush_interval": 60} if mode == "drain" else {}))
+        joule_otel.instrument(db=db, metrics="all", flush_interval=60 if mode == "drain" else None)
     client = httpx2.Client(base_url=base_url)
     body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
     for _ in range(20):
@@ -59,7 +60,7 @@ def drain(call: Callable[[], object], calls: int) -> None:
     joule_otel.flush(timeout_s=600)
     state = _instrument._state
     assert state is not None
-    pipeline, held = state.pipeline, []
+    pipeline, held = state.pipeline, list[Any]()
     state.capture.sink = held.append
     for _ in range(calls):
         call()
