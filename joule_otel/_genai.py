@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from joule_otel.headers import RESPONSE_HEADERS, SCANNED, clean_label, clean_string
+from joule_otel.headers import RESPONSE_HEADERS, SCANNED, SCANNED_OPENAI, clean_label, clean_string
 
 BODY_CAP_BYTES = 4 << 20
 """Request bodies larger than this are not parsed (an upload, not a prompt worth reading a model from)."""
@@ -58,7 +58,7 @@ OPENAI_HOST = "api.openai.com"
 OPENAI_RESPONSE_HEADERS = (b"openai-version", b"openai-processing-ms")
 """Headers OpenAI's API (and Azure OpenAI) sends on every response: the API is OpenAI's, whatever the host."""
 
-assert SCANNED[len(RESPONSE_HEADERS) + 3 :] == OPENAI_RESPONSE_HEADERS  # what provider_of_scanned reads
+assert SCANNED[SCANNED_OPENAI:] == OPENAI_RESPONSE_HEADERS  # what provider_of_scanned reads
 _route_cache: dict[bytes, str | None] = {}
 _JSON_DECODER = json.JSONDecoder()
 
@@ -99,13 +99,14 @@ def provider_for(host: str | None, joule_headers: bool, openai_headers: bool = F
     return clean_string(name) or "unknown"
 
 
-_NO_JOULE_HEADER: list[Any] = [None] * len(RESPONSE_HEADERS) + [None]
+_NO_JOULE_HEADER: list[Any] = [None] * len(RESPONSE_HEADERS)
+_NO_OPENAI_HEADER: list[Any] = [None] * len(OPENAI_RESPONSE_HEADERS)
 
 
 def provider_of_scanned(host: str | None, found: list[Any]) -> str:
     """:func:`provider_for` of a response, from what :func:`joule_otel.headers.scan_headers` found."""
-    joule = found[:6] != _NO_JOULE_HEADER  # the five Joule response headers and X-Region, in SCANNED order
-    return provider_for(host, joule, not joule and (found[8] is not None or found[9] is not None))
+    joule = found[: len(RESPONSE_HEADERS)] != _NO_JOULE_HEADER  # SCANNED begins with the Joule response headers
+    return provider_for(host, joule, not joule and found[SCANNED_OPENAI:] != _NO_OPENAI_HEADER)
 
 
 def parse_request_body(body: bytes | None) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def read_scanned(found: list[Any], request_region: str | bytes | None = None) ->
     Run for every call on the background thread, so the usual case (clean ASCII values, labels seen before) takes no
     call it can avoid: what :func:`parse_quantity` and :func:`clean_label` do is inlined here.
     """
-    raw_energy, raw_carbon, routed, tier, region, receipt = found[:6]
+    raw_energy, raw_carbon, routed, tier, receipt, region = found[:6]
     energy = carbon = None
     invalid: tuple[str, ...] = ()
     if raw_energy is not None:
@@ -155,15 +155,15 @@ def read_scanned(found: list[Any], request_region: str | bytes | None = None) ->
     if routed is not None:
         routed = _plain_labels.get(routed, _UNSEEN)
         if routed is _UNSEEN:
-            routed = clean_label(found[2])
+            routed = clean_label(found[_ROUTED])
     if tier is not None:
         tier = _lower_labels.get(tier, _UNSEEN)
         if tier is _UNSEEN:
-            tier = clean_label(found[3], lower=True)
+            tier = clean_label(found[_TIER], lower=True)
     if region is not None:
         region = _lower_labels.get(region, _UNSEEN)
         if region is _UNSEEN:
-            region = clean_label(found[4], lower=True)
+            region = clean_label(found[_REGION], lower=True)
     if region is None and request_region is not None:
         region = clean_label(request_region, lower=True)
     return _new_tuple(EnergyReading, (energy, carbon, routed, tier, region, clean_receipt(receipt), invalid))
@@ -174,16 +174,19 @@ SCANNED = (
     _CARBON_KEY,
     _ROUTED_KEY,
     _TIER_KEY,
-    _REGION_KEY,
     _RECEIPT_KEY,
+    _REGION_KEY,
     b"content-type",
     b"content-encoding",
     b"openai-version",
     b"openai-processing-ms",
 )
-"""The response headers capture reads (lower-cased), in the order :func:`scan_headers` gives their values."""
-SCANNED_CONTENT_TYPE, SCANNED_CONTENT_ENCODING = 6, 7
+"""The response headers capture reads (lower-cased), in the order :func:`scan_headers` gives their values: first the
+:data:`RESPONSE_HEADERS`, then ``X-Region`` (which a request sends too), then the rest."""
+_ROUTED, _TIER, _REGION = 2, 3, 5
+SCANNED_CONTENT_TYPE, SCANNED_CONTENT_ENCODING, SCANNED_OPENAI = 6, 7, 8
 _SLOTS = {name: slot for slot, name in enumerate(SCANNED)}
+assert SCANNED[: len(RESPONSE_HEADERS)] == tuple(name.encode("latin-1") for name in RESPONSE_HEADERS)
 
 
 def scan_headers(headers: Any) -> list[Any]:
@@ -272,7 +275,7 @@ def read_response(headers: Any, request_headers: Any) -> tuple[EnergyReading, li
     The request's ``X-Region`` stands when the response does not say where the call was served.
     """
     found = scan_headers(headers)
-    region = header_value(request_headers, _REGION_KEY) if found[4] is None else None
+    region = header_value(request_headers, _REGION_KEY) if found[_REGION] is None else None
     return read_scanned(found, region), found
 
 

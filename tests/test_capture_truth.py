@@ -895,6 +895,24 @@ def test_provider_rule():
     assert provider_for(None, False) == "unknown"
 
 
+@pytest.mark.parametrize(
+    ("headers", "provider"),
+    [
+        ({"X-Tier": "standard"}, "joule_cloud"),  # any of Joule's response headers, even alone
+        ({"x-receipt-id": "r"}, "joule_cloud"),
+        ({"X-Region": "eu-fi"}, "llm.example"),  # a region alone is not Joule's: a request sends it too
+        ({"OpenAI-Version": "2020-10-01"}, "openai"),  # OpenAI's API behind a gateway
+        ({"openai-processing-ms": "12", "x-energy-joules": "1"}, "joule_cloud"),
+        ({"content-type": "application/json"}, "llm.example"),
+    ],
+)
+def test_provider_of_a_response(headers, provider):
+    from joule_otel._genai import provider_of_scanned
+    from joule_otel.headers import scan_headers
+
+    assert provider_of_scanned("llm.example", scan_headers(httpx.Headers(headers))) == provider
+
+
 # -- 11. the app's own provider, whatever its class -----------------------------------------------------------------
 
 
