@@ -20,6 +20,26 @@ import joule_otel
 settings.register_profile("joule_otel", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("joule_otel")
 
+FAILURES = Path(__file__).resolve().parent.parent / "test-artifacts" / "failures.txt"
+"""Every failed test of the last run, with its report: a run whose output is cut short (a fresh-clone check that
+prints only its last lines, a CI log) still leaves what failed and why in the checkout."""
+_failed_reports: list[str] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    FAILURES.unlink(missing_ok=True)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        _failed_reports.append(f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _failed_reports:
+        FAILURES.parent.mkdir(exist_ok=True)
+        FAILURES.write_text("\n".join(_failed_reports))
+
 
 @dataclass
 class Telemetry:
