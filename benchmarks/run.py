@@ -34,6 +34,9 @@ COST = HERE / "cost_client.py"
 INSTRUCTIONS = HERE / "instructions_client.py"
 
 
+PEER_INSTRUCTIONS = HERE / "peer_instructions_client.py"
+
+
 COST_MODES = {
     "ledger": "joule-otel: ledger only (no MeterProvider)",
     "ecologits": "EcoLogits (peer; estimates, no telemetry)",
@@ -189,18 +192,16 @@ def app_instructions(calls: int) -> list[dict[str, object]]:
                     env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts from run to run
                 )
 
-            def totals(path: str) -> int:
-                text = Path(path).read_text()
-                return int(next(line for line in text.splitlines() if line.startswith("totals:")).split()[1])
-
             procs = {mode: run(mode, "--separate-threads=yes") for mode in ("off", "on")}
             for mode, proc in procs.items():
                 if proc.wait(timeout=1800) != 0:
                     raise RuntimeError(f"the {mode} instructions client failed under valgrind")
-                counts[mode] = totals(f"{tmp}/{mode}.out-01")  # the app's thread
+                counts[mode] = _callgrind_total(Path(tmp) / f"{mode}.out-01")  # the app's thread
             if run("drain").wait(timeout=1800) != 0:
                 raise RuntimeError("the drain instructions client failed under valgrind")
-            counts["drain"] = totals(f"{tmp}/drain.out") - totals(f"{tmp}/drain.out.1")  # less an empty window
+            counts["drain"] = _callgrind_total(Path(tmp) / "drain.out") - _callgrind_total(
+                Path(tmp) / "drain.out.1"
+            )  # less an empty window
     finally:
         sim.terminate()
         sim.wait()
@@ -223,6 +224,82 @@ def app_instructions(calls: int) -> list[dict[str, object]]:
             "of the call": f"{drained / off:.1%}",
         },
     ]
+
+
+def peer_instructions(calls: int) -> list[dict[str, object]]:
+    """Instructions per openai SDK call, every thread, for each setting of joule-otel and the peer that records as
+    much: the cost targets' comparison in a unit the machine's load does not move (callgrind; skipped without it).
+
+    Each mode runs in its own process under callgrind, two at a time; see ``peer_instructions_client.py`` for what a
+    window holds (the calls, and what the instrumentation owes for them: drains, metric records, one segment).
+    """
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("(instructions: valgrind not installed, skipped)", file=sys.stderr)
+        return []
+    modes = ["bare"] + [m for m in COST_MODES if m not in PEERS or _importable(PEERS[m])]
+    sim, base_url = start_simulator()
+    counts: dict[str, float] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+
+            def run(mode: str) -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    [
+                        "valgrind",
+                        "--tool=callgrind",
+                        "--instr-atstart=no",
+                        f"--callgrind-out-file={tmp}/{mode}.out",
+                        sys.executable,
+                        str(PEER_INSTRUCTIONS),
+                        base_url,
+                        str(Path(tmp) / f"{mode}.duckdb"),
+                        mode,
+                        str(calls),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env={**os.environ, "PYTHONHASHSEED": "0"},
+                )
+
+            for i in range(0, len(modes), 2):
+                procs = {mode: run(mode) for mode in modes[i : i + 2]}
+                for mode, proc in procs.items():
+                    if proc.wait(timeout=1800) != 0:
+                        raise RuntimeError(f"the {mode} peer instructions client failed under valgrind")
+                    counts[mode] = _callgrind_total(Path(tmp) / f"{mode}.out") / calls
+    finally:
+        sim.terminate()
+        sim.wait()
+    bare = counts.pop("bare")
+    rows: list[dict[str, object]] = [
+        {"comparison": "the openai SDK call alone", "joule-otel": f"{bare:,.0f}", "peer": "", "ratio": ""}
+    ]
+    for joule, peer, what in TARGETS:
+        if joule in counts and peer in counts:
+            ours, theirs = counts[joule] - bare, counts[peer] - bare
+            rows.append(
+                {
+                    "comparison": what,
+                    "joule-otel": f"{ours:+,.0f}",
+                    "peer": f"{theirs:+,.0f}",
+                    "ratio": f"{ours / theirs:.2f}",
+                }
+            )
+    if "energy" in counts:
+        rows.append(
+            {
+                "comparison": "ledger + joule.* metrics (JOULE_OTEL_METRICS=energy)",
+                "joule-otel": f"{counts['energy'] - bare:+,.0f}",
+                "peer": "",
+                "ratio": "",
+            }
+        )
+    return rows
+
+
+def _callgrind_total(path: Path) -> int:
+    """The instruction count callgrind wrote for a process (every thread: one file)."""
+    return int(next(line for line in path.read_text().splitlines() if line.startswith("totals:")).split()[1])
 
 
 def _importable(module: str) -> bool:
@@ -760,6 +837,10 @@ def main() -> int:
         (
             "Instructions per call, app thread and background (callgrind; deterministic where CPU clocks are noisy)",
             lambda: app_instructions(200),
+        ),
+        (
+            "Instructions per openai call against the peers (callgrind, every thread; the cost targets' ratios)",
+            lambda: peer_instructions(200),
         ),
         ("OpenTelemetry SDK floor (alone, the least disturbed of 5 runs)", lambda: sdk_floor(5_000)),
         ("Ledger ingest", lambda: ledger_ingest(1_000_000)),

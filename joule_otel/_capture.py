@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from time import perf_counter_ns, time_ns
 from typing import Any
+from weakref import ref
 
 import wrapt
 from opentelemetry import trace
@@ -69,13 +70,11 @@ class CallRecord:
         "error",
         "kept",
         "operation",
-        "plain",
-        "plain_done",
-        "plain_size",
         "provider",
         "reading",
         "request",
         "request_fields",
+        "response",
         "response_headers",
         "span_id",
         "started_ns",
@@ -101,6 +100,11 @@ class CallRecord:
         self.context = context
         """The OpenTelemetry context the call was made in, when not empty: its baggage may name the workload."""
         self.status_code: int | None = None
+        self.response: Any = None
+        """httpx's response, from the moment its stream is closed (the app read it through, or closed it) until the
+        background has read the body the app's client decoded from it (see :meth:`inflate`). Not before: a response
+        dropped unclosed must still be freed, and so finish the call. It holds this call through its stream, so the
+        background lets go of it."""
         self.response_headers: Any = None
         self.reading: EnergyReading | None = None
         self.request_fields: RequestFields | None = None
@@ -111,10 +115,6 @@ class CallRecord:
         self.kept = 0
         self.decoded = False
         """``chunks`` hold the body with its ``Content-Encoding`` undone already (see :meth:`inflate`)."""
-        self.plain: list[bytes] | None = None
-        """The body as the app's client decoded it (see :class:`_TeeDecoder`); None if not seen or past the cap."""
-        self.plain_done = False
-        self.plain_size = 0
         self.waited = False
 
     @property
@@ -137,32 +137,37 @@ class CallRecord:
     def inflate(self) -> None:
         """Undo the body's ``Content-Encoding`` (called on the background thread); a plain body is left as it is.
 
-        The app's client inflated the body already when it read it: that copy is taken when it is whole, and the raw
-        bytes are inflated here only when it is not (the app read the raw stream, or the body passed the cap).
+        When the app's client read the body whole, it inflated it then, and httpx keeps what it decoded on the
+        response: that is taken (its tail past :data:`BODY_CAP_BYTES`), and nothing is inflated a second time. The
+        raw bytes kept are inflated here only when the app read the body otherwise (raw, or a stream of pieces).
         """
-        if self.plain is not None and self.plain_done:
-            self.chunks, self.plain, self.decoded = self.plain, None, True
-        elif self.chunks and not self.decoded:
+        response, self.response = self.response, None  # the response holds this call through its stream: let go
+        if self.decoded:
+            return
+        content = getattr(response, "_content", None)
+        if type(content) is bytes:
+            self.chunks = [content if len(content) <= BODY_CAP_BYTES else content[-TAIL_BYTES:]]
+            self.decoded = True
+        elif self.chunks:
             encoding = header_value(self.response_headers, _CONTENT_ENCODING)
             if encoding:
                 self.chunks = [decode(b"".join(self.chunks), encoding.decode("latin-1"))]
             self.decoded = True
 
     def decoding(self) -> bool:
-        """Whether the app's client is still decoding the body (begun, not flushed): true once, then it is waited."""
-        if self.plain_size and not self.plain_done and self.plain is not None and not self.waited:
-            self.waited = True
-            return True
-        return False
+        """Whether the app's client is still decoding the body (begun, not done): true once, then it is waited.
 
-    def keep_plain(self, piece: bytes) -> None:
-        """Keep a piece of the body the app's client decoded, up to :data:`BODY_CAP_BYTES` (then none of it)."""
-        plain = self.plain
-        if plain is not None:
-            plain.append(piece)
-            self.plain_size += len(piece)
-            if self.plain_size > BODY_CAP_BYTES:
-                self.plain = None  # the raw bytes' tail is what is left to parse
+        A call finishes when its raw stream ends, a moment before the client has the decoded body: caught in that
+        moment, the call waits one drain rather than have its body inflated a second time here.
+        """
+        response = self.response
+        if response is None or self.waited or hasattr(response, "_content"):
+            return False
+        decoder = getattr(response, "_decoder", None)  # made by the client when it starts decoding
+        if decoder is None or type(decoder).__name__ == "IdentityDecoder":
+            return False
+        self.waited = True
+        return True
 
     def keep(self, chunk: bytes) -> None:
         """Keep body bytes for usage parsing, bounded: a tail for plain bodies, nothing past the cap if encoded.
@@ -209,10 +214,15 @@ class Capture:
             _log.warning("joule_otel: capture failed in %s; the call went through untouched", where, exc_info=True)
 
     # -- lifecycle of a call ----------------------------------------------------------------
-    def finish(self, call: CallRecord) -> None:
-        """Hand a call to the background exactly once (close, exhaustion, GC and exit may all try)."""
+    def finish(self, call: CallRecord, response: ref[Any] | None = None) -> None:
+        """Hand a call to the background exactly once (close, exhaustion, GC and exit may all try).
+
+        ``response``: a closed stream's response (weakly), whose decoded body the background reads.
+        """
         if self.inflight.pop(call, None) is None:  # finished already (a close, then the GC)
             return
+        if response is not None:
+            call.response = response()
         if not call.t_end:
             call.t_end = perf_counter_ns()
         self.sink(call)
@@ -375,8 +385,7 @@ class Capture:
             if call is not None:
                 self.inflight[call] = call
                 sync_cls, async_cls = self._streams_for(type(response))
-                response.stream = (sync_cls if sync else async_cls)(response.stream, call, self)
-                _tee_decoder(response, call)
+                response.stream = (sync_cls if sync else async_cls)(response.stream, call, self, ref(response))
         except Exception:
             self.internal_error("response handling")
 
@@ -440,64 +449,12 @@ def _is_http_client_span(span: Any) -> bool:
     )
 
 
-class _TeeDecoder:
-    """A response's own content decoder, keeping what it puts out for the call.
-
-    The body is then inflated once, by the app's client as it reads it, not a second time in the background.
-    Everything is the inner decoder's: what ``decode`` and ``flush`` return (bytes in httpx, an iterator of bytes in
-    httpx2) reaches the app unchanged, errors included, and any other attribute is the inner one's. httpx leaves
-    ``_decoder`` out when a response is pickled.
-    """
-
-    __slots__ = ("_call", "_inner")
-
-    def __init__(self, inner: Any, call: CallRecord) -> None:
-        self._inner, self._call = inner, call
-
-    def decode(self, data: bytes) -> Any:
-        out = self._inner.decode(data)
-        if type(out) is bytes:
-            self._call.keep_plain(out)
-            return out
-        return self._tee(out, last=False)
-
-    def flush(self) -> Any:
-        out = self._inner.flush()
-        if type(out) is bytes:
-            self._call.keep_plain(out)
-            self._call.plain_done = True
-            return out
-        return self._tee(out, last=True)
-
-    def _tee(self, pieces: Any, *, last: bool) -> Iterator[bytes]:
-        call = self._call
-        for piece in pieces:
-            call.keep_plain(piece)
-            yield piece
-        if last:
-            call.plain_done = True
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-def _tee_decoder(response: Any, call: CallRecord) -> None:
-    """Put a :class:`_TeeDecoder` around the response's decoder when it has one (a compressed body)."""
-    get_decoder = getattr(response, "_get_content_decoder", None)
-    if get_decoder is None:
-        return
-    decoder = get_decoder()  # what the client's own reading would make first: made now, and kept by the response
-    if type(decoder).__name__ != "IdentityDecoder" and getattr(response, "_decoder", None) is decoder:
-        call.plain = []
-        response._decoder = _TeeDecoder(decoder, call)
-
-
 def _make_stream_classes(sync_base: type, async_base: type) -> tuple[type, type]:
     """Byte-stream wrappers subclassing the module's own stream bases (httpx checks isinstance)."""
 
     class SyncCaptureStream(sync_base):  # type: ignore[misc]
-        def __init__(self, inner: Any, call: CallRecord, capture: Capture) -> None:
-            self._inner, self._call, self._capture = inner, call, capture
+        def __init__(self, inner: Any, call: CallRecord, capture: Capture, response: ref[Any]) -> None:
+            self._inner, self._call, self._capture, self._response = inner, call, capture, response
 
         def __iter__(self) -> Iterator[bytes]:
             call = self._call
@@ -515,14 +472,14 @@ def _make_stream_classes(sync_base: type, async_base: type) -> tuple[type, type]
                 if close is not None:
                     close()
             finally:
-                self._capture.finish(self._call)
+                self._capture.finish(self._call, self._response)
 
         def __del__(self) -> None:
             self._capture.finish(self._call)
 
     class AsyncCaptureStream(async_base):  # type: ignore[misc]
-        def __init__(self, inner: Any, call: CallRecord, capture: Capture) -> None:
-            self._inner, self._call, self._capture = inner, call, capture
+        def __init__(self, inner: Any, call: CallRecord, capture: Capture, response: ref[Any]) -> None:
+            self._inner, self._call, self._capture, self._response = inner, call, capture, response
 
         async def __aiter__(self) -> AsyncIterator[bytes]:
             call = self._call
@@ -540,7 +497,7 @@ def _make_stream_classes(sync_base: type, async_base: type) -> tuple[type, type]
                 if aclose is not None:
                     await aclose()
             finally:
-                self._capture.finish(self._call)
+                self._capture.finish(self._call, self._response)
 
         def __del__(self) -> None:
             self._capture.finish(self._call)

@@ -115,6 +115,7 @@ class Pipeline:
         queue = self._queue
         if len(queue) >= MAX_QUEUED_CALLS:
             self.calls_dropped += 1
+            call.response = None  # it holds the call through its stream: freed now, not by the garbage collector
             return
         queue.append(call)
         if len(queue) == WAKE_AT:  # once: the thread takes every call waiting when it wakes

@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 import joule_otel
+from joule_otel._capture import BODY_CAP_BYTES
 
 HI = [{"role": "user", "content": "hi"}]
 SECRET = "jc_live_SECRET_KEY_123"
@@ -368,13 +369,16 @@ def test_waiting_calls_do_not_set_off_the_apps_garbage_collector(ledger_path, jo
             gc.callbacks.remove(count)
         return runs
 
-    calls = 600
+    calls, warm_up = 600, 100
+    collections(warm_up)  # the client's first calls (imports, a connection pool) are the app's own start
     bare = collections(calls)
     joule_otel.instrument(db=ledger_path)
     try:
+        collections(warm_up)  # and the background's start (pyarrow, its first segment), paid once
+        assert joule_otel.flush(timeout_s=20)
         captured = collections(calls)
         assert joule_otel.flush(timeout_s=20)
-        assert len(joule_otel.read_ledger(ledger_path)) == calls
+        assert len(joule_otel.read_ledger(ledger_path)) == calls + warm_up
     finally:
         joule_otel.uninstrument()
     assert captured[0] <= bare[0] + calls // 40, (bare, captured)
@@ -729,7 +733,8 @@ def test_a_meter_provider_set_after_instrument_gets_the_metrics_from_then_on(tmp
 
 
 class _GzipHandler(BaseHTTPRequestHandler):
-    """Chat completions with a gzip body (or, for ``/v1/broken/...``, a body that claims gzip and is not)."""
+    """Chat completions with a gzip body (or, for ``/v1/broken/...``, a body that claims gzip and is not; for
+    ``/v1/big/...``, one that inflates past capture's body cap, its usage at the end)."""
 
     def log_message(self, *args) -> None:
         pass
@@ -743,6 +748,7 @@ class _GzipHandler(BaseHTTPRequestHandler):
                 "created": 0,
                 "model": "m",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "filler": "x" * (BODY_CAP_BYTES + 1 if self.path.startswith("/v1/big/") else 0),
                 "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16},
             }
         ).encode()
@@ -806,6 +812,44 @@ def test_a_compressed_body_is_inflated_once_by_the_apps_client(ledger_only, gzip
         assert pickle.loads(pickle.dumps(response)).content == response.content
 
 
+def test_a_body_inflated_past_the_cap_is_read_from_its_end_not_inflated_again(ledger_only, gzip_server, monkeypatch):
+    import httpx2
+
+    from joule_otel import _capture
+
+    inflated = []
+    monkeypatch.setattr(_capture, "decode", lambda data, encoding: inflated.append(encoding) or b"")
+    with httpx2.Client() as client:
+        response = client.post(f"{gzip_server}/v1/big/chat/completions", json={"model": "auto", "messages": HI})
+    assert len(response.content) > BODY_CAP_BYTES
+    assert [(r["input_tokens"], r["output_tokens"]) for r in rows(ledger_only)] == [(7, 9)]
+    assert inflated == []
+
+
+@pytest.mark.parametrize("let_go", ["before the drain", "after the drain"])
+def test_capture_leaves_no_cycle_behind_a_response(ledger_only, joule_simulator, let_go):
+    """A response the app drops is freed there and then, collector or not: capture holds it only until its drain."""
+    import weakref
+
+    import httpx2
+
+    gc.disable()
+    try:
+        with httpx2.Client(headers={"Authorization": f"Bearer {SECRET}"}) as client:
+            url = f"{joule_simulator.base_url}/chat/completions"
+            response = client.post(url, json={"model": "auto", "messages": HI})
+            gone = weakref.ref(response)
+            if let_go == "before the drain":
+                del response
+            assert joule_otel.flush(timeout_s=30)
+            if let_go == "after the drain":
+                del response
+            assert gone() is None
+    finally:
+        gc.enable()
+    assert [r["output_tokens"] > 0 for r in rows(ledger_only)] == [True]
+
+
 def test_a_body_that_cannot_be_inflated_fails_the_same_with_capture(gzip_server, ledger_path):
     def read() -> str:
         with httpx.Client() as client:
@@ -835,15 +879,17 @@ def test_a_call_caught_before_its_decoder_flushed_waits_one_drain(ledger_only, m
     request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions", json={"model": "auto"})
     call = CallRecord(request, "chat", time.perf_counter_ns(), time.time_ns())
     call.status_code = 200
-    call.response_headers = httpx.Headers({"content-encoding": "gzip", "x-receipt-id": "rcpt_waited"})
+    headers = {"content-encoding": "gzip", "x-receipt-id": "rcpt_waited"}
+    response = httpx.Response(200, headers=headers, stream=httpx.ByteStream(gzip.compress(body)))
+    response._get_content_decoder()  # the app's client has begun decoding the body, and has not the whole of it yet
+    call.response, call.response_headers = response, response.headers
     call.chunks, call.kept = [gzip.compress(body)], 1
-    call.plain, call.plain_size = [body], len(body)  # decoded by the app's client, not yet flushed
     pipeline = _instrument._state.pipeline
     with pipeline._cycle_lock:  # the background thread waits: these drains are the only ones
         pipeline.submit(call)
         assert pipeline._drain(wait_for_decoders=True) == []
         assert list(pipeline._queue) == [call]
-        call.plain_done = True  # the client flushed its decoder
+        response._content = body  # the client has the decoded body (what Response.read keeps)
         (row,) = pipeline._drain(wait_for_decoders=True)
     assert (row.receipt_id, row.input_tokens, row.output_tokens) == ("rcpt_waited", 3, 4)
     assert inflated == []  # the app's copy was parsed: nothing inflated twice
