@@ -61,61 +61,45 @@ captured, so a call is captured exactly once, by the innermost wrapper that sees
 
 
 class CallRecord:
-    """One captured call, filled in on the app's thread and finished once, then parsed in the background."""
+    """One captured call, filled in on the app's thread and finished once, then parsed in the background.
 
-    __slots__ = (
-        "chunks",
-        "context",
-        "decoded",
-        "error",
-        "kept",
-        "operation",
-        "provider",
-        "reading",
-        "request",
-        "request_fields",
-        "response",
-        "response_headers",
-        "span_id",
-        "started_ns",
-        "status_code",
-        "t0",
-        "t_end",
-        "t_first",
-        "trace_id",
-        "waited",
-        "workload",
-    )
+    A plain class whose fields start as class-level defaults: the app's thread stores only what this call has (seven
+    fields a call, where a slotted record stored all twenty-one).
+    """
+
+    t_first = 0
+    t_end = 0
+    provider: str | None = None
+    status_code: int | None = None
+    response: Any = None
+    """httpx's response, from the moment its stream is closed (the app read it through, or closed it) until the
+    background has read the body the app's client decoded from it (see :meth:`inflate`). Not before: a response
+    dropped unclosed must still be freed, and so finish the call. It holds this call through its stream, so the
+    background lets go of it."""
+    response_headers: Any = None
+    reading: EnergyReading | None = None
+    found: list[Any] | None = None
+    """What :func:`~joule_otel.headers.scan_headers` found, when the reading was made on the app's thread."""
+    request_fields: RequestFields | None = None
+    trace_id: int | None = None
+    span_id: int | None = None
+    error: str | None = None
+    kept = 0
+    """Bytes in ``chunks``; -1 once an encoded body passed the cap (nothing more is kept: see :meth:`trim`)."""
+    decoded = False
+    """``chunks`` hold the body with its ``Content-Encoding`` undone already (see :meth:`inflate`)."""
+    waited = False
 
     def __init__(self, request: Any, operation: str, t0: int, started_ns: int, context: Any = None) -> None:
         self.t0 = t0
         self.started_ns = started_ns
-        self.t_first = 0
-        self.t_end = 0
         self.operation = operation
         self.request = request
         """httpx's request: its host, headers and body are read in the background (the response holds it anyway)."""
-        self.provider: str | None = None
-        self.workload = innermost_workload()
+        self.workload: str | None = innermost_workload()
         self.context = context
         """The OpenTelemetry context the call was made in, when not empty: its baggage may name the workload."""
-        self.status_code: int | None = None
-        self.response: Any = None
-        """httpx's response, from the moment its stream is closed (the app read it through, or closed it) until the
-        background has read the body the app's client decoded from it (see :meth:`inflate`). Not before: a response
-        dropped unclosed must still be freed, and so finish the call. It holds this call through its stream, so the
-        background lets go of it."""
-        self.response_headers: Any = None
-        self.reading: EnergyReading | None = None
-        self.request_fields: RequestFields | None = None
-        self.trace_id: int | None = None
-        self.span_id: int | None = None
-        self.error: str | None = None
         self.chunks: list[bytes] = []
-        self.kept = 0
-        self.decoded = False
-        """``chunks`` hold the body with its ``Content-Encoding`` undone already (see :meth:`inflate`)."""
-        self.waited = False
 
     @property
     def server_address(self) -> str | None:
@@ -170,18 +154,22 @@ class CallRecord:
         return True
 
     def keep(self, chunk: bytes) -> None:
-        """Keep body bytes for usage parsing, bounded: a tail for plain bodies, nothing past the cap if encoded.
-
-        Callers skip it once ``kept`` is -1 (an encoded body past the cap: nothing more is kept).
-        """
+        """Keep body bytes for usage parsing, bounded (see :meth:`trim`); the stream wrappers do the same inline."""
         self.chunks.append(chunk)
         self.kept += len(chunk)
         if self.kept > BODY_CAP_BYTES:
-            if _has_header(self.response_headers, _CONTENT_ENCODING):  # a compressed body cannot be parsed from a tail
-                self.chunks, self.kept = [], -1
-                return
-            tail = b"".join(self.chunks)[-TAIL_BYTES:]
-            self.chunks, self.kept = [tail], len(tail)
+            self.trim()
+
+    def trim(self) -> None:
+        """Past :data:`BODY_CAP_BYTES`: keep a tail of a plain body, nothing of an encoded one.
+
+        A compressed body cannot be parsed from a tail: ``kept`` becomes -1 and callers keep nothing more.
+        """
+        if _has_header(self.response_headers, _CONTENT_ENCODING):
+            self.chunks, self.kept = [], -1
+            return
+        tail = b"".join(self.chunks)[-TAIL_BYTES:]
+        self.chunks, self.kept = [tail], len(tail)
 
 
 def _nowhere(call: CallRecord) -> None:
@@ -257,7 +245,7 @@ class Capture:
     def _annotate(self, span: Any, call: CallRecord) -> None:
         """Span attributes, while the HTTP client span is open (it ends when the headers arrive)."""
         reading, found = read_response(call.response_headers, call.request_headers)
-        call.reading = reading
+        call.reading, call.found = reading, found
         ctx = span.get_span_context()
         call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
         # the background reuses the reading and these two fields
@@ -461,8 +449,12 @@ def _make_stream_classes(sync_base: type, async_base: type) -> tuple[type, type]
             for chunk in self._inner:
                 if not call.t_first and chunk:
                     call.t_first = perf_counter_ns()
-                if call.kept >= 0:
-                    call.keep(chunk)
+                kept = call.kept
+                if kept >= 0:  # call.keep(chunk), inline: once a chunk
+                    call.chunks.append(chunk)
+                    call.kept = kept = kept + len(chunk)
+                    if kept > BODY_CAP_BYTES:
+                        call.trim()
                 yield chunk
             call.t_end = perf_counter_ns()
 
@@ -486,8 +478,12 @@ def _make_stream_classes(sync_base: type, async_base: type) -> tuple[type, type]
             async for chunk in self._inner:
                 if not call.t_first and chunk:
                     call.t_first = perf_counter_ns()
-                if call.kept >= 0:
-                    call.keep(chunk)
+                kept = call.kept
+                if kept >= 0:  # call.keep(chunk), inline: once a chunk
+                    call.chunks.append(chunk)
+                    call.kept = kept = kept + len(chunk)
+                    if kept > BODY_CAP_BYTES:
+                        call.trim()
                 yield chunk
             call.t_end = perf_counter_ns()
 

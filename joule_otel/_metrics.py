@@ -24,6 +24,7 @@ METRICS_ALL, METRICS_ENERGY, METRICS_NONE = METRICS_MODES
 ATTRIBUTE_SETS_CACHED = 4_096
 _NO_SPAN = otel_context.Context()
 """A context without a span: a measurement recorded with it offers no exemplar."""
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NO_OP_METER_PROVIDERS = frozenset({"_ProxyMeterProvider", "NoOpMeterProvider"})
 
 MetricKey = tuple[str | None, ...]
@@ -112,8 +113,7 @@ class MetricRecorder:
         attrs = self._attribute_sets.get(key) or self._attribute_set(key)
         ctx = None
         if m.trace_id and m.span_id:
-            sampled = TraceFlags(TraceFlags.SAMPLED)
-            span_context = SpanContext(m.trace_id, m.span_id, is_remote=False, trace_flags=sampled)
+            span_context = SpanContext(m.trace_id, m.span_id, is_remote=False, trace_flags=_SAMPLED)
             ctx = trace.set_span_in_context(NonRecordingSpan(span_context))
         if m.energy_j is not None or m.carbon_mg is not None:
             # counters are summed here and added once per attribute set per cycle (the SDK's cost is per add, and a

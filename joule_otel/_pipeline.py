@@ -24,7 +24,7 @@ from joule_otel._decode import BodyFacts, parse_body
 from joule_otel._events import EVENT_NAME, event_attributes
 from joule_otel._genai import JOULE_PROVIDER, error_type_for, provider_of_scanned, request_fields
 from joule_otel._metrics import Measurement, MetricRecorder
-from joule_otel.headers import SCANNED_CONTENT_ENCODING, SCANNED_CONTENT_TYPE, read_response, scan_headers
+from joule_otel.headers import SCANNED_CONTENT_ENCODING, SCANNED_CONTENT_TYPE, read_response
 from joule_otel.ledger.row import LedgerRow
 from joule_otel.ledger.writer import LedgerWriter, load_arrow
 from joule_otel.workload import baggage_workload
@@ -54,8 +54,20 @@ FORK_WAIT_S = 10.0
 """The longest a fork waits for the worker to finish an import or a cycle (a compaction takes ~0.1 s)."""
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _new_row = tuple.__new__
-"""A :class:`LedgerRow` made without its ``__new__`` (a Python function of 22 arguments): one a call."""
+"""A :class:`LedgerRow` (or :class:`Measurement`) made without its ``__new__``, a Python function of 22 (9) arguments:
+one a call, from a tuple in the fields' order."""
 _NO_FACTS = BodyFacts()
+assert Measurement._fields == (  # the order _process builds a Measurement in
+    "key",
+    "energy_j",
+    "carbon_mg",
+    "duration_s",
+    "ttft_s",
+    "input_tokens",
+    "output_tokens",
+    "trace_id",
+    "span_id",
+)
 
 
 class Pipeline:
@@ -343,11 +355,9 @@ class Pipeline:
 
     def _process(self, call: CallRecord, record: bool) -> LedgerRow | None:
         self.calls_seen += 1
-        reading = call.reading  # read on the app's thread already when the call had a span
-        if reading is None:
+        reading, found = call.reading, call.found  # read on the app's thread already when the call had a span
+        if reading is None or found is None:
             reading, found = read_response(call.response_headers, call.request.headers)
-        else:
-            found = scan_headers(call.response_headers)
         if reading.invalid:
             self.capture_stats.invalid_headers += len(reading.invalid)
         receipt = reading.receipt_id
@@ -387,25 +397,28 @@ class Pipeline:
         )
         if record:
             self.recorder.record(
-                Measurement(
-                    key=(
-                        self.recorder.metric_workload(workload),
-                        call.operation,
-                        provider,
-                        request.model,
-                        reading.routed_to,
-                        reading.tier,
-                        reading.region,
-                        error_type,
+                _new_row(  # a Measurement, in its fields' order
+                    Measurement,
+                    (
+                        (
+                            self.recorder.metric_workload(workload),
+                            call.operation,
+                            provider,
+                            request.model,
+                            reading.routed_to,
+                            reading.tier,
+                            reading.region,
+                            error_type,
+                        ),
+                        energy,
+                        carbon,
+                        duration_s,
+                        ttft_s,
+                        facts.input_tokens,
+                        facts.output_tokens,
+                        call.trace_id,
+                        call.span_id,
                     ),
-                    energy_j=energy,
-                    carbon_mg=carbon,
-                    duration_s=duration_s,
-                    ttft_s=ttft_s,
-                    input_tokens=facts.input_tokens,
-                    output_tokens=facts.output_tokens,
-                    trace_id=call.trace_id,
-                    span_id=call.span_id,
                 )
             )
         row = _new_row(

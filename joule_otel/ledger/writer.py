@@ -8,6 +8,7 @@ are dropped, counted and reported.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -53,9 +54,18 @@ def rows_to_arrow(rows: list[LedgerRow]) -> Any:
     """
     import pyarrow as pa
 
-    arrow_schema = schema.arrow_schema()
-    structs = pa.array(rows, type=pa.struct(list(arrow_schema)))
+    arrow_schema, row_type = _arrow_types()
+    structs = pa.array(rows, type=row_type)
     return pa.Table.from_batches([pa.RecordBatch.from_struct_array(structs)], schema=arrow_schema)
+
+
+@functools.cache
+def _arrow_types() -> tuple[Any, Any]:
+    """The segments' Arrow schema and the struct type of one row: built once, not once a segment."""
+    import pyarrow as pa
+
+    arrow_schema = schema.arrow_schema()
+    return arrow_schema, pa.struct(list(arrow_schema))
 
 
 def load_arrow() -> None:
