@@ -64,7 +64,7 @@ class CallRecord:
     """One captured call, filled in on the app's thread and finished once, then parsed in the background.
 
     A plain class whose fields start as class-level defaults: the app's thread stores only what this call has (seven
-    fields a call, where a slotted record stored all twenty-one).
+    fields when it begins, where a slotted record stored every one of its fields).
     """
 
     t_first = 0
