@@ -11,6 +11,10 @@ call rate is counted apart, as the cost benchmark times it apart: the window's l
 conversion and Parquet file) in a second window, dumped after the first. Compaction into the DuckDB file, once an
 interval for every process of a ledger, is left out.
 
+MODE ``record`` counts what the metric contract's records cost the OpenTelemetry SDK alone: ``CALLS`` records of one
+histogram, with the attributes joule-otel gives a token-usage record of a usual call (the SDK cleans and hashes them
+on every record).
+
 Counting is switched on (``callgrind_control``) only around the measured calls, after a warm-up, with the garbage
 collector off in every mode alike.
 """
@@ -34,6 +38,9 @@ def _callgrind(*args: str) -> None:
 
 def main() -> None:
     base_url, db, mode, calls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    if mode == "record":
+        sdk_records(calls)
+        return
     set_up_providers(mode)
     import openai
 
@@ -100,6 +107,30 @@ def main() -> None:
         _callgrind("--instr=off")
     sys.stdout.flush()
     os._exit(0)  # the counts are written as callgrind's process ends; nothing else of this process matters
+
+
+def sdk_records(records: int) -> None:
+    """Count ``records`` SDK histogram records with the attributes of a usual call's token-usage record."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from joule_otel._metrics import MetricRecorder
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    histogram = provider.get_meter("bench").create_histogram("gen_ai.client.token.usage", unit="{token}")
+    recorder = MetricRecorder(None, provider, mode="all", max_workloads=100)
+    key = ("support-bot", "chat", "joule_cloud", "auto", "gpt-oss-20b", "standard", "eu-fi", None)
+    attributes = recorder._token_attributes(key, "input")
+    for _ in range(100):
+        histogram.record(12, attributes)
+    gc.collect()
+    gc.disable()
+    _callgrind("--instr=on")
+    for _ in range(records):
+        histogram.record(12, attributes)
+    _callgrind("--instr=off")
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
