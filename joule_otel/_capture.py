@@ -263,15 +263,20 @@ class Capture:
             attr.JOULE_TIER: reading.tier,
             attr.JOULE_REGION: reading.region,
             attr.JOULE_RECEIPT_ID: reading.receipt_id,
-            attr.JOULE_WORKLOAD: call.workload,
             attr.JOULE_ENERGY_SOURCE: "header" if reading.energy_j is not None else "absent",
-            attr.ERROR_TYPE: error_type_for(call.status_code, None),
         }
+        if call.workload is not None:
+            values[attr.JOULE_WORKLOAD] = call.workload
+        error_type = error_type_for(call.status_code, None)
+        if error_type is not None:
+            values[attr.ERROR_TYPE] = error_type
         if self.capture_content:
             request = parse_request_body(call.request_body)
             if "messages" in request:
                 values[attr.GEN_AI_INPUT_MESSAGES] = json.dumps(request["messages"], default=str)[:65536]
-        span.set_attributes({k: v for k, v in values.items() if v is not None})
+        if None in values.values():  # a scan in C: a successful Joule call has every value
+            values = {k: v for k, v in values.items() if v is not None}
+        span.set_attributes(values)
 
     def _transport_error(self, request: Any, exc: BaseException, t0: int, started_ns: int) -> None:
         operation = route_operation(request.url.raw_path)
