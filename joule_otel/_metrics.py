@@ -15,6 +15,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from joule_otel import attributes as attr
+from joule_otel._direct_record import Record, histogram_record
 from joule_otel._genai import SEMCONV_OPERATIONS
 from joule_otel.config import METRICS_MODES
 from joule_otel.instruments import Instruments
@@ -76,12 +77,30 @@ class MetricRecorder:
         self._counter_sums: dict[MetricKey, list[float | None]] = {}
         self._live = False
         self._skip_genai = True
+        self._records: tuple[Record, Record, Record, Record] | None = None
+        """How to record on the four histograms (energy, duration, tokens, time to first chunk), once first live."""
 
     def begin_cycle(self) -> bool:
         """Decide, once per cycle, whether measurements go anywhere and which; True if any are recorded."""
         self._live = self.instruments is not None and self.mode != METRICS_NONE and self._provider_live()
         self._skip_genai = self.mode != METRICS_ALL or (self._live and other_genai_metrics_recorder() is not None)
+        if self._live and self._records is None:
+            self._records = self._histogram_records()
         return self._live
+
+    def _histogram_records(self) -> tuple[Record, Record, Record, Record]:
+        """How to record on each histogram, decided once.
+
+        On the API's proxy (instruments made before the app set a MeterProvider): its ``record``, which forwards.
+        """
+        inst = self.instruments
+        assert inst is not None
+        return (
+            histogram_record(inst.request_energy),
+            histogram_record(inst.duration),
+            histogram_record(inst.token_usage),
+            histogram_record(inst.time_to_first_chunk),
+        )
 
     def _provider_live(self) -> bool:
         """Whether a measurement goes anywhere.
@@ -107,8 +126,9 @@ class MetricRecorder:
         """Record one call (only after :meth:`begin_cycle` said measurements are live)."""
         if not self._live:
             return
-        inst = self.instruments
-        assert inst is not None
+        records = self._records
+        assert records is not None
+        record_energy, record_duration, record_tokens, record_ttfc = records
         key = m.key
         attrs = self._attribute_sets.get(key) or self._attribute_set(key)
         ctx = None
@@ -123,20 +143,20 @@ class MetricRecorder:
                 sums = self._counter_sums[key] = [None, None]
             if m.energy_j is not None:
                 sums[0] = (sums[0] or 0.0) + m.energy_j
-                inst.request_energy.record(m.energy_j, attrs, context=ctx)
+                record_energy(m.energy_j, attrs, ctx)
             if m.carbon_mg is not None:
                 sums[1] = (sums[1] or 0.0) + m.carbon_mg
         if self._skip_genai:
             return
-        inst.duration.record(m.duration_s, attrs, context=ctx)
+        record_duration(m.duration_s, attrs, ctx)
         # token counts carry no exemplar: a trace is one click away from the energy and duration histograms, and an
         # exemplar offer costs each record a third more
         if m.input_tokens is not None:
-            inst.token_usage.record(m.input_tokens, self._token_attributes(key, "input"), context=_NO_SPAN)
+            record_tokens(m.input_tokens, self._token_attributes(key, "input"), _NO_SPAN)
         if m.output_tokens is not None:
-            inst.token_usage.record(m.output_tokens, self._token_attributes(key, "output"), context=_NO_SPAN)
+            record_tokens(m.output_tokens, self._token_attributes(key, "output"), _NO_SPAN)
         if m.ttft_s is not None:
-            inst.time_to_first_chunk.record(m.ttft_s, attrs, context=ctx)
+            record_ttfc(m.ttft_s, attrs, ctx)
 
     def add_counter_sums(self) -> None:
         """Add what the counters summed since the last call: one ``add`` per attribute set."""
