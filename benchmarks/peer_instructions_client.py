@@ -13,7 +13,8 @@ interval for every process of a ledger, is left out.
 
 MODE ``record`` counts what the metric contract's records cost the OpenTelemetry SDK alone: ``CALLS`` records of one
 histogram, with the attributes joule-otel gives a token-usage record of a usual call (the SDK cleans and hashes them
-on every record).
+on every record). MODE ``direct`` counts the same records made as joule-otel makes them (``joule_otel._direct_record``:
+handed to the SDK's storage without the SDK cleaning the prebuilt attribute set again).
 
 Counting is switched on (``callgrind_control``) only around the measured calls, after a warm-up, with the garbage
 collector off in every mode alike.
@@ -38,8 +39,8 @@ def _callgrind(*args: str) -> None:
 
 def main() -> None:
     base_url, db, mode, calls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    if mode == "record":
-        sdk_records(calls)
+    if mode in ("record", "direct"):
+        sdk_records(calls, direct=mode == "direct")
         return
     set_up_providers(mode)
     import openai
@@ -109,11 +110,12 @@ def main() -> None:
     os._exit(0)  # the counts are written as callgrind's process ends; nothing else of this process matters
 
 
-def sdk_records(records: int) -> None:
+def sdk_records(records: int, *, direct: bool) -> None:
     """Count ``records`` SDK histogram records with the attributes of a usual call's token-usage record."""
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+    from joule_otel._direct_record import histogram_record
     from joule_otel._metrics import MetricRecorder
 
     provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
@@ -121,13 +123,18 @@ def sdk_records(records: int) -> None:
     recorder = MetricRecorder(None, provider, mode="all", max_workloads=100)
     key = ("support-bot", "chat", "joule_cloud", "auto", "gpt-oss-20b", "standard", "eu-fi", None)
     attributes = recorder._token_attributes(key, "input")
+    record = (
+        histogram_record(histogram)
+        if direct
+        else lambda value, attributes, context: histogram.record(value, attributes)
+    )
     for _ in range(100):
-        histogram.record(12, attributes)
+        record(12, attributes, None)
     gc.collect()
     gc.disable()
     _callgrind("--instr=on")
     for _ in range(records):
-        histogram.record(12, attributes)
+        record(12, attributes, None)
     _callgrind("--instr=off")
     sys.stdout.flush()
     os._exit(0)
