@@ -20,6 +20,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics._internal import _default_meter_configurator, _disable_meter_configurator
 from opentelemetry.sdk.metrics._internal import measurement as sdk_measurement
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.view import View
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 import joule_otel
@@ -130,6 +131,21 @@ def test_the_direct_path_exports_what_record_exports_without_cleaning_the_attrib
     assert exported == _points(public_reader)
     assert [(p[1], p[2]) for p in exported] == [(3, 1_004_113), (4, 253.9)]
     assert sum(len(p[6]) for p in exported) == 3  # the sampled spans' exemplars, kept
+
+
+def test_the_app_s_views_apply_to_the_direct_path_as_to_record(fresh_probe):
+    """A view keeping one attribute: both ways, one stream of every measurement, the dropped attributes on exemplars."""
+    views = [View(instrument_name="joule.client.request.energy", attribute_keys={"joule.workload"})]
+    public, public_reader, _ = _histogram(views=views)
+    direct, direct_reader, _ = _histogram(views=views)
+    record = histogram_record(direct)
+    for value, attributes, context in MEASUREMENTS:
+        public.record(value, attributes, context=context)
+        record(value, attributes, context)
+    exported = _points(direct_reader)
+    assert exported == _points(public_reader)
+    assert [(p[0], p[1]) for p in exported] == [((("joule.workload", "support-bot"),), 7)]
+    assert all(("joule.tier", "standard") in e[3] for e in exported[0][6])
 
 
 def test_values_record_refuses_go_to_record_which_warns_and_drops_them(cleanings, fresh_probe, caplog):
