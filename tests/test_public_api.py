@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from datetime import timedelta, timezone
 from pathlib import Path
+
+import openai
+import pytest
 
 import joule_otel
 
@@ -41,3 +45,66 @@ def test_internal_modules_are_named_as_internal():
     assert found == public_modules
     for name in found:
         importlib.import_module(f"joule_otel.{name}")
+
+
+@pytest.fixture
+def ledger_of_three(ledger_only, joule_simulator):
+    client = openai.OpenAI(base_url=joule_simulator.base_url, api_key="jc_test", max_retries=0)
+    for name in ("support-bot", "ops-agent", "nightly"):
+        with joule_otel.workload(name):
+            client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+    assert joule_otel.flush(timeout_s=20)
+    return ledger_only
+
+
+def test_read_ledger_takes_the_documented_arguments(ledger_of_three):
+    """The signature the README's API table shows, with every kind of time and name it accepts."""
+    db = ledger_of_three
+    assert len(joule_otel.read_ledger(db=db)) == 3
+    assert len(joule_otel.read_ledger(str(db))) == 3
+    assert set(joule_otel.read_ledger(db=db, workload=["support-bot", "nightly"])["workload"]) == {
+        "support-bot",
+        "nightly",
+    }
+    assert list(joule_otel.read_ledger(db=db, workload="ops-agent")["workload"]) == ["ops-agent"]
+    assert joule_otel.read_ledger(db=db, workload=[]).empty
+    newest_first = joule_otel.read_ledger(db=db, limit=2)
+    assert list(newest_first["workload"]) == ["nightly", "ops-agent"]
+    started = joule_otel.read_ledger(db=db)["started_at"].min().to_pydatetime()
+    for since in (
+        timedelta(hours=1),
+        started,
+        started.astimezone(timezone.utc).replace(tzinfo=None).isoformat() + "Z",
+        started.astimezone(timezone(timedelta(hours=-3, minutes=-30))),
+        started.astimezone().replace(tzinfo=None),  # naive: local time, as datetime.now() gives
+        (started - timedelta(days=1)).astimezone().date(),
+    ):
+        assert len(joule_otel.read_ledger(db=db, since=since)) == 3, since
+    assert joule_otel.read_ledger(db=db, until=started).empty
+    assert joule_otel.read_ledger(db=db, since=started + timedelta(hours=1)).empty
+    assert len(joule_otel.read_ledger(db_path=db)) == 3, "the former name still works"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"since": "yesterday"}, r"since: 'yesterday' is not a time; pass a datetime, a date, an ISO 8601 text"),
+        ({"until": 5}, r"until: 5 is not a time"),
+        ({"workload": ["a", 1]}, r"workload: \['a', 1\] is not a name; pass a str, or a list of str"),
+        ({"service": 3}, r"service: 3 is not a name"),
+        ({"limit": -1}, r"limit: -1 is not a number of rows; pass an int >= 0"),
+        ({"limit": "10"}, r"limit: '10' is not a number of rows"),
+        ({"db": 5}, r"db: 5 is not a path"),
+    ],
+)
+def test_read_ledger_refuses_bad_arguments_saying_what_it_accepts(ledger_of_three, kwargs, message):
+    kwargs.setdefault("db", ledger_of_three)
+    with pytest.raises(ValueError, match=message):
+        joule_otel.read_ledger(**kwargs)
+
+
+def test_read_ledger_of_a_missing_path_says_so(tmp_path):
+    missing = tmp_path / "nowhere" / "joule.duckdb"
+    with pytest.raises(FileNotFoundError, match=r"no ledger at .*nowhere/joule.duckdb: nothing has been recorded"):
+        joule_otel.read_ledger(db=missing)
+    assert not missing.parent.exists(), "reading never creates a ledger"

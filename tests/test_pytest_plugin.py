@@ -169,3 +169,88 @@ def test_xdist_workers_each_count_their_own_tests_once(pytester, suite, tmp_path
     assert two["total"]["calls"] == one["total"]["calls"] == 4
     assert two["total"]["joules"] == pytest.approx(one["total"]["joules"])
     result.stdout.fnmatch_lines(["*joule energy*", "total: 4 calls*in 4 tests"])
+
+
+SCOPES = """
+import json, os
+from pathlib import Path
+
+import openai
+import pytest
+
+from joule_otel.simulator import running
+
+SPENT = Path(os.environ["SPENT_DIR"])
+
+
+@pytest.fixture(scope="module")
+def module_sim():
+    with running(seed=0) as sim:
+        yield sim
+
+
+@pytest.fixture(scope="session")
+def session_sim():
+    with running(seed=0) as sim:
+        yield sim
+
+
+@pytest.fixture
+def own_sim():  # a suite's own fixture, seeded as joule_simulator is
+    with running(seed=0) as sim:
+        yield sim
+
+
+def ask(sim, request, n=2):
+    before = len(sim.receipts)
+    client = openai.OpenAI(base_url=sim.base_url, api_key="jc_test", max_retries=0)
+    for i in range(n):
+        client.chat.completions.create(model="llama-3.3-70b-instruct", max_tokens=20,
+                                       messages=[{"role": "user", "content": f"question {i}"}])
+    mine = sim.receipts[before:]
+    billed = {"joules": sum(r.energy_j for r in mine), "calls": len(mine)}
+    (SPENT / (request.node.name + ".json")).write_text(json.dumps(billed))
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_function_scoped(joule_simulator, request, i):
+    ask(joule_simulator, request)
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_module_scoped(module_sim, request, i):
+    ask(module_sim, request)
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_session_scoped(session_sim, request, i):
+    ask(session_sim, request)
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_own_fixture(own_sim, request, i):
+    ask(own_sim, request)
+
+
+@pytest.mark.joule(max_joules=0.001)
+def test_capped_runs_last(joule_simulator, request):
+    ask(joule_simulator, request, 1)
+"""
+
+
+def test_every_test_of_a_suite_counts_whatever_the_simulators_scope(pytester, suite, tmp_path):
+    """Simulators seeded alike (one per test, per module, per session, the suite's own) issue distinct receipts,
+    so no test's calls are taken for an earlier test's and dropped; a capped test fails wherever it runs."""
+    pytester.makepyfile(test_scopes=SCOPES)
+    report_file = tmp_path / "report.json"
+    result = run(pytester, "test_scopes.py", "--joule", "--joule-report", str(report_file))
+    result.assert_outcomes(passed=12, failed=1)
+    result.stdout.fnmatch_lines(["*test_capped_runs_last*", "energy * J is over this test's cap of 0.001 J (1 call)"])
+    tests = by_test(json.loads(report_file.read_text())["tests"])
+    assert len(tests) == 13
+    for nodeid, measured in tests.items():
+        name = nodeid.split("::", 1)[1]
+        calls = 1 if name == "test_capped_runs_last" else 2
+        assert measured["calls"] == calls, nodeid
+        assert measured["joules"] == pytest.approx(billed(suite, name)), nodeid
+        assert measured["joules"] > 0, nodeid

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 import subprocess
 import sys
 import time
@@ -236,15 +237,20 @@ def test_async_client_and_concurrency(joule_simulator):
     assert len(receipts) == len(set(receipts)) == 61
 
 
-def test_deterministic_under_a_seed():
+def test_figures_repeat_under_a_seed_and_receipts_never_repeat():
     def run() -> list[tuple]:
         with running(seed=11) as sim:
             c = client(sim)
             for _ in range(3):
                 c.chat.completions.create(model="auto", messages=HI)
+            c.embeddings.create(model="auto", input=["a b c"])
             return [(r.receipt_id, r.energy_j, r.region, r.output_tokens) for r in sim.receipts]
 
-    assert run() == run()
+    first, second = run(), run()
+    assert [r[1:] for r in first] == [r[1:] for r in second]  # the same figures, routing and placement
+    receipts = [r[0] for r in first + second]
+    assert len(set(receipts)) == 8, "a real service never issues a receipt twice, whatever the seed"
+    assert all(re.fullmatch(r"rcpt_[0-9a-f]{20}", r) for r in receipts)
 
 
 def test_gzip_when_accepted_and_curl_style_requests(joule_simulator):

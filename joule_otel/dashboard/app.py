@@ -21,7 +21,7 @@ from joule_otel import units
 from joule_otel.budgets import Budget, load_budgets
 from joule_otel.config import JOULE_OTEL_TRACE_URL
 from joule_otel.dashboard import charts, estimates, queries, timerange
-from joule_otel.dashboard.sources import SAMPLE_BUDGETS_PATH, Source, resolve_source, source_for
+from joule_otel.dashboard.sources import SAMPLE_BUDGETS_PATH, Source, resolve_source, sample_shift, source_for
 from joule_otel.ledger.spool import Spool
 
 st.set_page_config(page_title="joule-otel · energy", page_icon="⚡", layout="wide")
@@ -112,6 +112,14 @@ if (
     st.sidebar.error(f"{units.plain(source.path)} does not exist; showing {units.plain(default_source.label)}")
     source = default_source
 st.sidebar.caption(f"**{source.kind_label}**: {units.plain(source.path)}  \n{source.why}")
+if source.kind == "sample":
+    shift_weeks = sample_shift().days // 7
+    st.sidebar.caption(
+        f"The sample's calls are shown {shift_weeks} week{'s' if shift_weeks != 1 else ''} later than they were "
+        "generated, so that they end in the past week (weekdays and hours of day kept)."
+        if shift_weeks
+        else "The sample's calls are shown at the dates they were generated."
+    )
 
 live = st.sidebar.toggle("Live refresh", value=False, key="live")
 interval_s = st.sidebar.select_slider(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,29 @@ from joule_otel.ledger.spool import Spool
 
 SAMPLE_PATH = Path(__file__).parent / "sample" / "inference_calls.parquet"
 SAMPLE_BUDGETS_PATH = Path(__file__).parent / "sample" / "budgets.json"
+_WEEK = timedelta(weeks=1)
+
+
+@functools.cache
+def _sample_last() -> datetime:
+    import duckdb
+
+    with duckdb.connect(":memory:") as con:
+        found = con.execute("SELECT max(started_at) FROM read_parquet(?)", [str(SAMPLE_PATH)]).fetchone()
+    assert found is not None
+    last: datetime = found[0]
+    return last.astimezone(timezone.utc)
+
+
+def sample_shift(now: datetime | None = None) -> timedelta:
+    """How far the bundled sample's calls are moved so that they end in the week before ``now``.
+
+    The sample was generated once, with fixed dates; shown as recorded it would slide out of "Last 30 days"
+    as the calendar moves on. A whole number of weeks keeps its weekdays and hours of day (weekends quiet,
+    nightly jobs at night), and the newest call lands at most a week before now, so all three weeks show.
+    """
+    moment = now if now is not None else datetime.now(timezone.utc)
+    return max((moment - _sample_last()) // _WEEK, 0) * _WEEK
 
 
 @dataclass(frozen=True)
@@ -46,6 +71,8 @@ class Source:
             stamps.append(None)
         if self.kind == "ledger":
             stamps.append(tuple(p.name for p in Spool(self.path).segments()))
+        if self.kind == "sample":
+            stamps.append(sample_shift())
         return tuple(stamps)
 
     @contextmanager
@@ -68,7 +95,11 @@ class Source:
                     f"{self.path} is not an export of inference_calls (no started_at and energy_j columns)"
                 )
             # an export of an older version lacks later columns (provider): they read as NULL
-            con.execute(f"CREATE VIEW inference_calls AS SELECT {schema.select_list(present)} FROM {relation}")
+            select = f"SELECT {schema.select_list(present)} FROM {relation}"
+            if self.kind == "sample":
+                days = sample_shift().days
+                select = f"SELECT * REPLACE (started_at + INTERVAL {days} DAY AS started_at) FROM ({select})"
+            con.execute(f"CREATE VIEW inference_calls AS {select}")
             yield con
         finally:
             con.close()

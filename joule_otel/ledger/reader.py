@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -104,47 +104,109 @@ def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iter
         con.close()
 
 
+TimeBound = datetime | date | str | timedelta
+"""What ``since``/``until`` accept: an instant, a day, an ISO 8601 text, or a span of time before now."""
+
+
 def read_calls(
-    db_path: str | os.PathLike[str] | None = None,
+    db: str | os.PathLike[str] | None = None,
     *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    workload: str | None = None,
-    service: str | None = None,
+    since: TimeBound | None = None,
+    until: TimeBound | None = None,
+    workload: str | Iterable[str] | None = None,
+    service: str | Iterable[str] | None = None,
     limit: int | None = None,
+    db_path: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Rows of ``inference_calls`` as a pandas DataFrame, newest first, optionally filtered.
 
     Args:
-        db_path: the ledger; defaults to ``JOULE_OTEL_DB`` or the per-user default.
+        db: the ledger; defaults to ``JOULE_OTEL_DB`` or the per-user default.
         since: keep rows started at or after this time.
         until: keep rows started before this time.
-        workload: keep one workload.
-        service: keep one ``service.name``.
+        workload: keep one workload, or any of several.
+        service: keep one ``service.name``, or any of several.
         limit: at most this many rows.
+        db_path: the former name of ``db``.
+
+    A time is a :class:`~datetime.datetime` (a naive one is local time, as :meth:`datetime.now` gives),
+    a :class:`~datetime.date` (its local midnight), an ISO 8601 text (``"2026-12-01"``,
+    ``"2026-12-01T09:00Z"``) or a :class:`~datetime.timedelta` before now (``since=timedelta(hours=1)``).
+
+    Raises:
+        ValueError: an argument that is not one of the above (the message says what is accepted).
+        FileNotFoundError: no ledger at the path (nothing has been recorded there).
     """
     from joule_otel.config import db_path_from_env
 
-    path = Path(db_path) if db_path is not None else db_path_from_env()
+    if db is not None and db_path is not None:
+        raise ValueError("pass the ledger as db= (db_path= is its former name), not both")
+    chosen = db if db is not None else db_path
+    if chosen is not None and not isinstance(chosen, (str, os.PathLike)):
+        raise ValueError(f"db: {chosen!r} is not a path; pass a str or a pathlib.Path of a ledger file")
+    path = Path(chosen).expanduser() if chosen is not None else db_path_from_env()
     if path is None:
-        raise ValueError("the ledger is off (JOULE_OTEL_DB=off); pass db_path")
+        raise ValueError("the ledger is off (JOULE_OTEL_DB=off); pass db= the path of a ledger file")
     where: list[str] = []
     params: list[object] = []
-    for clause, value in (
-        ("started_at >= ?", since),
-        ("started_at < ?", until),
-        ("workload = ?", workload),
-        ("service = ?", service),
-    ):
+    now = datetime.now(timezone.utc)
+    for clause, value, name in (("started_at >= ?", since, "since"), ("started_at < ?", until, "until")):
         if value is not None:
             where.append(clause)
-            params.append(value)
+            params.append(_instant(name, value, now))
+    for column, wanted in (("workload", workload), ("service", service)):
+        if wanted is not None:
+            names = _names(column, wanted)
+            where.append(f"{column} IN ({', '.join('?' * len(names))})" if names else "false")
+            params.extend(names)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit: {limit!r} is not a number of rows; pass an int >= 0")
+    if not path.exists() and not Spool(path).segments():
+        raise FileNotFoundError(
+            f"no ledger at {path}: nothing has been recorded there yet (instrument() writes it; "
+            "JOULE_OTEL_DB or db= choose another)"
+        )
     sql = f"SELECT * FROM {schema.TABLE}"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY started_at DESC"
     if limit is not None:
         sql += " LIMIT ?"
-        params.append(int(limit))
+        params.append(limit)
     with connect(path) as con:
         return con.execute(sql, params).df()
+
+
+def _instant(name: str, value: object, now: datetime) -> datetime:
+    """``value`` as an aware instant, or a ``ValueError`` naming what ``name`` accepts."""
+    given = value
+    if isinstance(value, timedelta):
+        return now - value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):  # Python 3.10's fromisoformat does not read the suffix
+            text = text[:-1] + "+00:00"
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            value = None
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.astimezone()
+    if isinstance(value, date):
+        return datetime.combine(value, time()).astimezone()
+    raise ValueError(
+        f"{name}: {given!r} is not a time; pass a datetime, a date, an ISO 8601 text such as "
+        "'2026-12-01' or '2026-12-01T09:00Z', or a timedelta before now"
+    )
+
+
+def _names(name: str, value: object) -> list[str]:
+    """One name or several, as a list; a ``ValueError`` for anything else."""
+    names: list[object] | None = None
+    if isinstance(value, str):
+        names = [value]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        names = list(value)
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{name}: {value!r} is not a name; pass a str, or a list of str for any of several")
+    return [str(n) for n in names]

@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import itertools
 import json
 import random
+import secrets
 import threading
 import time
 import zlib
@@ -153,6 +155,11 @@ class SimulatorState:
         self._rng = random.Random(config.seed)
         self._accounts: dict[str, Account] = {}
         self.receipts: list[Receipt] = []
+        # Receipt ids come from outside the seeded source: a real service never issues one twice, so two
+        # simulators (one per test, one per process) seeded alike must not either, or a ledger that
+        # dedupes by receipt would drop the second one's calls. The figures stay reproducible by seed.
+        self._receipt_prefix = secrets.token_hex(6)
+        self._receipt_serial = itertools.count()
         for token, balance in config.balances.items():
             self.account(token).balance_j = balance
         for token, budget in config.energy_budgets.items():
@@ -178,6 +185,12 @@ class SimulatorState:
         """A per-request random source drawn from the seeded one, so threads stay deterministic per call order."""
         with self._lock:
             return random.Random(self._rng.getrandbits(64))
+
+    def new_receipt_id(self) -> str:
+        """A receipt id no simulator has issued before: ``rcpt_`` and 20 hex digits."""
+        with self._lock:
+            serial = next(self._receipt_serial)
+        return f"rcpt_{self._receipt_prefix}{serial:08x}"
 
     def admit(self, token: str) -> bool:
         """False (and counted) when the token's balance or budget is spent."""
@@ -489,7 +502,7 @@ class Handler(BaseHTTPRequestHandler):
             data.append({"object": "embedding", "index": index, "embedding": [round(v / norm, 6) for v in vector]})
         energy = catalog.embedding_energy_j(input_tokens, tier, rng)
         receipt = Receipt(
-            f"rcpt_{rng.getrandbits(80):020x}",
+            self.server.state.new_receipt_id(),
             _fingerprint(token),
             "embeddings",
             model,
@@ -575,7 +588,7 @@ class Handler(BaseHTTPRequestHandler):
             output_tokens = len(words)
         energy = catalog.chat_energy_j(routed, input_tokens, output_tokens, tier, rng)
         receipt = Receipt(
-            f"rcpt_{rng.getrandbits(80):020x}",
+            self.server.state.new_receipt_id(),
             _fingerprint(token),
             "chat",
             model,
