@@ -121,15 +121,20 @@ def _cmd_sample_data(args: argparse.Namespace) -> int:
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
     from joule_otel.ledger import maintenance
+    from joule_otel.ledger.reader import require_ledger
 
     path = _db(args)
+    require_ledger(path, "--db or JOULE_OTEL_DB choose another")
     if args.ledger_command == "stats":
         info = maintenance.ledger_stats(path)
         if args.json:
             print(json.dumps(info, default=str, indent=2))
-        else:
-            for key, value in info.items():
-                print(f"{key:>22}: {value}")
+            return 0
+        unknown = {"schema_version": "– (no file yet: every row is still in the spool)"}
+        for key, value in info.items():
+            print(f"{key:>22}: {unknown.get(key, '–') if value is None else value}")
+        if not info["rows"]:
+            print(f"{path} holds no calls yet")
         return 0
     if args.ledger_command == "compact":
         result = maintenance.compact_now(path, timeout_s=args.timeout, rebuild_rollup=args.rebuild_rollup)
@@ -174,17 +179,22 @@ def _cmd_budgets(args: argparse.Namespace) -> int:
 
     from joule_otel._budget_watch import ledger_month_to_date, month_start
     from joule_otel.config import db_path_from_env
+    from joule_otel.ledger.reader import require_ledger
     from joule_otel.units import energy
 
     db = Path(args.db).expanduser() if args.db else db_path_from_env()
     if db is None:
         raise ValueError("JOULE_OTEL_DB is off: pass --db")
-    spent = ledger_month_to_date(db, month_start(datetime.now(timezone.utc)))
+    require_ledger(db, "--db or JOULE_OTEL_DB choose another")
+    month = month_start(datetime.now(timezone.utc))
+    spent = ledger_month_to_date(db, month)
     rows = []
     for budget in budgets:
         used = sum(j for (w, s), j in spent.items() if w == budget.workload and budget.service in (None, s))
         rows.append((budget.label, energy(budget.joules), energy(used), f"{used / budget.joules:.0%}"))
     print_table(["budget", "per month", "this month", "used"], rows)
+    if not spent:
+        print(f"{db} has no calls since {month:%Y-%m-%d} 00:00 UTC: every budget is unused so far this month")
     return 0
 
 

@@ -17,6 +17,7 @@ OpenAI (the simulator's ``/openai/v1`` stand-in) to Joule Cloud, so the dashboar
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -26,8 +27,9 @@ import sys
 import threading
 import time
 import webbrowser
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -234,15 +236,53 @@ def plan_history(now: datetime, seed: int, days: int = HISTORY_DAYS) -> list[Pla
     return plan
 
 
-def _progress(done: int, total: int, started: float, what: str) -> None:
-    width = 32
-    filled = int(width * done / max(total, 1))
-    rate = done / max(time.monotonic() - started, 1e-9)
-    sys.stderr.write(f"\r  {what:<8} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks  {rate:5.1f}/s")
-    sys.stderr.flush()
+class _ProgressLine(logging.Handler):
+    """The progress bar, and joule-otel's warnings on lines of their own above it (never appended to the bar)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.drawn = False
+        self.guard = threading.Lock()
+
+    def draw(self, done: int, total: int, started: float, what: str) -> None:
+        width = 32
+        filled = int(width * done / max(total, 1))
+        rate = done / max(time.monotonic() - started, 1e-9)
+        with self.guard:
+            sys.stderr.write(
+                f"\r  {what:<8} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks  {rate:5.1f}/s"
+            )
+            sys.stderr.flush()
+            self.drawn = True
+
+    def end(self) -> None:
+        with self.guard:
+            if self.drawn:
+                sys.stderr.write("\n")
+            self.drawn = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.guard:
+            sys.stderr.write(("\n" if self.drawn else "") + "  " + record.getMessage() + "\n")
+            sys.stderr.flush()
+            self.drawn = False
+
+    @contextmanager
+    def warnings_above(self) -> Iterator[None]:
+        """Route the ``joule_otel`` logger's warnings through this line while the demo runs."""
+        logger = logging.getLogger("joule_otel")
+        logger.addHandler(self)
+        propagate, logger.propagate = logger.propagate, False
+        try:
+            yield
+        finally:
+            logger.removeHandler(self)
+            logger.propagate = propagate
 
 
-def run_traffic(base_url: str, plan: list[PlannedTask], seed: int, what: str = "today") -> None:
+def run_traffic(
+    base_url: str, plan: list[PlannedTask], seed: int, what: str = "today", line: _ProgressLine | None = None
+) -> None:
     """Run the planned tasks through the openai SDK, four at a time, with a progress bar."""
     import openai
 
@@ -257,6 +297,7 @@ def run_traffic(base_url: str, plan: list[PlannedTask], seed: int, what: str = "
     }
     started = time.monotonic()
     done = 0
+    line = line or _ProgressLine()
 
     def task(index: int, planned: PlannedTask) -> None:
         with joule_otel.workload(planned.name):
@@ -271,8 +312,8 @@ def run_traffic(base_url: str, plan: list[PlannedTask], seed: int, what: str = "
         for future in as_completed(futures):
             future.result()
             done += 1
-            _progress(done, len(plan), started, what)
-    sys.stderr.write("\n")
+            line.draw(done, len(plan), started, what)
+    line.end()
 
 
 DEMO_MARK = ("created_by", "joule-otel demo")
@@ -351,20 +392,23 @@ def run_demo(
         "through the openai SDK to a local Joule Cloud simulator (an agent task makes two calls)"
     )
     os.environ.setdefault("OTEL_SERVICE_NAME", DEMO_SERVICE)  # the ledger's service: a name, not unknown_service
-    joule_otel.instrument(db=db, flush_interval=0.5)
+    # the budgets the dashboard shows are the ones capture warns about
+    joule_otel.instrument(db=db, flush_interval=0.5, budgets=budgets_file)
+    line = _ProgressLine()
     try:
-        if history:
-            with running(seed=seed + 1, token_delay_s=0.0, latency_s=0.002) as past:
-                run_traffic(past.base_url, history, seed + 1, "history")
-        with running(
-            seed=seed,
-            token_delay_s=0.002,
-            latency_s=0.01,
-            energy_budgets={"jc_demo_batch": BATCH_TOKEN_BUDGET_J},
-        ) as sim:
-            print(f"  simulator: {sim.base_url}")
-            run_traffic(sim.base_url, plan_today(calls, seed), seed)
-            joule_otel.flush(timeout_s=30)
+        with line.warnings_above():
+            if history:
+                with running(seed=seed + 1, token_delay_s=0.0, latency_s=0.002) as past:
+                    run_traffic(past.base_url, history, seed + 1, "history", line)
+            with running(
+                seed=seed,
+                token_delay_s=0.002,
+                latency_s=0.01,
+                energy_budgets={"jc_demo_batch": BATCH_TOKEN_BUDGET_J},
+            ) as sim:
+                print(f"  simulator: {sim.base_url}")
+                run_traffic(sim.base_url, plan_today(calls, seed), seed, "today", line)
+                joule_otel.flush(timeout_s=30)
     finally:
         joule_otel.uninstrument()
     _mark_as_demo(db)
@@ -378,9 +422,12 @@ def run_demo(
         "FROM inference_calls GROUP BY 1 ORDER BY 3 DESC",
     )
     print(f"  ledger: {db}")
+    # one unit a column, the smallest value's, so no row reads as 0.00 and figures compare at a glance
+    least_j = min((r[2] for r in found if r[2] > 0), default=None)
+    least_mg = min((r[3] for r in found if r[3] > 0), default=None)
     print_table(
         ["workload", "calls", "energy", "carbon", "errors"],
-        [(w, n, units.energy(j), units.carbon(mg), e) for w, n, j, mg, e in found],
+        [(w, n, units.energy(j, least_j), units.carbon(mg, least_mg), e) for w, n, j, mg, e in found],
     )
     total_calls = sum(r[1] for r in found)
     _, legacy = query(db, "SELECT count(*) FROM inference_calls WHERE provider = 'openai'")
@@ -390,12 +437,14 @@ def run_demo(
         f"  {total_calls} calls in the ledger: {units.energy(sum(r[2] for r in found))}, "
         f"{units.carbon(sum(r[3] for r in found))}"
     )
+    print(next_steps(db, budgets_file, dashboard=dashboard))
     if not dashboard:
         return 0
     env = dict(os.environ, JOULE_OTEL_DB=str(db), JOULE_OTEL_BUDGETS=str(budgets_file))
     url = f"http://127.0.0.1:{port}"
     print(f"  dashboard: {url}  (Ctrl-C stops)", flush=True)
-    proc = subprocess.Popen(dashboard_command(host="127.0.0.1", port=port), env=env)
+    # Streamlit's banner would say the URL a second time: its standard output is only that; errors go to stderr
+    proc = subprocess.Popen(dashboard_command(host="127.0.0.1", port=port), env=env, stdout=subprocess.DEVNULL)
     signal.signal(signal.SIGTERM, lambda signum, frame: proc.terminate())  # never leave the server orphaned
     if browser:
         threading.Timer(3.0, lambda: webbrowser.open(url)).start()
@@ -405,3 +454,31 @@ def run_demo(
         proc.terminate()
         proc.wait(timeout=10)
         return 0
+
+
+def next_steps(db: Path, budgets_file: Path, *, dashboard: bool) -> str:
+    """What to run after the demo: where its files are, the commands that read them, how to capture your own app."""
+    from shlex import quote
+
+    ledger, budgets = quote(str(db)), quote(str(budgets_file))
+    lines = [
+        "",
+        "Next:",
+        f"  the demo's ledger:  {db}",
+        f"  its budgets:        {budgets_file}",
+    ]
+    if db == default_demo_db():
+        lines.append("  (your own apps write the per-user ledger beside it, joule.duckdb; the demo never touches it)")
+    lines += [
+        f"  joule-otel ledger --db {ledger} stats",
+        f'  joule-otel ledger --db {ledger} query "select workload, sum(energy_j) from inference_calls group by 1"',
+        f"  joule-otel budgets status {budgets} --db {ledger}",
+    ]
+    if not dashboard:
+        lines.append(f"  JOULE_OTEL_BUDGETS={budgets} joule-otel dashboard --db {ledger}")
+    lines += [
+        "  your own app: pip install joule-otel, then call joule_otel.instrument() once at start-up",
+        "  (the README's 'Instrument your app')",
+        "",
+    ]
+    return "\n".join(lines)

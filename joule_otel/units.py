@@ -15,10 +15,10 @@ CAR_G_PER_KM = 120.0
 """An average petrol car emits ≈ 120 g CO2e per km."""
 
 
-def _scaled(value: float, units: tuple[tuple[float, str], ...]) -> str:
+def _scaled(value: float, units: tuple[tuple[float, str], ...], scale_of: float | None = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    magnitude = abs(value)
+    magnitude = abs(value if scale_of is None else scale_of)
     factor, name = units[0]
     for candidate_factor, candidate_name in units:
         if magnitude >= candidate_factor:
@@ -28,9 +28,9 @@ def _scaled(value: float, units: tuple[tuple[float, str], ...]) -> str:
     return f"{scaled:,.{digits}f} {name}"
 
 
-def energy(joules: float) -> str:
-    """1234 → '1.23 kJ'."""
-    return _scaled(joules, ((1.0, "J"), (1e3, "kJ"), (1e6, "MJ"), (1e9, "GJ")))
+def energy(joules: float, scale_of: float | None = None) -> str:
+    """1234 → '1.23 kJ'; ``scale_of`` picks the unit instead (a column's largest value: one unit a column)."""
+    return _scaled(joules, ((1.0, "J"), (1e3, "kJ"), (1e6, "MJ"), (1e9, "GJ")), scale_of)
 
 
 def energy_wh(joules: float) -> str:
@@ -38,9 +38,9 @@ def energy_wh(joules: float) -> str:
     return _scaled(joules / 3600.0 if joules is not None else joules, ((1.0, "Wh"), (1e3, "kWh"), (1e6, "MWh")))
 
 
-def carbon(milligrams: float) -> str:
-    """Milligrams CO2e, readable: 12300 → '12.3 g CO2e'."""
-    return _scaled(milligrams, ((1.0, "mg"), (1e3, "g"), (1e6, "kg"), (1e9, "t"))) + " CO2e"
+def carbon(milligrams: float, scale_of: float | None = None) -> str:
+    """Milligrams CO2e, readable: 12300 → '12.3 g CO2e'; ``scale_of`` as for :func:`energy`."""
+    return _scaled(milligrams, ((1.0, "mg"), (1e3, "g"), (1e6, "kg"), (1e9, "t")), scale_of) + " CO2e"
 
 
 def energy_equivalent(joules: float) -> str:

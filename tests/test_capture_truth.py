@@ -7,9 +7,13 @@ child processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -27,6 +31,7 @@ import pytest
 
 import joule_otel
 from joule_otel import _instrument
+from joule_otel.cli import main as cli_main
 from joule_otel.ledger.row import LedgerRow, problem
 from joule_otel.ledger.schema import SCHEMA_VERSION
 from joule_otel.ledger.spool import Spool
@@ -597,7 +602,44 @@ def test_demo_reruns_over_its_own_ledger(tmp_path):
         assert f"{len(rows)} calls in the ledger" in cli.stdout
         assert {r["service"] for r in rows} == {"joule-demo"}
         assert " 0.0 g" not in cli.stdout and " 0 g" not in cli.stdout
+        table = cli.stdout.split("  ledger: ", 1)[1].split("\n\n", 1)[0].split("\n")[3:]  # the rows under ----
+        table = [line for line in table if not line.startswith(" ")]
+        assert len(table) == 5, table
+        for column in (0, 1):  # energy, carbon: one unit a column
+            assert len({re.findall(r"\d ([a-zA-Z]+)", line)[column] for line in table}) == 1, table
     assert counts[0] >= 12 and counts[1] == counts[0]  # the second run replaced the first demo's rows
+
+    # the "Next:" block names the demo's files, and its commands read them
+    next_block = cli.stdout.split("Next:\n", 1)[1]
+    assert f"the demo's ledger:  {db}" in next_block
+    assert f"its budgets:        {db.with_name('demo-budgets.json')}" in next_block
+    commands = [shlex.split(line.strip()) for line in next_block.splitlines() if line.startswith("  joule-otel ")]
+    assert [c[1] for c in commands] == ["ledger", "ledger", "budgets"]
+    for command in commands:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli_main(command[1:]) == 0, command
+        assert "None" not in out.getvalue()
+        if command[-1] == "stats":
+            assert f"rows: {counts[1]}" in out.getvalue()
+
+
+def test_the_demos_warnings_get_lines_of_their_own_above_its_progress_bar(capsys):
+    from joule_otel.demo import _ProgressLine
+
+    line = _ProgressLine()
+    logger = logging.getLogger("joule_otel")
+    with line.warnings_above():
+        line.draw(1, 4, 0.0, "today")
+        logger.warning("joule_otel: a 402")
+        line.draw(2, 4, 0.0, "today")
+        logger.info("joule_otel: not for the demo's screen")
+        line.end()
+    logger.warning("joule_otel: after the demo")
+    err = capsys.readouterr().err
+    assert "1/4 tasks" in err and "\n  joule_otel: a 402\n\r  today" in err
+    assert "not for the demo's screen" not in err
+    assert err.count("joule_otel: after the demo") <= 1 and "  joule_otel: after the demo" not in err
 
 
 def test_an_older_joule_otel_never_writes_to_a_newer_ledger(ledger_path, joule_simulator, caplog):

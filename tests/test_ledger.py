@@ -419,3 +419,39 @@ def test_ledger_cli_stats_compact_export_query(ledger_path, tmp_path):
     assert "rollup rebuilt (2 rows)" in cli("compact", "--rebuild-rollup")
     with duckdb.connect(str(ledger_path), read_only=True) as con:
         assert con.execute("SELECT sum(calls), sum(energy_j) FROM joule_rollup").fetchone() == (2, 4.5)
+
+
+def test_every_command_says_when_there_is_no_ledger_or_no_calls(tmp_path, capsys):
+    """A mistaken path is said, never answered with None, an empty table or 0 %; the demo's ledger is named."""
+    from joule_otel.cli import main
+    from joule_otel.ledger.compact import open_writable
+
+    home = tmp_path / "joule-otel"
+    missing = home / "joule.duckdb"
+    budgets = tmp_path / "budgets.json"
+    budgets.write_text('{"support-bot": 1000}')
+    for args in (
+        ["ledger", "--db", str(missing), "stats"],
+        ["ledger", "--db", str(missing), "query", "select 1"],
+        ["ledger", "--db", str(missing), "export", str(tmp_path / "out.parquet")],
+        ["ledger", "--db", str(missing), "compact"],
+        ["budgets", "status", str(budgets), "--db", str(missing)],
+    ):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert f"no ledger at {missing}: nothing has been recorded there yet" in err, args
+        assert "demo" not in err
+    assert not home.exists() and not (tmp_path / "out.parquet").exists(), "reading never creates anything"
+
+    home.mkdir()
+    demo = home / "demo.duckdb"
+    open_writable(demo).close()  # type: ignore[attr-defined]
+    assert main(["ledger", "--db", str(missing), "stats"]) == 2
+    assert f"the demo's ledger is {demo}" in capsys.readouterr().err
+
+    assert main(["ledger", "--db", str(demo), "stats"]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out and "rows: 0" in out and f"{demo} holds no calls yet" in out
+    assert main(["budgets", "status", str(budgets), "--db", str(demo)]) == 0
+    out = capsys.readouterr().out
+    assert "support-bot" in out and "has no calls since" in out and "every budget is unused so far this month" in out

@@ -104,6 +104,21 @@ def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iter
         con.close()
 
 
+def require_ledger(path: Path, how_to_choose: str) -> None:
+    """A ``FileNotFoundError`` that says so when nothing has been recorded at ``path`` (no file, no segment).
+
+    Reading a ledger that is not there is a mistaken path far more often than an empty ledger, so it is
+    said, never answered with an empty result; the demo's own ledger is named when it lies beside it.
+    """
+    if path.exists() or Spool(path).segments():
+        return
+    demo = path.with_name("demo.duckdb")
+    hint = f"; the demo's ledger is {demo}" if path.name != demo.name and demo.exists() else ""
+    raise FileNotFoundError(
+        f"no ledger at {path}: nothing has been recorded there yet (instrument() writes it; {how_to_choose}){hint}"
+    )
+
+
 TimeBound = datetime | date | str | timedelta
 """What ``since``/``until`` accept: an instant, a day, an ISO 8601 text, or a span of time before now."""
 
@@ -161,11 +176,7 @@ def read_calls(
             params.extend(names)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit: {limit!r} is not a number of rows; pass an int >= 0")
-    if not path.exists() and not Spool(path).segments():
-        raise FileNotFoundError(
-            f"no ledger at {path}: nothing has been recorded there yet (instrument() writes it; "
-            "JOULE_OTEL_DB or db= choose another)"
-        )
+    require_ledger(path, "JOULE_OTEL_DB or db= choose another")
     sql = f"SELECT * FROM {schema.TABLE}"
     if where:
         sql += " WHERE " + " AND ".join(where)
