@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import runpy
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import joule_otel
+
+CLOCK = Path(__file__).resolve().parent / "clock"
+if os.environ.get("JOULE_OTEL_TEST_CLOCK"):  # the suite run with its clock moved (see tests/clock/sitecustomize.py)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CLOCK), os.environ.get("PYTHONPATH")]))
+    if not getattr(sys.modules.get("sitecustomize"), "_days", ""):  # not already moved at start-up
+        runpy.run_path(str(CLOCK / "sitecustomize.py"))
 
 # Property tests check what is computed, never how fast: on a shared machine a draw can stall for seconds (another
 # test's subprocess, a full collection), and Hypothesis's timing checks then fail a correct test at random.
