@@ -111,6 +111,9 @@ def test_every_option_has_help_and_ledger_db_goes_where_a_user_types_it(tmp_path
     missing = [name for name, text in walk(build_parser()) if not text]
     assert missing == []
     db = tmp_path / "l.duckdb"
+    from joule_otel.ledger.compact import open_writable
+
+    open_writable(db).close()  # type: ignore[attr-defined]
     assert main(["ledger", "stats", "--db", str(db), "--json"]) == 0
     assert main(["ledger", "--db", str(db), "stats"]) == 0
     result = subprocess.run(

@@ -290,11 +290,18 @@ def _query(api: str, expr: str, *, range_s: float | None = None, at: float | Non
             params["time"] = str(at)
     else:
         path = "query_range"
-        now = time.time()
+        now = _prometheus_now(api)
         params.update(start=str(now - range_s), end=str(now), step=f"{SCRAPE_INTERVAL_S}s")
     body = _get(f"{api}/api/v1/{path}?{urllib.parse.urlencode(params)}")
     assert body is not None and body["status"] == "success", (expr, body)
     return body["data"]["result"]
+
+
+def _prometheus_now(api: str) -> float:
+    """Prometheus's own clock: queries are anchored to the server's time, never the test's (which CI moves)."""
+    body = _get(f"{api}/api/v1/query?query=time()")
+    assert body is not None and body["data"]["resultType"] == "scalar", body
+    return float(body["data"]["result"][1])
 
 
 def _instant(api: str, expr: str, at: float | None = None) -> float:
@@ -375,7 +382,7 @@ def test_the_service_variable_separates_the_two_paths(prometheus_with_both_paths
     energy = next(p for p in dashboard["panels"] if p["title"] == "Energy")["targets"][0]["expr"]
     range_s = max(30, int(time.time() - started))
     totals = {}
-    at = time.time() - 1  # one evaluation time for every variant
+    at = _prometheus_now(api) - 1  # one evaluation time for every variant
     for service in (".*", "scraped-svc", "collector-svc", "nobody"):
         expr = _expand(energy, {"service": service, "workload": ".*", "model": ".*", "region": ".*"}, range_s)
         totals[service] = _instant(api, expr, at)

@@ -18,7 +18,7 @@ BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | r
 
 # Prepended to the README's code, never part of it: any address off loopback is refused, so a block that named
 # the real service would fail here instead of calling it.
-LOOPBACK_ONLY = '''
+LOOPBACK_ONLY = """
 import ipaddress, socket
 _resolve = socket.getaddrinfo
 def _loopback_only(host, *args, **kwargs):
@@ -27,7 +27,7 @@ def _loopback_only(host, *args, **kwargs):
         raise OSError(f"the README's code reached for {host}, off loopback")
     return found
 socket.getaddrinfo = _loopback_only
-'''
+"""
 
 
 def test_the_readme_is_a_manual_of_at_most_400_lines():

@@ -221,12 +221,18 @@ def show(container: Any, fig: Any, frame: pd.DataFrame, key: str) -> None:
     container.plotly_chart(fig, width="stretch", key=key)
     data = readable(frame)
     left, right, _ = container.columns([1, 1, 4])
+    # encoded when clicked, never on every rerun (15 charts' CSV and Parquet were most of a warm page)
     left.download_button(
-        "CSV", data=_encode(data, "csv"), file_name=f"{key}.csv", mime="text/csv", key=f"{key}_csv", type="tertiary"
+        "CSV",
+        data=lambda: _encode(data, "csv"),
+        file_name=f"{key}.csv",
+        mime="text/csv",
+        key=f"{key}_csv",
+        type="tertiary",
     )
     right.download_button(
         "Parquet",
-        data=_encode(data, "parquet"),
+        data=lambda: _encode(data, "parquet"),
         file_name=f"{key}.parquet",
         mime="application/octet-stream",
         key=f"{key}_parquet",
