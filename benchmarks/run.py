@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # default run, a few minutes
     python benchmarks/run.py --full     # adds the 10M-row dashboard case
+    python benchmarks/run.py --huge     # and the 100M-row one (about 10 GB of disk)
 
 Everything is measured side by side in one run and reported as ratios too: the machine is shared
 and noisy, so absolute figures vary between runs while ratios hold. The simulator runs in its own
@@ -512,6 +513,7 @@ def dashboard(sizes: list[int]) -> list[dict[str, object]]:
     from joule_otel.ledger import reader, schema
 
     out = []
+    plans: dict[str, str] = {}
     for size in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             db = Path(tmp) / "big.duckdb"
@@ -569,6 +571,7 @@ def dashboard(sizes: list[int]) -> list[dict[str, object]]:
                 "what if (one choice)": lambda c: queries.what_if(c, filters, "support-bot", tier="batch"),
             }
             pages = []
+            timings = {}
             for _ in range(2):  # the first page of a process also pays one-time set-up (timezone conversion)
                 timings = {}
                 page_start = time.perf_counter()
@@ -583,7 +586,58 @@ def dashboard(sizes: list[int]) -> list[dict[str, object]]:
             out.append({"rows": f"{size:,}", "query": "WHOLE PAGE (open ledger + all queries)", "ms": pages[1] * 1000})
             out.append({"rows": f"{size:,}", "query": "first page of a fresh process", "ms": pages[0] * 1000})
             out.append({"rows": f"{size:,}", "query": "(rollup rebuild, once, at migration)", "ms": rollup_s * 1000})
+            # the page as Streamlit runs it: every query, the charts, the widgets
+            found = subprocess.run(
+                [sys.executable, str(HERE / "dashboard_page.py"), str(db)],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=1800,
+            )
+            app = json.loads(found.stdout.strip().splitlines()[-1])
+            out.append(
+                {"rows": f"{size:,}", "query": "APP PAGE, cold (a fresh process's first)", "ms": app["cold_s"] * 1000}
+            )
+            out.append(
+                {"rows": f"{size:,}", "query": "APP PAGE, warm (data cache cleared)", "ms": app["warm_s"] * 1000}
+            )
+            out.append({"rows": f"{size:,}", "query": "app page, rerun within the cache", "ms": app["cached_s"] * 1000})
+            if size == sizes[-1]:
+                slowest = max(timings, key=lambda name: timings[name])
+                with reader.connect(db) as con:
+                    plans[f"{slowest} at {size:,} rows"] = _plan(con, steps[slowest])
+    for title, plan in plans.items():
+        print(f"### Query plan of the slowest query: {title}\n\n```\n{plan}\n```\n", flush=True)
     return out
+
+
+class _Recorder:
+    """A DuckDB connection that remembers every statement run through it."""
+
+    def __init__(self, con: Any) -> None:
+        self.con, self.statements = con, []
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        self.statements.append((sql, params))
+        return self.con.execute(sql, params) if params is not None else self.con.execute(sql)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.con, name)
+
+
+def _plan(con: Any, step: Any) -> str:
+    """DuckDB's EXPLAIN ANALYZE of each query ``step`` runs on a fresh connection (a facts table's build included)."""
+    import re
+
+    recorder = _Recorder(con)
+    step(recorder)
+    plans = []
+    for sql, params in recorder.statements:
+        select = re.sub(r"^\s*CREATE TEMP TABLE IF NOT EXISTS \w+ AS ", "", sql)
+        if select.lstrip().upper().startswith(("SELECT", "WITH")):
+            rows = con.execute("EXPLAIN ANALYZE " + select, params or []).fetchall()
+            plans.append(rows[0][-1])
+    return "\n".join(plans)
 
 
 def sdk_floor(n: int) -> list[dict[str, object]]:
@@ -857,6 +911,7 @@ def table(rows: list[dict[str, object]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the 10M-row dashboard case and 1M ingest rows")
+    parser.add_argument("--huge", action="store_true", help="add the 100M-row dashboard case (~10 GB of disk)")
     parser.add_argument("--calls", type=int, default=300, help="sync/async calls per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=[], help="sections whose title has one of these words")
@@ -881,7 +936,14 @@ def main() -> int:
         ),
         ("OpenTelemetry SDK floor (alone, the least disturbed of 5 runs)", lambda: sdk_floor(5_000)),
         ("Ledger ingest", lambda: ledger_ingest(1_000_000)),
-        ("Dashboard queries", lambda: dashboard([100_000, 1_000_000] + ([10_000_000] if args.full else []))),
+        (
+            "Dashboard queries and the whole page",
+            lambda: dashboard(
+                [100_000, 1_000_000]
+                + ([10_000_000] if args.full or args.huge else [])
+                + ([100_000_000] if args.huge else [])
+            ),
+        ),
         ("Growth", lambda: growth([200, 1000, 3000, 5000])),
         ("joule-otel collect (OTLP/HTTP protobuf in, ledger out)", lambda: collect_ingest(10.0)),
     ]

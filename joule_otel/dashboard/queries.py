@@ -7,6 +7,7 @@ without Streamlit: pass any DuckDB connection whose ``inference_calls`` is the l
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -194,7 +195,14 @@ def facts(con: Any, filters: Filters, *, hourly: bool = True) -> tuple[str, list
     else:
         parts.append(part(f"SELECT {raw} FROM inference_calls", *_time_clauses(start, end)))
     sql = " UNION ALL BY NAME ".join(p for p, _ in parts)
-    return f"WITH facts AS ({sql})", [v for _, params in parts for v in params]
+    params = [v for _, part_params in parts for v in part_params]
+    # A page asks a dozen questions of the same facts: gather them once a connection (a page's visit to the
+    # ledger) into a temporary table, and let every query read that instead of the rollup, the edges and the
+    # spool again. The name is a digest of the query and its values, so other filters get their own table.
+    digest = hashlib.blake2b(repr((sql, params)).encode(), digest_size=8).hexdigest()
+    table = f"joule_facts_{digest}"
+    con.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} AS {sql}", params)
+    return f"WITH facts AS (SELECT * FROM {table})", []
 
 
 def options(con: Any) -> dict[str, Any]:
