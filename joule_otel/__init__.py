@@ -22,10 +22,39 @@ languages and hosts into it; ``joule-otel demo`` shows it all offline.
 
 from __future__ import annotations
 
-from joule_otel._instrument import flush, instrument, stats, uninstrument
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from joule_otel._version import __version__
-from joule_otel.ledger.reader import read_calls as read_ledger
 from joule_otel.workload import workload
+
+if TYPE_CHECKING:
+    from joule_otel._instrument import flush, instrument, stats, uninstrument
+    from joule_otel.ledger.reader import read_calls as read_ledger
+
+# Capture brings in the OpenTelemetry SDK, and reading the ledger DuckDB: neither is loaded until used, so that
+# `joule_otel.units`, the simulator or the dashboard (a fresh server's first page) do not pay for them.
+_LAZY = {
+    "flush": ("joule_otel._instrument", "flush"),
+    "instrument": ("joule_otel._instrument", "instrument"),
+    "stats": ("joule_otel._instrument", "stats"),
+    "uninstrument": ("joule_otel._instrument", "uninstrument"),
+    "read_ledger": ("joule_otel.ledger.reader", "read_calls"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'joule_otel' has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "__version__",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import subprocess
+import sys
 from datetime import timedelta, timezone
 from pathlib import Path
 
@@ -15,9 +17,19 @@ import joule_otel
 
 def test_all_is_sorted_and_complete():
     assert joule_otel.__all__ == sorted(joule_otel.__all__)
-    public = {name for name in vars(joule_otel) if not name.startswith("_") and name != "annotations"}
-    modules = {name for name, value in vars(joule_otel).items() if type(value).__name__ == "module"}
+    names = set(dir(joule_otel)) - {"annotations", "TYPE_CHECKING", "Any"}
+    public = {name for name in names if not name.startswith("_")}
+    modules = {name for name in public if type(getattr(joule_otel, name)).__name__ == "module"}
     assert set(joule_otel.__all__) - {"__version__"} == public - modules
+
+
+def test_importing_the_package_leaves_the_sdk_and_duckdb_unloaded():
+    """`import joule_otel` is light (the dashboard's first page and the simulator pay nothing for capture)."""
+    heavy = ("opentelemetry.sdk", "duckdb", "pyarrow", "joule_otel._instrument")
+    code = f"import sys, joule_otel, joule_otel.units; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert callable(joule_otel.instrument) and joule_otel.read_ledger.__name__ == "read_calls"
 
 
 def test_internal_modules_are_named_as_internal():

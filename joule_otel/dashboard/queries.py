@@ -155,14 +155,15 @@ def _ceil_hour(moment: datetime) -> datetime:
     return floor if floor == moment else floor + timedelta(hours=1)
 
 
-def facts(con: Any, filters: Filters, *, hourly: bool = True) -> tuple[str, list[Any]]:
+def facts(con: Any, filters: Filters, *, hourly: bool = True, keep: bool = True) -> tuple[str, list[Any]]:
     """A ``WITH facts AS (…)`` clause: the filtered calls as additive facts, and its parameters.
 
     A fact is a call, or an hour of calls that share every key of the rollup (see
     :data:`joule_otel.ledger.schema.FACT_MEASURES`): every aggregate the dashboard shows is a sum, min or
     max of facts, so reading the hourly rollup for the whole hours of the range and single calls only for
     the partial hours at its edges (and for spooled rows not compacted yet) gives the exact figures at a
-    fraction of the scan. ``hourly=False`` reads single calls only (time buckets under an hour).
+    fraction of the scan. ``hourly=False`` reads single calls only (time buckets under an hour); ``keep=False``
+    reads them in place, for a question asked once a connection.
     """
     from joule_otel.ledger.schema import raw_facts_sql
 
@@ -196,18 +197,25 @@ def facts(con: Any, filters: Filters, *, hourly: bool = True) -> tuple[str, list
         parts.append(part(f"SELECT {raw} FROM inference_calls", *_time_clauses(start, end)))
     sql = " UNION ALL BY NAME ".join(p for p, _ in parts)
     params = [v for _, part_params in parts for v in part_params]
+    if not keep:
+        return f"WITH facts AS ({sql})", params
     # A page asks a dozen questions of the same facts: gather them once a connection (a page's visit to the
     # ledger) into a temporary table, and let every query read that instead of the rollup, the edges and the
     # spool again. The name is a digest of the query and its values, so other filters get their own table.
+    return f"WITH facts AS (SELECT * FROM {_kept(con, 'facts', sql, params)})", []
+
+
+def _kept(con: Any, kind: str, sql: str, params: list[Any]) -> str:
+    """The name of a temporary table holding what ``sql`` selects, made on first use on this connection."""
     digest = hashlib.blake2b(repr((sql, params)).encode(), digest_size=8).hexdigest()
-    table = f"joule_facts_{digest}"
+    table = f"joule_{kind}_{digest}"
     con.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} AS {sql}", params)
-    return f"WITH facts AS (SELECT * FROM {table})", []
+    return table
 
 
 def options(con: Any) -> dict[str, Any]:
     """Distinct values for every filter and the data's time span."""
-    with_facts, params = facts(con, Filters())
+    with_facts, params = facts(con, Filters(), keep=False)
     row = con.execute(
         f"{with_facts} SELECT min(first_at), max(last_at), coalesce(sum(calls), 0), "
         "list_sort(list(DISTINCT service)), list_sort(list(DISTINCT workload)), "
