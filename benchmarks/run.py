@@ -635,9 +635,10 @@ def _plan(con: Any, step: Any) -> str:
     for sql, params in recorder.statements:
         select = re.sub(r"^\s*CREATE TEMP TABLE IF NOT EXISTS \w+ AS ", "", sql)
         if select.lstrip().upper().startswith(("SELECT", "WITH")):
-            rows = con.execute("EXPLAIN ANALYZE " + select, params or []).fetchall()
-            plans.append(rows[0][-1])
-    return "\n".join(plans)
+            plan = con.execute("EXPLAIN ANALYZE " + select, params or []).fetchall()[0][-1]
+            took = re.search(r"Total Time: ([0-9.]+)s", plan)
+            plans.append((float(took.group(1)) if took else 0.0, plan))
+    return max(plans)[1] if plans else ""  # the slowest statement of the step
 
 
 def sdk_floor(n: int) -> list[dict[str, object]]:

@@ -58,6 +58,10 @@ class EnergyReading(NamedTuple):
     """Names of headers that were present but unusable (counted by capture)."""
 
 
+_DECIMAL = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*", re.ASCII)
+"""A decimal number as HTTP carries one: ASCII digits, a point, an exponent, ASCII whitespace around."""
+
+
 def parse_quantity(value: str | bytes | float | None, ceiling: float = MAX_ENERGY_J) -> float | None:
     """A finite, non-negative float no larger than ``ceiling`` from a header (or JSON) value, else ``None``.
 
@@ -67,8 +71,13 @@ def parse_quantity(value: str | bytes | float | None, ceiling: float = MAX_ENERG
     """
     if value is None or isinstance(value, bool):
         return None
+    if (
+        isinstance(value, (str, bytes))
+        and _DECIMAL.fullmatch(value if isinstance(value, str) else value.decode("latin-1")) is None
+    ):
+        return None  # float() would also take `1_000`, `１２`, `١٢`, `infinity`: not what a decimal in HTTP looks like
     try:
-        number = float(value)  # float() takes bytes, str and numbers alike, and ignores surrounding whitespace
+        number = float(value)
     except (ValueError, TypeError, OverflowError):
         return None
     if not 0 <= number <= ceiling:  # NaN fails every comparison; inf is above any ceiling

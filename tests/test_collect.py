@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,10 +337,19 @@ def test_a_token_is_required_when_set_and_off_loopback(tmp_path):
     guarded = start_collect(tmp_path / "t.duckdb", JOULE_OTEL_COLLECT_TOKEN="s3cret")
     try:
         assert guarded.post("/v1/traces", export(fetch_span()), "application/x-protobuf")[0] == 401
-        status, _ = guarded.post(
-            "/v1/traces", export(fetch_span()), "application/x-protobuf", Authorization="Bearer s3cret"
-        )
-        assert status == 200
+        for wrong in ("Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "Bearer"):
+            assert guarded.post("/v1/traces", b"", "application/x-protobuf", Authorization=wrong)[0] == 401, wrong
+        for scheme in ("Bearer", "bearer", "BEARER"):  # auth schemes are case-insensitive (RFC 9110)
+            status, _ = guarded.post(
+                "/v1/traces", export(fetch_span()), "application/x-protobuf", Authorization=f"{scheme} s3cret"
+            )
+            assert status == 200, scheme
+        # a stranger learns that it is alive, never where the ledger is
+        with urllib.request.urlopen(guarded.url + "/healthz", timeout=10) as response:
+            assert json.loads(response.read()) == {"status": "ok"}
+        request = urllib.request.Request(guarded.url + "/healthz", headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["ledger"] == str(tmp_path / "t.duckdb")
     finally:
         stop(guarded)
     open_to_all = subprocess.run(
@@ -622,7 +632,13 @@ def test_otlp_grpc_carries_spans_and_call_events_with_the_token(tmp_path):
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Export(request, timeout=30)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            answer = stub.Export(request, metadata=[("authorization", "Bearer s3cret")], timeout=30)
+            # the token is checked before the message is read: bytes no protobuf decoder accepts are refused for
+            # the token, not for their content
+            raw = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+            with pytest.raises(grpc.RpcError) as refused:
+                raw(b"\xff" * 4096, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answer = stub.Export(request, metadata=[("authorization", "bearer s3cret")], timeout=30)
             assert answer.partial_success.rejected_spans == 0
     finally:
         stop(guarded)
@@ -680,3 +696,36 @@ def test_a_dead_decoding_worker_costs_no_request(tmp_path):
         sink.close()
         pool.shutdown()
     assert [r["receipt_id"] for r in Collector("", tmp_path / "w.duckdb", None, 0).rows()] == ["rcpt_after_crash"]
+
+
+@GRPC_KEEPS_THE_REAL_CLOCK
+def test_a_grpc_port_another_receiver_holds_is_an_error_at_start(tmp_path):
+    """gRPC servers share a port by default (SO_REUSEPORT): a second collect must refuse it, not split senders."""
+    import grpc
+
+    holder = grpc.server(ThreadPoolExecutor(max_workers=1))  # a stock gRPC server: SO_REUSEPORT on
+    port = holder.add_insecure_port("127.0.0.1:0")
+    holder.start()
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "joule_otel.cli",
+                "collect",
+                "--port",
+                str(free_port()),
+                "--grpc-port",
+                str(port),
+                "--db",
+                str(tmp_path / "second.duckdb"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        holder.stop(grace=None)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "--grpc-port" in result.stderr and str(port) in result.stderr
+    assert not (tmp_path / "second.duckdb").exists()

@@ -50,6 +50,15 @@ from joule_otel.headers import (
         (None, None),
         ("0x10", None),
         ("1,5", None),
+        # what float() takes but a decimal in HTTP never is
+        ("1_000", None),
+        ("１２", None),  # fullwidth digits
+        ("١٢", None),  # Arabic-Indic digits
+        ("infinity", None),
+        ("\u20037", None),  # a non-ASCII space
+        (b"1_0", None),
+        (".5", 0.5),
+        ("+4", 4.0),
     ],
 )
 def test_parse_quantity(raw, expected):

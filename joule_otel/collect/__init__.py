@@ -45,6 +45,11 @@ def serve(
             f"listening on {host} (not loopback) needs a bearer token: set {JOULE_OTEL_COLLECT_TOKEN} "
             "and give the same to every sender (OTEL_EXPORTER_OTLP_HEADERS=Authorization=Bearer%20<token>)"
         )
+    from joule_otel._terminal import port_taken
+
+    for taken, option in ((port, "--port"), (grpc_port, "--grpc-port")):
+        if taken and port_taken(host, taken):  # said before anything starts, never a traceback from the server
+            raise ValueError(f"port {taken} on {host} is already in use; pass another with {option}")
     try:
         import starlette  # noqa: F401
         import uvicorn
@@ -82,7 +87,13 @@ def serve(
         except ImportError:
             grpc_server = None  # no grpcio: OTLP/HTTP only
         else:
-            grpc_server = start_grpc(sink, host=host, port=grpc_port, token=token)
+            try:
+                grpc_server = start_grpc(sink, host=host, port=grpc_port, token=token)
+            except ValueError:  # taken between the check above and now
+                if decoders is not None:
+                    decoders.shutdown(wait=True, cancel_futures=True)
+                sink.close()
+                raise
     where = writer.db_path if writer is not None else "no ledger (JOULE_OTEL_DB=off)"
     also = f" and OTLP/gRPC on {host}:{grpc_port}" if grpc_server is not None else ""
     print(f"joule-otel collect: OTLP/HTTP on http://{host}:{port}{also}  →  {where}  (Ctrl-C stops)", flush=True)

@@ -6,13 +6,12 @@ the message size is bounded like an HTTP body, and the bearer token is checked i
 
 from __future__ import annotations
 
-import hmac
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from joule_otel.collect import _otlp
-from joule_otel.collect._server import RowSink, submit
+from joule_otel.collect._server import RowSink, authorized, submit
 
 _log = logging.getLogger("joule_otel.collect")
 
@@ -26,13 +25,18 @@ def start_grpc(sink: RowSink, *, host: str, port: int, token: str | None) -> Any
     from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-    expected = f"Bearer {token}".encode() if token else None
+    class TokenFirst(grpc.ServerInterceptor):  # type: ignore[misc]
+        """Checks the token in the metadata before the message is decoded (a stranger's 13 MB costs nothing)."""
+
+        def intercept_service(self, continuation: Any, details: Any) -> Any:
+            if authorized(dict(details.invocation_metadata).get("authorization"), token):
+                return continuation(details)
+            return grpc.unary_unary_rpc_method_handler(refuse)  # no deserializer: the bytes stay unread
+
+    def refuse(request: bytes, context: Any) -> None:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "a bearer token is required (JOULE_OTEL_COLLECT_TOKEN)")
 
     def export(signal: str, decoded: _otlp.Decoded, context: Any) -> int:
-        if expected is not None:
-            given = dict(context.invocation_metadata()).get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "a bearer token is required (JOULE_OTEL_COLLECT_TOKEN)")
         if not submit(sink, signal, decoded).result(timeout=WAIT_S):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the ledger's disk refused the rows; retry later")
         return decoded.rejected
@@ -58,14 +62,22 @@ def start_grpc(sink: RowSink, *, host: str, port: int, token: str | None) -> Any
     limit = _otlp.MAX_BODY_BYTES
     server = grpc.server(
         ThreadPoolExecutor(max_workers=4, thread_name_prefix="joule-otel-collect-grpc"),
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        interceptors=[TokenFirst()],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            # gRPC shares a port by default (SO_REUSEPORT): a second receiver would bind it too, and the kernel
+            # would split the senders between two ledgers
+            ("grpc.so_reuseport", 0),
+        ],
     )
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), server)  # type: ignore[no-untyped-call]
     logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Logs(), server)  # type: ignore[no-untyped-call]
     try:
-        server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as exc:
-        _log.warning("joule-otel collect: cannot serve OTLP/gRPC on %s:%s (%s); OTLP/HTTP only", host, port, exc)
-        return None
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if not bound:  # grpcio raises or returns 0, by version
+        raise ValueError(f"port {port} on {host} is already in use; pass another with --grpc-port (0: no gRPC)")
     server.start()
     return server

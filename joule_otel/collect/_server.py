@@ -183,6 +183,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def authorized(header: str | None, token: str | None) -> bool:
+    """Whether an ``Authorization`` value carries ``token`` (always, when no token is required).
+
+    ``Bearer`` is matched without regard to case, as HTTP's auth schemes are (RFC 9110 11.1); the
+    credentials are compared in constant time.
+    """
+    if token is None:
+        return True
+    scheme, _, credentials = (header or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
+
+
 def create_app(
     sink: RowSink, *, token: str | None, max_body_bytes: int = _otlp.MAX_BODY_BYTES, decoders: Any = None
 ) -> Any:
@@ -198,7 +210,6 @@ def create_app(
     from starlette.routing import Route
 
     stats = {"requests": 0, "rejected_items": 0, "bad_payloads": 0, "unauthorized": 0}
-    expected = f"Bearer {token}".encode() if token else None
 
     def answer(request_type: str, signal: str, rejected: int, message: str, status: int = 200) -> Response:
         if request_type in PROTOBUF_TYPES:
@@ -214,11 +225,9 @@ def create_app(
 
     async def receive(request: Request, signal: str) -> Response:
         stats["requests"] += 1
-        if expected is not None:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                stats["unauthorized"] += 1
-                return refuse(401, "a bearer token is required (JOULE_OTEL_COLLECT_TOKEN)")
+        if not authorized(request.headers.get("authorization"), token):
+            stats["unauthorized"] += 1
+            return refuse(401, "a bearer token is required (JOULE_OTEL_COLLECT_TOKEN)")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in (*PROTOBUF_TYPES, "application/json"):
             stats["bad_payloads"] += 1
@@ -259,6 +268,8 @@ def create_app(
         return await receive(request, "logs")
 
     async def health(request: Request) -> Response:
+        if not authorized(request.headers.get("authorization"), token):
+            return JSONResponse({"status": "ok"})  # alive, for an orchestrator; nothing more to a stranger
         writer = sink.writer
         return JSONResponse(
             {
