@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from joule_otel.config import JOULE_OTEL_BUDGET_THRESHOLDS, JOULE_OTEL_BUDGETS
+from joule_otel.headers import clean_string
 
 DEFAULT_THRESHOLDS = (0.8, 1.0)
 """Shares of a budget at which a warning is logged (and alert rules fire): 80 % and 100 %."""
@@ -47,23 +48,39 @@ class Budget(NamedTuple):
         return self.workload if self.service is None else f"{self.workload} @ {self.service}"
 
 
-def _entry(name: str, value: Any, file: Path) -> Budget:
-    """One budget from a file entry: a number, or a table with ``joules`` (or ``budget_j``) and ``service``."""
+def budget(name: Any, value: Any, where: str) -> Budget:
+    """One budget from a name and a number (or a table with ``joules``/``budget_j`` and ``service``).
+
+    Names are cleaned as workloads are (trimmed, control characters removed, capped), so a budget matches the
+    workload a call is recorded under. ``where`` says where the entry came from, for the error.
+
+    Raises:
+        ValueError: an empty name, a service that is not a name, or joules that are not a finite positive number.
+    """
     service = None
     if isinstance(value, dict):
         service = value.get("service") or None
         if service is not None and not isinstance(service, str):
-            raise ValueError(f"service of budget {name!r} in {file} must be a name, not {service!r}")
+            raise ValueError(f"service of budget {name!r} in {where} must be a name, not {service!r}")
         value = value.get("joules", value.get("budget_j"))
+    joules = _joules(value)
+    if joules is None:
+        raise ValueError(f"budget of {name!r} in {where} must be a positive number of joules, not {value!r}")
+    workload = clean_string(name) if isinstance(name, str) else None
+    if workload is None:
+        raise ValueError(f"a budget in {where} has no workload name ({name!r})")
+    return Budget(workload, joules, clean_string(service))
+
+
+def _joules(value: Any) -> float | None:
+    """A finite positive number of joules (a number, or a decimal text as CSV gives), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
     try:
         joules = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"budget of {name!r} in {file} is not a number: {value!r}") from None
-    if not joules > 0 or joules == float("inf"):
-        raise ValueError(f"budget of {name!r} in {file} must be a positive number of joules, not {value!r}")
-    if not str(name).strip():
-        raise ValueError(f"a budget in {file} has no workload name")
-    return Budget(str(name).strip(), joules, service.strip() if service else None)
+    except (ValueError, OverflowError):  # a 400-digit integer does not fit a float
+        return None
+    return joules if 0 < joules < float("inf") else None
 
 
 def load_budgets(path: str | os.PathLike[str] | None = None) -> list[Budget]:
@@ -79,7 +96,9 @@ def load_budgets(path: str | os.PathLike[str] | None = None) -> list[Budget]:
         path = configured
     file = Path(path).expanduser()
     try:
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8-sig")  # a spreadsheet's CSV starts with a byte-order mark
+    except UnicodeDecodeError:
+        raise ValueError(f"budgets file {file} is not UTF-8 text") from None
     except OSError as exc:
         raise ValueError(f"cannot read budgets file {file}: {exc.strerror or exc}") from None
     entries: list[tuple[str, Any]] = []
@@ -109,16 +128,27 @@ def load_budgets(path: str | os.PathLike[str] | None = None) -> list[Budget]:
                 entries += list(raw.items())
             else:
                 raise ValueError("it must map workload names to joules")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except RecursionError:
+        raise ValueError(f"budgets file {file} is not valid: nested too deeply") from None
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise ValueError(f"budgets file {file} is not valid: {exc}") from None
-    budgets = [_entry(name, value, file) for name, value in entries]
+    budgets = [budget(name, value, str(file)) for name, value in entries]
+    return _unique(budgets, f"budgets file {file}")
+
+
+def _unique(budgets: list[Budget], where: str) -> list[Budget]:
     seen: set[tuple[str, str | None]] = set()
-    for budget in budgets:
-        key = (budget.workload, budget.service)
+    for found in budgets:
+        key = (found.workload, found.service)
         if key in seen:
-            raise ValueError(f"budgets file {file} names {budget.label} twice")
+            raise ValueError(f"{where} names {found.label} twice")
         seen.add(key)
     return budgets
+
+
+def budgets_of(mapping: dict[Any, Any]) -> list[Budget]:
+    """``instrument(budgets={workload: joules})`` as budgets; ``ValueError`` for any entry that is not one."""
+    return _unique([budget(name, value, "budgets=") for name, value in mapping.items()], "budgets=")
 
 
 def parse_thresholds(raw: str | None) -> tuple[float, ...]:

@@ -239,7 +239,7 @@ def _budget_options(budgets: Any, thresholds: Any) -> tuple[tuple[Any, ...], tup
     An invalid option raises ``ValueError``; an invalid variable or file named by one is warned about and
     ignored (capture goes on without budgets).
     """
-    from joule_otel.budgets import DEFAULT_THRESHOLDS, Budget, load_budgets, parse_thresholds
+    from joule_otel.budgets import DEFAULT_THRESHOLDS, budgets_of, load_budgets, parse_thresholds
 
     if thresholds is not None:
         if isinstance(thresholds, (str, bytes)) or not all(
@@ -254,10 +254,7 @@ def _budget_options(budgets: Any, thresholds: Any) -> tuple[tuple[Any, ...], tup
             _log.warning("joule_otel: %s; using 80%% and 100%%", exc)
             shares = DEFAULT_THRESHOLDS
     if isinstance(budgets, dict):
-        try:
-            return tuple(Budget(str(w), float(j)) for w, j in budgets.items() if float(j) > 0), shares
-        except (TypeError, ValueError):
-            raise ValueError(f"budgets must map workload names to joules, not {budgets!r}") from None
+        return tuple(budgets_of(budgets)), shares  # ValueError: says which entry and why
     if budgets is not None and not isinstance(budgets, (str, os.PathLike)):
         raise ValueError(f"budgets must be a file path or a {{workload: joules}} dict, not {type(budgets).__name__}")
     if budgets is not None:

@@ -55,7 +55,7 @@ def test_budgets_file_formats_and_errors(tmp_path):
         assert load_budgets(tmp_path / name) == expected, name
     assert expected[1].label == "sum @ reports"
     for text, message in (
-        ('{"bot": "lots"}', "not a number"),
+        ('{"bot": "lots"}', "positive number"),
         ('{"bot": -1}', "positive"),
         ('["bot"]', "not valid"),
         ("{", "not valid"),
@@ -72,6 +72,49 @@ def test_budgets_file_formats_and_errors(tmp_path):
         parse_thresholds("eighty")
 
 
+def test_every_budgets_file_a_user_can_hand_over_is_budgets_or_one_clear_error(tmp_path, monkeypatch, caplog):
+    """Nesting deep enough to exhaust the parser, integers no float holds, a spreadsheet's BOM, control characters:
+    each is budgets or a ValueError that names the file, never a crash of the app that set JOULE_OTEL_BUDGETS."""
+    from joule_otel.cli import main
+
+    (tmp_path / "bom.csv").write_text("\ufeffworkload,budget_j,service\nbot,100,\n", encoding="utf-8")
+    assert load_budgets(tmp_path / "bom.csv") == [Budget("bot", 100.0)]
+    (tmp_path / "ctl.json").write_text(
+        json.dumps({"support-\u0000bot\u0007 ": 100, "x": {"joules": 5, "service": "a\tb"}})
+    )
+    assert load_budgets(tmp_path / "ctl.json") == [Budget("support-bot", 100.0), Budget("x", 5.0, "ab")]
+    hostile = {
+        "deep.json": "[" * 100_000 + "]" * 100_000,
+        "deep-object.json": '{"a":' * 50_000 + "1" + "}" * 50_000,
+        "digits.json": '{"bot": ' + "9" * 400 + "}",
+        "latin1.csv": b"workload,budget_j\n\xe9t\xe9,5\n",
+        "inf.json": '{"bot": 1e999}',
+        "bool.json": '{"bot": true}',
+        "empty-name.json": '{"  ": 5}',
+    }
+    for name, text in hostile.items():
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ValueError, match=str(path) if "name" not in name else "no workload name"):
+            load_budgets(path)
+        assert main(["budgets", "rules", str(path)]) == 2, name
+        monkeypatch.setenv("JOULE_OTEL_BUDGETS", str(path))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="joule_otel"):
+            joule_otel.instrument(db="off")  # warns once and goes on without budgets
+            joule_otel.uninstrument()
+        assert [r for r in caplog.records if "budget warnings and gauges are off" in r.getMessage()], name
+
+
+@pytest.mark.parametrize(
+    "budgets",
+    [{"bot": float("inf")}, {"bot": float("nan")}, {"bot": 0}, {"bot": -5}, {"bot": True}, {"": 5}, {"bot": "lots"}],
+)
+def test_instrument_refuses_budgets_that_are_not_budgets(budgets):
+    with pytest.raises(ValueError, match="budget"):
+        joule_otel.instrument(db="off", budgets=budgets)
+
+
 def test_instrument_rejects_bad_budget_options_and_warns_on_a_bad_variable(tmp_path, monkeypatch, caplog):
     with pytest.raises(ValueError, match="budget_thresholds"):
         joule_otel.instrument(db="off", budget_thresholds="0.8")
@@ -83,7 +126,7 @@ def test_instrument_rejects_bad_budget_options_and_warns_on_a_bad_variable(tmp_p
         joule_otel.instrument(db="off")
         joule_otel.uninstrument()
     assert any(
-        "not a number" in r.getMessage() and "budget warnings and gauges are off" in r.getMessage()
+        "positive number" in r.getMessage() and "budget warnings and gauges are off" in r.getMessage()
         for r in caplog.records
     )
 
