@@ -521,6 +521,8 @@ def dashboard(sizes: list[int]) -> list[dict[str, object]]:
                 from joule_otel.ledger.schema import migrate
 
                 migrate(con)
+                # building 100 M rows in time order sorts them all: spill to disk, never take the machine's memory
+                con.execute(f"SET memory_limit = '4GB'; SET temp_directory = '{tmp}/spill'")
                 present = {
                     r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{SAMPLE_PATH}')").fetchall()
                 }

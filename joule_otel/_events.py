@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from joule_otel import attributes as attr
-from joule_otel.headers import clean_string, parse_carbon, parse_energy, parse_token_count
+from joule_otel.headers import clean_receipt, clean_string, parse_carbon, parse_energy, parse_token_count
 from joule_otel.ledger.row import LedgerRow
 
 EVENT_NAME = "joule.inference.call"
@@ -62,7 +62,7 @@ def row_from_event(
     stream = get(FIELDS["stream"])
     tier, region = _text(get(FIELDS["tier"])), _text(get(FIELDS["region"]))
     return LedgerRow(
-        receipt_id=_text(get(FIELDS["receipt_id"])),
+        receipt_id=clean_receipt(get(FIELDS["receipt_id"])),
         started_at_us=max(int(time_ns), 0) // 1000,
         duration_ms=_number(get(FIELDS["duration_ms"])),
         ttft_ms=_number(get(FIELDS["ttft_ms"])),

@@ -175,7 +175,10 @@ def read_scanned(found: list[Any], request_region: str | bytes | None = None) ->
             region = clean_label(found[_REGION], lower=True)
     if region is None and request_region is not None:
         region = clean_label(request_region, lower=True)
-    return _new_tuple(EnergyReading, (energy, carbon, routed, tier, region, clean_receipt(receipt), invalid))
+    receipt_id = clean_receipt(receipt) if receipt is not None else None
+    if receipt_id is None and receipt is not None:
+        invalid = (*invalid, RECEIPT_ID)
+    return _new_tuple(EnergyReading, (energy, carbon, routed, tier, region, receipt_id, invalid))
 
 
 SCANNED = (
@@ -250,18 +253,27 @@ def clean_label(value: str | bytes | None, *, lower: bool = False) -> str | None
 
 
 def clean_receipt(value: str | bytes | None) -> str | None:
-    """:func:`clean_string` of a receipt id (unique per call, not worth remembering), the usual clean ASCII id fast."""
-    if type(value) is bytes and 0 < len(value) <= MAX_STRING and value.isascii():
-        value = value.decode("ascii")
-    if (
-        type(value) is str
-        and 0 < len(value) <= MAX_STRING
-        and value.isascii()
-        and value.isprintable()
-        and value == value.strip()
-    ):
-        return value
-    return clean_string(value)
+    """A receipt id exactly as received (the whitespace HTTP trims aside), or ``None`` for one no receipt could be.
+
+    The receipt is the ledger's idempotency key, so it is never cleaned into another id: cut to 256 characters
+    or stripped of control characters, two distinct ids would merge and one call would be dropped as a
+    duplicate. An id longer than :data:`MAX_STRING`, with a control character, or not UTF-8 is refused whole
+    (the call is a row without a receipt, and the header is counted as invalid).
+    """
+    if type(value) is bytes:
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if type(value) is not str:
+        return None
+    if not (value.isascii() and value.isprintable()):
+        value = value.strip(" \t")
+        if not value.isprintable():
+            return None
+    elif value[:1] == " " or value[-1:] == " ":
+        value = value.strip(" ")
+    return value if 0 < len(value) <= MAX_STRING else None
 
 
 def header_map(headers: Any) -> dict[bytes, bytes]:

@@ -15,6 +15,7 @@ from joule_otel.headers import (
     MAX_STRING,
     MAX_TOKENS,
     SCANNED,
+    clean_receipt,
     clean_string,
     header_map,
     header_value,
@@ -164,7 +165,9 @@ def test_read_energy_case_insensitive_and_region_fallback():
     assert reading.energy_j == 150.0
     assert reading.tier == "batch"
     assert reading.region == "eu-fi"
-    assert reading.receipt_id == "r1"
+    assert reading.receipt_id is None, "a receipt with control characters is refused, never cleaned into r1"
+    assert "x-receipt-id" in reading.invalid
+    assert read_energy(httpx.Headers({"x-receipt-id": " r1 "}).get).receipt_id == "r1"
     assert read_energy(httpx.Headers({"x-region": "ap-in"}).get, "eu-fi").region == "ap-in"
     assert read_energy(httpx.Headers({"x-routed-to": "m" * 1000}).get).routed_to == "m" * MAX_STRING
 
@@ -210,11 +213,12 @@ def test_header_map_and_value_agree_with_httpx_whatever_the_layout(pairs):
     )
 )
 def test_string_headers_read_as_clean_string_says_every_time(values):
-    # labels (model, tier, region) are remembered and receipts take a fast path: both must say what clean_string says
+    # labels (model, tier, region) are remembered: they must say what clean_string says every time; a receipt is
+    # what was received, or nothing
     for raw in values + values:
         reading = read_energy_map({b"x-receipt-id": raw, b"x-routed-to": raw, b"x-tier": raw, b"x-region": raw})
         cleaned = clean_string(raw)
-        assert reading.receipt_id == cleaned
+        assert reading.receipt_id is None or reading.receipt_id == raw.decode().strip(" \t")
         assert reading.routed_to == cleaned
         assert reading.tier == reading.region == (cleaned.lower() if cleaned else None)
 
@@ -226,3 +230,25 @@ def test_the_requests_region_stands_when_the_response_does_not_say():
     assert read_response(unsaid, request)[0].region == "eu-fi"
     assert read_response(said, request)[0].region == "us-west"
     assert read_response(unsaid, None)[0].region is None
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [("r" * 300, "r" * 256 + "X"), ("a\x00b", "ab"), ("rcpt\n1", "rcpt1"), (b"r\xff1", b"r\xfe1"), ("r\u200b1", "r1")],
+)
+def test_distinct_receipts_never_merge_into_one_id(one, other):
+    """Receipts are the ledger's dedupe key: an id is kept as received or refused whole, never cleaned into
+    another id (which would drop a billed call as a duplicate)."""
+    first, second = clean_receipt(one), clean_receipt(other)
+    assert first is None or second is None or first != second
+    for raw in (one, other):
+        found = clean_receipt(raw)
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        assert found is None or found == text
+
+
+@given(st.text(max_size=300), st.text(max_size=300))
+def test_receipts_that_differ_stay_apart(one, other):
+    if one.strip(" \t") != other.strip(" \t"):
+        first, second = clean_receipt(one), clean_receipt(other)
+        assert first is None or first != second
