@@ -11,7 +11,7 @@ from typing import Any
 
 from joule_otel import attributes as attr
 from joule_otel.headers import clean_receipt, clean_string, parse_carbon, parse_energy, parse_token_count
-from joule_otel.ledger.row import LedgerRow
+from joule_otel.ledger.row import LedgerRow, duration_ms, start_problem
 
 EVENT_NAME = "joule.inference.call"
 
@@ -49,24 +49,26 @@ def _text(value: Any) -> str | None:
     return clean_string(value) if isinstance(value, str) else None
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+def row_from_event(attributes: dict[str, Any], *, time_ns: int, trace_id: str, span_id: str, service: Any) -> LedgerRow:
+    """The ledger row a call event carries, every value checked as if it came from a header.
 
-
-def row_from_event(
-    attributes: dict[str, Any], *, time_ns: int, trace_id: str, span_id: str, service: str | None
-) -> LedgerRow:
-    """The ledger row a call event carries, every value checked as if it came from a header."""
+    Raises:
+        ValueError: a start time no call could have (the record is refused, and counted by the receiver).
+    """
     get = attributes.get
     status = get(FIELDS["status_code"])
     stream = get(FIELDS["stream"])
     tier, region = _text(get(FIELDS["tier"])), _text(get(FIELDS["region"]))
+    started_at_us = int(time_ns) // 1000
+    refused = start_problem(started_at_us)
+    if refused:
+        raise ValueError(refused)
     return LedgerRow(
         receipt_id=clean_receipt(get(FIELDS["receipt_id"])),
-        started_at_us=max(int(time_ns), 0) // 1000,
-        duration_ms=_number(get(FIELDS["duration_ms"])),
-        ttft_ms=_number(get(FIELDS["ttft_ms"])),
-        service=_text(get(FIELDS["service"])) or service,
+        started_at_us=started_at_us,
+        duration_ms=duration_ms(get(FIELDS["duration_ms"])),
+        ttft_ms=duration_ms(get(FIELDS["ttft_ms"])),
+        service=_text(get(FIELDS["service"])) or _text(service),
         workload=_text(get(FIELDS["workload"])),
         operation=_text(get(FIELDS["operation"])),
         server_address=_text(get(FIELDS["server_address"])),

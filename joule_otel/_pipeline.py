@@ -25,7 +25,7 @@ from joule_otel._events import EVENT_NAME, event_attributes
 from joule_otel._genai import JOULE_PROVIDER, error_type_for, provider_of_scanned, request_fields
 from joule_otel._metrics import Measurement, MetricRecorder
 from joule_otel.headers import SCANNED_CONTENT_ENCODING, SCANNED_CONTENT_TYPE, read_response
-from joule_otel.ledger.row import LedgerRow
+from joule_otel.ledger.row import LedgerRow, duration_ms
 from joule_otel.ledger.writer import LedgerWriter, load_arrow
 from joule_otel.workload import baggage_workload
 
@@ -426,8 +426,8 @@ class Pipeline:
             (
                 receipt,
                 call.started_ns // 1000,
-                duration_s * 1000.0,
-                ttft_s * 1000.0 if ttft_s is not None else None,
+                duration_ms(duration_s * 1000.0),  # a response read before the transport returned: can be days
+                duration_ms(ttft_s * 1000.0) if ttft_s is not None else None,
                 self.service_name,
                 workload,
                 call.operation,

@@ -729,3 +729,65 @@ def test_a_grpc_port_another_receiver_holds_is_an_error_at_start(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "--grpc-port" in result.stderr and str(port) in result.stderr
     assert not (tmp_path / "second.duckdb").exists()
+
+
+def test_values_no_call_could_have_never_land_and_refused_records_are_counted(collector):
+    """Durations of inf, 1e308 ms or 292 years are missing; start times in 1970 or 2554 refuse their record (the
+    sender is told in the partial-success answer); a resource's service.name is cleaned like every label, and one
+    that is not text never drops its rows."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+        ExportLogsServiceRequest,
+        ExportLogsServiceResponse,
+    )
+    from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
+
+    from joule_otel._events import EVENT_NAME
+
+    def event(receipt: str, time_ns: int = T0, **extra) -> LogRecord:
+        attributes = [kv("joule.receipt_id", receipt), kv("joule.energy", 5.0), kv("joule.operation", "chat")]
+        return LogRecord(
+            time_unix_nano=time_ns,
+            event_name=EVENT_NAME,
+            attributes=attributes + [kv(k.replace("__", "."), v) for k, v in extra.items()],
+        )
+
+    def resource(service, *records: LogRecord) -> ResourceLogs:
+        return ResourceLogs(
+            resource=Resource(attributes=[kv("service.name", service)]),
+            scope_logs=[ScopeLogs(log_records=list(records))],
+        )
+
+    year_2554 = 18_446_744_073_709_551_615 // 1000 * 1000  # the largest uint64 in ns: the year 2554
+    logs = ExportLogsServiceRequest(
+        resource_logs=[
+            resource(
+                "py\x00-app\x1b" + "x" * (1 << 20),
+                event("rcpt_inf", joule__duration_ms=float("inf")),
+                event("rcpt_huge", joule__duration_ms=1e308, joule__ttft_ms=float("inf")),
+                event("rcpt_1970", time_ns=1_000),
+                event("rcpt_2554", time_ns=year_2554),
+            ),
+            resource(42, event("rcpt_int_service")),
+        ]
+    )
+    status, body = collector.post("/v1/logs", logs.SerializeToString(), "application/x-protobuf")
+    assert status == 200
+    answer = ExportLogsServiceResponse.FromString(body).partial_success
+    assert answer.rejected_log_records == 2 and "started_at" in answer.error_message
+    spans = export(
+        fetch_span(span_id=bytes.fromhex("1111111111111111"), parent=b"", receipt="rcpt_292y"),
+        fetch_span(span_id=bytes.fromhex("2222222222222222"), parent=b"", receipt="rcpt_span_1970"),
+    )
+    request = ExportTraceServiceRequest.FromString(spans)
+    long_span, old_span = request.resource_spans[0].scope_spans[0].spans
+    long_span.end_time_unix_nano = long_span.start_time_unix_nano + 292 * 365 * 86_400 * 10**9
+    old_span.start_time_unix_nano, old_span.end_time_unix_nano = 5, 10
+    status, body = collector.post("/v1/traces", request.SerializeToString(), "application/x-protobuf")
+    assert status == 200 and ExportTraceServiceResponse.FromString(body).partial_success.rejected_spans == 1
+    rows = {r["receipt_id"]: r for r in collector.rows()}
+    assert set(rows) == {"rcpt_inf", "rcpt_huge", "rcpt_int_service", "rcpt_292y"}
+    assert rows["rcpt_huge"]["duration_ms"] is None and rows["rcpt_huge"]["ttft_ms"] is None
+    assert rows["rcpt_292y"]["duration_ms"] is None
+    assert rows["rcpt_inf"]["service"].startswith("py-app") and len(rows["rcpt_inf"]["service"]) == 256
+    assert rows["rcpt_int_service"]["service"] is None and rows["rcpt_int_service"]["energy_j"] == 5.0
+    assert collector.health()["rejected_items"] == 3

@@ -254,8 +254,8 @@ def create_app(
         except _otlp.PayloadError as exc:
             stats["bad_payloads"] += 1
             return refuse(413 if exc.too_large else 400, str(exc))
-        stats["rejected_items"] += decoded.rejected
         done = sink.prepared(prepared) if signal == "traces" else submit(sink, signal, decoded)
+        stats["rejected_items"] += decoded.rejected  # after submit: it refuses the records no row can be made of
         if not await asyncio.wrap_future(done):
             return refuse(503, "the ledger's disk refused the rows; they wait in memory, retry later")
         message = "; ".join(dict.fromkeys(decoded.errors))[:512]
@@ -298,7 +298,10 @@ def submit(sink: RowSink, signal: str, decoded: _otlp.Decoded) -> Future[bool]:
     (not call events) are ignored.
     """
     if signal == "traces":
-        return sink.spans(decoded.spans)
+        prepared = prepare(decoded.spans)
+        decoded.rejected += prepared.rejected
+        decoded.errors += prepared.errors or []
+        return sink.prepared(prepared)
     rows = []
     for record in decoded.logs:
         if record.event_name != EVENT_NAME:
@@ -323,7 +326,8 @@ def prepare_traces(body: bytes, encoding: str, content_type: str) -> Prepared:
     """Decode a trace export and reduce its spans to calls and parents (runs in a decoding worker process)."""
     decoded = _decode(body, encoding, content_type, "traces")
     prepared = prepare(decoded.spans)
-    prepared.rejected, prepared.errors = decoded.rejected, decoded.errors
+    prepared.rejected += decoded.rejected
+    prepared.errors = [*decoded.errors, *(prepared.errors or [])]
     return prepared
 
 

@@ -33,7 +33,7 @@ from joule_otel.headers import (
     parse_energy,
     parse_token_count,
 )
-from joule_otel.ledger.row import LedgerRow
+from joule_otel.ledger.row import LedgerRow, duration_ms, start_problem
 
 PARENT_WAIT_S = 15.0
 """How long a call whose parent span has not arrived waits for it (its tokens and requested model). Node's and
@@ -105,7 +105,7 @@ def genai_facts(span: Span) -> GenAIFacts | None:
         ),
         requested_model=_text(a.get("gen_ai.request.model") or a.get("ai.model.id")),
         stream=True if "doStream" in span.name or "streamText" in span.name else None,
-        ttft_ms=float(first_chunk) if isinstance(first_chunk, (int, float)) and first_chunk >= 0 else None,
+        ttft_ms=duration_ms(first_chunk),
         workload=_text(a.get("joule.workload") or a.get("ai.telemetry.functionId")),
         parent_span_id=span.parent_span_id,
     )
@@ -178,8 +178,8 @@ def call_row(span: Span, parent: GenAIFacts | None, agent: str | None = None) ->
     service = _label(span.resource.get("service.name"))
     return LedgerRow(
         clean_receipt(_header(a, _RECEIPT)),
-        max(span.start_ns, 0) // 1000,
-        max(span.end_ns - span.start_ns, 0) / 1e6 if span.end_ns else None,
+        span.start_ns // 1000,
+        duration_ms((span.end_ns - span.start_ns) / 1e6) if span.end_ns else None,
         parent.ttft_ms if parent else None,
         service,
         workload or (parent.workload if parent else None) or agent or service,
@@ -269,7 +269,11 @@ def prepare(spans: list[Span]) -> Prepared:
             found.parents.append((span.trace_id, span.span_id, facts))
         if is_joule_call(span):
             row = call_row(span, None)
-            if row is not None:
+            refused = start_problem(row.started_at_us) if row is not None else None
+            if refused:  # an unset or wild clock: not a call the ledger can date; the sender is told
+                found.rejected += 1
+                found.errors = [*(found.errors or []), refused]
+            elif row is not None:
                 a = span.attributes
                 found.calls.append(
                     Call(

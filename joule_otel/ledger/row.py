@@ -10,6 +10,7 @@ block the rows around it.
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple
 
 from joule_otel.headers import MAX_CARBON_MG, MAX_ENERGY_J, MAX_TOKENS
@@ -47,8 +48,28 @@ class LedgerRow(NamedTuple):
 assert tuple(name if name != "started_at_us" else "started_at" for name in LedgerRow._fields) == schema.COLUMN_NAMES
 
 _INT32 = (1 << 31) - 1
-_TIMESTAMP_US_MAX = 253_402_300_799_999_999
-"""9999-12-31T23:59:59.999999Z: the last instant a TIMESTAMPTZ column shows as a date."""
+
+MAX_DURATION_MS = 86_400_000.0
+"""A day: no single inference call lasts longer; a duration beyond it (or infinite) is missing, like a bad figure."""
+EARLIEST_START_US = 1_577_836_800_000_000
+"""2020-01-01T00:00Z: before any call the ledger could hold (a 1970 start is an unset clock, not a call)."""
+FUTURE_SLACK_US = 86_400_000_000
+"""A day: how far ahead of this machine's clock a sender's clock may run before its start times are refused."""
+
+
+def duration_ms(value: object) -> float | None:
+    """A duration or time to first chunk in ms: finite, in [0, :data:`MAX_DURATION_MS`], else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0 <= value <= MAX_DURATION_MS else None  # NaN fails, inf is above
+
+
+def start_problem(started_at_us: object, now_us: int | None = None) -> str | None:
+    """Why a start time (µs since the epoch) is not one a call could have, or ``None``."""
+    latest = (time.time_ns() // 1000 if now_us is None else now_us) + FUTURE_SLACK_US
+    if type(started_at_us) is not int or not EARLIEST_START_US <= started_at_us <= latest:
+        return f"started_at is not a time a call could have started: {started_at_us!r} µs since 1970"
+    return None
 
 
 def _string_problem(name: str, value: object) -> str | None:
@@ -85,13 +106,14 @@ def problem(row: LedgerRow) -> str | None:
         found = _string_problem(name, getattr(row, name))
         if found:
             return found
-    if type(row.started_at_us) is not int or not 0 <= row.started_at_us <= _TIMESTAMP_US_MAX:
-        return f"started_at is not a time: {row.started_at_us!r}"
+    found = start_problem(row.started_at_us)
+    if found:
+        return found
     if row.status_code is not None and (type(row.status_code) is not int or not 0 <= row.status_code <= _INT32):
         return f"status_code is not an HTTP status: {row.status_code!r}"
     for name, ceiling in (
-        ("duration_ms", math.inf),
-        ("ttft_ms", math.inf),
+        ("duration_ms", MAX_DURATION_MS),
+        ("ttft_ms", MAX_DURATION_MS),
         ("energy_j", MAX_ENERGY_J),
         ("carbon_mg", MAX_CARBON_MG),
     ):
