@@ -643,6 +643,42 @@ def _plan(con: Any, step: Any) -> str:
     return max(plans)[1] if plans else ""  # the slowest statement of the step
 
 
+def budget_watch(budgets: int, workloads: int) -> list[dict[str, object]]:
+    """The budget watch at scale: what a drain, a full check (after the ledger's minute read) and a gauge export cost."""
+    from joule_otel._budget_watch import BudgetWatch, _with_workload_totals
+    from joule_otel.budgets import Budget
+    from joule_otel.ledger.row import LedgerRow
+
+    watch = BudgetWatch([Budget(f"w{i}", 1e12) for i in range(budgets)], (0.8, 1.0), None)
+    watch._ledger = _with_workload_totals({(f"w{i}", "api"): 1.0 for i in range(workloads)})
+    now_us = time.time_ns() // 1000
+    row = LedgerRow(*([None] * 22))._replace(started_at_us=now_us, energy_j=2.0, service="api")
+    drain = [row._replace(workload=f"w{i * 37 % workloads}") for i in range(200)]
+
+    def best(run: Any, repeat: int) -> float:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    label = f"{budgets:,} budgets × {workloads:,} workloads"
+    return [
+        {
+            "case": label,
+            "step": "a drain of 200 rows (every 50 ms while calls flow)",
+            "ms": best(lambda: watch.observe(drain), 50) * 1000,
+        },
+        {
+            "case": label,
+            "step": "every budget checked (after the ledger's once-a-minute read)",
+            "ms": best(watch.check, 5) * 1000,
+        },
+        {"case": label, "step": "the gauges' callback (each metric export)", "ms": best(watch.observations, 5) * 1000},
+    ]
+
+
 def sdk_floor(n: int) -> list[dict[str, object]]:
     """What the OpenTelemetry SDK charges for the telemetry the contracts ask of every call, measured alone.
 
@@ -948,6 +984,7 @@ def main() -> int:
             ),
         ),
         ("Growth", lambda: growth([200, 1000, 3000, 5000])),
+        ("Budget watch at scale", lambda: budget_watch(10_000, 10_000)),
         ("joule-otel collect (OTLP/HTTP protobuf in, ledger out)", lambda: collect_ingest(10.0)),
     ]
     report = [f"# joule-otel benchmarks ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores)\n"]

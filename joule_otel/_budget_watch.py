@@ -29,7 +29,9 @@ REFRESH_S = 60.0
 REFUSED = "insufficient_balance"
 
 Key = tuple[str | None, str | None]
-"""(workload, service) of the calls a sum covers."""
+"""(workload, service) of the calls a sum covers; service :data:`_ALL` for every service of the workload."""
+_ALL = "\x00all"
+"""A service no label can be (labels are cleaned of control characters): the key of a workload's total."""
 
 
 def _month_of(moment: datetime) -> tuple[int, int]:
@@ -53,6 +55,9 @@ class BudgetWatch:
         count_refusal: Callable[[str], None] | None = None,
     ) -> None:
         self.budgets = budgets
+        self._by_workload: dict[str | None, list[Budget]] = {}
+        for budget in budgets:
+            self._by_workload.setdefault(budget.workload, []).append(budget)
         self.count_refusal = count_refusal
         """Adds one to the ``joule.budget.refusals`` counter for a workload (None: metrics are off)."""
         self.thresholds = thresholds
@@ -67,21 +72,21 @@ class BudgetWatch:
         """402 refusals per workload seen by this process (the ``joule.budget.refusals`` counter adds them)."""
 
     # -- state ---------------------------------------------------------------------------------
-    def spent_j(self, workload: str, service: str | None = None) -> float:
-        """Month-to-date joules of a workload (on one service, or all when ``service`` is None)."""
-        total = 0.0
-        for part in (self._ledger, self._local):
-            for (w, s), joules in list(part.items()):
-                if w == workload and (service is None or s == service):
-                    total += joules
-        return total
+    def spent_j(self, workload: str | None, service: str | None = None) -> float:
+        """Month-to-date joules of a workload (on one service, or all when ``service`` is None).
+
+        Sums are kept per (workload, service) and per workload alike, so this is two lookups whatever the number
+        of budgets and workloads.
+        """
+        key = (workload, service) if service is not None else (workload, _ALL)
+        return self._ledger.get(key, 0.0) + self._local.get(key, 0.0)
 
     def budget_for(self, workload: str | None, service: str | None) -> Budget | None:
         """The budget that covers calls of this workload and service (one of that service first)."""
-        for budget in self.budgets:
-            if budget.workload == workload and budget.service == service:
-                return budget
-        return next((b for b in self.budgets if b.workload == workload and b.service is None), None)
+        mine = self._by_workload.get(workload, ())
+        return next((b for b in mine if b.service == service), None) or next(
+            (b for b in mine if b.service is None), None
+        )
 
     # -- the background thread's side -----------------------------------------------------------
     def _roll_month(self, now: datetime) -> None:
@@ -99,15 +104,18 @@ class BudgetWatch:
         self._roll_month(now)
         start_us = int(month_start(now).timestamp() * 1_000_000)
         refused: list[LedgerRow] = []
+        changed: set[str | None] = set()
+        local = self._local
         for row in rows:
             if row.error_type == REFUSED:
                 refused.append(row)
             if row.energy_j and row.started_at_us >= start_us:
-                key = (row.workload, row.service)
-                self._local[key] = self._local.get(key, 0.0) + row.energy_j
+                changed.add(row.workload)
+                for key in ((row.workload, row.service), (row.workload, _ALL)):
+                    local[key] = local.get(key, 0.0) + row.energy_j
         for row in refused:
             self._refused(row)
-        self.check()
+        self.check(changed)
 
     def refresh(self, *, nothing_pending: bool) -> None:
         """Read the ledger's month to date again, at most every :data:`REFRESH_S`.
@@ -127,12 +135,17 @@ class BudgetWatch:
         except Exception:  # a busy or unreadable ledger: keep the last figures and try again later
             _log.debug("joule_otel: reading month-to-date energy failed", exc_info=True)
             return
-        self._ledger, self._local = read, {}
+        self._ledger, self._local = _with_workload_totals(read), {}
         self.check()
 
-    def check(self) -> None:
-        """Log one warning per budget and threshold crossed this month."""
-        for budget in self.budgets:
+    def check(self, workloads: Iterable[str | None] | None = None) -> None:
+        """Log one warning per budget and threshold crossed this month (of ``workloads`` only, when given).
+
+        A drain checks the budgets of the workloads its rows touched: O(changed workloads), never every budget
+        against every workload while the app's calls wait for the GIL.
+        """
+        budgets = self.budgets if workloads is None else [b for w in workloads for b in self._by_workload.get(w, ())]
+        for budget in budgets:
             spent = self.spent_j(budget.workload, budget.service)
             for share in self.thresholds:
                 if spent >= budget.joules * share and (budget, share) not in self._warned:
@@ -172,6 +185,14 @@ class BudgetWatch:
     def observations(self) -> list[tuple[Budget, float]]:
         """Each budget with its month-to-date joules."""
         return [(b, self.spent_j(b.workload, b.service)) for b in self.budgets]
+
+
+def _with_workload_totals(sums: dict[Key, float]) -> dict[Key, float]:
+    """Per (workload, service) sums, and per workload (service :data:`_ALL`) beside them."""
+    found = dict(sums)
+    for (workload, _), joules in sums.items():
+        found[(workload, _ALL)] = found.get((workload, _ALL), 0.0) + joules
+    return found
 
 
 def budget_attributes(budget: Budget) -> dict[str, Any]:

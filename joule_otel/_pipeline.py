@@ -113,6 +113,7 @@ class Pipeline:
 
     def _reset_thread_state(self) -> None:
         self._queue: deque[CallRecord] = deque()
+        self._in_hand = 0
         self._wake = threading.Event()
         self._cond = threading.Condition()
         self._flush_requested = 0
@@ -201,7 +202,7 @@ class Pipeline:
             _log.error(
                 "joule_otel: %d ledger rows could not be written to %s and are lost as capture stops "
                 "(%d rows dropped earlier at the memory bound, %d invalid; see the errors above)",
-                writer.stats.pending_rows + len(self._queue),
+                writer.stats.pending_rows + len(self._queue) + self._in_hand,
                 writer.spool.dir,
                 writer.stats.rows_dropped,
                 writer.stats.rows_invalid,
@@ -274,6 +275,10 @@ class Pipeline:
         self, *, final: bool, compact_timeout_s: float, force_segment: bool = False, compact: bool = True
     ) -> None:
         rows = self._drain(wait_for_decoders=not (final or force_segment))
+        writer = self.writer
+        if writer is not None and rows:
+            writer.append(rows)  # first: what follows (budgets, listeners) never holds rows back from the ledger
+        self._in_hand = 0
         watch = self.watch
         if watch is not None and rows:
             try:
@@ -294,11 +299,8 @@ class Pipeline:
                     self.recorder.add_counter_sums()
                 except Exception:
                     self.capture_stats.internal_error("recording metrics")
-        writer = self.writer
         if writer is None:
             return
-        if rows:
-            writer.append(rows)
         if due or writer.stats.pending_rows >= SEGMENT_MAX_ROWS:
             writer.write_segment()
         if compact:
@@ -321,6 +323,7 @@ class Pipeline:
             self.capture_stats.internal_error("recording metrics")
             record = False
         calls = [queue.popleft() for _ in range(len(queue))]
+        self._in_hand = len(calls)  # off the queue, not yet the writer's: counted at exit if a cycle never ends
         if wait_for_decoders:
             # a call finishes when its raw stream ends, a moment before the app's client has flushed its decoder:
             # one caught in that moment waits a drain rather than have its body inflated a second time here

@@ -134,7 +134,7 @@ def test_budgets_month_to_date(known_ledger, tmp_path):
     (tmp_path / "bad.json").write_text('{"bot": "lots"}')
     assert load_budgets(tmp_path / "b.csv") == [Budget("bot", 12.5)]
     assert load_budgets(tmp_path / "b.toml") == [Budget("bot", 7.0)]
-    with pytest.raises(ValueError, match="not a number"):
+    with pytest.raises(ValueError, match="must be a positive number of joules"):
         load_budgets(tmp_path / "bad.json")
 
 

@@ -8,6 +8,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -324,3 +325,59 @@ def test_the_shipped_rules_are_what_the_cli_writes_for_the_example(tmp_path):
         check=False,
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot read budgets file" in bad.stderr
+
+
+def test_a_drain_checks_only_the_budgets_of_the_workloads_it_touched():
+    """10 k budgets over 10 k workloads: a drain of one workload's rows looks at that workload's budgets, not at every
+    budget against every workload (which held the GIL for seconds and starved the app's calls)."""
+    from joule_otel._budget_watch import BudgetWatch
+    from joule_otel.ledger.row import LedgerRow
+
+    budgets = [Budget(f"w{i}", 1000.0) for i in range(10_000)] + [Budget("w7", 500.0, "api")]
+    watch = BudgetWatch(budgets, (0.8, 1.0), None)
+    looked: list[tuple[str, str | None]] = []
+    spent = watch.spent_j
+    watch.spent_j = lambda workload, service=None: looked.append((workload, service)) or spent(workload, service)
+    now_us = time.time_ns() // 1000
+    row = LedgerRow(*([None] * 21), provider="joule_cloud")._replace(started_at_us=now_us, energy_j=450.0)
+    watch.observe([row._replace(workload="w7", service="api"), row._replace(workload="w7", service="web")])
+    assert sorted(looked, key=str) == sorted([("w7", None), ("w7", "api")], key=str)
+    assert spent("w7") == 900.0 and spent("w7", "api") == 450.0 and spent("w8") == 0.0
+    assert watch.budget_for("w7", "api") == Budget("w7", 500.0, "api") and watch.budget_for("w7", "web") == budgets[7]
+    observed = dict(watch.observations())
+    assert observed[budgets[7]] == 900.0 and observed[budgets[8]] == 0.0 and len(observed) == 10_001
+
+
+def test_rows_a_slow_budget_check_holds_reach_the_writer_and_are_counted_at_exit(tmp_path, monkeypatch, caplog):
+    """The budget watch runs after a drain's rows are handed to the writer: a watch that never returns holds no row
+    back, and a capture that stops meanwhile says how many rows it could not write (never 0 when some were lost)."""
+    import threading
+
+    from joule_otel import _instrument
+
+    monkeypatch.setattr(_instrument, "EXIT_FLUSH_TIMEOUT_S", 1.0)
+    release = threading.Event()
+    joule_otel.instrument(db=tmp_path / "l.duckdb", flush_interval=60, budgets={"bot": 1e9})
+    watch = _instrument._state.pipeline.watch
+    entered = threading.Event()
+
+    def stuck(rows):
+        entered.set()
+        release.wait(30)
+
+    monkeypatch.setattr(watch, "observe", stuck)
+    try:
+        with running(seed=5) as sim:
+            client = openai.OpenAI(base_url=sim.base_url, api_key="k", max_retries=0)
+            with joule_otel.workload("bot"):
+                for _ in range(5):
+                    client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+            joule_otel.flush(timeout_s=0.5)  # wakes the drain, which then sticks in the watch
+            assert entered.wait(20)
+            assert _instrument._state.pipeline.writer.stats.pending_rows == 5, "handed to the writer first"
+            with caplog.at_level(logging.ERROR, logger="joule_otel"):
+                joule_otel.uninstrument()
+    finally:
+        release.set()
+    lost = [r.getMessage() for r in caplog.records if "could not be written" in r.getMessage()]
+    assert lost and lost[0].startswith("joule_otel: 5 ledger rows could not be written"), lost
