@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+import tracemalloc  # noqa: F401 - pytest imports it inside its unraisable-exception hook, which can run mid-import
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path

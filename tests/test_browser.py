@@ -173,7 +173,7 @@ def test_every_tab_of_the_demo_ledger_draws(demo_ledger, browser, tmp_path):
         hour_ticks = time_axis_ticks(page)
     finally:
         proc.terminate()
-        proc.wait(timeout=15)
+        proc.communicate(timeout=15)  # reads and closes the pipe: no unclosed file left for the collector
     assert "Traceback" not in body
     assert "Asia/Kolkata" in body or "Asia/Calcutta" in body, "the page says which zone it uses (the browser's)"
     from joule_otel.ledger import reader
@@ -203,7 +203,7 @@ def test_sample_data_in_a_browser_in_newfoundland(browser, tmp_path):
         calls_shown = page.locator("[data-testid='stMetric']").nth(2).inner_text()
     finally:
         proc.terminate()
-        proc.wait(timeout=15)
+        proc.communicate(timeout=15)  # reads and closes the pipe: no unclosed file left for the collector
     import duckdb
 
     from joule_otel.dashboard.sources import SAMPLE_PATH
@@ -273,7 +273,7 @@ def test_values_from_the_ledger_are_text_never_markup(browser, tmp_path):
         images = page.eval_on_selector_all("img", "els => els.map(e => e.getAttribute('src'))")
     finally:
         proc.terminate()
-        proc.wait(timeout=15)
+        proc.communicate(timeout=15)  # reads and closes the pipe: no unclosed file left for the collector
         trap.shutdown()
     assert _Counting.hits == [], f"the browser fetched what a ledger value asked: {_Counting.hits}"
     assert not any(bait in (href or "") for href in links), links
