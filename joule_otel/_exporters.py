@@ -7,8 +7,10 @@ OTLP export is configured from the standard ``OTEL_EXPORTER_OTLP_*`` variables (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,38 @@ def _protocol(signal: str) -> str:
     )
 
 
+_SESSIONS: weakref.WeakSet[Any] = weakref.WeakSet()
+"""The HTTP sessions of the OTLP/HTTP exporters joule-otel made (their keep-alive connections)."""
+
+
+def _own_session() -> dict[str, Any]:
+    """``session=`` for an OTLP/HTTP exporter: one joule-otel can start afresh in a forked child.
+
+    Left to the exporter (``{}``) when a credential provider is configured, which brings a session of its own.
+    """
+    if any("CREDENTIAL_PROVIDER" in name for name in os.environ):
+        return {}
+    try:
+        import requests
+    except ImportError:
+        return {}
+    session = requests.Session()
+    _SESSIONS.add(session)
+    return {"session": session}
+
+
+def fresh_connections_after_fork() -> None:
+    """In a forked child: let go of the keep-alive connections inherited from the parent's exporters.
+
+    Parent and child would otherwise write their requests on one socket (the receiver sees garbage, answers 400,
+    and a batch is lost while both processes think it was sent). Closing the child's copies leaves the parent's
+    connections open; the child's next export opens its own.
+    """
+    for session in list(_SESSIONS):
+        with contextlib.suppress(Exception):
+            session.close()
+
+
 def otlp_exporter(signal: str, settings: Settings) -> Any | None:
     """An OTLP span or metric exporter configured by the standard env vars (or ``otlp_endpoint``)."""
     kind = "trace" if signal == "traces" else "metric"
@@ -74,6 +108,7 @@ def otlp_exporter(signal: str, settings: Settings) -> Any | None:
             module = __import__(f"opentelemetry.exporter.otlp.proto.http.{kind}_exporter", fromlist=[cls_name])
             if settings.otlp_endpoint:
                 kwargs["endpoint"] = settings.otlp_endpoint.rstrip("/") + f"/v1/{signal}"
+            kwargs.update(_own_session())
     except ImportError:
         _log.warning("joule_otel: OTLP %s export is configured but its exporter is missing; %s", signal, _OTLP_HINT)
         return None
@@ -169,9 +204,11 @@ def _logger_provider(settings: Settings, created: list[Any]) -> Any | None:
         _log.warning("joule_otel: call events need the OTLP log exporter; %s", _OTLP_HINT)
         return None
     kwargs: dict[str, Any] = {}
+    grpc = _protocol("logs") == "grpc"
     if settings.otlp_endpoint:
-        grpc = _protocol("logs") == "grpc"
         kwargs["endpoint"] = settings.otlp_endpoint if grpc else settings.otlp_endpoint.rstrip("/") + "/v1/logs"
+    if not grpc:
+        kwargs.update(_own_session())
     provider = LoggerProvider(resource=Resource.create())
     provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(**kwargs)))
     _logs.set_logger_provider(provider)

@@ -26,7 +26,13 @@ from opentelemetry import metrics
 from joule_otel import attributes as attr
 from joule_otel._budget_watch import BudgetWatch
 from joule_otel._capture import Capture, install, uninstall
-from joule_otel._exporters import Providers, flush_provider, resolve_providers, shutdown_created
+from joule_otel._exporters import (
+    Providers,
+    flush_provider,
+    fresh_connections_after_fork,
+    resolve_providers,
+    shutdown_created,
+)
 from joule_otel._genai import redact_url
 from joule_otel._metrics import METRICS_NONE, MetricRecorder
 from joule_otel._pipeline import Pipeline
@@ -411,6 +417,7 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     forget_inherited_locks()
+    fresh_connections_after_fork()
     state = _state
     if state is not None:
         state.capture.inflight.clear()

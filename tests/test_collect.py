@@ -791,3 +791,66 @@ def test_values_no_call_could_have_never_land_and_refused_records_are_counted(co
     assert rows["rcpt_inf"]["service"].startswith("py-app") and len(rows["rcpt_inf"]["service"]) == 256
     assert rows["rcpt_int_service"]["service"] is None and rows["rcpt_int_service"]["energy_j"] == 5.0
     assert collector.health()["rejected_items"] == 3
+
+
+FORK_APP = textwrap.dedent("""
+    import multiprocessing, sys
+    import openai
+    import joule_otel
+    from joule_otel import _exporters
+
+    def held():
+        return sum(len(a.poolmanager.pools) for s in _exporters._SESSIONS for a in s.adapters.values())
+
+    AT_FORK = None
+
+    def started():  # a Pool worker's first moment, before any task
+        global AT_FORK
+        AT_FORK = held()
+
+    def ask(n):
+        client = openai.OpenAI(base_url=sys.argv[1], api_key="jc_fork", max_retries=0)
+        for _ in range(n):
+            client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+        return AT_FORK, joule_otel.flush(timeout_s=20)
+
+    if __name__ == "__main__":
+        joule_otel.instrument()
+        ask(4)
+        assert joule_otel.flush(timeout_s=20)  # the parent's exporter now holds a keep-alive connection
+        assert held() >= 1, "the parent exported over a kept-alive connection"
+        with multiprocessing.get_context("fork").Pool(3, initializer=started) as pool:
+            results = pool.map(ask, [6] * 6)
+        ask(4)
+        print([r[0] for r in results], all(r[1] for r in results), joule_otel.flush(timeout_s=20))
+""")
+
+
+def test_forked_children_export_call_events_on_connections_of_their_own(tmp_path, collector):
+    """A fork Pool's children inherit the parent's exporter with its keep-alive connection: each child must start
+    afresh, or parent and child write on one socket and a batch of call events is lost."""
+    from joule_otel.simulator import running
+
+    script = tmp_path / "fork_app.py"
+    script.write_text(FORK_APP)
+    with running(require_auth=True) as sim:
+        result = subprocess.run(
+            [sys.executable, str(script), sim.base_url],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+                "JOULE_OTEL_CALL_EVENTS": "true",
+                "JOULE_OTEL_DB": "off",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+                "OTEL_METRICS_EXPORTER": "none",
+                "OTEL_TRACES_EXPORTER": "none",
+            },
+        )
+        issued = {r.receipt_id for r in sim.receipts}
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[0, 0, 0, 0, 0, 0] True True", "children start with no inherited connection"
+    assert len(issued) == 4 + 36 + 4
+    assert {r["receipt_id"] for r in collector.rows()} == issued
+    assert collector.health()["bad_payloads"] == 0
