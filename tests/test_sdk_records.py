@@ -60,6 +60,8 @@ MEASUREMENTS: list[tuple[float, dict[str, str], Context | None]] = [
 def cleanings(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Every attribute mapping the SDK's ``Measurement`` cleans, as it cleans it."""
     seen: list[Any] = []
+    if not hasattr(sdk_measurement, "_clean_attribute_value"):  # SDK < 1.45: a Measurement cleans nothing
+        pytest.skip("this SDK's Measurement does not clean attributes: there is no second cleaning to skip")
     clean = sdk_measurement._clean_attribute_value
 
     def counting(value: Any, limit: Any) -> Any:
