@@ -183,6 +183,9 @@ class Capture:
         self.sink: Callable[[CallRecord], None] = _nowhere
         """Where finished calls go: the pipeline's ``submit``, set once the pipeline behind this capture exists."""
         self.capture_content = capture_content
+        self.stopped = False
+        """Set by :func:`uninstall`: a wrapper it could not take out (another patch laid on top of it, as
+        ``mock.patch`` and vcrpy do) passes every call straight through from then on."""
         self.inflight: dict[CallRecord, CallRecord] = {}
         self.errors = 0
         self.invalid_headers = 0
@@ -295,6 +298,8 @@ class Capture:
         self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """Wraps ``HTTPTransport.handle_request`` of httpx and httpx2."""
+        if self.stopped:
+            return wrapped(instance, *args, **kwargs)
         t0, started_ns = perf_counter_ns(), time_ns()
         try:
             response = wrapped(instance, *args, **kwargs)
@@ -308,6 +313,8 @@ class Capture:
         self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """Wraps ``AsyncHTTPTransport.handle_async_request`` of httpx and httpx2."""
+        if self.stopped:
+            return await wrapped(instance, *args, **kwargs)
         t0, started_ns = perf_counter_ns(), time_ns()
         try:
             response = await wrapped(instance, *args, **kwargs)
@@ -326,6 +333,8 @@ class Capture:
         wrapper beneath already captured is left to it. A client whose every call goes through a transport patched
         below never gets here (see :func:`_patched`).
         """
+        if self.stopped:
+            return wrapped(instance, *args, **kwargs)
         claim = [False]
         token = _claim.set(claim)
         t0, started_ns = perf_counter_ns(), time_ns()
@@ -349,6 +358,8 @@ class Capture:
         openai's ``DefaultAioHttpClient`` and litellm's (so DSPy's) async calls run on aiohttp through such a
         transport.
         """
+        if self.stopped:
+            return await wrapped(instance, *args, **kwargs)
         claim = [False]
         token = _claim.set(claim)
         t0, started_ns = perf_counter_ns(), time_ns()
@@ -539,7 +550,8 @@ def install(capture: Capture, module: Any) -> None:
 
 
 def uninstall(capture: Capture, module: Any) -> None:
-    """Remove this capture's wrappers, wherever they stand in the chain."""
+    """Remove this capture's wrappers, wherever they stand in the chain; one that cannot be reached passes through."""
+    capture.stopped = True
     for class_name, method, _ in _PATCHES:
         cls = getattr(module, class_name, None)
         if cls is None or method not in cls.__dict__:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import gzip
+import inspect
 import json
 import pickle
 import socket
@@ -893,3 +894,38 @@ def test_a_call_caught_before_its_decoder_flushed_waits_one_drain(ledger_only, m
         (row,) = pipeline._drain(wait_for_decoders=True)
     assert (row.receipt_id, row.input_tokens, row.output_tokens) == ("rcpt_waited", 3, 4)
     assert inflated == []  # the app's copy was parsed: nothing inflated twice
+
+
+def test_a_plain_patch_laid_over_capture_never_keeps_it_running_after_uninstrument(ledger_path, joule_simulator):
+    """mock.patch and vcrpy lay plain functions over the transport: capture's wrapper beneath cannot be taken out.
+    After uninstrument it passes calls through (none queue into the stopped pipeline), and instrument() again
+    captures each call once."""
+    from joule_otel import _instrument
+
+    joule_otel.instrument(db=ledger_path, flush_interval=0.2)
+    beneath = httpx.HTTPTransport.handle_request
+    seen = []
+
+    def spy(self, request):  # what mock.patch(..., wraps=...) or a recorder lays on top
+        seen.append(request.url.path)
+        return beneath(self, request)
+
+    httpx.HTTPTransport.handle_request = spy
+    try:
+        first = _instrument._state
+        joule_otel.uninstrument()
+        with httpx.Client(base_url=joule_simulator.base_url, headers={"Authorization": "Bearer k"}) as client:
+            body = {"model": "auto", "messages": HI}
+            client.post("/chat/completions", json=body)
+            assert len(first.pipeline._queue) == 0 and not first.capture.inflight, "nothing reaches a stopped capture"
+            joule_otel.instrument(db=ledger_path, flush_interval=0.2)
+            for _ in range(3):
+                client.post("/chat/completions", json=body)
+            assert joule_otel.flush(timeout_s=20)
+            assert joule_otel.stats()["calls_captured"] == 3
+        issued = [r.receipt_id for r in joule_simulator.receipts]
+        assert len(seen) == 4
+        assert sorted(r["receipt_id"] for r in rows(ledger_path)) == sorted(issued[1:])
+    finally:
+        joule_otel.uninstrument()
+        httpx.HTTPTransport.handle_request = inspect.unwrap(beneath)
