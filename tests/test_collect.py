@@ -319,6 +319,24 @@ def test_otlp_json_with_hex_ids_and_a_record_with_base64_ids_is_refused_alone(co
     assert row["energy_j"] == 0.75 and row["service"] == "js"
 
 
+def test_a_resource_with_unreadable_attributes_keeps_its_good_spans(collector):
+    """A resource's attributes are shared by every span below: a bad one is skipped and said, never a 500 that
+    loses the export's good spans; shapes no OTLP sender makes are skipped the same way."""
+    export_json = json.loads(otlp_json("a1b2c3d4e5f60718"))
+    export_json["resourceSpans"][0]["resource"]["attributes"] += [
+        {"key": "bad.int", "value": {"intValue": "twelve"}},
+        {"key": "bad.kvlist", "value": {"kvlistValue": {"values": [{"value": {"stringValue": "no key"}}]}}},
+        {"key": "bad.array", "value": {"arrayValue": 7}},
+    ]
+    odd = [{"resource": "not an object", "scopeSpans": "not a list"}, 42, {"scopeSpans": [{"spans": {"a": 1}}]}]
+    export_json["resourceSpans"] += odd
+    status, body = collector.post("/v1/traces", json.dumps(export_json).encode(), "application/json")
+    assert status == 200, body
+    assert "bad.int" in json.loads(body)["partialSuccess"]["errorMessage"]
+    [row] = collector.rows()
+    assert row["receipt_id"] == "rcpt_a1b2c3d4e5f60718" and row["service"] == "js"
+
+
 def test_bad_payloads_get_the_documented_answers(collector):
     truncated = export(fetch_span())[:-7]
     assert collector.post("/v1/traces", truncated, "application/x-protobuf")[0] == 400

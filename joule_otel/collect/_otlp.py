@@ -249,10 +249,21 @@ def _json_value(value: Any) -> Any:
     return None
 
 
-def _json_attributes(items: Any) -> dict[str, Any]:
+def _json_attributes(items: Any, errors: list[str] | None = None) -> dict[str, Any]:
+    """Attributes of OTLP/JSON; with ``errors``, one that cannot be read is skipped and said there, not raised."""
     if not isinstance(items, list):
         return {}
-    return {kv["key"]: _json_value(kv.get("value")) for kv in items if isinstance(kv, dict) and "key" in kv}
+    found: dict[str, Any] = {}
+    for kv in items:
+        if not isinstance(kv, dict) or not isinstance(kv.get("key"), str):
+            continue
+        try:
+            found[kv["key"]] = _json_value(kv.get("value"))
+        except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
+            if errors is None:
+                raise
+            errors.append(f"attribute {kv['key'][:64]!r} skipped: {exc}"[:256])
+    return found
 
 
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -277,24 +288,33 @@ def _json_body(body: bytes) -> dict[str, Any]:
     return parsed
 
 
-def _items(parsed: dict[str, Any], *keys: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """(resource attributes, item) for every item under resource → scope → item lists."""
+def _items(parsed: dict[str, Any], errors: list[str], *keys: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(resource attributes, item) for every item under resource → scope → item lists.
+
+    A resource's attributes are read leniently (a bad one is skipped and said in ``errors``): they are shared by
+    every record below, which are checked one by one where they are made.
+    """
     outer, middle, inner = keys
-    for resource_block in parsed.get(outer) or []:
+    for resource_block in _list(parsed.get(outer)):
         if not isinstance(resource_block, dict):
             continue
-        resource = _json_attributes((resource_block.get("resource") or {}).get("attributes"))
-        for scope_block in resource_block.get(middle) or []:
+        described = resource_block.get("resource")
+        resource = _json_attributes(described.get("attributes"), errors) if isinstance(described, dict) else {}
+        for scope_block in _list(resource_block.get(middle)):
             if not isinstance(scope_block, dict):
                 continue
-            for item in scope_block.get(inner) or []:
+            for item in _list(scope_block.get(inner)):
                 yield resource, item
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def traces_from_json(body: bytes) -> Decoded:
     """Spans of an OTLP/JSON trace export."""
     found = Decoded()
-    for resource, span in _items(_json_body(body), "resourceSpans", "scopeSpans", "spans"):
+    for resource, span in _items(_json_body(body), found.errors, "resourceSpans", "scopeSpans", "spans"):
         try:
             found.spans.append(
                 Span(
@@ -325,7 +345,7 @@ def _span_kind(value: Any) -> int:
 def logs_from_json(body: bytes) -> Decoded:
     """Log records of an OTLP/JSON logs export."""
     found = Decoded()
-    for resource, record in _items(_json_body(body), "resourceLogs", "scopeLogs", "logRecords"):
+    for resource, record in _items(_json_body(body), found.errors, "resourceLogs", "scopeLogs", "logRecords"):
         try:
             found.logs.append(
                 LogRecord(
