@@ -213,23 +213,9 @@ def ask(sim, request, n=2):
 
 
 @pytest.mark.parametrize("i", range(3))
-def test_function_scoped(joule_simulator, request, i):
-    ask(joule_simulator, request)
-
-
-@pytest.mark.parametrize("i", range(3))
-def test_module_scoped(module_sim, request, i):
-    ask(module_sim, request)
-
-
-@pytest.mark.parametrize("i", range(3))
-def test_session_scoped(session_sim, request, i):
-    ask(session_sim, request)
-
-
-@pytest.mark.parametrize("i", range(3))
-def test_own_fixture(own_sim, request, i):
-    ask(own_sim, request)
+@pytest.mark.parametrize("simulator", ["joule_simulator", "module_sim", "session_sim", "own_sim"])
+def test_calls(simulator, request, i):
+    ask(request.getfixturevalue(simulator), request)
 
 
 @pytest.mark.joule(max_joules=0.001)

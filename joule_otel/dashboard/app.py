@@ -9,6 +9,7 @@ dataframes, which never render markup.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from datetime import date, datetime, time, timedelta, timezone
@@ -220,24 +221,17 @@ def show(container: Any, fig: Any, frame: pd.DataFrame, key: str) -> None:
     """A chart, and its figures as CSV and Parquet downloads beneath it."""
     container.plotly_chart(fig, width="stretch", key=key)
     data = readable(frame)
-    left, right, _ = container.columns([1, 1, 4])
-    # encoded when clicked, never on every rerun (15 charts' CSV and Parquet were most of a warm page)
-    left.download_button(
-        "CSV",
-        data=lambda: _encode(data, "csv"),
-        file_name=f"{key}.csv",
-        mime="text/csv",
-        key=f"{key}_csv",
-        type="tertiary",
-    )
-    right.download_button(
-        "Parquet",
-        data=lambda: _encode(data, "parquet"),
-        file_name=f"{key}.parquet",
-        mime="application/octet-stream",
-        key=f"{key}_parquet",
-        type="tertiary",
-    )
+    formats = (("CSV", "csv", "text/csv"), ("Parquet", "parquet", "application/octet-stream"))
+    for column, (label, fmt, mime) in zip(container.columns([1, 1, 4]), formats, strict=False):
+        column.download_button(
+            label,
+            # encoded when clicked, never on every rerun (15 charts' CSV and Parquet were most of a warm page)
+            data=functools.partial(_encode, data, fmt),
+            file_name=f"{key}.{fmt}",
+            mime=mime,
+            key=f"{key}_{fmt}",
+            type="tertiary",
+        )
 
 
 try:
