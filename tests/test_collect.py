@@ -872,3 +872,35 @@ def test_forked_children_export_call_events_on_connections_of_their_own(tmp_path
     assert len(issued) == 4 + 36 + 4
     assert {r["receipt_id"] for r in collector.rows()} == issued
     assert collector.health()["bad_payloads"] == 0
+
+
+def test_a_retry_after_the_disk_refused_is_written_not_taken_for_a_duplicate(tmp_path, monkeypatch):
+    """A 503 (the disk refused the segment) is followed by the sender's retry: its rows are not duplicates of rows
+    that never reached disk, so the retry is answered as the disk allows, and the ledger holds the call once."""
+    from joule_otel._events import row_from_event
+    from joule_otel.collect._server import RowSink
+    from joule_otel.ledger.writer import LedgerWriter
+
+    class NoMetrics:
+        def for_service(self, name):
+            return None
+
+        def add_counter_sums(self):
+            pass
+
+    db = tmp_path / "central.duckdb"
+    writer = LedgerWriter(db)
+    refusing = [True]
+    write_segment = writer.write_segment
+    monkeypatch.setattr(writer, "write_segment", lambda: False if refusing[0] else write_segment())
+    sink = RowSink(writer, NoMetrics(), flush_interval_s=0.1)
+    event = {"joule.receipt_id": "rcpt_retry", "joule.energy": 5.0, "joule.operation": "chat"}
+    row = row_from_event(event, time_ns=time.time_ns(), trace_id="", span_id="", service="py")
+    try:
+        assert sink.rows([row]).result(timeout=30) is False  # 503
+        assert sink.rows([row]).result(timeout=30) is False, "the retry is refused while the disk refuses"
+        refusing[0] = False
+        assert sink.rows([row]).result(timeout=30) is True  # 200 once it is on disk
+    finally:
+        sink.close()
+    assert list(joule_otel.read_ledger(db)["receipt_id"]) == ["rcpt_retry"]

@@ -82,7 +82,8 @@ class RowSink:
             self._cond.notify()
         return batch.done
 
-    def _fresh(self, row: LedgerRow) -> bool:
+    def _fresh(self, row: LedgerRow, marked: list[tuple[str, ...]]) -> bool:
+        """Whether ``row`` was not seen before; its key is marked seen (and listed in ``marked``)."""
         key = (row.receipt_id,) if row.receipt_id else (row.trace_id or "", row.span_id or "") if row.span_id else None
         if key is None:
             return True
@@ -90,6 +91,7 @@ class RowSink:
             self.duplicates += 1
             return False
         self._recent[key] = None
+        marked.append(key)
         if len(self._recent) > RECENT_KEYS:
             self._recent.popitem(last=False)
         return True
@@ -119,9 +121,10 @@ class RowSink:
 
     def _write(self, batches: list[_Batch], late: list[LedgerRow], *, final: bool) -> None:
         rows: list[LedgerRow] = []
+        marked: list[tuple[str, ...]] = []
         for measured, found in [(b.measured, b.rows) for b in batches] + [(False, late)]:
             for row in found:
-                if not self._fresh(row):
+                if not self._fresh(row, marked):
                     continue
                 rows.append(row)
                 if not measured:  # another language's call: its metrics are recorded here, under its own service
@@ -138,6 +141,9 @@ class RowSink:
             writer.compact(force=final, timeout_s=10.0 if final else 0.0)
         if ok:
             self.rows_written += len(rows)
+        else:  # not on disk: a sender's retry of these rows is not a duplicate, and is answered as the disk allows
+            for key in marked:
+                self._recent.pop(key, None)
         for batch in batches:
             batch.done.set_result(ok)
 
