@@ -904,3 +904,40 @@ def test_a_retry_after_the_disk_refused_is_written_not_taken_for_a_duplicate(tmp
     finally:
         sink.close()
     assert list(joule_otel.read_ledger(db)["receipt_id"]) == ["rcpt_retry"]
+
+
+def test_a_call_waiting_for_its_parent_is_on_disk_before_its_request_is_answered(tmp_path):
+    """Answered means on disk for every row of a request: a call waiting for its GenAI parent is in the receiver's
+    journal before the 200; a receiver killed meanwhile loses nothing, the next one writes the call (without the
+    parent's facts, as expiry would); a parent that comes in time empties the journal."""
+    db = tmp_path / "central.duckdb"
+    spool = db.with_name(db.name + ".spool")
+    first = start_collect(db)
+    try:
+        status, _ = first.post("/v1/traces", export(fetch_span()), "application/x-protobuf")
+        assert status == 200 and first.health()["waiting_for_parent_span"] == 1
+        assert len(list(spool.glob("collect-waiting-*.journal"))) == 1
+    finally:  # kill -9 inside the parent's 15 s window, the receiver and its decoding workers, as a container dies
+        import psutil
+
+        for process in [*psutil.Process(first.proc.pid).children(recursive=True), first.proc]:
+            process.kill()
+        first.proc.communicate(timeout=30)
+    second = start_collect(db)
+    try:
+        [row] = second.rows()
+        assert row["receipt_id"] == "rcpt_node_1" and row["energy_j"] == 123.5 and row["input_tokens"] is None
+        assert not list(spool.glob(f"collect-waiting-{first.proc.pid}-*")), "the dead receiver's journal is gone"
+        # a call whose parent comes in time: out of the journal once its completed row is written
+        status, _ = second.post(
+            "/v1/traces",
+            export(fetch_span(receipt="rcpt_node_2", span_id=bytes.fromhex("3333333333333333"))),
+            "application/x-protobuf",
+        )
+        assert status == 200 and len(list(spool.glob("collect-waiting-*.journal"))) == 1
+        assert second.post("/v1/traces", export(generate_span()), "application/x-protobuf")[0] == 200
+        assert not list(spool.glob("collect-waiting-*.journal"))
+    finally:
+        stop(second)
+    rows = {r["receipt_id"]: r for r in second.rows()}
+    assert set(rows) == {"rcpt_node_1", "rcpt_node_2"} and rows["rcpt_node_2"]["input_tokens"] == 12

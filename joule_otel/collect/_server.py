@@ -24,7 +24,7 @@ from typing import Any
 
 from joule_otel._events import EVENT_NAME, row_from_event
 from joule_otel._metrics import Measurement, MetricRecorder
-from joule_otel.collect import _otlp
+from joule_otel.collect import _journal, _otlp
 from joule_otel.collect._spans import Prepared, SpanJoiner, prepare
 from joule_otel.ledger.row import LedgerRow
 from joule_otel.ledger.writer import LedgerWriter
@@ -56,6 +56,12 @@ class RowSink:
         self.duplicates = 0
         self._recent: OrderedDict[tuple[str, ...], None] = OrderedDict()
         self._pending: list[_Batch] = []
+        self._journal = _journal.WaitingJournal(writer.spool) if writer is not None else None
+        self._journaled = 0
+        self._journal_ok = True
+        """The joiner's ``changes`` when the journal was last written."""
+        if writer is not None:
+            _recover_waiting_calls(writer)
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="joule-otel-collect-writer", daemon=True)
@@ -105,8 +111,12 @@ class RowSink:
                 batches, self._pending = self._pending, []
                 stop = self._stop
                 expired = self.joiner.expire(everything=stop)
+                changes = self.joiner.changes
+                waiting = self.joiner.waiting_rows() if changes != self._journaled else None
             try:
-                self._write(batches, [*expired] if expired else [], final=stop)
+                self._write(batches, [*expired] if expired else [], final=stop, waiting=waiting)
+                if waiting is not None and self._journal_ok:
+                    self._journaled = changes
             except Exception:
                 _log.exception("joule-otel collect: writing rows failed")
                 for batch in batches:
@@ -119,7 +129,14 @@ class RowSink:
             if stop:
                 return
 
-    def _write(self, batches: list[_Batch], late: list[LedgerRow], *, final: bool) -> None:
+    def _write(
+        self, batches: list[_Batch], late: list[LedgerRow], *, final: bool, waiting: list[LedgerRow] | None = None
+    ) -> None:
+        """Write the rows of ``batches`` and ``late``, then the journal of ``waiting`` calls; answer the batches.
+
+        A batch is answered True only when its rows and its waiting calls are on disk: the completed rows first
+        (a call leaves the journal only once its row is in a segment), then the journal.
+        """
         rows: list[LedgerRow] = []
         marked: list[tuple[str, ...]] = []
         for measured, found in [(b.measured, b.rows) for b in batches] + [(False, late)]:
@@ -139,6 +156,9 @@ class RowSink:
             if rows or final:
                 ok = writer.write_segment()
             writer.compact(force=final, timeout_s=10.0 if final else 0.0)
+        self._journal_ok = True
+        if ok and waiting is not None and self._journal is not None:
+            self._journal_ok = ok = self._journal.write(waiting)
         if ok:
             self.rows_written += len(rows)
         else:  # not on disk: a sender's retry of these rows is not a duplicate, and is answered as the disk allows
@@ -153,7 +173,27 @@ class RowSink:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout=60)
+        if self._journal is not None and not self._thread.is_alive():
+            self._journal.close()  # every waiting call was written at the stop (or waits in the journal)
         self.recorders.add_counter_sums()
+
+
+def _recover_waiting_calls(writer: LedgerWriter) -> None:
+    """Write the waiting calls of receivers that were killed as a segment (see :mod:`._journal`)."""
+    for journal, lock in _journal.orphaned(writer.spool):
+        try:
+            table = _journal.read(journal)
+            if table is not None and table.num_rows:
+                writer.spool.write_segment(table)
+                _log.warning(
+                    "joule-otel collect: %d calls a stopped receiver was holding for their parent span are written "
+                    "without it",
+                    table.num_rows,
+                )
+            journal.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+        except OSError as exc:  # a disk that refuses: the journal stays for the next start
+            _log.warning("joule-otel collect: cannot recover %s yet: %s", journal, exc)
 
 
 def _measurement(recorder: MetricRecorder, row: LedgerRow) -> Measurement:

@@ -318,6 +318,8 @@ class SpanJoiner:
         self._agents: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._up: OrderedDict[tuple[str, str], str] = OrderedDict()
         """(trace id, span id) → parent span id, for the spans above calls (agent → step → chat → HTTP call)."""
+        self.changes = 0
+        """Counts every call that starts or stops waiting: the waiting set changed when this did."""
 
     def add(self, spans: list[Span], now: float | None = None) -> list[LedgerRow]:
         """Take an export's spans; return the rows ready now (with their parent, or without one to wait for)."""
@@ -342,6 +344,7 @@ class SpanJoiner:
             for child in self._by_parent.pop(key, ()):
                 waiting = self._waiting.pop(child, None)
                 if waiting is not None:
+                    self.changes += 1
                     ready.append(self._complete(waiting[1], facts))
         for call in prepared.calls:
             parent_key = (call.trace_id, call.parent_span_id)
@@ -350,6 +353,7 @@ class SpanJoiner:
                 continue
             key = (call.trace_id, call.span_id)
             self._waiting[key] = (now + self.wait_s, call)
+            self.changes += 1
             self._by_parent.setdefault(parent_key, []).append(key)
         ready += self.expire(now)
         return ready
@@ -378,6 +382,7 @@ class SpanJoiner:
             if deadline > now and not everything:
                 break
             del self._waiting[key]
+            self.changes += 1
             parent_key = (call.trace_id, call.parent_span_id)
             siblings = self._by_parent.get(parent_key)
             if siblings is not None:
@@ -386,6 +391,10 @@ class SpanJoiner:
                     del self._by_parent[parent_key]
             ready.append(call.row)
         return ready
+
+    def waiting_rows(self) -> list[LedgerRow]:
+        """The rows of the waiting calls as expiry would write them (what the receiver keeps on disk meanwhile)."""
+        return [call.row for _, call in self._waiting.values()]
 
     @property
     def waiting(self) -> int:
