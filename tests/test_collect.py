@@ -941,3 +941,32 @@ def test_a_call_waiting_for_its_parent_is_on_disk_before_its_request_is_answered
         stop(second)
     rows = {r["receipt_id"]: r for r in second.rows()}
     assert set(rows) == {"rcpt_node_1", "rcpt_node_2"} and rows["rcpt_node_2"]["input_tokens"] == 12
+
+
+def test_a_span_nested_too_deep_for_protobuf_is_skipped_alone(collector):
+    """The protobuf runtime refuses a message nested past 100 levels: one attribute ~33 levels deep used to lose the
+    whole export. Each span is then decoded on its own: the deep one is counted, the others land."""
+
+    def varint(value: int) -> bytes:
+        out = b""
+        while value >= 0x80:
+            out, value = out + bytes([value & 0x7F | 0x80]), value >> 7
+        return out + bytes([value])
+
+    def field(number: int, payload: bytes) -> bytes:  # a length-delimited field, as the wire carries it
+        return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+    deep = field(1, b"leaf")  # AnyValue.string_value; the Python runtime cannot even build the message below
+    for _ in range(40):  # AnyValue.kvlist_value → KeyValueList.values → KeyValue{key, value}
+        deep = field(6, field(1, field(1, b"k") + field(2, deep)))
+    nested = fetch_span(span_id=bytes.fromhex("4444444444444444"), parent=b"", receipt="rcpt_deep").SerializeToString()
+    nested += field(9, field(1, b"app.payload") + field(2, deep))  # Span.attributes
+    good = fetch_span(span_id=bytes.fromhex("5555555555555555"), parent=b"", receipt="rcpt_fine").SerializeToString()
+    resource = Resource(attributes=[kv("service.name", "node-shop")]).SerializeToString()
+    body = field(1, field(1, resource) + field(2, field(2, nested) + field(2, good)))
+    status, answered = collector.post("/v1/traces", body, "application/x-protobuf")
+    assert status == 200, answered
+    answer = ExportTraceServiceResponse.FromString(answered).partial_success
+    assert answer.rejected_spans == 1 and "skipped" in answer.error_message
+    [row] = collector.rows()
+    assert row["receipt_id"] == "rcpt_fine" and row["service"] == "node-shop"

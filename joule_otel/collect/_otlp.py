@@ -158,7 +158,7 @@ def traces_from_protobuf(body: bytes) -> Decoded:
     try:
         request = ExportTraceServiceRequest.FromString(body)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise PayloadError(f"not an OTLP ExportTraceServiceRequest: {exc}") from None
+        return _item_by_item(body, "traces", exc)
     return traces_from_message(request)
 
 
@@ -197,8 +197,95 @@ def logs_from_protobuf(body: bytes) -> Decoded:
     try:
         request = ExportLogsServiceRequest.FromString(body)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise PayloadError(f"not an OTLP ExportLogsServiceRequest: {exc}") from None
+        return _item_by_item(body, "logs", exc)
     return logs_from_message(request)
+
+
+def _item_by_item(body: bytes, signal: str, failure: Exception) -> Decoded:
+    """An export the protobuf runtime refused whole, read span by span (or record by record).
+
+    The runtime refuses a message nested deeper than 100 levels: one attribute nested ~33 levels deep (a value
+    in a list in a map, and so on) would lose every record of the export. Walked at the wire level down to the
+    records, each is decoded on its own: the one that cannot be is counted and skipped, the rest land. A body
+    that is not protobuf at all is still a :class:`PayloadError` (400).
+    """
+    from google.protobuf.message import DecodeError
+
+    if signal == "traces":
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest as Request
+        from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans as Block
+        from opentelemetry.proto.trace.v1.trace_pb2 import Span as Item
+    else:
+        from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (  # type: ignore[assignment]
+            ExportLogsServiceRequest as Request,
+        )
+        from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord as Item  # type: ignore[assignment]
+        from opentelemetry.proto.logs.v1.logs_pb2 import ResourceLogs as Block  # type: ignore[assignment]
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+    request, skipped, errors = Request(), 0, []
+    try:
+        for _, block_bytes in _wire_fields(body, 1):  # resource_spans / resource_logs
+            block = Block()
+            for number, value in _wire_fields(block_bytes):
+                if number == 1:  # resource
+                    try:
+                        block.resource.CopyFrom(Resource.FromString(value))
+                    except DecodeError as exc:
+                        errors.append(f"resource skipped: {exc}")
+                elif number == 2:  # scope_spans / scope_logs
+                    scope = block.scope_spans.add() if signal == "traces" else block.scope_logs.add()
+                    items = scope.spans if signal == "traces" else scope.log_records
+                    for _, item_bytes in _wire_fields(value, 2):  # spans / log_records
+                        try:
+                            items.append(Item.FromString(item_bytes))
+                        except DecodeError as exc:
+                            skipped += 1
+                            errors.append(f"a record that cannot be decoded was skipped: {exc}")
+            (request.resource_spans if signal == "traces" else request.resource_logs).append(block)
+    except (ValueError, IndexError):
+        raise PayloadError(f"not an OTLP export: {failure}") from None
+    found = traces_from_message(request) if signal == "traces" else logs_from_message(request)
+    found.rejected += skipped
+    found.errors += errors
+    return found
+
+
+def _wire_fields(buffer: bytes, only: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(field number, bytes) of the length-delimited fields of a protobuf message (``only`` one number)."""
+    at, end = 0, len(buffer)
+    while at < end:
+        key, at = _varint(buffer, at)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, at = _varint(buffer, at)
+            continue
+        if wire_type in (1, 5):
+            at += 8 if wire_type == 1 else 4
+            continue
+        if wire_type != 2:
+            raise ValueError(f"wire type {wire_type}")
+        size, at = _varint(buffer, at)
+        if at + size > end:
+            raise ValueError("truncated")
+        if only is None or number == only:
+            yield number, buffer[at : at + size]
+        at += size
+    if at != end:
+        raise ValueError("truncated")
+
+
+def _varint(buffer: bytes, at: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = buffer[at]  # IndexError past the end: truncated
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
 
 
 def logs_from_message(request: Any) -> Decoded:
