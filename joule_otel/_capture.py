@@ -388,6 +388,11 @@ class Capture:
             call = self._begin(request, response, t0, started_ns)
             if call is not None:
                 self.inflight[call] = call
+                if "_content" in vars(response):
+                    # read before the transport returned it (httpx's MockTransport, respx): its body is all here, and
+                    # no stream will ever close to say so; waiting would time the call until garbage collection
+                    self.finish(call, ref(response))
+                    return
                 sync_cls, async_cls = self._streams_for(type(response))
                 response.stream = (sync_cls if sync else async_cls)(response.stream, call, self, ref(response))
         except Exception:

@@ -929,3 +929,26 @@ def test_a_plain_patch_laid_over_capture_never_keeps_it_running_after_uninstrume
     finally:
         joule_otel.uninstrument()
         httpx.HTTPTransport.handle_request = inspect.unwrap(beneath)
+
+
+def test_a_response_read_before_the_transport_returns_it_keeps_its_tokens_and_its_time(ledger_only):
+    """httpx's MockTransport and respx hand back responses already read: the call ends there, with the usage in its
+    body, not at garbage collection."""
+
+    def joule(request: httpx.Request) -> httpx.Response:
+        body = {"model": "m", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7}}
+        headers = {"X-Energy-Joules": "3.5", "X-Receipt-Id": "rcpt_mocked"}
+        return httpx.Response(200, json=body, headers=headers)
+
+    with httpx.Client(transport=httpx.MockTransport(joule)) as client:
+        response = client.post("http://127.0.0.1:9/v1/chat/completions", json={"model": "auto", "messages": HI})
+        assert joule_otel.flush(timeout_s=20)
+        [row] = rows(ledger_only)
+        assert response.status_code == 200  # still referenced: the call ended without waiting for the collector
+    assert (row["receipt_id"], row["energy_j"], row["input_tokens"], row["output_tokens"]) == (
+        "rcpt_mocked",
+        3.5,
+        11,
+        7,
+    )
+    assert 0 <= row["duration_ms"] < 60_000
