@@ -58,9 +58,13 @@ class _Instrumentation:
     span_instrumentors: list[Any] = field(default_factory=list)
     previous_sigterm: Any = None
     sigterm_installed: bool = False
+    provisional: bool = False
+    """Made by the pytest plugin for a suite that had not instrumented: the suite's own ``instrument()`` replaces it."""
 
 
 _state: _Instrumentation | None = None
+_row_listeners: list[Callable[[list[Any]], None]] = []
+"""Who hears each cycle's rows (see :func:`listen_to_rows`): every capture's pipeline shares this one list."""
 _lock = threading.RLock()
 _hooks_registered = False
 
@@ -127,9 +131,12 @@ def instrument(
     )
     with _lock:
         if _state is not None:
-            return
+            if not _state.provisional:
+                return
+            uninstrument()  # the pytest plugin's stand-in gives way: the suite's own settings (ledger, metrics) hold
         providers = resolve_providers(settings, tracer_provider, meter_provider)
         state = _instrument_clients(settings, providers)
+        state.pipeline.row_listeners = _row_listeners
         state.pipeline.start()
         _install_exit_hooks(state)
         _state = state
@@ -172,22 +179,34 @@ def _instrument_clients(settings: Settings, providers: Providers) -> _Instrument
     return state
 
 
-def listen_to_rows(listener: Any) -> Callable[[], None] | None:
+def listen_to_rows(listener: Callable[[list[Any]], None]) -> Callable[[], None]:
     """Call ``listener(rows)`` on the background thread with each cycle's ledger rows; returns how to stop it.
 
-    For joule-otel's own consumers in the same process (the pytest plugin). None when capture is not on.
+    For joule-otel's own consumers in the same process (the pytest plugin). It hears every capture of the process
+    from now on, whenever ``instrument()`` runs: one already running, or one started later.
     """
-    state = _state
-    if state is None:
-        return None
-    listeners = state.pipeline.row_listeners
-    listeners.append(listener)
+    _row_listeners.append(listener)
 
     def stop() -> None:
-        if listener in listeners:
-            listeners.remove(listener)
+        if listener in _row_listeners:
+            _row_listeners.remove(listener)
 
     return stop
+
+
+def is_instrumented() -> bool:
+    """Whether capture is on in this process."""
+    return _state is not None
+
+
+def instrument_provisionally(**options: Any) -> None:
+    """Capture for the pytest plugin when the suite has not instrumented: the suite's ``instrument()`` replaces it."""
+    with _lock:
+        if _state is not None:
+            return
+        instrument(**options)
+        if _state is not None:
+            _state.provisional = True
 
 
 def _budget_watch(settings: Settings, meter: Any, recorder: MetricRecorder) -> BudgetWatch:

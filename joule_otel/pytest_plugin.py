@@ -123,22 +123,22 @@ class EnergyCheck:
 
     # -- turning capture on only when something asks for it -------------------------------------
     def activate(self) -> None:
-        """Capture (joule-otel's own, or the app's if it called ``instrument()`` already) and listen to its rows."""
-        if self.active:
-            return
-        import joule_otel
-        from joule_otel._instrument import listen_to_rows
+        """Hear capture's rows; capture only if the suite has not (and give way when it does, later).
 
-        stop = listen_to_rows(self._collect)
-        if stop is None:
-            # not instrumented by the suite: capture without touching a ledger or a metrics backend unless the
-            # environment asks for one (JOULE_OTEL_DB, JOULE_OTEL_METRICS)
-            joule_otel.instrument(
+        Called at the first test that needs it, never at collection: a deselected test's marker changes nothing, and
+        a suite's own ``instrument(db=...)`` in a fixture or a test is obeyed whenever it runs, its rows heard too.
+        """
+        from joule_otel._instrument import instrument_provisionally, is_instrumented, listen_to_rows
+
+        if self._stop_listening is None:
+            self._stop_listening = listen_to_rows(self._collect)
+        if not is_instrumented():
+            # the suite has no capture of its own (yet): capture without touching a ledger or a metrics backend
+            # unless the environment asks for one (JOULE_OTEL_DB, JOULE_OTEL_METRICS)
+            instrument_provisionally(
                 db=None if os.environ.get("JOULE_OTEL_DB") else "off",
                 metrics=None if os.environ.get("JOULE_OTEL_METRICS") else "none",
             )
-            stop = listen_to_rows(self._collect)
-        self._stop_listening = stop
         self.active = True
 
     def _collect(self, rows: list[Any]) -> None:
@@ -234,23 +234,12 @@ def _is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
-def _is_xdist_controller(config: pytest.Config) -> bool:
-    return bool(getattr(config.option, "numprocesses", None)) and not _is_xdist_worker(config)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Turn capture on when an option asks for energy or a collected test carries the ``joule`` marker."""
-    check = _check(config)
-    if _is_xdist_controller(config):
-        return  # the workers run the tests and count
-    if check.wanted or any(item.get_closest_marker("joule") is not None for item in items):
-        check.activate()
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
-    """Mark where the test's calls begin (fixtures' calls count)."""
+    """Mark where the test's calls begin (fixtures' calls count); capture from the first test that needs it."""
     check = _check(item.config)
+    if not check.active and (check.wanted or item.get_closest_marker("joule") is not None):
+        check.activate()
     if check.active:
         check.start(item.nodeid)
     return (yield)

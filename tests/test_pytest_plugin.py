@@ -240,3 +240,52 @@ def test_every_test_of_a_suite_counts_whatever_the_simulators_scope(pytester, su
         assert measured["calls"] == calls, nodeid
         assert measured["joules"] == pytest.approx(billed(suite, name)), nodeid
         assert measured["joules"] > 0, nodeid
+
+
+OWN_INSTRUMENTATION = """
+import openai, pytest
+
+import joule_otel
+from joule_otel import _instrument
+
+
+@pytest.fixture(scope="session")
+def own_ledger(tmp_path_factory):
+    db = tmp_path_factory.mktemp("ledger") / "suite.duckdb"
+    joule_otel.instrument(db=db, flush_interval=0.2)  # after the plugin began capturing: the suite's wins
+    yield db
+
+
+def test_calls(joule_simulator, own_ledger):
+    client = openai.OpenAI(base_url=joule_simulator.base_url, api_key="k", max_retries=0)
+    client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+    assert not _instrument._state.provisional
+    assert joule_otel.flush(timeout_s=20)
+    assert list(joule_otel.read_ledger(own_ledger)["receipt_id"]) == [joule_simulator.receipts[0].receipt_id]
+"""
+
+
+def test_a_suites_own_instrumentation_is_obeyed_and_heard(pytester, suite, tmp_path):
+    """The plugin captures from the first test that needs it, and gives way when the suite instruments later (in a
+    fixture, say): the suite's ledger gets the rows, and the energy check still counts them."""
+    pytester.makepyfile(test_own=OWN_INSTRUMENTATION)
+    report = tmp_path / "report.json"
+    run(pytester, "test_own.py", "--joule", "--joule-report", str(report)).assert_outcomes(passed=1)
+    assert by_test(json.loads(report.read_text())["tests"])["test_own.py::test_calls"]["calls"] == 1
+
+
+def test_a_deselected_marker_instruments_nothing(pytester, suite):
+    pytester.makepyfile(
+        test_marked="""
+import pytest
+from joule_otel import _instrument
+
+@pytest.mark.joule(max_joules=1)
+def test_capped():
+    pass
+
+def test_plain():
+    assert _instrument._state is None
+"""
+    )
+    run(pytester, "test_marked.py", "-k", "plain").assert_outcomes(passed=1, deselected=1)
