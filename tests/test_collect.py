@@ -943,9 +943,9 @@ def test_a_call_waiting_for_its_parent_is_on_disk_before_its_request_is_answered
     assert set(rows) == {"rcpt_node_1", "rcpt_node_2"} and rows["rcpt_node_2"]["input_tokens"] == 12
 
 
-def test_a_span_nested_too_deep_for_protobuf_is_skipped_alone(collector):
-    """The protobuf runtime refuses a message nested past 100 levels: one attribute ~33 levels deep used to lose the
-    whole export. Each span is then decoded on its own: the deep one is counted, the others land."""
+def deep_export() -> bytes:
+    """A trace export with a span nested past protobuf's depth limit (built as bytes: the Python runtime cannot even
+    make that message) and a good one beside it."""
 
     def varint(value: int) -> bytes:
         out = b""
@@ -963,10 +963,32 @@ def test_a_span_nested_too_deep_for_protobuf_is_skipped_alone(collector):
     nested += field(9, field(1, b"app.payload") + field(2, deep))  # Span.attributes
     good = fetch_span(span_id=bytes.fromhex("5555555555555555"), parent=b"", receipt="rcpt_fine").SerializeToString()
     resource = Resource(attributes=[kv("service.name", "node-shop")]).SerializeToString()
-    body = field(1, field(1, resource) + field(2, field(2, nested) + field(2, good)))
+    return field(1, field(1, resource) + field(2, field(2, nested) + field(2, good)))
+
+
+def test_a_span_nested_too_deep_for_protobuf_is_skipped_alone(collector):
+    """The protobuf runtime refuses a message nested past 100 levels: one attribute ~33 levels deep used to lose the
+    whole export. Each span is then decoded on its own: the deep one is counted, the others land."""
+
+    body = deep_export()
     status, answered = collector.post("/v1/traces", body, "application/x-protobuf")
     assert status == 200, answered
     answer = ExportTraceServiceResponse.FromString(answered).partial_success
     assert answer.rejected_spans == 1 and "skipped" in answer.error_message
     [row] = collector.rows()
     assert row["receipt_id"] == "rcpt_fine" and row["service"] == "node-shop"
+
+
+@GRPC_KEEPS_THE_REAL_CLOCK
+def test_over_grpc_too_a_span_nested_too_deep_is_skipped_alone(collector):
+    import grpc
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse as Answer
+
+    with grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
+        export_raw = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+        answer = Answer.FromString(export_raw(deep_export(), timeout=30))
+        with pytest.raises(grpc.RpcError) as refused:
+            export_raw(b"\xff" * 64, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert answer.partial_success.rejected_spans == 1
+    assert [r["receipt_id"] for r in collector.rows()] == ["rcpt_fine"]
