@@ -63,7 +63,7 @@ class _Instrumentation:
 
 
 _state: _Instrumentation | None = None
-_row_listeners: list[Callable[[list[Any]], None]] = []
+_row_listeners: list[Callable[[list[Any], list[Any]], None]] = []
 """Who hears each cycle's rows (see :func:`listen_to_rows`): every capture's pipeline shares this one list."""
 _lock = threading.RLock()
 _hooks_registered = False
@@ -179,10 +179,11 @@ def _instrument_clients(settings: Settings, providers: Providers) -> _Instrument
     return state
 
 
-def listen_to_rows(listener: Callable[[list[Any]], None]) -> Callable[[], None]:
-    """Call ``listener(rows)`` on the background thread with each cycle's ledger rows; returns how to stop it.
+def listen_to_rows(listener: Callable[[list[Any], list[Any]], None]) -> Callable[[], None]:
+    """Call ``listener(rows, contexts)`` on the background thread with each cycle's rows; returns how to stop it.
 
-    For joule-otel's own consumers in the same process (the pytest plugin). It hears every capture of the process
+    ``contexts`` holds the OpenTelemetry context each row's call started in (None for an empty one). For joule-otel's
+    own consumers in the same process (the pytest plugin). It hears every capture of the process
     from now on, whenever ``instrument()`` runs: one already running, or one started later.
     """
     _row_listeners.append(listener)

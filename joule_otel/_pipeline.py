@@ -87,7 +87,7 @@ class Pipeline:
     ) -> None:
         self.service_name = service_name
         self.watch = watch
-        self.row_listeners: list[Callable[[list[LedgerRow]], None]] = []
+        self.row_listeners: list[Callable[[list[LedgerRow], list[Any]], None]] = []
         """Called on the background thread with each cycle's rows (the pytest plugin's energy per test)."""
         """Month-to-date energy against the budgets, and the 402 warnings (see :mod:`joule_otel._budget_watch`)."""
         self.events_logger = events_logger
@@ -114,6 +114,7 @@ class Pipeline:
     def _reset_thread_state(self) -> None:
         self._queue: deque[CallRecord] = deque()
         self._in_hand = 0
+        self._contexts: list[Any] = []
         self._wake = threading.Event()
         self._cond = threading.Condition()
         self._flush_requested = 0
@@ -285,9 +286,10 @@ class Pipeline:
                 watch.observe(rows)
             except Exception:
                 self.capture_stats.internal_error("budget watch")
+        contexts, self._contexts = self._contexts, []
         for listener in self.row_listeners if rows else ():
             try:
-                listener(rows)
+                listener(rows, contexts)
             except Exception:
                 self.capture_stats.internal_error("row listener")
         now = time.monotonic()
@@ -323,6 +325,7 @@ class Pipeline:
             self.capture_stats.internal_error("recording metrics")
             record = False
         calls = [queue.popleft() for _ in range(len(queue))]
+        listening = bool(self.row_listeners)  # they hear each row with the context its call started in
         self._in_hand = len(calls)  # off the queue, not yet the writer's: counted at exit if a cycle never ends
         if wait_for_decoders:
             # a call finishes when its raw stream ends, a moment before the app's client has flushed its decoder:
@@ -354,6 +357,8 @@ class Pipeline:
                 continue
             if row is not None:
                 rows.append(row)
+                if listening:
+                    self._contexts.append(call.context)
         return rows
 
     def _process(self, call: CallRecord, record: bool) -> LedgerRow | None:

@@ -29,6 +29,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ REPORT_VERSION = 1
 DEFAULT_TOLERANCE = 0.10
 DEFAULT_FLOOR_J = 1.0
 _STASH = pytest.StashKey["EnergyCheck"]()
+_TEST_KEY = "joule_otel.pytest.test"
+"""The OpenTelemetry context key holding the running test's node id (a plain string key: no SDK needed)."""
 
 
 @pytest.fixture
@@ -97,6 +100,9 @@ class CallsEnergy:
     joules: float = 0.0
     carbon_mg: float = 0.0
     calls: int = 0
+    calls_by_time: int = 0
+    """Of ``calls``, those made where the test's context was not (a thread it started, say, or one an earlier test
+    left running): charged to the test during which they started, which may not be the one that caused them."""
 
 
 class EnergyCheck:
@@ -110,7 +116,8 @@ class EnergyCheck:
         self.results: dict[str, CallsEnergy] = {}
         self.regressions: dict[str, str] = {}
         self.baseline: dict[str, dict[str, Any]] = {}
-        self._rows: list[tuple[int, float | None, float | None]] = []
+        self._rows: list[tuple[int, float | None, float | None, str | None]] = []
+        """(start µs, J, mg, the test whose context made the call or None) of each row heard."""
         self._lock = threading.Lock()
         self._stop_listening: Any = None
         self._started_us: dict[str, int] = {}
@@ -141,9 +148,14 @@ class EnergyCheck:
             )
         self.active = True
 
-    def _collect(self, rows: list[Any]) -> None:
+    def _collect(self, rows: list[Any], contexts: list[Any]) -> None:
+        from opentelemetry import context as otel_context
+
+        found = [otel_context.get_value(_TEST_KEY, c) if c is not None else None for c in contexts]
+        tests: list[str | None] = [t if isinstance(t, str) else None for t in found]
+        tests += [None] * (len(rows) - len(tests))
         with self._lock:
-            self._rows += [(r.started_at_us, r.energy_j, r.carbon_mg) for r in rows]
+            self._rows += [(r.started_at_us, r.energy_j, r.carbon_mg, t) for r, t in zip(rows, tests, strict=True)]
 
     # -- per test --------------------------------------------------------------------------------
     def start(self, nodeid: str) -> None:
@@ -157,12 +169,15 @@ class EnergyCheck:
         joule_otel.flush(timeout_s=10)
         since = self._started_us.pop(nodeid, 0)
         with self._lock:
-            mine = [row for row in self._rows if row[0] >= since]
-            self._rows = [row for row in self._rows if row[0] < since]
+            # a call made in the test's context is the test's, whenever it started; one made elsewhere (a thread)
+            # is charged to the test during which it started
+            mine = [row for row in self._rows if row[3] == nodeid or (row[3] is None and row[0] >= since)]
+            self._rows = [row for row in self._rows if not (row[3] == nodeid or (row[3] is None and row[0] >= since))]
         energy = CallsEnergy(
-            joules=sum(j for _, j, _ in mine if j is not None),
-            carbon_mg=sum(c for _, _, c in mine if c is not None),
+            joules=sum(row[1] for row in mine if row[1] is not None),
+            carbon_mg=sum(row[2] for row in mine if row[2] is not None),
             calls=len(mine),
+            calls_by_time=sum(1 for row in mine if row[3] is None),
         )
         self.results[nodeid] = energy
         return energy
@@ -209,6 +224,7 @@ class EnergyCheck:
             joules=sum(e.joules for e in self.results.values()),
             carbon_mg=sum(e.carbon_mg for e in self.results.values()),
             calls=sum(e.calls for e in self.results.values()),
+            calls_by_time=sum(e.calls_by_time for e in self.results.values()),
         )
         return {
             "version": REPORT_VERSION,
@@ -240,9 +256,23 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     check = _check(item.config)
     if not check.active and (check.wanted or item.get_closest_marker("joule") is not None):
         check.activate()
-    if check.active:
-        check.start(item.nodeid)
-    return (yield)
+    if not check.active:
+        return (yield)
+    check.start(item.nodeid)
+    with _in_test_context(item.nodeid):
+        return (yield)
+
+
+@contextmanager
+def _in_test_context(nodeid: str) -> Iterator[None]:
+    """The test's name in the OpenTelemetry context: its calls (its tasks' too) say whose they are."""
+    from opentelemetry import context as otel_context
+
+    token = otel_context.attach(otel_context.set_value(_TEST_KEY, nodeid))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -250,7 +280,11 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     """After the body: the test's energy; fail it when over its cap or grown past the baseline."""
     check = _check(item.config)
     try:
-        result = yield
+        if check.active:
+            with _in_test_context(item.nodeid):
+                result = yield
+        else:
+            result = yield
     finally:
         energy = check.finish(item.nodeid) if check.active else None
     if energy is not None:
@@ -306,5 +340,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         f"total: {total['calls']} calls, {energy(total['joules'])}, {carbon(total['carbon_mg'])} "
         f"in {len(results)} tests"
     )
+    by_time = total.get("calls_by_time", 0)
+    if by_time:
+        write(
+            f"{by_time} call{'s' if by_time != 1 else ''} made outside a test's context (threads) "
+            "charged to the test running when they started"
+        )
     for nodeid, reason in check.regressions.items():
         write(f"REGRESSION {nodeid}: {reason}", red=True)

@@ -97,7 +97,7 @@ def test_joule_prints_energy_per_test_and_writes_a_report(pytester, suite, tmp_p
     for name in ("test_summary", "test_embeddings", "test_async"):
         assert tests[f"test_suite.py::{name}"]["joules"] == pytest.approx(billed(suite, name)), name
     assert tests["test_suite.py::test_summary"]["calls"] == 2
-    assert tests["test_suite.py::test_no_calls"] == {"joules": 0.0, "carbon_mg": 0.0, "calls": 0}
+    assert tests["test_suite.py::test_no_calls"] == {"joules": 0.0, "carbon_mg": 0.0, "calls": 0, "calls_by_time": 0}
     assert report["total"]["calls"] == 4
     assert report["total"]["joules"] == pytest.approx(sum(t["joules"] for t in tests.values()))
     assert report["regressions"] == {}
@@ -289,3 +289,44 @@ def test_plain():
 """
     )
     run(pytester, "test_marked.py", "-k", "plain").assert_outcomes(passed=1, deselected=1)
+
+
+LEAKED_THREAD = """
+import threading, time
+import openai
+
+LEFT = []
+
+
+def ask(base_url, n=1):
+    client = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0)
+    for _ in range(n):
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_leaves_a_thread_behind(joule_simulator):
+    ask(joule_simulator.base_url, 2)
+    late = threading.Event()
+    LEFT.append(late)
+    threading.Thread(target=lambda: (late.wait(30), ask(joule_simulator.base_url)), daemon=True).start()
+
+
+def test_b_runs_while_it_calls(joule_simulator):
+    LEFT[0].set()  # the thread test_a left behind calls now, during test_b
+    time.sleep(1.0)
+    ask(joule_simulator.base_url, 3)
+"""
+
+
+def test_calls_are_charged_by_the_test_whose_context_made_them_and_the_rest_are_said(pytester, suite, tmp_path):
+    """A test's calls (its tasks' too) carry the test's name in the context; a call a leaked thread makes has none:
+    it is charged to the test running when it started, and the report and summary say how many were."""
+    pytester.makepyfile(test_leaked=LEAKED_THREAD)
+    report = tmp_path / "report.json"
+    result = run(pytester, "test_leaked.py", "-p", "no:randomly", "--joule", "--joule-report", str(report))
+    result.assert_outcomes(passed=2)
+    tests = by_test(json.loads(report.read_text())["tests"])
+    a, b = tests["test_leaked.py::test_a_leaves_a_thread_behind"], tests["test_leaked.py::test_b_runs_while_it_calls"]
+    assert (a["calls"], a["calls_by_time"]) == (2, 0)
+    assert (b["calls"], b["calls_by_time"]) == (4, 1)
+    result.stdout.fnmatch_lines(["1 call made outside a test's context (threads) charged to the test running when*"])
