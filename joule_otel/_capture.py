@@ -388,7 +388,7 @@ class Capture:
             call = self._begin(request, response, t0, started_ns)
             if call is not None:
                 self.inflight[call] = call
-                if "_content" in vars(response):
+                if hasattr(response, "_content"):  # never vars(): it would give the response a real dict
                     # read before the transport returned it (httpx's MockTransport, respx): its body is all here, and
                     # no stream will ever close to say so; waiting would time the call until garbage collection
                     self.finish(call, ref(response))
