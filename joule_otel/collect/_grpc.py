@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from joule_otel.collect import _otlp
-from joule_otel.collect._server import RowSink, authorized, submit
+from joule_otel.collect._server import RowSink, authorized, protobuf_answer, submit
 
 _log = logging.getLogger("joule_otel.collect")
 
@@ -22,8 +22,6 @@ WAIT_S = 60.0
 def start_grpc(sink: RowSink, *, host: str, port: int, token: str | None) -> Any | None:
     """Serve OTLP/gRPC traces and logs; returns the server (``.stop(grace)``), or None if it cannot listen."""
     import grpc
-    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
     class TokenFirst(grpc.ServerInterceptor):  # type: ignore[misc]
         """Checks the token in the metadata before the message is decoded (a stranger's 13 MB costs nothing)."""
@@ -41,43 +39,26 @@ def start_grpc(sink: RowSink, *, host: str, port: int, token: str | None) -> Any
             context.abort(grpc.StatusCode.UNAVAILABLE, "the ledger's disk refused the rows; retry later")
         return decoded.rejected
 
-    def traces(body: bytes, context: Any) -> Any:
-        decoded = decode(_otlp.traces_from_protobuf, body, context)
-        rejected = export("traces", decoded, context)
-        partial = trace_service_pb2.ExportTracePartialSuccess(
-            rejected_spans=rejected, error_message="; ".join(dict.fromkeys(decoded.errors))[:512]
-        )
-        return trace_service_pb2.ExportTraceServiceResponse(partial_success=partial)
+    def handler(signal: str, reader: Any) -> Any:
+        def export_message(body: bytes, context: Any) -> bytes:
+            try:
+                decoded: _otlp.Decoded = reader(body)
+            except _otlp.PayloadError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            rejected = export(signal, decoded, context)
+            return protobuf_answer(signal, rejected, "; ".join(dict.fromkeys(decoded.errors))[:512])
 
-    def logs(body: bytes, context: Any) -> Any:
-        decoded = decode(_otlp.logs_from_protobuf, body, context)
-        rejected = export("logs", decoded, context)
-        partial = logs_service_pb2.ExportLogsPartialSuccess(
-            rejected_log_records=rejected, error_message="; ".join(dict.fromkeys(decoded.errors))[:512]
-        )
-        return logs_service_pb2.ExportLogsServiceResponse(partial_success=partial)
+        return grpc.unary_unary_rpc_method_handler(export_message)  # bytes in, bytes out: no (de)serializer
 
-    def decode(reader: Any, body: bytes, context: Any) -> _otlp.Decoded:
-        try:
-            decoded: _otlp.Decoded = reader(body)
-        except _otlp.PayloadError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return decoded
-
-    # the messages arrive as bytes (no request deserializer) and are read as OTLP/HTTP's are: an export nested past
-    # the protobuf runtime's depth limit is then read record by record, not refused whole by the gRPC runtime
+    # the messages arrive as bytes and are read as OTLP/HTTP's are: an export nested past the protobuf runtime's
+    # depth limit is then read record by record, not refused whole by the gRPC runtime
     handlers = [
         grpc.method_handlers_generic_handler(
-            service,
-            {"Export": grpc.unary_unary_rpc_method_handler(handle, response_serializer=response.SerializeToString)},
+            f"opentelemetry.proto.collector.{service}", {"Export": handler(signal, reader)}
         )
-        for service, handle, response in (
-            (
-                "opentelemetry.proto.collector.trace.v1.TraceService",
-                traces,
-                trace_service_pb2.ExportTraceServiceResponse,
-            ),
-            ("opentelemetry.proto.collector.logs.v1.LogsService", logs, logs_service_pb2.ExportLogsServiceResponse),
+        for service, signal, reader in (
+            ("trace.v1.TraceService", "traces", _otlp.traces_from_protobuf),
+            ("logs.v1.LogsService", "logs", _otlp.logs_from_protobuf),
         )
     ]
 

@@ -259,7 +259,7 @@ def create_app(
 
     def answer(request_type: str, signal: str, rejected: int, message: str, status: int = 200) -> Response:
         if request_type in PROTOBUF_TYPES:
-            return Response(_protobuf_answer(signal, rejected, message), status, media_type="application/x-protobuf")
+            return Response(protobuf_answer(signal, rejected, message), status, media_type="application/x-protobuf")
         body: dict[str, Any] = {}
         if rejected or message:
             count_key = "rejectedSpans" if signal == "traces" else "rejectedLogRecords"
@@ -421,7 +421,8 @@ def _decode(body: bytes, encoding: str, content_type: str, signal: str) -> _otlp
     return _otlp.logs_from_protobuf(data) if protobuf else _otlp.logs_from_json(data)
 
 
-def _protobuf_answer(signal: str, rejected: int, message: str) -> bytes:
+def protobuf_answer(signal: str, rejected: int, message: str) -> bytes:
+    """The serialized OTLP answer to an export of ``signal``: how many of its records were refused, and why."""
     if signal == "traces":
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
             ExportTracePartialSuccess,
