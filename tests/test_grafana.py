@@ -387,9 +387,12 @@ def test_the_service_variable_separates_the_two_paths(prometheus_with_both_paths
         expr = _expand(energy, {"service": service, "workload": ".*", "model": ".*", "region": ".*"}, range_s)
         totals[service] = _instant(api, expr, at)
     assert totals["scraped-svc"] > 0 and totals["collector-svc"] > 0 and totals["nobody"] == 0
-    # the two paths carry the same app's counters, scraped at slightly different moments
-    assert totals["scraped-svc"] == pytest.approx(totals["collector-svc"], rel=0.25)
-    assert totals[".*"] == pytest.approx(totals["scraped-svc"] + totals["collector-svc"], rel=1e-6)
+    # each choice selects exactly its path's series: the scrape job's for the service named in target_info, the
+    # Collector's (job = service.name) for the other; compared at one evaluation time, so exactly
+    for service, job in (("scraped-svc", "joule-apps"), ("collector-svc", "collector-svc")):
+        direct = _instant(api, f'sum(increase(joule_client_energy_joules_total{{job="{job}"}}[{range_s}s]))', at)
+        assert totals[service] == pytest.approx(direct, rel=1e-9), service
+    assert totals[".*"] == pytest.approx(totals["scraped-svc"] + totals["collector-svc"], rel=1e-9)
 
 
 def test_concrete_choices_are_escaped_and_narrow_every_panel(prometheus_with_both_paths):
