@@ -85,8 +85,8 @@ def main() -> None:
         import joule_otel
         from joule_otel import _instrument
         from joule_otel._capture import install, uninstall
-        from joule_otel.ledger import writer as ledger_writer
-        from joule_otel.ledger.compact import compact
+        from joule_otel.ledger import _writer as ledger_writer
+        from joule_otel.ledger._compact import compact
 
         write_segment = ledger_writer.LedgerWriter.write_segment
 

@@ -349,7 +349,7 @@ def _pct(values: list[float], q: float) -> float:
 
 def start_simulator() -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "joule_otel.cli", "simulate", "--port", "0", "--token-delay", "0", "--latency", "0"],
+        [sys.executable, "-m", "joule_otel._cli", "simulate", "--port", "0", "--token-delay", "0", "--latency", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -451,9 +451,9 @@ def ledger_ingest(rows_total: int) -> list[dict[str, object]]:
     """Sustained rows/s from segments into the DuckDB file, bytes per row, RSS across the burst."""
     import psutil
 
-    from joule_otel.dashboard.sample_data import generate
-    from joule_otel.ledger.compact import compact
-    from joule_otel.ledger.writer import LedgerWriter
+    from joule_otel.dashboard._sample_data import generate
+    from joule_otel.ledger._compact import compact
+    from joule_otel.ledger._writer import LedgerWriter
 
     template = generate(calls=20_000)
     out = []
@@ -508,9 +508,10 @@ def dashboard(sizes: list[int]) -> list[dict[str, object]]:
     """Every dashboard query at each ledger size, and the whole page."""
     import duckdb
 
-    from joule_otel.dashboard import queries
-    from joule_otel.dashboard.sources import SAMPLE_PATH
-    from joule_otel.ledger import reader, schema
+    from joule_otel.dashboard import _queries as queries
+    from joule_otel.dashboard._sources import SAMPLE_PATH
+    from joule_otel.ledger import _reader as reader
+    from joule_otel.ledger import _schema as schema
 
     out = []
     plans: dict[str, str] = {}
@@ -518,7 +519,7 @@ def dashboard(sizes: list[int]) -> list[dict[str, object]]:
         with tempfile.TemporaryDirectory() as tmp:
             db = Path(tmp) / "big.duckdb"
             with duckdb.connect(str(db)) as con:
-                from joule_otel.ledger.schema import migrate
+                from joule_otel.ledger._schema import migrate
 
                 migrate(con)
                 # building 100 M rows in time order sorts them all: spill to disk, never take the machine's memory
@@ -646,8 +647,8 @@ def _plan(con: Any, step: Any) -> str:
 def budget_watch(budgets: int, workloads: int) -> list[dict[str, object]]:
     """The budget watch at scale: what a drain, a full check (after the ledger's minute read) and a gauge export cost."""
     from joule_otel._budget_watch import BudgetWatch, _with_workload_totals
-    from joule_otel.budgets import Budget
-    from joule_otel.ledger.row import LedgerRow
+    from joule_otel._budgets import Budget
+    from joule_otel.ledger._row import LedgerRow
 
     watch = BudgetWatch([Budget(f"w{i}", 1e12) for i in range(budgets)], (0.8, 1.0), None)
     watch._ledger = _with_workload_totals({(f"w{i}", "api"): 1.0 for i in range(workloads)})
@@ -690,7 +691,7 @@ def sdk_floor(n: int) -> list[dict[str, object]]:
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
 
-    from joule_otel import attributes as attr
+    from joule_otel import _attributes as attr
     from joule_otel._direct_record import histogram_record
 
     meter = MeterProvider(metric_readers=[InMemoryMetricReader()]).get_meter("bench")
@@ -833,7 +834,7 @@ def collect_ingest(seconds: float) -> list[dict[str, object]]:
     import socket
     import threading
 
-    from joule_otel.ledger import reader
+    from joule_otel.ledger import _reader as reader
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -842,7 +843,7 @@ def collect_ingest(seconds: float) -> list[dict[str, object]]:
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "collect.duckdb"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "joule_otel.cli", "collect", "--port", str(port), "--db", str(db)],
+            [sys.executable, "-m", "joule_otel._cli", "collect", "--port", str(port), "--db", str(db)],
             stdout=subprocess.DEVNULL,
             env={**os.environ, "JOULE_OTEL_METRICS": "none"},
         )

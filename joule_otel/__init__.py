@@ -26,20 +26,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from joule_otel._version import __version__
-from joule_otel.workload import workload
+from joule_otel._workload import workload
 
 if TYPE_CHECKING:
     from joule_otel._instrument import flush, instrument, stats, uninstrument
-    from joule_otel.ledger.reader import read_calls as read_ledger
+    from joule_otel.ledger._reader import read_calls as read_ledger
 
 # Capture brings in the OpenTelemetry SDK, and reading the ledger DuckDB: neither is loaded until used, so that
-# `joule_otel.units`, the simulator or the dashboard (a fresh server's first page) do not pay for them.
+# `joule_otel._units`, the simulator or the dashboard (a fresh server's first page) do not pay for them.
 _LAZY = {
     "flush": ("joule_otel._instrument", "flush"),
     "instrument": ("joule_otel._instrument", "instrument"),
     "stats": ("joule_otel._instrument", "stats"),
     "uninstrument": ("joule_otel._instrument", "uninstrument"),
-    "read_ledger": ("joule_otel.ledger.reader", "read_calls"),
+    "read_ledger": ("joule_otel.ledger._reader", "read_calls"),
 }
 
 

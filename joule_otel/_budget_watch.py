@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from joule_otel import attributes as attr
-from joule_otel.budgets import Budget
-from joule_otel.ledger.row import LedgerRow
-from joule_otel.units import energy as energy_text
+from joule_otel import _attributes as attr
+from joule_otel._budgets import Budget
+from joule_otel._units import energy as energy_text
+from joule_otel.ledger._row import LedgerRow
 
 _log = logging.getLogger("joule_otel")
 
@@ -205,10 +205,12 @@ def budget_attributes(budget: Budget) -> dict[str, Any]:
 
 def ledger_month_to_date(db_path: Path, start: datetime) -> dict[Key, float]:
     """Joules per (workload, service) since ``start`` (an hour boundary) in the ledger, from the rollup where it can."""
-    from joule_otel.ledger import reader
+    from joule_otel.ledger import _reader as reader
 
     with reader.connect(db_path, timeout_s=1.0) as con:
-        has_rollup = con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'calls_rollup'").fetchone()[0]
+        has_rollup = (
+            con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'calls_rollup'").fetchone() or (0,)
+        )[0]
         source = (
             "(SELECT workload, service, energy_j FROM calls_rollup WHERE hour >= $1 "
             "UNION ALL SELECT workload, service, energy_j FROM pending_calls WHERE started_at >= $1)"

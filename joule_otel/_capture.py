@@ -30,7 +30,7 @@ from opentelemetry import trace
 from opentelemetry.context import get_current as get_current_context
 from opentelemetry.trace import SpanKind
 
-from joule_otel import attributes as attr
+from joule_otel import _attributes as attr
 from joule_otel._decode import decode
 from joule_otel._genai import (
     BODY_CAP_BYTES as REQUEST_CAP_BYTES,
@@ -46,8 +46,8 @@ from joule_otel._genai import (
     request_fields,
     route_operation,
 )
-from joule_otel.headers import RESPONSE_HEADERS, EnergyReading, header_value, read_response
-from joule_otel.workload import baggage_workload, innermost_workload
+from joule_otel._headers import RESPONSE_HEADERS, EnergyReading, header_value, read_response
+from joule_otel._workload import baggage_workload, innermost_workload
 
 _log = logging.getLogger("joule_otel")
 
@@ -79,7 +79,7 @@ class CallRecord:
     response_headers: Any = None
     reading: EnergyReading | None = None
     found: list[Any] | None = None
-    """What :func:`~joule_otel.headers.scan_headers` found, when the reading was made on the app's thread."""
+    """What :func:`~joule_otel._headers.scan_headers` found, when the reading was made on the app's thread."""
     request_fields: RequestFields | None = None
     trace_id: int | None = None
     span_id: int | None = None

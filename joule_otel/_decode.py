@@ -1,7 +1,7 @@
 """Pure decoding of what a response body says: usage, the stream's final energy figure, the error code.
 
 No OpenTelemetry, no threads, no I/O: bytes in, :class:`BodyFacts` out. Every value is validated as it
-is read (token counts that fit a BIGINT, figures under the ceilings of :mod:`joule_otel.headers`), so
+is read (token counts that fit a BIGINT, figures under the ceilings of :mod:`joule_otel._headers`), so
 nothing a server sends can make a ledger row unwritable.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from joule_otel.headers import parse_carbon, parse_energy, parse_token_count
+from joule_otel._headers import parse_carbon, parse_energy, parse_token_count
 
 WHOLE_BODY_BYTES = 32 << 10
 """A JSON body up to this size is decoded whole for its top-level ``usage`` or ``error`` (only those fields, in C);

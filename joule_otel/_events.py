@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from joule_otel import attributes as attr
-from joule_otel.headers import clean_receipt, clean_string, parse_carbon, parse_energy, parse_token_count
-from joule_otel.ledger.row import LedgerRow, duration_ms, start_problem
+from joule_otel import _attributes as attr
+from joule_otel._headers import clean_receipt, clean_string, parse_carbon, parse_energy, parse_token_count
+from joule_otel.ledger._row import LedgerRow, duration_ms, start_problem
 
 EVENT_NAME = "joule.inference.call"
 

@@ -19,7 +19,7 @@ from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 
-from joule_otel.config import Settings
+from joule_otel._config import Settings
 
 _log = logging.getLogger("joule_otel")
 

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from joule_otel.headers import RESPONSE_HEADERS, SCANNED, SCANNED_OPENAI, clean_label, clean_string
+from joule_otel._headers import RESPONSE_HEADERS, SCANNED, SCANNED_OPENAI, clean_label, clean_string
 
 BODY_CAP_BYTES = 4 << 20
 """Request bodies larger than this are not parsed (an upload, not a prompt worth reading a model from)."""
@@ -104,7 +104,7 @@ _NO_OPENAI_HEADER: list[Any] = [None] * len(OPENAI_RESPONSE_HEADERS)
 
 
 def provider_of_scanned(host: str | None, found: list[Any]) -> str:
-    """:func:`provider_for` of a response, from what :func:`joule_otel.headers.scan_headers` found."""
+    """:func:`provider_for` of a response, from what :func:`joule_otel._headers.scan_headers` found."""
     joule = found[: len(RESPONSE_HEADERS)] != _NO_JOULE_HEADER  # SCANNED begins with the Joule response headers
     return provider_for(host, joule, not joule and found[SCANNED_OPENAI:] != _NO_OPENAI_HEADER)
 

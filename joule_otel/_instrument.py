@@ -19,13 +19,18 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics
 
-from joule_otel import attributes as attr
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
+from joule_otel import _attributes as attr
 from joule_otel._budget_watch import BudgetWatch
 from joule_otel._capture import Capture, install, uninstall
+from joule_otel._config import Settings
 from joule_otel._exporters import (
     Providers,
     flush_provider,
@@ -34,13 +39,12 @@ from joule_otel._exporters import (
     shutdown_created,
 )
 from joule_otel._genai import redact_url
+from joule_otel._instruments import create_instruments
 from joule_otel._metrics import METRICS_NONE, MetricRecorder
 from joule_otel._pipeline import Pipeline
 from joule_otel._version import __version__
-from joule_otel.config import Settings
-from joule_otel.instruments import create_instruments
-from joule_otel.ledger.spool import forget_inherited_locks
-from joule_otel.ledger.writer import LedgerWriter
+from joule_otel.ledger._spool import forget_inherited_locks
+from joule_otel.ledger._writer import LedgerWriter
 
 _log = logging.getLogger("joule_otel")
 
@@ -83,8 +87,8 @@ def instrument(
     call_events: bool | None = None,
     budgets: str | os.PathLike[str] | dict[str, float] | None = None,
     budget_thresholds: tuple[float, ...] | None = None,
-    tracer_provider: Any | None = None,
-    meter_provider: Any | None = None,
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
     **other: Any,
 ) -> None:
     """Capture every Joule Cloud call made through httpx/httpx2 (the openai SDK, LangChain, litellm, plain httpx).
@@ -215,7 +219,7 @@ def _budget_watch(settings: Settings, meter: Any, recorder: MetricRecorder) -> B
     from opentelemetry.metrics import Observation
 
     from joule_otel._budget_watch import budget_attributes
-    from joule_otel.instruments import create_budget_gauges, create_refusals_counter
+    from joule_otel._instruments import create_budget_gauges, create_refusals_counter
 
     if settings.metrics == METRICS_NONE:
         return BudgetWatch(list(settings.budgets), settings.budget_thresholds, settings.db_path)

@@ -14,11 +14,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from joule_otel import attributes as attr
+from joule_otel import _attributes as attr
+from joule_otel._config import METRICS_MODES
 from joule_otel._direct_record import Record, histogram_record
 from joule_otel._genai import SEMCONV_OPERATIONS
-from joule_otel.config import METRICS_MODES
-from joule_otel.instruments import Instruments
+from joule_otel._instruments import Instruments
 
 METRICS_ALL, METRICS_ENERGY, METRICS_NONE = METRICS_MODES
 

@@ -23,11 +23,11 @@ from joule_otel._capture import CallRecord
 from joule_otel._decode import BodyFacts, parse_body
 from joule_otel._events import EVENT_NAME, event_attributes
 from joule_otel._genai import JOULE_PROVIDER, error_type_for, provider_of_scanned, request_fields
+from joule_otel._headers import SCANNED_CONTENT_ENCODING, SCANNED_CONTENT_TYPE, read_response
 from joule_otel._metrics import Measurement, MetricRecorder
-from joule_otel.headers import SCANNED_CONTENT_ENCODING, SCANNED_CONTENT_TYPE, read_response
-from joule_otel.ledger.row import LedgerRow, duration_ms
-from joule_otel.ledger.writer import LedgerWriter, load_arrow
-from joule_otel.workload import baggage_workload
+from joule_otel._workload import baggage_workload
+from joule_otel.ledger._row import LedgerRow, duration_ms
+from joule_otel.ledger._writer import LedgerWriter, load_arrow
 
 _log = logging.getLogger("joule_otel")
 

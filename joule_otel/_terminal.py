@@ -1,6 +1,6 @@
 """What the ``joule-otel`` commands share: printing a table, the dashboard's command line.
 
-A leaf below both :mod:`joule_otel.cli` and :mod:`joule_otel.demo`, so neither imports the other's internals.
+A leaf below both :mod:`joule_otel._cli` and :mod:`joule_otel._demo`, so neither imports the other's internals.
 """
 
 from __future__ import annotations

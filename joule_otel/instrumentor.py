@@ -13,6 +13,8 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 
 from joule_otel import _instrument
 
+__all__ = ["JouleInstrumentor"]
+
 
 class JouleInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Captures Joule Cloud calls made through httpx/httpx2 (and the aiohttp-backed transports on them)."""

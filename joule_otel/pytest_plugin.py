@@ -38,6 +38,9 @@ import pytest
 
 from joule_otel.simulator import Simulator, running
 
+__all__ = ["joule_simulator"]
+"""The fixture; the rest is pytest's hooks (``--joule``, ``@pytest.mark.joule``), reached through the entry point."""
+
 REPORT_VERSION = 1
 DEFAULT_TOLERANCE = 0.10
 DEFAULT_FLOOR_J = 1.0
@@ -324,7 +327,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     check = _check(config)
     if not (config.option.joule or config.option.joule_compare) or not check.results:
         return
-    from joule_otel.units import carbon, energy
+    from joule_otel._units import carbon, energy
 
     results = check.results
     top = sorted(results.items(), key=lambda kv: kv[1].joules, reverse=True)[: max(config.option.joule_top, 0)]

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from joule_otel.ledger import schema
-from joule_otel.ledger.compact import compact
-from joule_otel.ledger.spool import Spool
-from joule_otel.ledger.writer import rows_to_arrow
+from joule_otel.ledger import _schema as schema
+from joule_otel.ledger._compact import compact
+from joule_otel.ledger._spool import Spool
+from joule_otel.ledger._writer import rows_to_arrow
 
 pytestmark = pytest.mark.browser
 
@@ -54,7 +54,7 @@ def serve_dashboard(tmp_path: Path, env_extra: dict[str, str]) -> tuple[subproce
     if "JOULE_OTEL_DB" not in env_extra:
         env.pop("JOULE_OTEL_DB", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "joule_otel.cli", "dashboard", "--no-browser", "--port", str(port)],
+        [sys.executable, "-m", "joule_otel._cli", "dashboard", "--no-browser", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -83,7 +83,7 @@ def demo_ledger(tmp_path_factory) -> tuple[Path, Path]:
         [
             sys.executable,
             "-m",
-            "joule_otel.cli",
+            "joule_otel._cli",
             "demo",
             "--no-dashboard",
             "--calls",
@@ -176,7 +176,7 @@ def test_every_tab_of_the_demo_ledger_draws(demo_ledger, browser, tmp_path):
         proc.communicate(timeout=15)  # reads and closes the pipe: no unclosed file left for the collector
     assert "Traceback" not in body
     assert "Asia/Kolkata" in body or "Asia/Calcutta" in body, "the page says which zone it uses (the browser's)"
-    from joule_otel.ledger import reader
+    from joule_otel.ledger import _reader as reader
 
     with reader.connect(db) as con:
         in_ledger = con.execute("SELECT count(*) FROM inference_calls").fetchone()[0]
@@ -206,7 +206,7 @@ def test_sample_data_in_a_browser_in_newfoundland(browser, tmp_path):
         proc.communicate(timeout=15)  # reads and closes the pipe: no unclosed file left for the collector
     import duckdb
 
-    from joule_otel.dashboard.sources import SAMPLE_PATH
+    from joule_otel.dashboard._sources import SAMPLE_PATH
 
     total = duckdb.connect().execute(f"SELECT count(*) FROM '{SAMPLE_PATH}'").fetchone()[0]
     assert f"{total:,}" in calls_shown, "every call of the sample is in the default range, in any zone"

@@ -651,7 +651,7 @@ header_value = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=12
 @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(energy=header_value, carbon=header_value, tier=header_value)
 def test_garbage_header_values_never_break_the_call(scripted_server, tmp_path_factory, energy, carbon, tier):
-    from joule_otel.headers import parse_quantity
+    from joule_otel._headers import parse_quantity
 
     _, base_url = scripted_server
     _ScriptedHandler.headers_to_send = {"X-Energy-Joules": energy, "X-Carbon-mg": carbon, "X-Tier": tier}

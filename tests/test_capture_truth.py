@@ -31,11 +31,11 @@ import pytest
 
 import joule_otel
 from joule_otel import _instrument
-from joule_otel.cli import main as cli_main
-from joule_otel.ledger.row import LedgerRow, problem
-from joule_otel.ledger.schema import SCHEMA_VERSION
-from joule_otel.ledger.spool import Spool
-from joule_otel.ledger.writer import LedgerWriter
+from joule_otel._cli import main as cli_main
+from joule_otel.ledger._row import LedgerRow, problem
+from joule_otel.ledger._schema import SCHEMA_VERSION
+from joule_otel.ledger._spool import Spool
+from joule_otel.ledger._writer import LedgerWriter
 
 HI = [{"role": "user", "content": "hi"}]
 ROW = LedgerRow(
@@ -437,7 +437,7 @@ def test_disk_full_at_the_first_compaction_recovers_by_itself_and_says_disk_full
     assert not db.exists() or db.stat().st_size > 0, "no empty ledger file may stay behind"
     # the CLI says the same in one line
     cli = subprocess.run(
-        [sys.executable, "-m", "joule_otel.cli", "ledger", "--db", str(db), "compact"],
+        [sys.executable, "-m", "joule_otel._cli", "ledger", "--db", str(db), "compact"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -573,7 +573,7 @@ def test_demo_refuses_a_ledger_that_is_not_a_demos(ledger_path, joule_simulator)
         joule_otel.uninstrument()
     before = ledger_path.read_bytes()
     cli = subprocess.run(
-        [sys.executable, "-m", "joule_otel.cli", "demo", "--db", str(ledger_path), "--calls", "5", "--no-dashboard"],
+        [sys.executable, "-m", "joule_otel._cli", "demo", "--db", str(ledger_path), "--calls", "5", "--no-dashboard"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -587,7 +587,7 @@ def test_demo_refuses_a_ledger_that_is_not_a_demos(ledger_path, joule_simulator)
 def test_demo_reruns_over_its_own_ledger(tmp_path):
     db = tmp_path / "d" / "demo.duckdb"
     counts = []
-    command = [sys.executable, "-m", "joule_otel.cli", "demo", "--db", str(db), "--calls", "12", "--no-dashboard"]
+    command = [sys.executable, "-m", "joule_otel._cli", "demo", "--db", str(db), "--calls", "12", "--no-dashboard"]
     for _ in range(2):
         cli = subprocess.run(
             [*command, "--history-days", "2"],
@@ -625,7 +625,7 @@ def test_demo_reruns_over_its_own_ledger(tmp_path):
 
 
 def test_the_demos_warnings_get_lines_of_their_own_above_its_progress_bar(capsys):
-    from joule_otel.demo import _ProgressLine
+    from joule_otel._demo import _ProgressLine
 
     line = _ProgressLine()
     logger = logging.getLogger("joule_otel")
@@ -783,7 +783,7 @@ def test_the_default_workload_is_cleaned_and_capped_like_workload(ledger_path, j
     with pytest.raises(ValueError, match="workload"):
         joule_otel.instrument(db=ledger_path, workload="\n\t")
     monkeypatch.setenv("JOULE_OTEL_WORKLOAD", "cron\x07job")
-    from joule_otel.config import Settings
+    from joule_otel._config import Settings
 
     assert Settings.resolve().workload == "cronjob"
 
@@ -950,7 +950,7 @@ def test_provider_rule():
 )
 def test_provider_of_a_response(headers, provider):
     from joule_otel._genai import provider_of_scanned
-    from joule_otel.headers import scan_headers
+    from joule_otel._headers import scan_headers
 
     assert provider_of_scanned("llm.example", scan_headers(httpx.Headers(headers))) == provider
 
@@ -966,8 +966,8 @@ def test_an_api_level_tracer_provider_that_is_not_the_sdks_is_used_not_replaced(
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+    from joule_otel._config import Settings
     from joule_otel._exporters import resolve_providers
-    from joule_otel.config import Settings
 
     exporter = InMemorySpanExporter()
     sdk = TracerProvider()

@@ -78,7 +78,7 @@ def start_collect(db: Path, **env: str) -> Collector:
         [
             sys.executable,
             "-m",
-            "joule_otel.cli",
+            "joule_otel._cli",
             "collect",
             "--port",
             str(port),
@@ -371,7 +371,7 @@ def test_a_token_is_required_when_set_and_off_loopback(tmp_path):
     finally:
         stop(guarded)
     open_to_all = subprocess.run(
-        [sys.executable, "-m", "joule_otel.cli", "collect", "--host", "0.0.0.0", "--db", str(tmp_path / "x.duckdb")],
+        [sys.executable, "-m", "joule_otel._cli", "collect", "--host", "0.0.0.0", "--db", str(tmp_path / "x.duckdb")],
         capture_output=True,
         text=True,
         timeout=60,
@@ -688,7 +688,7 @@ def test_a_dead_decoding_worker_costs_no_request(tmp_path):
     from starlette.testclient import TestClient
 
     from joule_otel.collect._server import RowSink, create_app, decoding_workers
-    from joule_otel.ledger.writer import LedgerWriter
+    from joule_otel.ledger._writer import LedgerWriter
 
     class NoMetrics:  # this test is about decoding: no metrics recorded
         def for_service(self, service):
@@ -729,7 +729,7 @@ def test_a_grpc_port_another_receiver_holds_is_an_error_at_start(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "joule_otel.cli",
+                "joule_otel._cli",
                 "collect",
                 "--port",
                 str(free_port()),
@@ -879,7 +879,7 @@ def test_a_retry_after_the_disk_refused_is_written_not_taken_for_a_duplicate(tmp
     that never reached disk, so the retry is answered as the disk allows, and the ledger holds the call once."""
     from joule_otel._events import row_from_event
     from joule_otel.collect._server import RowSink
-    from joule_otel.ledger.writer import LedgerWriter
+    from joule_otel.ledger._writer import LedgerWriter
 
     class NoMetrics:
         def for_service(self, name):

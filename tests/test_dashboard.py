@@ -12,14 +12,15 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from joule_otel import units
-from joule_otel.budgets import Budget, load_budgets
-from joule_otel.dashboard import queries
-from joule_otel.dashboard.sources import SAMPLE_PATH, Source, source_for
-from joule_otel.ledger import reader, schema
-from joule_otel.ledger.compact import compact
-from joule_otel.ledger.spool import Spool
-from joule_otel.ledger.writer import rows_to_arrow
+from joule_otel import _units as units
+from joule_otel._budgets import Budget, load_budgets
+from joule_otel.dashboard import _queries as queries
+from joule_otel.dashboard._sources import SAMPLE_PATH, Source, source_for
+from joule_otel.ledger import _reader as reader
+from joule_otel.ledger import _schema as schema
+from joule_otel.ledger._compact import compact
+from joule_otel.ledger._spool import Spool
+from joule_otel.ledger._writer import rows_to_arrow
 
 APP = str(Path(__file__).resolve().parent.parent / "joule_otel" / "dashboard" / "app.py")
 T0 = datetime(2026, 11, 10, 12, tzinfo=timezone.utc)
@@ -474,7 +475,7 @@ def test_rollup_answers_equal_row_by_row_answers(rollup_and_raw, case):
 def test_a_rollup_that_disagrees_with_the_rows_is_not_used(known_ledger, caplog):
     import duckdb
 
-    from joule_otel.ledger.maintenance import compact_now
+    from joule_otel.ledger._maintenance import compact_now
 
     with duckdb.connect(str(known_ledger)) as con:  # a row deleted by hand: the rollup still counts it
         con.execute("DELETE FROM inference_calls WHERE receipt_id = 'rcpt_3'")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from joule_otel._decode import WHOLE_BODY_BYTES, parse_body, top_level_object
 from joule_otel._genai import BODY_CAP_BYTES, RequestFields, request_fields
-from joule_otel.headers import clean_string
+from joule_otel._headers import clean_string
 
 JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
 JSON_VALUES = st.recursive(

@@ -37,7 +37,7 @@ def test_dashboard_starts_silently_without_a_terminal_or_a_streamlit_folder(tmp_
     env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(tmp_path / "xdg")}
     env.pop("JOULE_OTEL_DB", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "joule_otel.cli", "dashboard", "--port", str(port), "--no-browser"],
+        [sys.executable, "-m", "joule_otel._cli", "dashboard", "--port", str(port), "--no-browser"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -71,7 +71,7 @@ def test_a_taken_port_is_one_clear_line(tmp_path):
         port = taken.getsockname()[1]
         for command in (["dashboard", "--no-browser"], ["demo", "--no-browser", "--calls", "5"]):
             result = subprocess.run(
-                [sys.executable, "-m", "joule_otel.cli", *command, "--port", str(port)],
+                [sys.executable, "-m", "joule_otel._cli", *command, "--port", str(port)],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -96,7 +96,7 @@ def test_no_stray_text_renders_above_the_title(monkeypatch, tmp_path):
 def test_every_option_has_help_and_ledger_db_goes_where_a_user_types_it(tmp_path):
     import argparse
 
-    from joule_otel.cli import build_parser, main
+    from joule_otel._cli import build_parser, main
 
     def walk(parser: argparse.ArgumentParser) -> list[tuple[str, str | None]]:
         found = []
@@ -111,13 +111,13 @@ def test_every_option_has_help_and_ledger_db_goes_where_a_user_types_it(tmp_path
     missing = [name for name, text in walk(build_parser()) if not text]
     assert missing == []
     db = tmp_path / "l.duckdb"
-    from joule_otel.ledger.compact import open_writable
+    from joule_otel.ledger._compact import open_writable
 
     open_writable(db).close()  # type: ignore[attr-defined]
     assert main(["ledger", "stats", "--db", str(db), "--json"]) == 0
     assert main(["ledger", "--db", str(db), "stats"]) == 0
     result = subprocess.run(
-        [sys.executable, "-m", "joule_otel.cli", "ledger", "query", "--db", str(db), "select nope from nowhere"],
+        [sys.executable, "-m", "joule_otel._cli", "ledger", "query", "--db", str(db), "select nope from nowhere"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -126,7 +126,7 @@ def test_every_option_has_help_and_ledger_db_goes_where_a_user_types_it(tmp_path
 
 
 def test_reading_a_path_never_writes_anything(tmp_path):
-    from joule_otel.ledger import reader
+    from joule_otel.ledger import _reader as reader
 
     missing = tmp_path / "no" / "such" / "folder" / "ledger.duckdb"
     with reader.connect(missing) as con:

@@ -184,7 +184,7 @@ def prometheus_with_both_paths(tmp_path_factory):
         budgets = tmp / "budgets.json"
         budgets.write_text(json.dumps(APP_BUDGETS_J))
         rules = subprocess.run(
-            [sys.executable, "-m", "joule_otel.cli", "budgets", "rules", str(budgets), "-o", str(tmp / "rules.yml")],
+            [sys.executable, "-m", "joule_otel._cli", "budgets", "rules", str(budgets), "-o", str(tmp / "rules.yml")],
             capture_output=True,
             text=True,
             check=False,

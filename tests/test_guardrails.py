@@ -17,7 +17,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import joule_otel
-from joule_otel.budgets import Budget, load_budgets, parse_thresholds, prometheus_rules
+from joule_otel._budgets import Budget, load_budgets, parse_thresholds, prometheus_rules
 from joule_otel.simulator import running
 
 PROMTOOL = shutil.which("promtool")
@@ -76,7 +76,7 @@ def test_budgets_file_formats_and_errors(tmp_path):
 def test_every_budgets_file_a_user_can_hand_over_is_budgets_or_one_clear_error(tmp_path, monkeypatch, caplog):
     """Nesting deep enough to exhaust the parser, integers no float holds, a spreadsheet's BOM, control characters:
     each is budgets or a ValueError that names the file, never a crash of the app that set JOULE_OTEL_BUDGETS."""
-    from joule_otel.cli import main
+    from joule_otel._cli import main
 
     (tmp_path / "bom.csv").write_text("\ufeffworkload,budget_j,service\nbot,100,\n", encoding="utf-8")
     assert load_budgets(tmp_path / "bom.csv") == [Budget("bot", 100.0)]
@@ -204,7 +204,7 @@ def test_a_402_warns_with_month_to_date_and_budget_once_per_workload_and_hour(tm
     assert refused >= 2 and set(statuses) == {402}
     said = [r.getMessage() for r in caplog.records if "402 insufficient_balance" in r.getMessage()]
     assert len(said) == 1, said
-    from joule_otel.units import energy
+    from joule_otel._units import energy
 
     assert "workload enrich" in said[0] and energy(served) in said[0] and "its budget 5.00 kJ" in said[0]
     refusals = [
@@ -303,7 +303,7 @@ def test_the_shipped_rules_are_what_the_cli_writes_for_the_example(tmp_path):
         [
             sys.executable,
             "-m",
-            "joule_otel.cli",
+            "joule_otel._cli",
             "budgets",
             "rules",
             str(DEPLOY / "budgets.example.json"),
@@ -319,7 +319,7 @@ def test_the_shipped_rules_are_what_the_cli_writes_for_the_example(tmp_path):
         "regenerate deploy/joule-budgets.rules.yml"
     )
     bad = subprocess.run(
-        [sys.executable, "-m", "joule_otel.cli", "budgets", "rules", str(tmp_path / "none.json")],
+        [sys.executable, "-m", "joule_otel._cli", "budgets", "rules", str(tmp_path / "none.json")],
         capture_output=True,
         text=True,
         check=False,
@@ -331,7 +331,7 @@ def test_a_drain_checks_only_the_budgets_of_the_workloads_it_touched():
     """10 k budgets over 10 k workloads: a drain of one workload's rows looks at that workload's budgets, not at every
     budget against every workload (which held the GIL for seconds and starved the app's calls)."""
     from joule_otel._budget_watch import BudgetWatch
-    from joule_otel.ledger.row import LedgerRow
+    from joule_otel.ledger._row import LedgerRow
 
     budgets = [Budget(f"w{i}", 1000.0) for i in range(10_000)] + [Budget("w7", 500.0, "api")]
     watch = BudgetWatch(budgets, (0.8, 1.0), None)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from joule_otel.headers import (
+from joule_otel._headers import (
     MAX_CARBON_MG,
     MAX_ENERGY_J,
     MAX_STRING,

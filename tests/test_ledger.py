@@ -17,10 +17,12 @@ import pyarrow as pa
 import pytest
 
 import joule_otel
-from joule_otel.ledger import maintenance, reader, schema
-from joule_otel.ledger.compact import compact
-from joule_otel.ledger.spool import Spool
-from joule_otel.ledger.writer import LedgerWriter, rows_to_arrow
+from joule_otel.ledger import _maintenance as maintenance
+from joule_otel.ledger import _reader as reader
+from joule_otel.ledger import _schema as schema
+from joule_otel.ledger._compact import compact
+from joule_otel.ledger._spool import Spool
+from joule_otel.ledger._writer import LedgerWriter, rows_to_arrow
 
 WORKER = textwrap.dedent("""
     import sys, time
@@ -397,7 +399,7 @@ def test_ledger_cli_stats_compact_export_query(ledger_path, tmp_path):
 
     def cli(*args: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "joule_otel.cli", "ledger", "--db", str(ledger_path), *args],
+            [sys.executable, "-m", "joule_otel._cli", "ledger", "--db", str(ledger_path), *args],
             capture_output=True,
             text=True,
             timeout=60,
@@ -423,8 +425,8 @@ def test_ledger_cli_stats_compact_export_query(ledger_path, tmp_path):
 
 def test_every_command_says_when_there_is_no_ledger_or_no_calls(tmp_path, capsys):
     """A mistaken path is said, never answered with None, an empty table or 0 %; the demo's ledger is named."""
-    from joule_otel.cli import main
-    from joule_otel.ledger.compact import open_writable
+    from joule_otel._cli import main
+    from joule_otel.ledger._compact import open_writable
 
     home = tmp_path / "joule-otel"
     missing = home / "joule.duckdb"

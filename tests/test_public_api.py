@@ -26,37 +26,35 @@ def test_all_is_sorted_and_complete():
 def test_importing_the_package_leaves_the_sdk_and_duckdb_unloaded():
     """`import joule_otel` is light (the dashboard's first page and the simulator pay nothing for capture)."""
     heavy = ("opentelemetry.sdk", "duckdb", "pyarrow", "joule_otel._instrument")
-    code = f"import sys, joule_otel, joule_otel.units; print(sorted(m for m in {heavy} if m in sys.modules))"
+    code = f"import sys, joule_otel, joule_otel._units; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert callable(joule_otel.instrument) and joule_otel.read_ledger.__name__ == "read_calls"
 
 
 def test_internal_modules_are_named_as_internal():
-    """Modules with no public role start with an underscore (httpx's and Logfire's convention)."""
+    """Modules with no public role start with an underscore (httpx's and Logfire's convention); every public
+    module says what it exports, and exports only what it has."""
     public_modules = {
-        "attributes",  # attribute keys users filter on
-        "budgets",  # the budgets file, read by the app, the dashboard and `joule-otel budgets`
-        "cli",
-        "collect",  # joule-otel collect
-        "config",  # the environment variables, documented
-        "dashboard",
-        "demo",
-        "headers",  # parsing a Joule response, for anyone reconciling receipts by hand
-        "instrumentor",  # the zero-code entry point
-        "instruments",  # metric names, units and buckets
+        "collect",  # serve(): joule-otel collect, embeddable
+        "dashboard",  # the Streamlit script, app.py
+        "instrumentor",  # the zero-code entry point (opentelemetry_instrumentor)
+        "ledger",  # read_ledger, connect, LedgerRow, COLUMN_NAMES
         "pytest_plugin",  # the pytest11 entry point: the simulator fixture and the energy check
-        "ledger",
-        "simulator",
-        "units",  # J/kJ, mg/g and their everyday equivalents, as the dashboard and the CLI print them
-        "workload",
+        "simulator",  # running(): a Joule Cloud on loopback, for tests and demos
     }
     root = Path(joule_otel.__path__[0])
     found = {m.name for m in pkgutil.iter_modules(joule_otel.__path__) if not m.name.startswith("_")}
-    found |= {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}  # namespace pkgs
     assert found == public_modules
+    for package in ("collect", "dashboard", "ledger", "simulator"):
+        inner = {m.name for m in pkgutil.iter_modules([str(root / package)]) if not m.name.startswith("_")}
+        assert inner <= {"app"}, f"joule_otel.{package} has public modules {inner}"
+        assert (root / package / "__init__.py").exists()
     for name in found:
-        importlib.import_module(f"joule_otel.{name}")
+        module = importlib.import_module(f"joule_otel.{name}")
+        exported = module.__all__
+        assert len(set(exported)) == len(exported), name  # their order is ruff's (RUF022)
+        assert all(hasattr(module, item) for item in exported), name
 
 
 @pytest.fixture

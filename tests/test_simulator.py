@@ -289,7 +289,7 @@ def test_cli_simulate_serves_until_terminated(tmp_path):
         [
             sys.executable,
             "-m",
-            "joule_otel.cli",
+            "joule_otel._cli",
             "simulate",
             "--port",
             "0",

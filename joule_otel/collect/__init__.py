@@ -17,7 +17,9 @@ import os
 import signal
 from pathlib import Path
 
-from joule_otel.config import JOULE_OTEL_COLLECT_TOKEN
+from joule_otel._config import JOULE_OTEL_COLLECT_TOKEN
+
+__all__ = ["DEFAULT_GRPC_PORT", "DEFAULT_PORT", "serve"]
 
 DEFAULT_PORT = 4318
 DEFAULT_GRPC_PORT = 4317
@@ -55,11 +57,11 @@ def serve(
         import uvicorn
     except ImportError:
         raise ValueError("joule-otel collect needs its server: pip install 'joule-otel[collect]'") from None
+    from joule_otel._config import Settings
     from joule_otel._exporters import resolve_providers, shutdown_created, signal_configured
     from joule_otel.collect._metrics import ServiceRecorders
     from joule_otel.collect._server import RowSink, create_app, decoding_workers
-    from joule_otel.config import Settings
-    from joule_otel.ledger.writer import LedgerWriter, load_arrow
+    from joule_otel.ledger._writer import LedgerWriter, load_arrow
 
     settings = Settings.resolve(db=db)
     providers = resolve_providers(settings, None, None)

@@ -22,8 +22,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from joule_otel.ledger.row import LedgerRow
-from joule_otel.ledger.spool import Spool
+from joule_otel.ledger._row import LedgerRow
+from joule_otel.ledger._spool import Spool
 
 _log = logging.getLogger("joule_otel.collect")
 
@@ -46,7 +46,7 @@ class WaitingJournal:
 
     def write(self, rows: list[LedgerRow]) -> bool:
         """Replace the journal with ``rows`` (atomically); False if the disk refused."""
-        from joule_otel.ledger.writer import rows_to_arrow
+        from joule_otel.ledger._writer import rows_to_arrow
 
         try:
             if not rows:

@@ -13,11 +13,11 @@ from typing import Any
 
 from opentelemetry import metrics
 
+from joule_otel._config import Settings
 from joule_otel._exporters import Providers, otlp_exporter
+from joule_otel._instruments import create_instruments
 from joule_otel._metrics import MetricRecorder
 from joule_otel._version import __version__
-from joule_otel.config import Settings
-from joule_otel.instruments import create_instruments
 
 _log = logging.getLogger("joule_otel.collect")
 

@@ -26,8 +26,8 @@ from joule_otel._events import EVENT_NAME, row_from_event
 from joule_otel._metrics import Measurement, MetricRecorder
 from joule_otel.collect import _journal, _otlp
 from joule_otel.collect._spans import Prepared, SpanJoiner, prepare
-from joule_otel.ledger.row import LedgerRow
-from joule_otel.ledger.writer import LedgerWriter
+from joule_otel.ledger._row import LedgerRow
+from joule_otel.ledger._writer import LedgerWriter
 
 _log = logging.getLogger("joule_otel.collect")
 

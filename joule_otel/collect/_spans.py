@@ -17,8 +17,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from joule_otel._genai import INFERENCE_OPERATIONS, JOULE_PROVIDER, OTHER_OPERATION, error_type_for, route_operation
-from joule_otel.collect._otlp import SPAN_KIND_CLIENT, Span
-from joule_otel.headers import (
+from joule_otel._headers import (
     CARBON_MG,
     ENERGY_JOULES,
     RECEIPT_ID,
@@ -33,7 +32,8 @@ from joule_otel.headers import (
     parse_energy,
     parse_token_count,
 )
-from joule_otel.ledger.row import LedgerRow, duration_ms, start_problem
+from joule_otel.collect._otlp import SPAN_KIND_CLIENT, Span
+from joule_otel.ledger._row import LedgerRow, duration_ms, start_problem
 
 PARENT_WAIT_S = 15.0
 """How long a call whose parent span has not arrived waits for it (its tokens and requested model). Node's and

@@ -18,12 +18,15 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from joule_otel import units
-from joule_otel.budgets import Budget, load_budgets
-from joule_otel.config import JOULE_OTEL_TRACE_URL
-from joule_otel.dashboard import charts, estimates, queries, timerange
-from joule_otel.dashboard.sources import SAMPLE_BUDGETS_PATH, Source, resolve_source, sample_shift, source_for
-from joule_otel.ledger.spool import Spool
+from joule_otel import _units as units
+from joule_otel._budgets import Budget, load_budgets
+from joule_otel._config import JOULE_OTEL_TRACE_URL
+from joule_otel.dashboard import _charts as charts
+from joule_otel.dashboard import _estimates as estimates
+from joule_otel.dashboard import _queries as queries
+from joule_otel.dashboard import _timerange as timerange
+from joule_otel.dashboard._sources import SAMPLE_BUDGETS_PATH, Source, resolve_source, sample_shift, source_for
+from joule_otel.ledger._spool import Spool
 
 st.set_page_config(page_title="joule-otel · energy", page_icon="⚡", layout="wide")
 

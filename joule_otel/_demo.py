@@ -79,7 +79,7 @@ _TOOLS = [
 
 def default_demo_db() -> Path:
     """``demo.duckdb`` beside the per-user ledger, so the demo never mixes with real data."""
-    from joule_otel.config import default_db_path
+    from joule_otel._config import default_db_path
 
     return default_db_path().with_name("demo.duckdb")
 
@@ -321,10 +321,10 @@ DEMO_MARK = ("created_by", "joule-otel demo")
 
 
 def _is_demo_ledger(db: Path) -> bool:
-    from joule_otel.ledger import reader
+    from joule_otel.ledger import _reader as reader
 
     with reader.connect(db) as con:
-        if not con.execute("SELECT count(*) FROM inference_calls").fetchone()[0]:
+        if not (con.execute("SELECT count(*) FROM inference_calls").fetchone() or (0,))[0]:
             return True  # nothing to lose
         try:
             found = con.execute("SELECT value FROM ledger.joule_meta WHERE key = ?", [DEMO_MARK[0]]).fetchone()
@@ -335,7 +335,7 @@ def _is_demo_ledger(db: Path) -> bool:
 
 def _clear_previous_demo(db: Path) -> None:
     """Remove an earlier demo's ledger at ``db``; refuse (ValueError) anything else: a user's data is never deleted."""
-    from joule_otel.ledger.spool import Spool
+    from joule_otel.ledger._spool import Spool
 
     spool = Spool(db)
     if not db.exists() and not spool.segments():
@@ -351,8 +351,8 @@ def _clear_previous_demo(db: Path) -> None:
 
 
 def _mark_as_demo(db: Path) -> None:
-    from joule_otel.ledger.compact import compact, open_writable
-    from joule_otel.ledger.spool import Spool
+    from joule_otel.ledger._compact import compact, open_writable
+    from joule_otel.ledger._spool import Spool
 
     compact(db, timeout_s=30)
     with Spool(db).locked(exclusive=True, timeout_s=30):
@@ -413,8 +413,8 @@ def run_demo(
         joule_otel.uninstrument()
     _mark_as_demo(db)
 
-    from joule_otel import units
-    from joule_otel.ledger.maintenance import query
+    from joule_otel import _units as units
+    from joule_otel.ledger._maintenance import query
 
     _, found = query(
         db,

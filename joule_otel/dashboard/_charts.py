@@ -17,8 +17,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from joule_otel import units
-from joule_otel.dashboard.timerange import TICK_FORMATS
+from joule_otel import _units as units
+from joule_otel.dashboard._timerange import TICK_FORMATS
 
 ENERGY_SCALES = ((1.0, "J"), (1e3, "kJ"), (1e6, "MJ"), (1e9, "GJ"))
 CARBON_SCALES = ((1.0, "mg"), (1e3, "g"), (1e6, "kg"), (1e9, "t"))

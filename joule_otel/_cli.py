@@ -20,7 +20,7 @@ from joule_otel._version import __version__
 
 
 def _db(args: argparse.Namespace) -> Path:
-    from joule_otel.config import db_path_from_env
+    from joule_otel._config import db_path_from_env
 
     if args.db:
         return Path(args.db).expanduser()
@@ -86,7 +86,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from joule_otel.demo import run_demo
+    from joule_otel._demo import run_demo
 
     return run_demo(
         calls=args.calls,
@@ -112,7 +112,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample_data(args: argparse.Namespace) -> int:
-    from joule_otel.dashboard.sample_data import write
+    from joule_otel.dashboard._sample_data import write
 
     count = write(Path(args.output), calls=args.calls, days=args.days, seed=args.seed)
     print(f"wrote {count} sample rows to {args.output} (and budgets.json beside it)")
@@ -120,8 +120,8 @@ def _cmd_sample_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
-    from joule_otel.ledger import maintenance
-    from joule_otel.ledger.reader import require_ledger
+    from joule_otel.ledger import _maintenance as maintenance
+    from joule_otel.ledger._reader import require_ledger
 
     path = _db(args)
     require_ledger(path, "--db or JOULE_OTEL_DB choose another")
@@ -157,7 +157,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def _cmd_budgets(args: argparse.Namespace) -> int:
-    from joule_otel.budgets import load_budgets, parse_thresholds, prometheus_rules
+    from joule_otel._budgets import load_budgets, parse_thresholds, prometheus_rules
 
     budgets = load_budgets(args.file)
     if not budgets:
@@ -178,9 +178,9 @@ def _cmd_budgets(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
     from joule_otel._budget_watch import ledger_month_to_date, month_start
-    from joule_otel.config import db_path_from_env
-    from joule_otel.ledger.reader import require_ledger
-    from joule_otel.units import energy
+    from joule_otel._config import db_path_from_env
+    from joule_otel._units import energy
+    from joule_otel.ledger._reader import require_ledger
 
     db = Path(args.db).expanduser() if args.db else db_path_from_env()
     if db is None:
@@ -323,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(exc: Exception) -> str | None:
     """What to tell a user about an expected failure (bad input, a busy or full disk, a SQL error), in one line."""
-    from joule_otel.ledger.compact import LedgerUnavailable, is_disk_full
-    from joule_otel.ledger.spool import LockBusy
+    from joule_otel.ledger._compact import LedgerUnavailable, is_disk_full
+    from joule_otel.ledger._spool import LockBusy
 
     if is_disk_full(exc):
         return f"disk full: {str(exc).splitlines()[0]} (free some space; spooled rows wait and nothing is lost)"

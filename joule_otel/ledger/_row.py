@@ -1,8 +1,8 @@
 """One ledger row: the shape every writer (capture, ``joule-otel collect``) hands the spool.
 
 A ``NamedTuple`` rather than a dataclass: the spool turns a batch of them into Arrow in one C++ call
-(:func:`joule_otel.ledger.writer.rows_to_arrow`), and a row is built for every call on a hot path.
-Values are validated where they are parsed (:mod:`joule_otel.headers`); :func:`problem` checks a
+(:func:`joule_otel.ledger._writer.rows_to_arrow`), and a row is built for every call on a hot path.
+Values are validated where they are parsed (:mod:`joule_otel._headers`); :func:`problem` checks a
 finished row against the ledger's column types, so one bad row is dropped and counted, never left to
 block the rows around it.
 """
@@ -13,8 +13,8 @@ import math
 import time
 from typing import NamedTuple
 
-from joule_otel.headers import MAX_CARBON_MG, MAX_ENERGY_J, MAX_TOKENS
-from joule_otel.ledger import schema
+from joule_otel._headers import MAX_CARBON_MG, MAX_ENERGY_J, MAX_TOKENS
+from joule_otel.ledger import _schema as schema
 
 
 class LedgerRow(NamedTuple):

@@ -14,8 +14,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from joule_otel.ledger.row import LedgerRow
-from joule_otel.ledger.schema import COLUMN_NAMES
+from joule_otel.ledger._row import LedgerRow
+from joule_otel.ledger._schema import COLUMN_NAMES
 from joule_otel.simulator import _catalog as catalog
 
 SAMPLE_BUDGETS_J = {
@@ -215,7 +215,7 @@ def write(path: Path, **kwargs: Any) -> int:
     """Write the sample as Parquet (any DuckDB version reads it) and its budgets beside it."""
     import pyarrow.parquet as pq
 
-    from joule_otel.ledger.writer import rows_to_arrow
+    from joule_otel.ledger._writer import rows_to_arrow
 
     rows = generate(**kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)

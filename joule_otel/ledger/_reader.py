@@ -12,10 +12,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from joule_otel.ledger import schema
-from joule_otel.ledger.spool import Spool
+if TYPE_CHECKING:
+    import duckdb
+
+from joule_otel.ledger import _schema as schema
+from joule_otel.ledger._spool import Spool
 
 _log = logging.getLogger("joule_otel")
 
@@ -29,7 +32,7 @@ def _empty_select() -> str:
 
 
 @contextmanager
-def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iterator[Any]:
+def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iterator[duckdb.DuckDBPyConnection]:
     """A DuckDB connection whose ``inference_calls`` view holds every row written so far.
 
     Its parts are there too, for queries that read them apart: ``compacted_calls`` (the file),
@@ -152,7 +155,7 @@ def read_calls(
         ValueError: an argument that is not one of the above (the message says what is accepted).
         FileNotFoundError: no ledger at the path (nothing has been recorded there).
     """
-    from joule_otel.config import db_path_from_env
+    from joule_otel._config import db_path_from_env
 
     if db is not None and db_path is not None:
         raise ValueError("pass the ledger as db= (db_path= is its former name), not both")

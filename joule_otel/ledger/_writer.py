@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from joule_otel.ledger import schema
-from joule_otel.ledger.compact import LedgerUnavailable, compact_locked, is_disk_full
-from joule_otel.ledger.row import LedgerRow, problem
-from joule_otel.ledger.spool import LockBusy, Spool
+from joule_otel.ledger import _schema as schema
+from joule_otel.ledger._compact import LedgerUnavailable, compact_locked, is_disk_full
+from joule_otel.ledger._row import LedgerRow, problem
+from joule_otel.ledger._spool import LockBusy, Spool
 
 _log = logging.getLogger("joule_otel")
 

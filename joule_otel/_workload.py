@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 from opentelemetry import baggage, context
 
-from joule_otel.attributes import JOULE_WORKLOAD
-from joule_otel.headers import clean_string
+from joule_otel._attributes import JOULE_WORKLOAD
+from joule_otel._headers import clean_string
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -11,9 +11,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from joule_otel.config import JOULE_OTEL_DB, default_db_path
-from joule_otel.ledger import reader, schema
-from joule_otel.ledger.spool import Spool
+from joule_otel._config import JOULE_OTEL_DB, default_db_path
+from joule_otel.ledger import _reader as reader
+from joule_otel.ledger import _schema as schema
+from joule_otel.ledger._spool import Spool
 
 SAMPLE_PATH = Path(__file__).parent / "sample" / "inference_calls.parquet"
 SAMPLE_BUDGETS_PATH = Path(__file__).parent / "sample" / "budgets.json"
@@ -110,7 +111,7 @@ def _has_rows(path: Path) -> bool:
         return False
     try:
         with reader.connect(path, timeout_s=2) as con:
-            return bool(con.execute("SELECT count(*) FROM inference_calls").fetchone()[0])
+            return bool((con.execute("SELECT count(*) FROM inference_calls").fetchone() or (0,))[0])
     except Exception:
         return False
 

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from joule_otel.ledger import reader, schema
-from joule_otel.ledger.compact import CompactResult, compact
-from joule_otel.ledger.spool import Spool
+from joule_otel.ledger import _reader as reader
+from joule_otel.ledger import _schema as schema
+from joule_otel.ledger._compact import CompactResult, compact
+from joule_otel.ledger._spool import Spool
 
 
 def dropped_rows(spool: Spool) -> int:
@@ -26,10 +27,12 @@ def ledger_stats(db_path: Path) -> dict[str, Any]:
     """Rows, receipts, time span, energy, pending and quarantined segments, dropped rows."""
     spool = Spool(db_path)
     with reader.connect(db_path) as con:
-        rows, receipts, errors, first, last, energy = con.execute(
+        totals = con.execute(
             f"SELECT count(*), count(DISTINCT receipt_id), count(error_type), min(started_at), max(started_at), "
             f"sum(energy_j) FROM {schema.TABLE}"
         ).fetchone()
+        assert totals is not None  # an aggregate without GROUP BY is one row
+        rows, receipts, errors, first, last, energy = totals
         version = None
         try:
             found = con.execute("SELECT value FROM ledger.joule_meta WHERE key = 'schema_version'").fetchone()
@@ -62,7 +65,7 @@ def compact_now(db_path: Path, *, timeout_s: float, rebuild_rollup: bool = False
     """
     result = compact(db_path, timeout_s=timeout_s)
     if rebuild_rollup:
-        from joule_otel.ledger.compact import open_writable
+        from joule_otel.ledger._compact import open_writable
 
         with Spool(db_path).locked(exclusive=True, timeout_s=timeout_s):
             con: Any = open_writable(db_path)
@@ -82,7 +85,7 @@ def export(db_path: Path, output: Path, *, fmt: str | None = None, where: str | 
     select = f"SELECT * FROM {schema.TABLE}" + (f" WHERE {where}" if where else "") + " ORDER BY started_at"
     options = "(FORMAT csv, HEADER true)" if fmt == "csv" else "(FORMAT parquet, COMPRESSION zstd)"
     with reader.connect(db_path) as con:
-        count = con.execute(f"SELECT count(*) FROM ({select})").fetchone()[0]
+        count = (con.execute(f"SELECT count(*) FROM ({select})").fetchone() or (0,))[0]
         target = "'" + str(output).replace("'", "''") + "'"
         con.execute(f"COPY ({select}) TO {target} {options}")
     return int(count)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from joule_otel.headers import clean_string
+from joule_otel._headers import clean_string
 
 METRICS_MODES = ("all", "energy", "none")
 
@@ -128,7 +128,7 @@ class Settings:
     metrics: str
     call_events: bool
     budgets: tuple[Any, ...] = ()
-    """:class:`joule_otel.budgets.Budget` s to watch (from ``budgets=`` or ``JOULE_OTEL_BUDGETS``)."""
+    """:class:`joule_otel._budgets.Budget` s to watch (from ``budgets=`` or ``JOULE_OTEL_BUDGETS``)."""
     budget_thresholds: tuple[float, ...] = (0.8, 1.0)
 
     OPTIONS: ClassVar[dict[str, str]] = {
@@ -239,7 +239,7 @@ def _budget_options(budgets: Any, thresholds: Any) -> tuple[tuple[Any, ...], tup
     An invalid option raises ``ValueError``; an invalid variable or file named by one is warned about and
     ignored (capture goes on without budgets).
     """
-    from joule_otel.budgets import DEFAULT_THRESHOLDS, budgets_of, load_budgets, parse_thresholds
+    from joule_otel._budgets import DEFAULT_THRESHOLDS, budgets_of, load_budgets, parse_thresholds
 
     if thresholds is not None:
         if isinstance(thresholds, (str, bytes)) or not all(

@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from joule_otel.config import JOULE_OTEL_BUDGET_THRESHOLDS, JOULE_OTEL_BUDGETS
-from joule_otel.headers import clean_string
+from joule_otel._config import JOULE_OTEL_BUDGET_THRESHOLDS, JOULE_OTEL_BUDGETS
+from joule_otel._headers import clean_string
 
 DEFAULT_THRESHOLDS = (0.8, 1.0)
 """Shares of a budget at which a warning is logged (and alert rules fire): 80 % and 100 %."""

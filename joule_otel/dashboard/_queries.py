@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from joule_otel.budgets import Budget
+from joule_otel._budgets import Budget
 
 DIMENSIONS = {
     "workload": "workload",
@@ -118,7 +118,7 @@ def _df(con: Any, sql: str, params: list[Any]) -> Any:
 def _has_parts(con: Any) -> bool:
     """Whether the connection is a ledger reader's rather than a view over an export file.
 
-    A reader's has ``compacted_calls`` and ``pending_calls`` (see :func:`joule_otel.ledger.reader.connect`).
+    A reader's has ``compacted_calls`` and ``pending_calls`` (see :func:`joule_otel.ledger._reader.connect`).
     """
     return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'compacted_calls'").fetchone()[0])
 
@@ -159,13 +159,13 @@ def facts(con: Any, filters: Filters, *, hourly: bool = True, keep: bool = True)
     """A ``WITH facts AS (…)`` clause: the filtered calls as additive facts, and its parameters.
 
     A fact is a call, or an hour of calls that share every key of the rollup (see
-    :data:`joule_otel.ledger.schema.FACT_MEASURES`): every aggregate the dashboard shows is a sum, min or
+    :data:`joule_otel.ledger._schema.FACT_MEASURES`): every aggregate the dashboard shows is a sum, min or
     max of facts, so reading the hourly rollup for the whole hours of the range and single calls only for
     the partial hours at its edges (and for spooled rows not compacted yet) gives the exact figures at a
     fraction of the scan. ``hourly=False`` reads single calls only (time buckets under an hour); ``keep=False``
     reads them in place, for a question asked once a connection.
     """
-    from joule_otel.ledger.schema import raw_facts_sql
+    from joule_otel.ledger._schema import raw_facts_sql
 
     dims, dim_params = _dimension_clauses(filters)
     raw = raw_facts_sql()
@@ -541,7 +541,7 @@ def _budget_list(budgets: Any) -> list[Budget]:
 def budget_status(con: Any, filters: Filters, budgets: Any, as_of: datetime) -> Any:
     """Month to date per budget: spend, share used, and what the service enforced (402s, since when).
 
-    ``budgets``: :class:`joule_otel.budgets.Budget` s (a budget of one service counts that service's calls
+    ``budgets``: :class:`joule_otel._budgets.Budget` s (a budget of one service counts that service's calls
     only) or ``{workload: joules}``. One row per budget, ``workload`` holding its label.
     """
     items = _budget_list(budgets)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from joule_otel.ledger import schema
-from joule_otel.ledger.spool import Spool
+from joule_otel.ledger import _schema as schema
+from joule_otel.ledger._spool import Spool
 
 _log = logging.getLogger("joule_otel")
 
