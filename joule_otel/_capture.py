@@ -31,145 +31,25 @@ from opentelemetry.context import get_current as get_current_context
 from opentelemetry.trace import SpanKind
 
 from joule_otel import _attributes as attr
-from joule_otel._decode import decode
-from joule_otel._genai import (
-    BODY_CAP_BYTES as REQUEST_CAP_BYTES,
-)
 from joule_otel._genai import (
     INFERENCE_OPERATIONS,
     OTHER_OPERATION,
     SEMCONV_OPERATIONS,
-    RequestFields,
     error_type_for,
     parse_request_body,
     provider_of_scanned,
     request_fields,
     route_operation,
 )
-from joule_otel._headers import RESPONSE_HEADERS, EnergyReading, header_value, read_response
-from joule_otel._workload import baggage_workload, innermost_workload
+from joule_otel._headers import RESPONSE_HEADERS, read_response
+from joule_otel._record import BODY_CAP_BYTES, CallRecord, has_header
+from joule_otel._workload import baggage_workload
 
 _log = logging.getLogger("joule_otel")
-
-BODY_CAP_BYTES = 4 << 20
-"""Body bytes kept for parsing usage; past this only a tail is kept (or, if encoded, nothing)."""
-TAIL_BYTES = 64 << 10
 
 _claim: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("joule_otel_claim", default=None)
 """Set by the client-level wrapper around one request: the transport-level wrapper beneath it marks the call as
 captured, so a call is captured exactly once, by the innermost wrapper that sees it (where the HTTP span is open)."""
-
-
-class CallRecord:
-    """One captured call, filled in on the app's thread and finished once, then parsed in the background.
-
-    A plain class whose fields start as class-level defaults: the app's thread stores only what this call has (seven
-    fields when it begins, where a slotted record stored every one of its fields).
-    """
-
-    t_first = 0
-    t_end = 0
-    provider: str | None = None
-    status_code: int | None = None
-    response: Any = None
-    """httpx's response, from the moment its stream is closed (the app read it through, or closed it) until the
-    background has read the body the app's client decoded from it (see :meth:`inflate`). Not before: a response
-    dropped unclosed must still be freed, and so finish the call. It holds this call through its stream, so the
-    background lets go of it."""
-    response_headers: Any = None
-    reading: EnergyReading | None = None
-    found: list[Any] | None = None
-    """What :func:`~joule_otel._headers.scan_headers` found, when the reading was made on the app's thread."""
-    request_fields: RequestFields | None = None
-    trace_id: int | None = None
-    span_id: int | None = None
-    error: str | None = None
-    kept = 0
-    """Bytes in ``chunks``; -1 once an encoded body passed the cap (nothing more is kept: see :meth:`trim`)."""
-    decoded = False
-    """``chunks`` hold the body with its ``Content-Encoding`` undone already (see :meth:`inflate`)."""
-    waited = False
-
-    def __init__(self, request: Any, operation: str, t0: int, started_ns: int, context: Any = None) -> None:
-        self.t0 = t0
-        self.started_ns = started_ns
-        self.operation = operation
-        self.request = request
-        """httpx's request: its host, headers and body are read in the background (the response holds it anyway)."""
-        self.workload: str | None = innermost_workload()
-        self.context = context
-        """The OpenTelemetry context the call was made in, when not empty: its baggage may name the workload."""
-        self.chunks: list[bytes] = []
-
-    @property
-    def server_address(self) -> str | None:
-        return self.request.url.host  # type: ignore[no-any-return]
-
-    @property
-    def request_headers(self) -> Any:
-        return self.request.headers
-
-    @property
-    def request_body(self) -> bytes | None:
-        """The request's body, or None for a streaming upload or one past the cap (an upload, not a prompt)."""
-        try:
-            body = self.request.content
-        except Exception:  # a streaming upload has no content to read
-            return None
-        return body if len(body) <= REQUEST_CAP_BYTES else None
-
-    def inflate(self) -> None:
-        """Undo the body's ``Content-Encoding`` (called on the background thread); a plain body is left as it is.
-
-        When the app's client read the body whole, it inflated it then, and httpx keeps what it decoded on the
-        response: that is taken (its tail past :data:`BODY_CAP_BYTES`), and nothing is inflated a second time. The
-        raw bytes kept are inflated here only when the app read the body otherwise (raw, or a stream of pieces).
-        """
-        response, self.response = self.response, None  # the response holds this call through its stream: let go
-        if self.decoded:
-            return
-        content = getattr(response, "_content", None)
-        if type(content) is bytes:
-            self.chunks = [content if len(content) <= BODY_CAP_BYTES else content[-TAIL_BYTES:]]
-            self.decoded = True
-        elif self.chunks:
-            encoding = header_value(self.response_headers, _CONTENT_ENCODING)
-            if encoding:
-                self.chunks = [decode(b"".join(self.chunks), encoding.decode("latin-1"))]
-            self.decoded = True
-
-    def decoding(self) -> bool:
-        """Whether the app's client is still decoding the body (begun, not done): true once, then it is waited.
-
-        A call finishes when its raw stream ends, a moment before the client has the decoded body: caught in that
-        moment, the call waits one drain rather than have its body inflated a second time here.
-        """
-        response = self.response
-        if response is None or self.waited or hasattr(response, "_content"):
-            return False
-        decoder = getattr(response, "_decoder", None)  # made by the client when it starts decoding
-        if decoder is None or type(decoder).__name__ == "IdentityDecoder":
-            return False
-        self.waited = True
-        return True
-
-    def keep(self, chunk: bytes) -> None:
-        """Keep body bytes for usage parsing, bounded (see :meth:`trim`); the stream wrappers do the same inline."""
-        self.chunks.append(chunk)
-        self.kept += len(chunk)
-        if self.kept > BODY_CAP_BYTES:
-            self.trim()
-
-    def trim(self) -> None:
-        """Past :data:`BODY_CAP_BYTES`: keep a tail of a plain body, nothing of an encoded one.
-
-        A compressed body cannot be parsed from a tail: ``kept`` becomes -1 and callers keep nothing more.
-        """
-        if _has_header(self.response_headers, _CONTENT_ENCODING):
-            self.chunks, self.kept = [], -1
-            return
-        tail = b"".join(self.chunks)[-TAIL_BYTES:]
-        self.chunks, self.kept = [tail], len(tail)
 
 
 def _nowhere(call: CallRecord) -> None:
@@ -227,7 +107,7 @@ class Capture:
         operation = route_operation(request.url.raw_path)
         headers = response.headers
         if operation is None:
-            if not _has_header(headers, *_RESPONSE_HEADER_KEYS):
+            if not has_header(headers, *_RESPONSE_HEADER_KEYS):
                 return None
             operation = OTHER_OPERATION
         elif operation not in INFERENCE_OPERATIONS:
@@ -409,7 +289,6 @@ class Capture:
         return classes
 
 
-_CONTENT_ENCODING = b"content-encoding"
 _RESPONSE_HEADER_KEYS = tuple(name.lower().encode() for name in RESPONSE_HEADERS)
 
 
@@ -439,14 +318,6 @@ def replayed_at(moment_ns: int) -> Iterator[None]:
         yield
     finally:
         _moment_offset_ns.reset(token)
-
-
-def _has_header(headers: Any, *names: bytes) -> bool:
-    """Whether ``headers`` (httpx's) holds any of the lower-cased ``names``.
-
-    One pass over the raw list, where ``name in headers`` decodes every header once per name.
-    """
-    return headers is not None and any(key.lower() in names for key, _ in headers.raw)
 
 
 def _is_http_client_span(span: Any) -> bool:

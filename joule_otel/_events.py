@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from joule_otel import _attributes as attr
+from joule_otel._calls import call_row
 from joule_otel._headers import clean_receipt, clean_string, parse_carbon, parse_energy, parse_token_count
-from joule_otel.ledger._row import LedgerRow, duration_ms, start_problem
+from joule_otel.ledger._row import LedgerRow, start_problem
 
 EVENT_NAME = "joule.inference.call"
 
@@ -56,24 +57,23 @@ def row_from_event(attributes: dict[str, Any], *, time_ns: int, trace_id: str, s
         ValueError: a start time no call could have (the record is refused, and counted by the receiver).
     """
     get = attributes.get
-    status = get(FIELDS["status_code"])
     stream = get(FIELDS["stream"])
     tier, region = _text(get(FIELDS["tier"])), _text(get(FIELDS["region"]))
     started_at_us = int(time_ns) // 1000
     refused = start_problem(started_at_us)
     if refused:
         raise ValueError(refused)
-    return LedgerRow(
+    return call_row(
         receipt_id=clean_receipt(get(FIELDS["receipt_id"])),
-        started_at_us=started_at_us,
-        duration_ms=duration_ms(get(FIELDS["duration_ms"])),
-        ttft_ms=duration_ms(get(FIELDS["ttft_ms"])),
+        started_us=started_at_us,
+        duration_ms=get(FIELDS["duration_ms"]),
+        ttft_ms=get(FIELDS["ttft_ms"]),
         service=_text(get(FIELDS["service"])) or _text(service),
         workload=_text(get(FIELDS["workload"])),
         operation=_text(get(FIELDS["operation"])),
         server_address=_text(get(FIELDS["server_address"])),
-        status_code=status if type(status) is int and 0 <= status < 1000 else None,
-        error_type=_text(get(FIELDS["error_type"])),
+        status=get(FIELDS["status_code"]),
+        error=_text(get(FIELDS["error_type"])),
         requested_model=_text(get(FIELDS["requested_model"])),
         routed_to=_text(get(FIELDS["routed_to"])),
         tier=tier.lower() if tier else None,
@@ -83,7 +83,7 @@ def row_from_event(attributes: dict[str, Any], *, time_ns: int, trace_id: str, s
         input_tokens=parse_token_count(get(FIELDS["input_tokens"])),
         output_tokens=parse_token_count(get(FIELDS["output_tokens"])),
         stream=stream if isinstance(stream, bool) else None,
-        trace_id=trace_id or None,
-        span_id=span_id or None,
+        trace_id=trace_id,
+        span_id=span_id,
         provider=_text(get(FIELDS["provider"])),
     )

@@ -519,7 +519,7 @@ def stats() -> dict[str, Any]:
         "calls_captured": state.pipeline.calls_seen,
         "calls_in_flight": len(state.capture.inflight),
         "calls_dropped": state.pipeline.calls_dropped,
-        "duplicate_receipts": state.pipeline.duplicate_receipts,
+        "duplicate_receipts": state.pipeline.recent.repeats,
         "capture_errors": state.capture.errors,
         "invalid_headers": state.capture.invalid_headers,
     }

@@ -8,17 +8,19 @@ instrumentation in the process records them already.
 from __future__ import annotations
 
 import sys
-from typing import Any, NamedTuple
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from joule_otel import _attributes as attr
+from joule_otel._calls import Measurement, measurement
 from joule_otel._config import METRICS_MODES
 from joule_otel._direct_record import Record, histogram_record
 from joule_otel._genai import SEMCONV_OPERATIONS
 from joule_otel._instruments import Instruments
+from joule_otel.ledger._row import LedgerRow
 
 METRICS_ALL, METRICS_ENERGY, METRICS_NONE = METRICS_MODES
 
@@ -29,21 +31,7 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NO_OP_METER_PROVIDERS = frozenset({"_ProxyMeterProvider", "NoOpMeterProvider"})
 
 MetricKey = tuple[str | None, ...]
-"""(workload, operation, provider, requested model, routed model, tier, region, error type): one attribute set."""
-
-
-class Measurement(NamedTuple):
-    """What one call contributes to the metrics (a named tuple: one is made a call, on the background thread)."""
-
-    key: MetricKey
-    energy_j: float | None
-    carbon_mg: float | None
-    duration_s: float
-    ttft_s: float | None
-    input_tokens: int | None
-    output_tokens: int | None
-    trace_id: int | None
-    span_id: int | None
+"""A :class:`~joule_otel._calls.Measurement`'s key: one attribute set."""
 
 
 def other_genai_metrics_recorder() -> str | None:
@@ -122,6 +110,10 @@ class MetricRecorder:
             return workload
         return "other"
 
+    def record_row(self, row: LedgerRow) -> None:
+        """Record the call of ``row`` (only after :meth:`begin_cycle` said measurements are live)."""
+        self.record(measurement(row, self.metric_workload(row.workload or row.service or "unknown")))
+
     def record(self, m: Measurement) -> None:
         """Record one call (only after :meth:`begin_cycle` said measurements are live)."""
         if not self._live:
@@ -148,7 +140,8 @@ class MetricRecorder:
                 sums[1] = (sums[1] or 0.0) + m.carbon_mg
         if self._skip_genai:
             return
-        record_duration(m.duration_s, attrs, ctx)
+        if m.duration_s is not None:
+            record_duration(m.duration_s, attrs, ctx)
         # token counts carry no exemplar: a trace is one click away from the energy and duration histograms, and an
         # exemplar offer costs each record a third more
         if m.input_tokens is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -19,14 +19,13 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from joule_otel._budget_watch import BudgetWatch
-from joule_otel._capture import CallRecord
-from joule_otel._decode import BodyFacts, parse_body
+from joule_otel._calls import call_row, read_exchange
+from joule_otel._dedupe import RecentCalls
 from joule_otel._events import EVENT_NAME, event_attributes
-from joule_otel._genai import JOULE_PROVIDER, error_type_for, provider_of_scanned, request_fields
-from joule_otel._headers import SCANNED_CONTENT_ENCODING, SCANNED_CONTENT_TYPE, read_response
-from joule_otel._metrics import Measurement, MetricRecorder
+from joule_otel._metrics import MetricRecorder
+from joule_otel._record import CallRecord
 from joule_otel._workload import baggage_workload
-from joule_otel.ledger._row import LedgerRow, duration_ms
+from joule_otel.ledger._row import LedgerRow
 from joule_otel.ledger._writer import LedgerWriter, load_arrow
 
 _log = logging.getLogger("joule_otel")
@@ -42,32 +41,17 @@ youngest generation: held for a second, those objects set off collections on the
 bring on full collections of the app's whole heap, which measured at 0.1-0.15 ms of the app's CPU per call."""
 WAKE_AT = 32
 """Wake the background thread early when this many calls wait (the first calls after a quiet spell, say)."""
-SEGMENT_MAX_ROWS = 100_000
 YIELD_AFTER_S = 0.001
 """The longest the background thread processes calls before it offers the GIL to the app's threads.
 
 Not after every few calls: each offer taken is a context switch, and the thread resumes with cold caches (measured
 on a 2-core VM: ~0.4 switches and ~10 us more background CPU per call when offering every 8 calls). An app thread
 back from the network waits at most this long, once a drain."""
-RECENT_RECEIPTS = 100_000
+RECENT_CALLS_KEPT = 100_000
+"""Calls whose keys an app remembers to drop a repeat: half of what ``collect`` keeps, as this is the app's memory."""
 FORK_WAIT_S = 10.0
 """The longest a fork waits for the worker to finish an import or a cycle (a compaction takes ~0.1 s)."""
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_new_row = tuple.__new__
-"""A :class:`LedgerRow` (or :class:`Measurement`) made without its ``__new__``, a Python function of 22 (9) arguments:
-one a call, from a tuple in the fields' order."""
-_NO_FACTS = BodyFacts()
-assert Measurement._fields == (  # the order _process builds a Measurement in
-    "key",
-    "energy_j",
-    "carbon_mg",
-    "duration_s",
-    "ttft_s",
-    "input_tokens",
-    "output_tokens",
-    "trace_id",
-    "span_id",
-)
 
 
 class Pipeline:
@@ -99,8 +83,7 @@ class Pipeline:
         self.capture_stats = capture_stats
         self.calls_seen = 0
         self.calls_dropped = 0
-        self.duplicate_receipts = 0
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        self.recent = RecentCalls(RECENT_CALLS_KEPT)
         self._cycle_lock = threading.Lock()
         """The writer is not thread-safe: one cycle at a time, whichever thread runs it (the worker, or a caller
         of flush/shutdown once the worker is gone or stuck)."""
@@ -303,10 +286,7 @@ class Pipeline:
                     self.capture_stats.internal_error("recording metrics")
         if writer is None:
             return
-        if due or writer.stats.pending_rows >= SEGMENT_MAX_ROWS:
-            writer.write_segment()
-        if compact:
-            writer.compact(force=final, timeout_s=compact_timeout_s if final else 0.0)
+        writer.commit([], durable=due, final=final, compact=compact, timeout_s=compact_timeout_s)
         if watch is not None and not final:
             try:
                 watch.refresh(nothing_pending=writer.stats.pending_rows == 0)
@@ -363,99 +343,52 @@ class Pipeline:
 
     def _process(self, call: CallRecord, record: bool) -> LedgerRow | None:
         self.calls_seen += 1
-        reading, found = call.reading, call.found  # read on the app's thread already when the call had a span
-        if reading is None or found is None:
-            reading, found = read_response(call.response_headers, call.request.headers)
+        scanned = (call.reading, call.found) if call.reading is not None and call.found is not None else None
+        host = call.server_address
+        facts = read_exchange(
+            response_headers=call.response_headers,
+            request_headers=call.request_headers,
+            host=host,
+            status=call.status_code,
+            request=call.request_fields,
+            request_body=call.request_body if call.request_fields is None else None,
+            body=b"".join(call.chunks) if call.chunks else b"",
+            decoded=call.decoded,
+            scanned=scanned,
+        )
+        reading = facts.reading
         if reading.invalid:
             self.capture_stats.invalid_headers += len(reading.invalid)
-        receipt = reading.receipt_id
-        if receipt is not None:
-            recent = self._recent
-            if receipt in recent:
-                self.duplicate_receipts += 1
-                return None
-            recent[receipt] = None
-            if len(recent) > RECENT_RECEIPTS:
-                recent.popitem(last=False)
-        request = call.request_fields or request_fields(call.request_body)
-        content_type = found[SCANNED_CONTENT_TYPE]
-        is_sse = content_type is not None and content_type.startswith(b"text/event-stream")
-        if call.chunks:
-            encoding = None if call.decoded else found[SCANNED_CONTENT_ENCODING]
-            facts = parse_body(
-                b"".join(call.chunks),
-                is_sse=is_sse,
-                status_code=call.status_code,
-                content_encoding=encoding.decode("latin-1") if encoding else "",
-            )
-        else:
-            facts = _NO_FACTS
-        energy, carbon = reading.energy_j, reading.carbon_mg
-        if facts.stream_energy_j is not None:  # the final stream event wins over the header
-            energy = facts.stream_energy_j
-            if facts.stream_carbon_mg is not None:
-                carbon = facts.stream_carbon_mg
-        error_type = call.error or error_type_for(call.status_code, facts.error_code)
-        workload = call.workload or baggage_workload(call.context) or self.default_workload or self.service_name
-        duration_s = max(call.t_end - call.t0, 0) / 1e9
-        ttft_s = (call.t_first - call.t0) / 1e9 if is_sse and call.t_first else None
-        host = call.request.url.host
-        provider = call.provider or (
-            JOULE_PROVIDER if receipt is not None or reading.energy_j is not None else provider_of_scanned(host, found)
+        duration_ns = max(call.t_end - call.t0, 0)
+        row = call_row(
+            receipt_id=reading.receipt_id,
+            started_us=call.started_ns // 1000,
+            duration_ms=duration_ns / 1e6,  # a response read before the transport returned: can be days
+            ttft_ms=(call.t_first - call.t0) / 1e6 if facts.is_sse and call.t_first else None,
+            service=self.service_name,
+            workload=call.workload or baggage_workload(call.context) or self.default_workload,
+            operation=call.operation,
+            server_address=host,
+            status=call.status_code,
+            error=call.error,
+            error_code=facts.error_code,
+            requested_model=facts.requested_model,
+            routed_to=reading.routed_to,
+            tier=reading.tier,
+            region=reading.region,
+            energy_j=facts.energy_j,
+            carbon_mg=facts.carbon_mg,
+            input_tokens=facts.input_tokens,
+            output_tokens=facts.output_tokens,
+            stream=facts.stream,
+            trace_id=call.trace_id,
+            span_id=call.span_id,
+            provider=call.provider or facts.provider,
         )
+        if not self.recent.fresh(row):
+            return None
         if record:
-            self.recorder.record(
-                _new_row(  # a Measurement, in its fields' order
-                    Measurement,
-                    (
-                        (
-                            self.recorder.metric_workload(workload),
-                            call.operation,
-                            provider,
-                            request.model,
-                            reading.routed_to,
-                            reading.tier,
-                            reading.region,
-                            error_type,
-                        ),
-                        energy,
-                        carbon,
-                        duration_s,
-                        ttft_s,
-                        facts.input_tokens,
-                        facts.output_tokens,
-                        call.trace_id,
-                        call.span_id,
-                    ),
-                )
-            )
-        row = _new_row(
-            LedgerRow,
-            (
-                receipt,
-                call.started_ns // 1000,
-                duration_ms(duration_s * 1000.0),  # a response read before the transport returned: can be days
-                duration_ms(ttft_s * 1000.0) if ttft_s is not None else None,
-                self.service_name,
-                workload,
-                call.operation,
-                host,
-                call.status_code,
-                error_type,
-                request.model,
-                reading.routed_to,
-                reading.tier,
-                reading.region,
-                energy,
-                carbon,
-                facts.input_tokens,
-                facts.output_tokens,
-                is_sse if request.stream is None else request.stream or is_sse,
-                f"{call.trace_id:032x}" if call.trace_id else None,
-                f"{call.span_id:016x}" if call.span_id else None,
-                provider,
-            ),
-        )
+            self.recorder.record_row(row)
         if self.events_logger is not None:
             self._emit_event(row, call)
         return row

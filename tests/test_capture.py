@@ -780,12 +780,12 @@ def test_a_compressed_body_is_inflated_once_by_the_apps_client(ledger_only, gzip
     """The body the app's client inflated is what is parsed; only a body read raw is inflated in the background."""
     import httpx2
 
-    from joule_otel import _capture
+    from joule_otel import _record
 
     inflated = []
-    real_decode = _capture.decode
+    real_decode = _record.decode
     monkeypatch.setattr(
-        _capture, "decode", lambda data, encoding: inflated.append(encoding) or real_decode(data, encoding)
+        _record, "decode", lambda data, encoding: inflated.append(encoding) or real_decode(data, encoding)
     )
     body = {"model": "auto", "messages": HI}
     responses = []
@@ -816,10 +816,10 @@ def test_a_compressed_body_is_inflated_once_by_the_apps_client(ledger_only, gzip
 def test_a_body_inflated_past_the_cap_is_read_from_its_end_not_inflated_again(ledger_only, gzip_server, monkeypatch):
     import httpx2
 
-    from joule_otel import _capture
+    from joule_otel import _record
 
     inflated = []
-    monkeypatch.setattr(_capture, "decode", lambda data, encoding: inflated.append(encoding) or b"")
+    monkeypatch.setattr(_record, "decode", lambda data, encoding: inflated.append(encoding) or b"")
     with httpx2.Client() as client:
         response = client.post(f"{gzip_server}/v1/big/chat/completions", json={"model": "auto", "messages": HI})
     assert len(response.content) > BODY_CAP_BYTES
@@ -871,11 +871,11 @@ def test_a_body_that_cannot_be_inflated_fails_the_same_with_capture(gzip_server,
 
 def test_a_call_caught_before_its_decoder_flushed_waits_one_drain(ledger_only, monkeypatch):
     """A call finishes when its raw stream ends, a moment before the client flushes its decoder: it waits a drain."""
-    from joule_otel import _capture, _instrument
-    from joule_otel._capture import CallRecord
+    from joule_otel import _instrument, _record
+    from joule_otel._record import CallRecord
 
     inflated = []
-    monkeypatch.setattr(_capture, "decode", lambda data, encoding: inflated.append(encoding) or b"")
+    monkeypatch.setattr(_record, "decode", lambda data, encoding: inflated.append(encoding) or b"")
     body = json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
     request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions", json={"model": "auto"})
     call = CallRecord(request, "chat", time.perf_counter_ns(), time.time_ns())

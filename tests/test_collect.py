@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -992,3 +993,124 @@ def test_over_grpc_too_a_span_nested_too_deep_is_skipped_alone(collector):
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert answer.partial_success.rejected_spans == 1
     assert [r["receipt_id"] for r in collector.rows()] == ["rcpt_fine"]
+
+
+# -- one call, three ways in: the same row ---------------------------------------------------------------------
+
+
+def test_the_same_call_is_the_same_row_whichever_way_it_arrives(tmp_path, collector):
+    """A call captured in this process, the same call as another language's HTTP client span with its GenAI parent,
+    and the same call as a call event: one builder makes one row of them (the workload a call without one takes, the
+    status, the error named by a 402, the stream, the bounds on durations)."""
+    import httpx
+
+    from joule_otel._events import event_attributes, row_from_event
+    from joule_otel.simulator import running
+
+    seen: list[tuple[httpx.Request, httpx.Response, str | None, dict]] = []
+    db = tmp_path / "local.duckdb"
+    joule_otel.instrument(db=db, flush_interval=0.2)
+    try:
+        with running(seed=5, energy_budgets={"jc_spent": 0.0}) as sim, httpx.Client() as client:
+            url = f"{sim.base_url}/chat/completions"
+            for key, workload, body in (
+                ("jc_one", "support-bot", {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}),
+                (
+                    "jc_one",
+                    None,
+                    {
+                        "model": "auto",
+                        "stream": True,
+                        "messages": [{"role": "user", "content": "go"}],
+                        "stream_options": {"include_usage": True},
+                    },
+                ),
+                (
+                    "jc_spent",
+                    "batch",
+                    {"model": "llama-3.3-70b-instruct", "messages": [{"role": "user", "content": "x"}]},
+                ),
+            ):
+                headers = {"Authorization": f"Bearer {key}", "X-Region": "eu-fi"}
+                tagged = joule_otel.workload(workload) if workload else contextlib.nullcontext()
+                with tagged, client.stream("POST", url, json=body, headers=headers) as response:
+                    response.read()
+                seen.append((response.request, response, workload, body))
+        assert joule_otel.flush(timeout_s=20)
+    finally:
+        joule_otel.uninstrument()
+    captured = [_as_row(r) for r in _ledger_rows(db)]
+    assert [r.status_code for r in captured] == [200, 200, 402]
+    assert captured[1].workload == captured[1].service and captured[1].stream is True
+    assert captured[2].error_type == "insufficient_balance" and captured[2].receipt_id is None
+
+    spans = []
+    for index, ((request, response, workload, body), row) in enumerate(zip(seen, captured, strict=True)):
+        span_id, parent_id = bytes([index + 1]) * 8, bytes([index + 101]) * 8
+        start_ns = row.started_at_us * 1000
+        attributes = [kv(f"http.response.header.{name}", [value]) for name, value in response.headers.items()]
+        attributes += [
+            kv("url.full", str(request.url)),
+            kv("server.address", request.url.host),
+            kv("http.response.status_code", response.status_code),
+            kv("http.request.header.x-region", ["eu-fi"]),
+        ]
+        if workload:
+            attributes.append(kv("joule.workload", workload))
+        spans.append(
+            PbSpan(
+                trace_id=TRACE,
+                span_id=span_id,
+                parent_span_id=parent_id,
+                name="POST",
+                kind=PbSpan.SPAN_KIND_CLIENT,
+                start_time_unix_nano=start_ns,
+                end_time_unix_nano=start_ns + round(row.duration_ms * 1e6),
+                attributes=attributes,
+            )
+        )
+        parent = [kv("gen_ai.request.model", body["model"])]
+        if row.input_tokens is not None:
+            parent += [kv("ai.usage.inputTokens", row.input_tokens), kv("ai.usage.outputTokens", row.output_tokens)]
+        if row.ttft_ms is not None:
+            parent.append(kv("ai.response.msToFirstChunk", row.ttft_ms))
+        spans.append(
+            PbSpan(
+                trace_id=TRACE,
+                span_id=parent_id,
+                name="ai.streamText.doStream" if body.get("stream") else "ai.generateText.doGenerate",
+                kind=PbSpan.SPAN_KIND_INTERNAL,
+                start_time_unix_nano=start_ns - 1000,
+                end_time_unix_nano=start_ns + round(row.duration_ms * 1e6) + 1000,
+                attributes=parent,
+            )
+        )
+    status, _ = collector.post("/v1/traces", export(*spans, service=captured[0].service), "application/x-protobuf")
+    assert status == 200
+    stop(collector)
+    received = sorted(collector.rows(), key=lambda r: r["started_at"])
+    assert len(received) == 3
+    for row, other in zip(captured, received, strict=True):
+        span_row = _as_row(other)
+        assert span_row.trace_id == TRACE.hex() and span_row.span_id is not None
+        assert span_row.duration_ms == pytest.approx(row.duration_ms, abs=1e-6)
+        alike = ("duration_ms", "trace_id", "span_id")
+        assert span_row._replace(**{k: None for k in alike}) == row._replace(**{k: None for k in alike})
+        event = row_from_event(
+            event_attributes(row), time_ns=row.started_at_us * 1000, trace_id="", span_id="", service="elsewhere"
+        )
+        assert event == row
+
+
+def _as_row(record: dict):
+    from joule_otel.ledger import LedgerRow
+
+    started = record["started_at"]
+    if not isinstance(started, int):
+        started = int(started.value // 1000)
+    return LedgerRow(**{k: v for k, v in record.items() if k != "started_at"}, started_at_us=started)
+
+
+def _ledger_rows(db: Path) -> list[dict]:
+    frame = joule_otel.read_ledger(db).sort_values("started_at")
+    return [{k: (None if v is None or v != v else v) for k, v in r.items()} for r in frame.to_dict("records")]

@@ -17,13 +17,12 @@ import ipaddress
 import logging
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from joule_otel._dedupe import CallKey, RecentCalls
 from joule_otel._events import EVENT_NAME, row_from_event
-from joule_otel._metrics import Measurement, MetricRecorder
 from joule_otel.collect import _journal, _otlp
 from joule_otel.collect._spans import Prepared, SpanJoiner, prepare
 from joule_otel.ledger._row import LedgerRow
@@ -31,8 +30,6 @@ from joule_otel.ledger._writer import LedgerWriter
 
 _log = logging.getLogger("joule_otel.collect")
 
-RECENT_KEYS = 200_000
-"""Receipt ids (or trace/span ids) this process remembers to drop a retried record before it reaches disk."""
 PROTOBUF_TYPES = ("application/x-protobuf", "application/protobuf")
 
 
@@ -53,8 +50,8 @@ class RowSink:
         self.flush_interval_s = flush_interval_s
         self.joiner = SpanJoiner()
         self.rows_written = 0
-        self.duplicates = 0
-        self._recent: OrderedDict[tuple[str, ...], None] = OrderedDict()
+        self.recent = RecentCalls()
+        """Receipt ids (or trace/span ids) of recent calls: a retried record is dropped before it reaches disk."""
         self._pending: list[_Batch] = []
         self._journal = _journal.WaitingJournal(writer.spool) if writer is not None else None
         self._journaled = 0
@@ -87,20 +84,6 @@ class RowSink:
             self._pending.append(batch)
             self._cond.notify()
         return batch.done
-
-    def _fresh(self, row: LedgerRow, marked: list[tuple[str, ...]]) -> bool:
-        """Whether ``row`` was not seen before; its key is marked seen (and listed in ``marked``)."""
-        key = (row.receipt_id,) if row.receipt_id else (row.trace_id or "", row.span_id or "") if row.span_id else None
-        if key is None:
-            return True
-        if key in self._recent:
-            self.duplicates += 1
-            return False
-        self._recent[key] = None
-        marked.append(key)
-        if len(self._recent) > RECENT_KEYS:
-            self._recent.popitem(last=False)
-        return True
 
     def _run(self) -> None:
         last_flush = time.monotonic()
@@ -138,32 +121,25 @@ class RowSink:
         (a call leaves the journal only once its row is in a segment), then the journal.
         """
         rows: list[LedgerRow] = []
-        marked: list[tuple[str, ...]] = []
+        marked: list[CallKey] = []
         for measured, found in [(b.measured, b.rows) for b in batches] + [(False, late)]:
             for row in found:
-                if not self._fresh(row, marked):
+                if not self.recent.fresh(row, marked):
                     continue
                 rows.append(row)
                 if not measured:  # another language's call: its metrics are recorded here, under its own service
                     recorder = self.recorders.for_service(row.service or "unknown_service")
                     if recorder is not None:
-                        recorder.record(_measurement(recorder, row))
-        ok = True
+                        recorder.record_row(row)
         writer = self.writer
-        if writer is not None:
-            if rows:
-                writer.append(rows)
-            if rows or final:
-                ok = writer.write_segment()
-            writer.compact(force=final, timeout_s=10.0 if final else 0.0)
+        ok = writer.commit(rows, durable=bool(rows), final=final, timeout_s=10.0) if writer is not None else True
         self._journal_ok = True
         if ok and waiting is not None and self._journal is not None:
             self._journal_ok = ok = self._journal.write(waiting)
         if ok:
             self.rows_written += len(rows)
         else:  # not on disk: a sender's retry of these rows is not a duplicate, and is answered as the disk allows
-            for key in marked:
-                self._recent.pop(key, None)
+            self.recent.forget(marked)
         for batch in batches:
             batch.done.set_result(ok)
 
@@ -194,29 +170,6 @@ def _recover_waiting_calls(writer: LedgerWriter) -> None:
             lock.unlink(missing_ok=True)
         except OSError as exc:  # a disk that refuses: the journal stays for the next start
             _log.warning("joule-otel collect: cannot recover %s yet: %s", journal, exc)
-
-
-def _measurement(recorder: MetricRecorder, row: LedgerRow) -> Measurement:
-    return Measurement(
-        key=(
-            recorder.metric_workload(row.workload or row.service or "unknown"),
-            row.operation,
-            row.provider,
-            row.requested_model,
-            row.routed_to,
-            row.tier,
-            row.region,
-            row.error_type,
-        ),
-        energy_j=row.energy_j,
-        carbon_mg=row.carbon_mg,
-        duration_s=(row.duration_ms or 0.0) / 1000.0,
-        ttft_s=row.ttft_ms / 1000.0 if row.ttft_ms is not None else None,
-        input_tokens=row.input_tokens,
-        output_tokens=row.output_tokens,
-        trace_id=int(row.trace_id, 16) if row.trace_id else None,
-        span_id=int(row.span_id, 16) if row.span_id else None,
-    )
 
 
 def is_loopback(host: str) -> bool:
@@ -322,7 +275,7 @@ def create_app(
                 "status": "ok",
                 "ledger": str(writer.db_path) if writer else None,
                 "rows_written": sink.rows_written,
-                "duplicates_dropped": sink.duplicates,
+                "duplicates_dropped": sink.recent.repeats,
                 "waiting_for_parent_span": sink.joiner.waiting,
                 **stats,
             }

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from joule_otel._genai import INFERENCE_OPERATIONS, JOULE_PROVIDER, OTHER_OPERATION, error_type_for, route_operation
+from joule_otel._calls import call_row, completed
+from joule_otel._genai import INFERENCE_OPERATIONS, JOULE_PROVIDER, OTHER_OPERATION, route_operation
 from joule_otel._headers import (
     CARBON_MG,
     ENERGY_JOULES,
@@ -159,7 +160,7 @@ def _url_parts(a: dict[str, Any]) -> tuple[str | None, str | None]:
     return (path if isinstance(path, str) else None), (host if isinstance(host, str) else None)
 
 
-def call_row(span: Span, parent: GenAIFacts | None, agent: str | None = None) -> LedgerRow | None:
+def span_row(span: Span, parent: GenAIFacts | None, agent: str | None = None) -> LedgerRow | None:
     """The ledger row of a Joule call seen as an HTTP client span, with its GenAI parent's facts; None if not one.
 
     ``agent`` is the name of the GenAI work above the parent (its workload when nothing closer names one).
@@ -171,34 +172,32 @@ def call_row(span: Span, parent: GenAIFacts | None, agent: str | None = None) ->
         operation = OTHER_OPERATION
     elif operation not in INFERENCE_OPERATIONS:
         return None
-    status = a.get("http.response.status_code", a.get("http.status_code"))
-    status = status if type(status) is int and 0 <= status < 1000 else None
     region = _header(a, _REGION) or _header(a, _REQUEST_REGION)
     workload = _label(a.get("joule.workload") or span.resource.get("joule.workload"))
     service = _label(span.resource.get("service.name"))
-    return LedgerRow(
-        clean_receipt(_header(a, _RECEIPT)),
-        span.start_ns // 1000,
-        duration_ms((span.end_ns - span.start_ns) / 1e6) if span.end_ns else None,
-        parent.ttft_ms if parent else None,
-        service,
-        workload or (parent.workload if parent else None) or agent or service,
-        operation,
-        _label(host),
-        status,
-        error_type_for(status, None) or _label(a.get("error.type")),
-        parent.requested_model if parent else None,
-        clean_label(_header(a, _ROUTED)),
-        clean_label(_header(a, _TIER), lower=True),
-        clean_label(region, lower=True),
-        parse_energy(_header(a, _ENERGY)),
-        parse_carbon(_header(a, _CARBON)),
-        parent.input_tokens if parent else None,
-        parent.output_tokens if parent else None,
-        _streamed(a, parent),
-        span.trace_id or None,
-        span.span_id or None,
-        JOULE_PROVIDER,
+    return call_row(
+        receipt_id=clean_receipt(_header(a, _RECEIPT)),
+        started_us=span.start_ns // 1000,
+        duration_ms=(span.end_ns - span.start_ns) / 1e6 if span.end_ns else None,
+        ttft_ms=parent.ttft_ms if parent else None,
+        service=service,
+        workload=workload or (parent.workload if parent else None) or agent,
+        operation=operation,
+        server_address=_label(host),
+        status=a.get("http.response.status_code", a.get("http.status_code")),
+        error=_label(a.get("error.type")),
+        requested_model=parent.requested_model if parent else None,
+        routed_to=clean_label(_header(a, _ROUTED)),
+        tier=clean_label(_header(a, _TIER), lower=True),
+        region=clean_label(region, lower=True),
+        energy_j=parse_energy(_header(a, _ENERGY)),
+        carbon_mg=parse_carbon(_header(a, _CARBON)),
+        input_tokens=parent.input_tokens if parent else None,
+        output_tokens=parent.output_tokens if parent else None,
+        stream=_streamed(a, parent),
+        trace_id=span.trace_id,
+        span_id=span.span_id,
+        provider=JOULE_PROVIDER,
     )
 
 
@@ -268,7 +267,7 @@ def prepare(spans: list[Span]) -> Prepared:
         if facts is not None:
             found.parents.append((span.trace_id, span.span_id, facts))
         if is_joule_call(span):
-            row = call_row(span, None)
+            row = span_row(span, None)
             refused = start_problem(row.started_at_us) if row is not None else None
             if refused:  # an unset or wild clock: not a call the ledger can date; the sender is told
                 found.rejected += 1
@@ -289,16 +288,17 @@ def prepare(spans: list[Span]) -> Prepared:
 
 
 def with_parent(call: Call, parent: GenAIFacts | None, agent: str | None) -> LedgerRow:
-    """The call's row completed with its GenAI parent's facts (what :func:`call_row` makes with a parent)."""
+    """The call's row completed with its GenAI parent's facts (what :func:`span_row` makes with a parent)."""
     if parent is None and agent is None:
         return call.row
     row = call.row
-    workload = row.workload if call.own_workload else ((parent.workload if parent else None) or agent or row.service)
+    workload = row.workload if call.own_workload else ((parent.workload if parent else None) or agent)
     if parent is None:
-        return row._replace(workload=workload)
-    return row._replace(
-        ttft_ms=parent.ttft_ms,
+        return completed(row, workload=workload)
+    return completed(
+        row,
         workload=workload,
+        ttft_ms=parent.ttft_ms,
         requested_model=parent.requested_model,
         input_tokens=parent.input_tokens,
         output_tokens=parent.output_tokens,

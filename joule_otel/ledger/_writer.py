@@ -26,6 +26,8 @@ _log = logging.getLogger("joule_otel")
 
 DEFAULT_MAX_PENDING_ROWS = 200_000
 COMPACT_INTERVAL_S = 30.0
+SEGMENT_MAX_ROWS = 100_000
+"""Rows held before a segment is written whatever the schedule: a burst reaches disk in pieces of this size."""
 """How long segments wait before a writer compacts them into the DuckDB file. Readers see spooled rows at once,
 so this only sets how many small segments wait, against what a compaction costs (~70-100 ms of CPU on a small
 VM, mostly opening and closing DuckDB). A writer compacts only when the oldest segment (of any process) is this
@@ -198,6 +200,24 @@ class LedgerWriter:
         self._rows = kept
         self.stats.pending_rows = len(kept)
         return rows_to_arrow(kept) if kept else None
+
+    def commit(
+        self, rows: list[LedgerRow], *, durable: bool, final: bool = False, compact: bool = True, timeout_s: float = 0.0
+    ) -> bool:
+        """Take ``rows`` and keep the ledger's schedule, the same for every writer; True if what was due reached disk.
+
+        A segment is written when the caller needs its rows durable (a flush, the flush interval, a receiver about to
+        answer its sender), at the end, and past :data:`SEGMENT_MAX_ROWS`; compaction runs when the oldest segment is
+        due, and at the end (``final``) is forced, waiting up to ``timeout_s`` for the file.
+        """
+        if rows:
+            self.append(rows)
+        ok = True
+        if durable or final or self.stats.pending_rows >= SEGMENT_MAX_ROWS:
+            ok = self.write_segment()
+        if compact:
+            self.compact(force=final, timeout_s=timeout_s if final else 0.0)
+        return ok
 
     def compact(self, *, force: bool = False, timeout_s: float = 0.0) -> None:
         """Compact the spool into the DuckDB file when due (or ``force``); never raises."""
