@@ -31,6 +31,7 @@ from joule_otel import _attributes as attr
 from joule_otel._budget_watch import BudgetWatch
 from joule_otel._capture import Capture, install, uninstall
 from joule_otel._config import Settings
+from joule_otel._direct_record import path_in_use
 from joule_otel._exporters import (
     Providers,
     flush_provider,
@@ -522,6 +523,7 @@ def stats() -> dict[str, Any]:
         "duplicate_receipts": state.pipeline.recent.repeats,
         "capture_errors": state.capture.errors,
         "invalid_headers": state.capture.invalid_headers,
+        "histogram_path": path_in_use(),
     }
     if writer is not None:
         result.update(vars(writer.stats))

@@ -77,9 +77,11 @@ def fresh_probe() -> Iterator[None]:
     """The probe's verdict and the SDK's classes looked at again, and afterwards."""
     _direct_record._direct_path_matches.cache_clear()
     _direct_record._sdk_histogram_types.cache_clear()
+    _direct_record._path.clear()
     yield
     _direct_record._direct_path_matches.cache_clear()
     _direct_record._sdk_histogram_types.cache_clear()
+    _direct_record._path.clear()
 
 
 def _histogram(**provider_options: Any) -> tuple[Any, InMemoryMetricReader, MeterProvider]:
@@ -185,7 +187,7 @@ def test_a_proxy_histogram_records_through_the_proxy_once_a_provider_is_set(clea
     assert len(cleanings) == 1  # the public path, cleaning as always
 
 
-def test_a_probe_that_differs_keeps_record(cleanings, fresh_probe, monkeypatch):
+def test_a_probe_that_differs_keeps_record(cleanings, fresh_probe, monkeypatch, caplog):
     real_probe = _direct_record._probe
     monkeypatch.setattr(
         _direct_record,
@@ -193,17 +195,23 @@ def test_a_probe_that_differs_keeps_record(cleanings, fresh_probe, monkeypatch):
         lambda *, direct: real_probe(direct=direct)[1:] if direct else real_probe(direct=direct),
     )
     histogram, reader, _ = _histogram()
-    record = histogram_record(histogram)
+    with caplog.at_level(logging.WARNING, logger="joule_otel"):
+        record = histogram_record(histogram)
+        histogram_record(_histogram()[0])  # a second histogram: decided once, said once
     cleanings.clear()
     record(4.0, ATTRIBUTES, None)
     assert len(cleanings) == 1
     assert [(p[1], p[2]) for p in _points(reader)] == [(1, 4.0)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "exported different data" in warnings[0], warnings
+    assert _direct_record.path_in_use() == "public-api"
 
 
 def test_sdk_internals_not_as_written_against_keep_record(cleanings, fresh_probe, monkeypatch):
     monkeypatch.setattr(_direct_record, "_MEASUREMENT_FIELDS", ("value", "time_unix_nano", "instrument", "attributes"))
     histogram, reader, _ = _histogram()
     record = histogram_record(histogram)
+    assert _direct_record.path_in_use() == "public-api"
     record(4.0, ATTRIBUTES, None)
     assert len(cleanings) == 1
     assert [(p[1], p[2]) for p in _points(reader)] == [(1, 4.0)]
@@ -234,3 +242,4 @@ def test_capture_records_its_histograms_without_the_second_cleaning(telemetry, j
     assert all(p.count == 3 for p in usage)
     energy = telemetry.metric_points("joule.client.request.energy")
     assert sum(p.count for p in energy) == 3
+    assert joule_otel.stats()["histogram_path"] == "sdk-storage"  # on the oldest SDK supported and the newest
