@@ -3,7 +3,7 @@
 The SDK's ``Histogram.record`` cleans and copies a measurement's attributes each time (``Measurement.__post_init__``),
 then its storage copies and hashes them for the aggregation key. joule-otel's metric attribute sets are built once per
 set, from parsed strings, and never changed afterwards: cleaning one gives back an equal dict, so that first pass is
-pure cost, a third of a record (41 k of 124 k instructions with the contract's 8 attributes, SDK 1.45.2).
+pure cost: about a third of a record (``benchmarks/run.py --only peers`` counts it).
 
 For the SDK's own synchronous histograms this module hands the measurement straight to the instrument's measurement
 consumer: the seam between the SDK's instrument API and its storage, so views, aggregation, exemplars and cardinality

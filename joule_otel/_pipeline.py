@@ -38,19 +38,18 @@ interval); rows still reach disk once a flush interval.
 
 Soon, because what a waiting call holds (its headers, its body bytes) would otherwise outlive the garbage collector's
 youngest generation: held for a second, those objects set off collections on the app's thread, get promoted, and
-bring on full collections of the app's whole heap, which measured at 0.1-0.15 ms of the app's CPU per call."""
+bring on full collections of the app's whole heap, paid on the app's thread."""
 WAKE_AT = 32
 """Wake the background thread early when this many calls wait (the first calls after a quiet spell, say)."""
 YIELD_AFTER_S = 0.001
 """The longest the background thread processes calls before it offers the GIL to the app's threads.
 
-Not after every few calls: each offer taken is a context switch, and the thread resumes with cold caches (measured
-on a 2-core VM: ~0.4 switches and ~10 us more background CPU per call when offering every 8 calls). An app thread
+Not after every few calls: each offer taken is a context switch, and the thread resumes with cold caches. An app thread
 back from the network waits at most this long, once a drain."""
 RECENT_CALLS_KEPT = 100_000
 """Calls whose keys an app remembers to drop a repeat: half of what ``collect`` keeps, as this is the app's memory."""
 FORK_WAIT_S = 10.0
-"""The longest a fork waits for the worker to finish an import or a cycle (a compaction takes ~0.1 s)."""
+"""The longest a fork waits for the worker to finish an import or a cycle (a compaction among them)."""
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
@@ -316,8 +315,7 @@ class Pipeline:
                 calls = [call for call in calls if call not in waiting]
         # inflate every compressed body first, together: zlib hands the GIL over while it works, and an app thread back
         # from the network takes it; this thread then resumes with cold caches. Once a drain, not once a call
-        # (measured on a 2-core VM: 1.3 context switches a call when inflated call by call, 0.6-0.8 this way, and
-        # 20-30 us less of this thread's CPU a call)
+        # (about half the context switches of inflating call by call; benchmarks/run.py counts them)
         for call in calls:
             try:
                 call.inflate()

@@ -242,7 +242,7 @@ class Prepared:
     errors: list[str] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # crossing from a decoding process: calls as flat tuples pickle 5x faster than tuples of named tuples
+        # crossing from a decoding process: calls as flat tuples pickle several times faster than tuples of named tuples
         state = dict(self.__dict__)
         state["calls"] = [(*call.row, *call[1:]) for call in self.calls]
         return state

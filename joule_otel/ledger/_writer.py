@@ -26,12 +26,12 @@ _log = logging.getLogger("joule_otel")
 
 DEFAULT_MAX_PENDING_ROWS = 200_000
 COMPACT_INTERVAL_S = 30.0
+"""How long segments wait before a writer compacts them into the DuckDB file. Readers see spooled rows at once,
+so this only sets how many small segments wait, against what a compaction costs (tens of milliseconds of CPU,
+mostly opening and closing DuckDB). A writer compacts only when the oldest segment (of any process) is this
+old, so N processes sharing a ledger compact about once an interval between them, not N times."""
 SEGMENT_MAX_ROWS = 100_000
 """Rows held before a segment is written whatever the schedule: a burst reaches disk in pieces of this size."""
-"""How long segments wait before a writer compacts them into the DuckDB file. Readers see spooled rows at once,
-so this only sets how many small segments wait, against what a compaction costs (~70-100 ms of CPU on a small
-VM, mostly opening and closing DuckDB). A writer compacts only when the oldest segment (of any process) is this
-old, so N processes sharing a ledger compact about once an interval between them, not N times."""
 
 
 @dataclass
