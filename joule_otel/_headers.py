@@ -45,7 +45,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 class EnergyReading(NamedTuple):
     """What one response's headers say. ``None`` means missing or invalid.
 
-    A named tuple (immutable, compared by value): made once a call, where a frozen dataclass costs twice as much or more.
+    A named tuple (immutable, compared by value): made once a call, where a frozen dataclass costs twice as much.
     """
 
     energy_j: float | None = None
