@@ -144,7 +144,8 @@ def request_fields(body: bytes | None) -> RequestFields:
 
     Only those two fields are decoded: a long conversation's messages are skipped in C, not built as Python objects
     (msgspec; several times faster than the standard library's decoder on chat requests). JSON msgspec is stricter
-    about than the standard library (a lone surrogate escape, a number beyond a float) is read the standard library's way.
+    about than the standard library (a lone surrogate escape, a number beyond a float) is read the standard library's
+    way.
     """
     if not body or body[:1] != b"{" or len(body) > BODY_CAP_BYTES:
         return _NOTHING_READ
