@@ -455,9 +455,9 @@ def _patched(original: Any, capture: Capture, wrapper_name: str) -> Any:
 
     A plain function, not a ``wrapt.FunctionWrapper``: binding and calling one costs more than the wrapper's own work,
     paid twice a call (the client's hop and the transport) on the app's thread. Another instrumentation's wrapt
-    wrapper around it binds it as it would the original. A client's hop (``_send_single_request``) goes straight on when the client's
-    every call goes through a transport patched below (its own ``HTTPTransport``, no mounts): the common case costs
-    one frame.
+    wrapper around it binds it as it would the original. A client's hop (``_send_single_request``) goes straight on
+    when the client's every call goes through a transport patched below (its own ``HTTPTransport``, no mounts): the
+    common case costs one frame.
     """
     wrapper = getattr(capture, wrapper_name)
     covered = capture.covered_transports
