@@ -1,0 +1,67 @@
+"""The Efficiency tab: energy per token by model, like with like, the energy histogram and latency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from joule_otel.dashboard import _charts as charts
+from joule_otel.dashboard._data import show, text_number
+from joule_otel.dashboard._sidebar import View
+
+
+def render(view: View, page: dict[str, Any]) -> None:
+    """Draw the tab."""
+    eff = page["efficiency"]
+    if eff.empty:
+        st.info("No served calls in this selection.")
+    else:
+        generation = eff[eff["kind"] == "generation"]
+        embeddings = eff[eff["kind"] == "embeddings"]
+        left, right = st.columns(2)
+        if generation["j_per_output_token"].notna().any():
+            show(
+                left,
+                charts.per_token(
+                    generation, "j_per_output_token", "Generation: energy per output token", "per output token"
+                ),
+                generation,
+                "j_per_output_token",
+            )
+        if embeddings["j_per_input_token"].notna().any():
+            show(
+                right,
+                charts.per_token(
+                    embeddings, "j_per_input_token", "Embeddings: energy per input token", "per input token"
+                ),
+                embeddings,
+                "j_per_input_token",
+            )
+        table = pd.DataFrame(
+            {
+                "routed model": eff["model"],
+                "kind": eff["kind"],
+                "J / token": [
+                    text_number(o if k == "generation" else i, ".4f") + (" out" if k == "generation" else " in")
+                    for k, o, i in zip(eff["kind"], eff["j_per_output_token"], eff["j_per_input_token"], strict=True)
+                ],
+                "J / call": eff["j_per_call"].map(lambda v: text_number(v, ",.1f")),
+                "calls": eff["calls"].map(lambda v: text_number(v, ",.0f")),
+                "median duration (ms)": eff["p50_duration_ms"].map(lambda v: text_number(v, ",.0f")),
+                "p95 duration (ms)": eff["p95_duration_ms"].map(lambda v: text_number(v, ",.0f")),
+                "median view.first chunk (ms)": eff["p50_ttft_ms"].map(lambda v: text_number(v, ",.0f")),
+            }
+        )
+        st.dataframe(table, hide_index=True, width="stretch")
+    hist = page["histogram"]
+    if not hist.empty:
+        show(st, charts.histogram(hist), hist, "energy_histogram")
+    sample = page["sample"]
+    if not sample.empty:
+        left, right = st.columns(2)
+        show(left, charts.latency_energy(sample), sample, "latency_energy")
+        streams = sample[sample["ttft_ms"].notna()]
+        if not streams.empty:
+            show(right, charts.ttft(streams), streams, "ttft")
