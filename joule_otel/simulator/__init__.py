@@ -28,7 +28,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from joule_otel.simulator._catalog import GRID_G_PER_KWH, MODELS, TIER_MULTIPLIER
-from joule_otel.simulator._server import Receipt, SimulatorConfig, SimulatorHTTPServer, SimulatorState
+from joule_otel.simulator._server import SimulatorHTTPServer
+from joule_otel.simulator._state import Receipt, SimulatorConfig, SimulatorState
 
 __all__ = [
     "GRID_G_PER_KWH",

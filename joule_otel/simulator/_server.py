@@ -13,274 +13,23 @@ Under ``/openai/v1`` the same routes answer as OpenAI's API does, for a team's c
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
-import itertools
 import json
 import random
-import secrets
-import threading
 import time
 import zlib
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import asdict
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from joule_otel.simulator import _catalog as catalog
-
-_WORDS = [
-    "energy",
-    "joules",
-    "model",
-    "token",
-    "carbon",
-    "grid",
-    "region",
-    "tier",
-    "router",
-    "receipt",
-    "latency",
-    "cache",
-    "batch",
-    "request",
-    "stream",
-    "answer",
-    "summary",
-    "search",
-    "vector",
-    "agent",
-    "tool",
-    "budget",
-    "cluster",
-    "node",
-    "watt",
-    "power",
-    "efficient",
-    "green",
-    "capacity",
-    "workload",
-    "window",
-    "prompt",
-    "context",
-    "reply",
-    "user",
-    "assistant",
-    "the",
-    "a",
-    "of",
-    "to",
-    "and",
-    "in",
-    "is",
-    "for",
-    "on",
-    "with",
-    "that",
-    "this",
-    "it",
-    "as",
-    "be",
-    "are",
-    "by",
-    "at",
-    "from",
-]
-
-_TOOL_DONE = "Done: the tool returned its result and I have summarised it."
-
-
-@dataclass
-class Account:
-    """Spend of one API token. ``energy_budget_j`` caps the month; ``balance_j`` the prepaid funds."""
-
-    balance_j: float = float("inf")
-    energy_budget_j: float | None = None
-    spent_j: float = 0.0
-    calls: int = 0
-    refused: int = 0
-
-    def exhausted(self) -> bool:
-        """True once the balance or the monthly budget is spent."""
-        if self.spent_j >= self.balance_j:
-            return True
-        return self.energy_budget_j is not None and self.spent_j >= self.energy_budget_j
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """What the simulator billed for one call; ``X-Receipt-Id`` names it."""
-
-    receipt_id: str
-    token_fingerprint: str
-    operation: str
-    requested_model: str
-    routed_to: str
-    tier: str
-    region: str
-    energy_j: float
-    carbon_mg: float
-    input_tokens: int
-    output_tokens: int
-    stream: bool
-
-
-@dataclass
-class SimulatorConfig:
-    """How the simulator behaves.
-
-    Attributes:
-        seed: makes receipts, routing, placement and figures reproducible.
-        token_delay_s: pause between streamed tokens (0 for tests; ~0.02 looks real in a demo).
-        latency_s: extra time before the first byte of every response (prefill, queueing).
-        balances: prepaid joules per API token; tokens not listed have unlimited funds.
-        energy_budgets: monthly energy budget in joules per API token (one token per workload).
-        require_auth: refuse requests without a bearer token (401), as Joule Cloud does.
-    """
-
-    seed: int = 0
-    token_delay_s: float = 0.0
-    latency_s: float = 0.0
-    balances: dict[str, float] = field(default_factory=dict)
-    energy_budgets: dict[str, float] = field(default_factory=dict)
-    require_auth: bool = True
-
-
-class SimulatorState:
-    """Accounts, receipts and the seeded random source, shared by all handler threads."""
-
-    def __init__(self, config: SimulatorConfig) -> None:
-        self.config = config
-        self._lock = threading.Lock()
-        self._rng = random.Random(config.seed)
-        self._accounts: dict[str, Account] = {}
-        self.receipts: list[Receipt] = []
-        # Receipt ids come from outside the seeded source: a real service never issues one twice, so two
-        # simulators (one per test, one per process) seeded alike must not either, or a ledger that
-        # dedupes by receipt would drop the second one's calls. The figures stay reproducible by seed.
-        self._receipt_prefix = secrets.token_hex(6)
-        self._receipt_serial = itertools.count()
-        for token, balance in config.balances.items():
-            self.account(token).balance_j = balance
-        for token, budget in config.energy_budgets.items():
-            self.account(token).energy_budget_j = budget
-
-    def account(self, token: str) -> Account:
-        """The account of ``token``, created on first use."""
-        return self._accounts.setdefault(token, Account())
-
-    def set_energy_budget(self, token: str, joules: float | None) -> None:
-        """Set (or clear) the monthly energy budget of ``token``."""
-        with self._lock:
-            self.account(token).energy_budget_j = joules
-
-    def account_snapshot(self, token: str) -> dict[str, Any]:
-        """The account of ``token`` as JSON-ready data."""
-        with self._lock:
-            acct = self.account(token)
-            data = asdict(acct)
-        return {k: (None if isinstance(v, float) and v == float("inf") else v) for k, v in data.items()}
-
-    def fork_rng(self) -> random.Random:
-        """A per-request random source drawn from the seeded one, so threads stay deterministic per call order."""
-        with self._lock:
-            return random.Random(self._rng.getrandbits(64))
-
-    def new_receipt_id(self) -> str:
-        """A receipt id no simulator has issued before: ``rcpt_`` and 20 hex digits."""
-        with self._lock:
-            serial = next(self._receipt_serial)
-        return f"rcpt_{self._receipt_prefix}{serial:08x}"
-
-    def admit(self, token: str) -> bool:
-        """False (and counted) when the token's balance or budget is spent."""
-        with self._lock:
-            acct = self.account(token)
-            if acct.exhausted():
-                acct.refused += 1
-                return False
-            return True
-
-    def bill(self, receipt: Receipt, token: str) -> None:
-        """Record a receipt and charge its joules to ``token``."""
-        with self._lock:
-            acct = self.account(token)
-            acct.spent_j += receipt.energy_j
-            acct.calls += 1
-            self.receipts.append(receipt)
-
-
-class ApiError(Exception):
-    """An error answered with the OpenAI envelope."""
-
-    def __init__(self, status: int, message: str, error_type: str, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def _fingerprint(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
-
-
-def _text_of(content: Any) -> tuple[str, bool]:
-    """The text of a message's content and whether it has image parts."""
-    if isinstance(content, str):
-        return content, False
-    if isinstance(content, list):
-        texts, images = [], False
-        for part in content:
-            if isinstance(part, dict):
-                if part.get("type") in ("text", "input_text", "output_text"):
-                    texts.append(str(part.get("text", "")))
-                elif part.get("type") in ("image_url", "input_image"):
-                    images = True
-        return " ".join(texts), images
-    return "", False
-
-
-def _words(rng: random.Random, count: int) -> list[str]:
-    words = [rng.choice(_WORDS) for _ in range(count)]
-    if words:
-        words[0] = words[0].capitalize()
-    return words
-
-
-def _fake_arguments(parameters: Any, rng: random.Random) -> dict[str, Any]:
-    """Arguments that satisfy a JSON schema's required properties."""
-    if not isinstance(parameters, dict):
-        return {}
-    props = parameters.get("properties") or {}
-    args: dict[str, Any] = {}
-    for name in parameters.get("required") or list(props)[:1]:
-        kind = (props.get(name) or {}).get("type", "string")
-        if kind in ("integer", "number"):
-            args[name] = rng.randint(1, 100)
-        elif kind == "boolean":
-            args[name] = True
-        elif kind == "array":
-            args[name] = []
-        else:
-            args[name] = rng.choice(_WORDS)
-    return args
-
-
-@dataclass
-class ChatPlan:
-    """Everything a chat response will say, decided before the first byte is sent."""
-
-    completion_id: str
-    created: int
-    model: str
-    content: str | None
-    tool_calls: list[dict[str, Any]] | None
-    finish_reason: str
-    input_tokens: int
-    output_tokens: int
-    receipt: Receipt
-
+from joule_otel.simulator._answers import TOOL_DONE, ChatPlan, fake_arguments, some_words, text_of
+from joule_otel.simulator._state import ApiError, Receipt, SimulatorState, fingerprint
+from joule_otel.simulator._wire import WireHandler
 
 OPENAI_PREFIX = "/openai"
+
+
 OPENAI_STAND_INS = {
     "gpt-4o-mini": "llama-3.3-70b-instruct",
     "gpt-4o": "llama-3.3-405b-instruct",
@@ -290,20 +39,16 @@ OPENAI_STAND_INS = {
 """OpenAI model names the ``/openai/v1`` routes accept → the catalog model whose answers they borrow."""
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(WireHandler):
     """One connection's requests (HTTP/1.1 keep-alive)."""
 
     protocol_version = "HTTP/1.1"
-    openai_mode = False
-    """This request came under ``/openai/v1``: answer as OpenAI's API does (no Joule headers, no bill)."""
     disable_nagle_algorithm = True
-    server: SimulatorHTTPServer
     server_version = "JouleCloudSimulator/1"
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the simulator serves tests and demos, not an access log."""
 
-    # -- plumbing -------------------------------------------------------------------------
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             chunks = []
@@ -317,19 +62,6 @@ class Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
-
-    def _send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        payload = json.dumps(body, separators=(",", ":")).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        if len(payload) > 256 and "gzip" in (self.headers.get("Accept-Encoding") or ""):
-            payload = gzip.compress(payload, compresslevel=5)
-            self.send_header("Content-Encoding", "gzip")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
 
     def _token(self) -> str:
         auth = self.headers.get("Authorization") or ""
@@ -392,7 +124,6 @@ class Handler(BaseHTTPRequestHandler):
             {"/v1/chat/completions": self._chat, "/v1/embeddings": self._embeddings, "/v1/responses": self._responses}
         )
 
-    # -- routes ---------------------------------------------------------------------------
     def _health(self) -> None:
         self._send_json(200, {"status": "ok"})
 
@@ -461,25 +192,6 @@ class Handler(BaseHTTPRequestHandler):
             )
         return token, model, tier, region
 
-    def _openai_headers(self) -> dict[str, str]:
-        return {
-            "openai-version": "2020-10-01",
-            "openai-processing-ms": str(int(self.server.state.config.latency_s * 1000) + 1),
-            "x-request-id": f"req_{self.server.state.fork_rng().getrandbits(96):024x}",
-        }
-
-    def _joule_headers(self, receipt: Receipt) -> dict[str, str]:
-        if self.openai_mode:
-            return self._openai_headers()
-        return {
-            "X-Energy-Joules": repr(receipt.energy_j),
-            "X-Carbon-mg": repr(receipt.carbon_mg),
-            "X-Routed-To": receipt.routed_to,
-            "X-Tier": receipt.tier,
-            "X-Region": receipt.region,
-            "X-Receipt-Id": receipt.receipt_id,
-        }
-
     def _embeddings(self) -> None:
         body = self._json_request()
         token, model, tier, region = self._common(body)
@@ -503,7 +215,7 @@ class Handler(BaseHTTPRequestHandler):
         energy = catalog.embedding_energy_j(input_tokens, tier, rng)
         receipt = Receipt(
             self.server.state.new_receipt_id(),
-            _fingerprint(token),
+            fingerprint(token),
             "embeddings",
             model,
             routed,
@@ -536,7 +248,7 @@ class Handler(BaseHTTPRequestHandler):
         texts, has_images = [], False
         for msg in messages:
             if isinstance(msg, dict):
-                text, images = _text_of(msg.get("content"))
+                text, images = text_of(msg.get("content"))
                 texts.append(text)
                 has_images = has_images or images
         prompt = "\n".join(texts)
@@ -565,7 +277,7 @@ class Handler(BaseHTTPRequestHandler):
         tool_calls = None
         if wants_tool:
             tool = tools[0].get("function", {}) if isinstance(tools[0], dict) else {}
-            arguments = json.dumps(_fake_arguments(tool.get("parameters"), rng))
+            arguments = json.dumps(fake_arguments(tool.get("parameters"), rng))
             tool_calls = [
                 {
                     "id": f"call_{rng.getrandbits(48):012x}",
@@ -575,21 +287,21 @@ class Handler(BaseHTTPRequestHandler):
             ]
             content, finish, output_tokens = None, "tool_calls", catalog.estimate_tokens(arguments) + 8
         elif json_mode:
-            words = _words(rng, max(3, min(length, 60)))
+            words = some_words(rng, max(3, min(length, 60)))
             content = json.dumps({"answer": " ".join(words), "confidence": round(rng.random(), 3)})
             finish, output_tokens = "stop", catalog.estimate_tokens(content)
         elif any(isinstance(m, dict) and m.get("role") == "tool" for m in messages):
-            content, finish = _TOOL_DONE, "stop"
-            output_tokens = len(_TOOL_DONE.split())
+            content, finish = TOOL_DONE, "stop"
+            output_tokens = len(TOOL_DONE.split())
         else:
-            words = _words(rng, length)
+            words = some_words(rng, length)
             content = " ".join(words) + "."
             finish = "length" if isinstance(limit, int) and limit == length else "stop"
             output_tokens = len(words)
         energy = catalog.chat_energy_j(routed, input_tokens, output_tokens, tier, rng)
         receipt = Receipt(
             self.server.state.new_receipt_id(),
-            _fingerprint(token),
+            fingerprint(token),
             "chat",
             model,
             routed,
@@ -648,74 +360,6 @@ class Handler(BaseHTTPRequestHandler):
             self._joule_headers(plan.receipt),
         )
 
-    def _stream_chat(self, plan: ChatPlan, usage: dict[str, int] | None) -> None:
-        self._start_stream(plan.receipt)
-        delay = self.server.state.config.token_delay_s
-        for event in self._chat_events(plan, usage):
-            self._write_chunk(b"data: " + event + b"\n\n")
-            self._pause(delay)
-        self._write_chunk(b"data: [DONE]\n\n")
-        self._write_chunk(b"")
-
-    def _start_stream(self, receipt: Receipt) -> None:
-        """The head of a server-sent-events response: chunked, with the Joule headers (known before the body)."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        for name, value in self._joule_headers(receipt).items():
-            self.send_header(name, value)
-        self.end_headers()
-
-    def _chat_events(self, plan: ChatPlan, usage: dict[str, int] | None) -> Iterator[bytes]:
-        base = {
-            "id": plan.completion_id,
-            "object": "chat.completion.chunk",
-            "created": plan.created,
-            "model": plan.model,
-            "service_tier": plan.receipt.tier,
-        }
-
-        def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-            choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-            return json.dumps({**base, "choices": choices, **extra}, separators=(",", ":")).encode()
-
-        yield event({"role": "assistant", "content": ""})
-        if plan.tool_calls:
-            for index, call in enumerate(plan.tool_calls):
-                yield event(
-                    {
-                        "tool_calls": [
-                            {
-                                "index": index,
-                                "id": call["id"],
-                                "type": "function",
-                                "function": {"name": call["function"]["name"], "arguments": ""},
-                            }
-                        ]
-                    }
-                )
-                yield event(
-                    {"tool_calls": [{"index": index, "function": {"arguments": call["function"]["arguments"]}}]}
-                )
-        elif plan.content is not None:
-            words = plan.content.split(" ")
-            for index, word in enumerate(words):
-                yield event({"content": word if index == 0 else " " + word})
-        # The final event carries the measured energy too: a streaming server knows it only at the end.
-        joule = {"energy_joules": plan.receipt.energy_j, "carbon_mg": plan.receipt.carbon_mg}
-        if self.openai_mode:
-            yield event({}, plan.finish_reason)
-            if usage is not None:
-                yield json.dumps({**base, "choices": [], "usage": usage}, separators=(",", ":")).encode()
-            return
-        if usage is None:
-            yield event({}, plan.finish_reason, joule=joule)
-        else:
-            yield event({}, plan.finish_reason)
-            yield json.dumps({**base, "choices": [], "usage": usage, "joule": joule}, separators=(",", ":")).encode()
-
-    # -- the Responses API (the Vercel AI SDK's default, the OpenAI Agents SDK's, pydantic-ai's) -------------------
     @staticmethod
     def _responses_as_chat(body: dict[str, Any]) -> dict[str, Any]:
         """A Responses request as the chat request it amounts to (instructions, input items, tools, limits)."""
@@ -764,102 +408,6 @@ class Handler(BaseHTTPRequestHandler):
             self._stream_responses(plan)
             return
         self._send_json(200, self._response_object(plan, "completed"), self._joule_headers(plan.receipt))
-
-    def _response_output(self, plan: ChatPlan) -> list[dict[str, Any]]:
-        if plan.tool_calls:
-            return [
-                {
-                    "type": "function_call",
-                    "id": "fc_" + call["id"].split("_", 1)[1],
-                    "call_id": call["id"],
-                    "name": call["function"]["name"],
-                    "arguments": call["function"]["arguments"],
-                    "status": "completed",
-                }
-                for call in plan.tool_calls
-            ]
-        text = plan.content or ""
-        return [
-            {
-                "type": "message",
-                "id": "msg_" + plan.completion_id[5:],
-                "status": "completed",
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
-            }
-        ]
-
-    def _response_object(self, plan: ChatPlan, status: str) -> dict[str, Any]:
-        done = status == "completed"
-        return {
-            "id": plan.completion_id,
-            "object": "response",
-            "created_at": plan.created,
-            "status": status,
-            "error": None,
-            "incomplete_details": None,
-            "model": plan.model,
-            "output": self._response_output(plan) if done else [],
-            "service_tier": plan.receipt.tier,
-            "usage": {
-                "input_tokens": plan.input_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": plan.output_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": plan.input_tokens + plan.output_tokens,
-            }
-            if done
-            else None,
-        }
-
-    def _stream_responses(self, plan: ChatPlan) -> None:
-        self._start_stream(plan.receipt)
-        delay = self.server.state.config.token_delay_s
-        for sequence, (kind, payload) in enumerate(self._response_events(plan)):
-            event = {"type": kind, "sequence_number": sequence, **payload}
-            data = json.dumps(event, separators=(",", ":")).encode()
-            self._write_chunk(b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n")
-            self._pause(delay)
-        self._write_chunk(b"")
-
-    def _response_events(self, plan: ChatPlan) -> Iterator[tuple[str, dict[str, Any]]]:
-        yield "response.created", {"response": self._response_object(plan, "in_progress")}
-        yield "response.in_progress", {"response": self._response_object(plan, "in_progress")}
-        for index, item in enumerate(self._response_output(plan)):
-            if item["type"] == "function_call":
-                yield "response.output_item.added", {"output_index": index, "item": {**item, "arguments": ""}}
-                yield (
-                    "response.function_call_arguments.delta",
-                    {"item_id": item["id"], "output_index": index, "delta": item["arguments"]},
-                )
-                yield (
-                    "response.function_call_arguments.done",
-                    {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]},
-                )
-                yield "response.output_item.done", {"output_index": index, "item": item}
-                continue
-            part = item["content"][0]
-            added = {**item, "status": "in_progress", "content": []}
-            yield "response.output_item.added", {"output_index": index, "item": added}
-            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
-            yield "response.content_part.added", {**where, "part": {**part, "text": ""}}
-            for n, word in enumerate(part["text"].split(" ")):
-                yield "response.output_text.delta", {**where, "delta": word if n == 0 else " " + word, "logprobs": []}
-            yield "response.output_text.done", {**where, "text": part["text"], "logprobs": []}
-            yield "response.content_part.done", {**where, "part": part}
-            yield "response.output_item.done", {"output_index": index, "item": item}
-        # the measured figures travel in the final event, as in a chat stream's
-        joule = {"energy_joules": plan.receipt.energy_j, "carbon_mg": plan.receipt.carbon_mg}
-        yield "response.completed", {"response": self._response_object(plan, "completed"), "joule": joule}
-
-    def _write_chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    @staticmethod
-    def _pause(seconds: float) -> None:
-        if seconds > 0:
-            time.sleep(seconds)
 
 
 _OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/models"})
