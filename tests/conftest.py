@@ -106,3 +106,13 @@ def ledger_only(ledger_path: Path) -> Iterator[Path]:
         yield ledger_path
     finally:
         joule_otel.uninstrument()
+
+
+@pytest.fixture
+def scripted():
+    """A loopback server answering every request as the test scripts :class:`support.Scripted` to."""
+    from support import serve_scripted
+
+    base_url, stop = serve_scripted()
+    yield base_url
+    stop()
