@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -58,12 +59,22 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         '"content":"hi"}]}\'',
         flush=True,
     )
+    if args.bill_out:
+        print(f"  the bill is written to {args.bill_out} when the simulator stops", flush=True)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         sim.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         sim.stop()
+        if args.bill_out:
+            written = sim.write_bill(args.bill_out)
+            print(f"bill: {len(sim.bill_records())} receipts in {written}", flush=True)
     return 0
 
 
@@ -231,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--token-delay", type=float, default=0.02, help="seconds between streamed tokens (default 0.02)")
     sim.add_argument("--latency", type=float, default=0.05, help="seconds before the first byte (default 0.05)")
+    sim.add_argument(
+        "--bill-out",
+        metavar="FILE",
+        help="write the bill of every receipt issued when the simulator stops (.csv, .jsonl, .json or .parquet)",
+    )
     sim.set_defaults(func=_cmd_simulate)
 
     dash = sub.add_parser("dashboard", help="serve the Streamlit dashboard on 127.0.0.1")

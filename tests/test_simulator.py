@@ -269,8 +269,10 @@ def test_gzip_when_accepted_and_curl_style_requests(joule_simulator):
         payload = json.loads(gzip.decompress(response.read()))
         assert response.headers["X-Receipt-Id"] == joule_simulator.receipts[-1].receipt_id
     assert payload["object"] == "chat.completion"
-    receipts = httpx.get(joule_simulator.base_url + "/receipts", headers={"Authorization": "Bearer jc"}).json()
+    receipts = httpx.get(joule_simulator.base_url + "/receipts", headers={"Authorization": "Bearer jc_test"}).json()
     assert receipts["data"][-1]["receipt_id"] == joule_simulator.receipts[-1].receipt_id
+    others = httpx.get(joule_simulator.base_url + "/receipts", headers={"Authorization": "Bearer jc_other"}).json()
+    assert others["data"] == [] and others["has_more"] is False  # an account sees its own bill only
 
 
 def test_langchain_chat_openai(joule_simulator):

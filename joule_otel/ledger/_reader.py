@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,51 +53,9 @@ def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iter
     con = duckdb.connect(":memory:")
     try:
         with spool.locked(exclusive=False, timeout_s=timeout_s):
-            compacted_select = _empty_select()
-            compacted: set[str] = set()
-            if path.exists() and path.stat().st_size > 0:
-                try:
-                    con.execute(f"ATTACH {_quote(str(path))} AS ledger (READ_ONLY)")
-                    tables = {
-                        r[0]
-                        for r in con.execute(
-                            "SELECT table_name FROM duckdb_tables() WHERE database_name = 'ledger'"
-                        ).fetchall()
-                    }
-                    if schema.TABLE in tables:
-                        present = {
-                            r[0]
-                            for r in con.execute(
-                                "SELECT column_name FROM duckdb_columns() WHERE database_name = 'ledger' "
-                                "AND table_name = ?",
-                                [schema.TABLE],
-                            ).fetchall()
-                        }
-                        compacted_select = f"SELECT {schema.select_list(present)} FROM ledger.{schema.TABLE}"
-                        rollup_columns = {
-                            r[0]
-                            for r in con.execute(
-                                "SELECT column_name FROM duckdb_columns() WHERE database_name = 'ledger' "
-                                "AND table_name = ?",
-                                [schema.ROLLUP_TABLE],
-                            ).fetchall()
-                        }
-                        # a rollup of an older version (without a key this code groups by) is not read: the
-                        # dashboard reads single calls until a writer migrates the file
-                        if rollup_columns >= {name for name, _ in schema.FACT_KEYS}:
-                            con.execute(f"CREATE TEMP VIEW calls_rollup AS SELECT * FROM ledger.{schema.ROLLUP_TABLE}")
-                    if "joule_segments" in tables:
-                        compacted = {r[0] for r in con.execute("SELECT name FROM ledger.joule_segments").fetchall()}
-                except duckdb.Error as exc:
-                    _log.warning("joule_otel: cannot read %s (%s); showing only rows not yet compacted", path, exc)
-            con.execute(f"CREATE TEMP VIEW compacted_calls AS {compacted_select}")
-            con.execute(f"CREATE TEMP TABLE pending_calls AS {_empty_select()}")
-            pending = [str(s) for s in spool.segments() if s.name not in compacted]
-            if pending:
-                try:
-                    con.execute(f"INSERT INTO pending_calls {schema.parquet_select(con, pending)}", [pending])
-                except duckdb.Error as exc:
-                    _log.warning("joule_otel: skipping unreadable spooled segments: %s", exc)
+            _attach(con, path, spool, "ledger", rollup=True)
+            con.execute("CREATE TEMP VIEW compacted_calls AS SELECT * FROM ledger_compacted")
+            con.execute("CREATE TEMP VIEW pending_calls AS SELECT * FROM ledger_pending")
             con.execute(
                 f"CREATE TEMP VIEW {schema.TABLE} AS "
                 "SELECT * FROM compacted_calls UNION ALL SELECT * FROM pending_calls"
@@ -105,6 +63,95 @@ def connect(db_path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> Iter
             yield con
     finally:
         con.close()
+
+
+@contextmanager
+def connect_many(
+    db_paths: list[str | os.PathLike[str]], *, timeout_s: float = 10.0
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A DuckDB connection whose ``ledger_calls`` view holds every row of several ledgers, each with its index.
+
+    ``ledger_calls`` has the columns of ``inference_calls`` and ``ledger`` (the position of its file in
+    ``db_paths``). Every ledger is read as :func:`connect` reads one, under its own shared lock.
+
+    Raises:
+        ValueError: a ledger given twice.
+    """
+    import duckdb
+
+    paths = [Path(p).expanduser() for p in db_paths]
+    seen: set[Path] = set()
+    for path in paths:
+        resolved = path.resolve()
+        if resolved in seen:
+            raise ValueError(f"{path} is given twice")
+        seen.add(resolved)
+    con = duckdb.connect(":memory:")
+    try:
+        with ExitStack() as locks:
+            selects = []
+            for index, path in enumerate(paths):
+                spool = Spool(path)
+                locks.enter_context(spool.locked(exclusive=False, timeout_s=timeout_s))
+                alias = f"ledger{index}"
+                _attach(con, path, spool, alias, rollup=False)
+                selects.append(
+                    f"SELECT *, {index} AS ledger FROM {alias}_compacted UNION ALL "
+                    f"SELECT *, {index} AS ledger FROM {alias}_pending"
+                )
+            con.execute("CREATE TEMP VIEW ledger_calls AS " + " UNION ALL ".join(selects or [_empty_select()]))
+            yield con
+    finally:
+        con.close()
+
+
+def _attach(con: duckdb.DuckDBPyConnection, path: Path, spool: Spool, alias: str, *, rollup: bool) -> None:
+    """Views ``{alias}_compacted`` (the file's rows) and ``{alias}_pending`` (spooled rows not yet compacted)."""
+    import duckdb
+
+    compacted_select = _empty_select()
+    compacted: set[str] = set()
+    if path.exists() and path.stat().st_size > 0:
+        try:
+            con.execute(f"ATTACH {_quote(str(path))} AS {alias} (READ_ONLY)")
+            tables = {
+                r[0]
+                for r in con.execute(
+                    "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [alias]
+                ).fetchall()
+            }
+            if schema.TABLE in tables:
+                present = {
+                    r[0]
+                    for r in con.execute(
+                        "SELECT column_name FROM duckdb_columns() WHERE database_name = ? AND table_name = ?",
+                        [alias, schema.TABLE],
+                    ).fetchall()
+                }
+                compacted_select = f"SELECT {schema.select_list(present)} FROM {alias}.{schema.TABLE}"
+                rollup_columns = {
+                    r[0]
+                    for r in con.execute(
+                        "SELECT column_name FROM duckdb_columns() WHERE database_name = ? AND table_name = ?",
+                        [alias, schema.ROLLUP_TABLE],
+                    ).fetchall()
+                }
+                # a rollup of an older version (without a key this code groups by) is not read: the
+                # dashboard reads single calls until a writer migrates the file
+                if rollup and rollup_columns >= {name for name, _ in schema.FACT_KEYS}:
+                    con.execute(f"CREATE TEMP VIEW calls_rollup AS SELECT * FROM {alias}.{schema.ROLLUP_TABLE}")
+            if "joule_segments" in tables:
+                compacted = {r[0] for r in con.execute(f"SELECT name FROM {alias}.joule_segments").fetchall()}
+        except duckdb.Error as exc:
+            _log.warning("joule_otel: cannot read %s (%s); showing only rows not yet compacted", path, exc)
+    con.execute(f"CREATE TEMP VIEW {alias}_compacted AS {compacted_select}")
+    con.execute(f"CREATE TEMP TABLE {alias}_pending AS {_empty_select()}")
+    pending = [str(s) for s in spool.segments() if s.name not in compacted]
+    if pending:
+        try:
+            con.execute(f"INSERT INTO {alias}_pending {schema.parquet_select(con, pending)}", [pending])
+        except duckdb.Error as exc:
+            _log.warning("joule_otel: skipping unreadable spooled segments: %s", exc)
 
 
 def require_ledger(path: Path, how_to_choose: str) -> None:

@@ -23,13 +23,18 @@ Behaviour (documented in the README's simulator section):
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from joule_otel.simulator._catalog import GRID_G_PER_KWH, MODELS, TIER_MULTIPLIER
 from joule_otel.simulator._server import SimulatorHTTPServer
-from joule_otel.simulator._state import Receipt, SimulatorConfig, SimulatorState
+from joule_otel.simulator._state import BILL_COLUMNS, Receipt, SimulatorConfig, SimulatorState
 
 __all__ = [
     "GRID_G_PER_KWH",
@@ -66,6 +71,14 @@ class Simulator:
         """Every receipt issued so far, in order."""
         with self.state._lock:
             return list(self.state.receipts)
+
+    def bill_records(self, api_key: str | None = None) -> list[dict[str, Any]]:
+        """The bill (DESIGN.md's "Bill export"): every receipt issued, or ``api_key``'s account's only, oldest first."""
+        return self.state.bill_records(api_key)
+
+    def write_bill(self, path: str | os.PathLike[str], api_key: str | None = None) -> Path:
+        """Write :meth:`bill_records` to ``path``, as its extension says (``.csv``, ``.jsonl``, ``.json``, ``.parquet``)."""
+        return write_bill(self.bill_records(api_key), Path(path))
 
     def set_energy_budget(self, api_key: str, joules: float | None) -> None:
         """Give ``api_key`` a monthly energy budget (``None`` removes it)."""
@@ -115,3 +128,28 @@ def running(
         yield sim
     finally:
         sim.stop()
+
+
+def write_bill(records: list[dict[str, Any]], path: Path) -> Path:
+    """Write bill records as the extension of ``path`` says: ``.csv``, ``.jsonl``, ``.json`` or ``.parquet``."""
+    suffix = path.suffix.lower()
+    tmp = path.with_name(path.name + ".part")
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = {name: [r[name] for r in records] for name in BILL_COLUMNS}
+        pq.write_table(pa.table(columns), tmp)
+    elif suffix in (".jsonl", ".ndjson"):
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    elif suffix == ".json":
+        tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    elif suffix == ".csv":
+        with tmp.open("w", newline="", encoding="utf-8") as out:
+            writer = csv.DictWriter(out, fieldnames=BILL_COLUMNS)
+            writer.writeheader()
+            writer.writerows(records)
+    else:
+        raise ValueError(f"{path}: write a bill as .csv, .jsonl, .json or .parquet")
+    tmp.replace(path)
+    return path

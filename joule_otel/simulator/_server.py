@@ -17,8 +17,9 @@ import hashlib
 import json
 import random
 import time
+import urllib.parse
 import zlib
-from dataclasses import asdict
+from datetime import datetime, timezone
 from http.server import ThreadingHTTPServer
 from typing import Any
 
@@ -137,10 +138,42 @@ class Handler(WireHandler):
         self._send_json(200, {"object": "list", "data": data})
 
     def _receipts(self) -> None:
-        self._token()
-        with self.server.state._lock:
-            rows = [asdict(r) for r in self.server.state.receipts]
-        self._send_json(200, {"object": "list", "data": rows})
+        """The calling account's bill, oldest first, a page at a time.
+
+        ``since``/``until``: ISO 8601 or epoch seconds, half-open; ``limit``: 1-10000 (default 1000);
+        ``after=<receipt_id>``: the page after that receipt.
+        """
+        token = self._token()
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+
+        def one(name: str) -> str | None:
+            values = query.get(name)
+            return values[-1] if values else None
+
+        since, until = _instant(one("since"), "since"), _instant(one("until"), "until")
+        raw_limit = one("limit") or "1000"
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+            raise ApiError(400, f"limit must be an integer in [1, {MAX_PAGE}]", "invalid_request_error", None, "limit")
+        records = self.server.state.bill_records(token, since, until)
+        after = one("after")
+        if after is not None:
+            ids = [r["receipt_id"] for r in records]
+            if after not in ids:
+                raise ApiError(
+                    404, f"No receipt {after!r} in this account's bill.", "invalid_request_error", None, "after"
+                )
+            records = records[ids.index(after) + 1 :]
+        page = records[: int(raw_limit)]
+        self._send_json(
+            200,
+            {
+                "object": "list",
+                "data": page,
+                "has_more": len(records) > len(page),
+                "first_id": page[0]["receipt_id"] if page else None,
+                "last_id": page[-1]["receipt_id"] if page else None,
+            },
+        )
 
     def _account(self) -> None:
         token = self._token()
@@ -408,6 +441,27 @@ class Handler(WireHandler):
             self._stream_responses(plan)
             return
         self._send_json(200, self._response_object(plan, "completed"), self._joule_headers(plan.receipt))
+
+
+MAX_PAGE = 10_000
+"""The most receipts one page of ``GET /v1/receipts`` holds."""
+
+
+def _instant(value: str | None, name: str) -> float | None:
+    """A query's time: ISO 8601 (naive is UTC) or seconds since the epoch."""
+    if value is None or not value.strip():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(
+            400, f"{name} is neither ISO 8601 nor epoch seconds: {value!r}", "invalid_request_error", None, name
+        ) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 _OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/models"})

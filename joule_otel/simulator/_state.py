@@ -5,12 +5,15 @@ Guarded by one lock; every handler thread bills through :meth:`SimulatorState.bi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import random
 import secrets
 import threading
+import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 
@@ -47,6 +50,37 @@ class Receipt:
     input_tokens: int
     output_tokens: int
     stream: bool
+    billed_at: float = 0.0
+    """When the call was billed (seconds since the epoch), set by :meth:`SimulatorState.bill`."""
+    token: str = ""
+    """The API key as the bill names it (``jc_…c41f``): never the secret."""
+
+    def bill_record(self) -> dict[str, Any]:
+        """This receipt as a line of the bill (DESIGN.md's "Bill export"): what reconcile reads."""
+        return {
+            "receipt_id": self.receipt_id,
+            "billed_at": datetime.fromtimestamp(self.billed_at, timezone.utc).isoformat(timespec="microseconds"),
+            "token": self.token,
+            "operation": self.operation,
+            "requested_model": self.requested_model,
+            "model": self.routed_to,
+            "tier": self.tier,
+            "region": self.region,
+            "energy_j": self.energy_j,
+            "carbon_mg": self.carbon_mg,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+        }
+
+
+BILL_COLUMNS = tuple(Receipt("", "", "", "", "", "", "", 0.0, 0.0, 0, 0, False).bill_record())
+"""The columns of the simulator's bill, in order."""
+
+
+def key_name(token: str) -> str:
+    """How a bill names an API key: its prefix and last four characters (``jc_…c41f``), never the secret."""
+    prefix = token.split("_", 1)[0] + "_" if "_" in token[:8] else ""
+    return f"{prefix}…{token[-4:]}" if len(token) > 8 else f"{prefix}…{fingerprint(token)[:4]}"
 
 
 @dataclass
@@ -125,13 +159,30 @@ class SimulatorState:
                 return False
             return True
 
-    def bill(self, receipt: Receipt, token: str) -> None:
-        """Record a receipt and charge its joules to ``token``."""
+    def bill(self, receipt: Receipt, token: str) -> Receipt:
+        """Record a receipt, dated now, and charge its joules to ``token``; the receipt as billed."""
+        billed = dataclasses.replace(receipt, billed_at=time.time(), token=key_name(token))
         with self._lock:
             acct = self.account(token)
             acct.spent_j += receipt.energy_j
             acct.calls += 1
-            self.receipts.append(receipt)
+            self.receipts.append(billed)
+        return billed
+
+    def bill_records(
+        self, token: str | None = None, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        """The bill: every receipt (of ``token``'s account only, when given) billed in [since, until), oldest first."""
+        with self._lock:
+            receipts = list(self.receipts)
+        wanted = fingerprint(token) if token is not None else None
+        return [
+            r.bill_record()
+            for r in receipts
+            if (wanted is None or r.token_fingerprint == wanted)
+            and (since is None or r.billed_at >= since)
+            and (until is None or r.billed_at < until)
+        ]
 
 
 class ApiError(Exception):
