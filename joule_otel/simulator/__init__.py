@@ -77,7 +77,7 @@ class Simulator:
         return self.state.bill_records(api_key)
 
     def write_bill(self, path: str | os.PathLike[str], api_key: str | None = None) -> Path:
-        """Write :meth:`bill_records` to ``path``, as its extension says (``.csv``, ``.jsonl``, ``.json``, ``.parquet``)."""
+        """Write :meth:`bill_records` to ``path`` as its extension says: .csv, .jsonl, .json or .parquet."""
         return write_bill(self.bill_records(api_key), Path(path))
 
     def set_energy_budget(self, api_key: str, joules: float | None) -> None:
