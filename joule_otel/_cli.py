@@ -10,6 +10,8 @@ joule-otel ledger stats|compact|export|query [--db PATH] ...
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import signal
@@ -209,6 +211,50 @@ def _cmd_budgets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    from joule_otel import _reconcile as rc
+
+    tz = rc.zone(args.tz)
+    start, end = rc.instant(args.start, tz, "--from"), rc.instant(args.end, tz, "--to")
+    mapping: dict[str, str] = {}
+    for item in args.map or []:
+        name, sep, column = item.partition("=")
+        if not sep or not name.strip() or not column.strip():
+            raise ValueError(f"--map wants FIELD=COLUMN, got {item!r}")
+        mapping[name.strip().lower()] = column.strip()
+    if not 0 <= args.min_coverage <= 100:
+        raise ValueError(f"--min-coverage is a percentage in [0, 100], got {args.min_coverage}")
+    ledgers = [Path(p).expanduser() for p in args.db] if args.db else [_db(args)]
+    bill: Path | list[dict[str, object]]
+    if args.from_api:
+        key = rc.api_key_from_env(args.api_key_env)
+        bill = list(rc.fetch_bill(args.from_api, key, start, end))
+        name = f"{args.from_api.rstrip('/')}/receipts"
+    else:
+        bill, name = Path(args.bill).expanduser(), args.bill
+    result = rc.reconcile(bill, ledgers, start=start, end=end, tz=tz, skew_s=args.skew, mapping=mapping, bill_name=name)
+    share = args.min_coverage / 100
+    if args.format == "json":
+        text = json.dumps(rc.to_json(result, share), indent=2, default=str) + "\n"
+    elif args.format == "markdown":
+        text = rc.render_markdown(result, share)
+    elif args.format == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=rc.CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rc.csv_rows(result))
+        text = buffer.getvalue()
+    else:
+        text = rc.render_text(result, share)
+    if args.out:
+        Path(args.out).expanduser().write_text(text, encoding="utf-8")
+        if args.format != "text":
+            sys.stdout.write(rc.render_text(result, share))
+    else:
+        sys.stdout.write(text)
+    return 0 if result.explains(share) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``joule-otel`` argument parser."""
     parser = argparse.ArgumentParser(prog="joule-otel", description="Energy observability for Joule Cloud.")
@@ -296,6 +342,53 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("file", help="budgets file (JSON, TOML or CSV)")
     status.add_argument("--db", help="ledger path (default: JOULE_OTEL_DB or the per-user ledger)")
     budgets.set_defaults(func=_cmd_budgets)
+
+    rec = sub.add_parser(
+        "reconcile",
+        help="compare the ledger with Joule Cloud's bill: exit 0 when it explains the bill, 1 when not, 2 on bad input",
+    )
+    source = rec.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bill", metavar="FILE", help="the bill: CSV, JSON Lines, a JSON array or Parquet")
+    source.add_argument(
+        "--from-api", metavar="BASE_URL", help="read the bill from the service's receipts endpoint (BASE_URL/receipts)"
+    )
+    rec.add_argument(
+        "--api-key-env",
+        default="JOULE_API_KEY",
+        metavar="NAME",
+        help="environment variable holding the account's API key, for --from-api (default JOULE_API_KEY)",
+    )
+    rec.add_argument(
+        "--db",
+        action="append",
+        metavar="LEDGER",
+        help="a ledger; repeat for several hosts' files (default: JOULE_OTEL_DB or the per-user ledger)",
+    )
+    rec.add_argument(
+        "--from", dest="start", metavar="DATE", help="start of the period, inclusive (default: the bill's)"
+    )
+    rec.add_argument("--to", dest="end", metavar="DATE", help="end of the period, exclusive (default: the bill's)")
+    rec.add_argument("--tz", default="UTC", help="time zone of --from, --to and the days reported (default UTC)")
+    rec.add_argument(
+        "--map", action="append", metavar="FIELD=COLUMN", help="the bill's column for a field (e.g. energy_j=kwh_j)"
+    )
+    rec.add_argument("--format", choices=("text", "json", "csv", "markdown"), default="text", help="default text")
+    rec.add_argument("--out", metavar="FILE", help="write the full result here (the summary still prints)")
+    rec.add_argument(
+        "--min-coverage",
+        type=float,
+        default=100.0,
+        metavar="PERCENT",
+        help="share of billed joules the ledgers must hold for exit 0 (default 100)",
+    )
+    rec.add_argument(
+        "--skew",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="clock-skew allowance at the period's edges (default 2)",
+    )
+    rec.set_defaults(func=_cmd_reconcile)
 
     ledger = sub.add_parser("ledger", help="inspect and maintain the ledger")
     ledger.add_argument("--db", help="ledger path (default: JOULE_OTEL_DB or the per-user ledger)")
