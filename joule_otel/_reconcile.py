@@ -135,7 +135,11 @@ def _scan(path: Path, kind: str) -> str:
         return f"read_json({q}, format = 'array', sample_size = -1)"
     if kind == "jsonl":
         return f"read_json({q}, format = 'newline_delimited', sample_size = -1)"
-    return f"read_csv({q}, header = true, all_varchar = true, strict_mode = true, null_padding = false)"
+    # RFC 4180 as DESIGN.md's bill is: commas, double quotes; the header is the first line (nothing skipped)
+    return (
+        f"read_csv({q}, header = true, all_varchar = true, strict_mode = true, null_padding = false, skip = 0, "
+        "delim = ',', quote = '\"', escape = '\"')"
+    )
 
 
 def _columns(con: duckdb.DuckDBPyConnection, scan: str) -> list[str]:
@@ -795,6 +799,18 @@ def render_markdown(result: Reconciliation, min_coverage: float = 1.0) -> str:
             f"| {_md(g['token'] or '(none)')} | {g['calls']:,} | {_energy(g['energy_j'])} | {g['hours']} | "
             f"{_md(g['model'])} | {g['model_share']:.0%} |"
             for g in result.missing_groups
+        ]
+    if result.missing is not None and result.missing.num_rows:
+        out += [
+            "",
+            "## Receipts billed but in no ledger",
+            "",
+            "| receipt | token | billed | energy |",
+            "|---|---|---|---|",
+        ]
+        out += [
+            f"| {_md(r['receipt_id'])} | {_md(r['token'])} | {r['billed_at'].isoformat()} | {_energy(r['energy_j'])} |"
+            for r in result.missing.to_pylist()
         ]
     if result.differing is not None and result.differing.num_rows:
         out += ["", "## Figures that differ", "", "| receipt | field | ledger | bill |", "|---|---|---|---|"]
