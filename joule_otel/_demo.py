@@ -37,7 +37,7 @@ from typing import Any
 
 import joule_otel
 from joule_otel._terminal import dashboard_command, port_taken, print_table
-from joule_otel.simulator import running
+from joule_otel.simulator import running, write_bill
 from joule_otel.simulator._server import OPENAI_PREFIX
 
 DEMO_SERVICE = "joule-demo"
@@ -363,6 +363,27 @@ def _mark_as_demo(db: Path) -> None:
             con.close()
 
 
+CRON_KEY = "jc_nightly_cron_c41f"
+"""The API key of the demo's one uninstrumented job: the bill names it, the ledger never saw it."""
+
+
+def run_cron_script(base_url: str, calls: int) -> None:
+    """A job with no joule-otel at all, as a shell script or cron job calls the API: plain urllib."""
+    import urllib.request
+
+    for index in range(calls):
+        body = json.dumps(
+            {"model": "auto", "messages": [{"role": "user", "content": f"Summarise yesterday's tickets, part {index}"}]}
+        ).encode()
+        request = urllib.request.Request(  # noqa: S310 (the simulator's own http URL on loopback)
+            base_url + "/chat/completions",
+            data=body,
+            headers={"Authorization": f"Bearer {CRON_KEY}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            response.read()
+
+
 def run_demo(
     *,
     calls: int = 60,
@@ -385,6 +406,9 @@ def run_demo(
     db.parent.mkdir(parents=True, exist_ok=True)
     budgets_file = db.with_name("demo-budgets.json")
     budgets_file.write_text(json.dumps(DEMO_BUDGETS_J, indent=2))
+    bill_file = db.with_name("demo-bill.csv")
+    bill: list[dict[str, Any]] = []
+    cron_calls = max(3, calls // 10)
 
     history = plan_history(datetime.now(timezone.utc), seed, history_days) if history_days else []
     print(
@@ -400,6 +424,7 @@ def run_demo(
             if history:
                 with running(seed=seed + 1, token_delay_s=0.0, latency_s=0.002) as past:
                     run_traffic(past.base_url, history, seed + 1, "history", line)
+                    bill += past.bill_records()
             with running(
                 seed=seed,
                 token_delay_s=0.002,
@@ -408,10 +433,13 @@ def run_demo(
             ) as sim:
                 print(f"  simulator: {sim.base_url}")
                 run_traffic(sim.base_url, plan_today(calls, seed), seed, "today", line)
+                run_cron_script(sim.base_url, cron_calls)
                 joule_otel.flush(timeout_s=30)
+                bill += sim.bill_records()
     finally:
         joule_otel.uninstrument()
     _mark_as_demo(db)
+    write_bill(bill, bill_file)
 
     from joule_otel import _units as units
     from joule_otel.ledger._maintenance import query
@@ -437,10 +465,14 @@ def run_demo(
         f"  {total_calls} calls in the ledger: {units.energy(sum(r[2] for r in found))}, "
         f"{units.carbon(sum(r[3] for r in found))}"
     )
+    print(
+        f"  {cron_calls} more calls came from a cron script without joule-otel: on the bill ({bill_file.name}), "
+        "in no ledger; see the Bill tab or joule-otel reconcile"
+    )
     print(next_steps(db, budgets_file, dashboard=dashboard))
     if not dashboard:
         return 0
-    env = dict(os.environ, JOULE_OTEL_DB=str(db), JOULE_OTEL_BUDGETS=str(budgets_file))
+    env = dict(os.environ, JOULE_OTEL_DB=str(db), JOULE_OTEL_BUDGETS=str(budgets_file), JOULE_OTEL_BILL=str(bill_file))
     url = f"http://127.0.0.1:{port}"
     print(f"  dashboard: {url}  (Ctrl-C stops)", flush=True)
     # Streamlit's banner would say the URL a second time: its standard output is only that; errors go to stderr
@@ -466,6 +498,7 @@ def next_steps(db: Path, budgets_file: Path, *, dashboard: bool) -> str:
         "Next:",
         f"  the demo's ledger:  {db}",
         f"  its budgets:        {budgets_file}",
+        f"  its bill:           {db.with_name('demo-bill.csv')}",
     ]
     if db == default_demo_db():
         lines.append("  (your own apps write the per-user ledger beside it, joule.duckdb; the demo never touches it)")
@@ -473,6 +506,7 @@ def next_steps(db: Path, budgets_file: Path, *, dashboard: bool) -> str:
         f"  joule-otel ledger --db {ledger} stats",
         f'  joule-otel ledger --db {ledger} query "select workload, sum(energy_j) from inference_calls group by 1"',
         f"  joule-otel budgets status {budgets} --db {ledger}",
+        f"  joule-otel reconcile --bill {quote(str(db.with_name('demo-bill.csv')))} --db {ledger}",
     ]
     if not dashboard:
         lines.append(f"  JOULE_OTEL_BUDGETS={budgets} joule-otel dashboard --db {ledger}")

@@ -23,6 +23,7 @@ import pytest
 
 import joule_otel
 from joule_otel import _reconcile as rc
+from joule_otel import _units as units
 from joule_otel.simulator import running
 
 APP_KEY = "jc_support_a1b2"
@@ -388,3 +389,34 @@ def test_days_and_hours_are_counted_in_the_time_zone_asked_for(tmp_path):
     assert start == datetime(2026, 11, 1, 22, 0, tzinfo=timezone.utc)
     part = rc.reconcile(bill, [ledger], start=start, tz=rc.zone("Europe/Helsinki"))
     assert part.billed_calls == 2 and part.billed_j == 6
+
+
+# -- the dashboard's Bill tab ---------------------------------------------------------------------------------------
+def test_the_bill_tab_shows_the_commands_figures(books, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    tmp, db, _ = books
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("JOULE_OTEL_DB", str(db))
+    monkeypatch.setenv("JOULE_OTEL_BILL", str(tmp / "bill.csv"))
+    monkeypatch.delenv("JOULE_OTEL_BUDGETS", raising=False)
+    app = Path(rc.__file__).parent / "dashboard" / "app.py"
+    at = AppTest.from_file(str(app), default_timeout=90).run()
+    assert not at.exception, at.exception
+    at.sidebar.selectbox(key="f_range_select").set_value("All data").run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m for m in at.metric}
+    # the command over the same period: the page's, as its caption states it
+    _, found = report("--bill", str(tmp / "bill.csv"), "--db", str(db))
+    coverage = found["coverage"]
+    assert metrics["Coverage of joules"].value == f"{coverage['joules_share']:.1%}"
+    assert metrics["Coverage of receipts"].value == f"{coverage['calls_share']:.1%}"
+    assert metrics[f"Billed: {coverage['billed_calls']:,} receipts"].value == units.energy(coverage["billed_j"])
+    assert metrics[f"In the ledger: {coverage['found_calls']:,} receipts"].value == units.energy(coverage["found_j"])
+    groups = next(df.value for df in at.dataframe if "hours" in df.value.columns)
+    assert list(groups["token"]) == [g["token"] for g in found["billed_not_in_ledger"]["groups"]]
+    assert list(groups["calls"]) == [g["calls"] for g in found["billed_not_in_ledger"]["groups"]]
+    receipts = next(df.value for df in at.dataframe if "billed" in df.value.columns)
+    assert set(receipts["receipt"]) == {r["receipt_id"] for r in found["billed_not_in_ledger"]["receipts"]}
+    at.text_input(key="bill_path").set_value(str(tmp_path / "nowhere.csv")).run()
+    assert not at.exception and any("no such file" in e.value for e in at.error)

@@ -17,6 +17,7 @@ from joule_otel.dashboard import _kpis  # noqa: E402  (after the page config, St
 from joule_otel.dashboard._data import load_page  # noqa: E402
 from joule_otel.dashboard._sidebar import View, sidebar  # noqa: E402
 from joule_otel.dashboard._tabs import (  # noqa: E402
+    bill,
     budgets,
     carbon,
     efficiency,
@@ -36,6 +37,7 @@ TABS = (
     ("Migration", migration),
     ("What if", what_if),
     ("Receipts", receipts),
+    ("Bill", bill),
 )
 
 

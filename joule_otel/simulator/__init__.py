@@ -44,6 +44,7 @@ __all__ = [
     "Simulator",
     "SimulatorConfig",
     "running",
+    "write_bill",
 ]
 
 
