@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
@@ -142,8 +143,9 @@ def _scan(path: Path, kind: str) -> str:
     )
 
 
-def _columns(con: duckdb.DuckDBPyConnection, scan: str) -> list[str]:
-    return [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()]
+def _columns(con: duckdb.DuckDBPyConnection, scan: str) -> dict[str, str]:
+    """Column name → DuckDB type, in order."""
+    return {row[0]: str(row[1]) for row in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
 
 
 def map_columns(found: list[str], mapping: dict[str, str] | None, where: str) -> dict[str, str]:
@@ -192,11 +194,10 @@ def load_bill(con: duckdb.DuckDBPyConnection, path: Path, mapping: dict[str, str
     kind = _kind(path)
     scan = _scan(path, kind)
     try:
-        chosen = map_columns(_columns(con, scan), mapping, where)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE bill_raw AS SELECT row_number() OVER () AS row, * FROM {scan}")
+        types = _columns(con, scan)
+        return _load(con, scan, types, map_columns(list(types), mapping, where), where, "row")
     except duckdb.Error as exc:
         raise BillError(f"{where}: cannot be read as {kind.upper()}: {_first_line(exc)}") from None
-    return _check_bill(con, chosen, where, "row")
 
 
 def load_bill_records(con: duckdb.DuckDBPyConnection, records: list[dict[str, Any]], where: str) -> int:
@@ -209,12 +210,11 @@ def load_bill_records(con: duckdb.DuckDBPyConnection, records: list[dict[str, An
     table = pa.table({name: [None if (v := r.get(name)) is None else str(v) for r in records] for name in names})
     con.register("bill_records_arrow", table)
     try:
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE bill_raw AS SELECT row_number() OVER () AS row, * FROM bill_records_arrow"
-        )
+        con.execute("CREATE OR REPLACE TEMP TABLE bill_records AS SELECT * FROM bill_records_arrow")
     finally:
         con.unregister("bill_records_arrow")
-    return _check_bill(con, map_columns(names, None, where), where, "receipt")
+    types = _columns(con, "bill_records")
+    return _load(con, "bill_records", types, map_columns(names, None, where), where, "receipt")
 
 
 def _row(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> tuple[Any, ...] | None:
@@ -227,78 +227,114 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
-def _check_bill(con: duckdb.DuckDBPyConnection, chosen: dict[str, str], where: str, unit: str) -> int:
-    def col(name: str) -> str:
+_NUMERIC = frozenset(
+    {
+        "TINYINT",
+        "SMALLINT",
+        "INTEGER",
+        "BIGINT",
+        "HUGEINT",
+        "FLOAT",
+        "DOUBLE",
+        "DECIMAL",
+        "UTINYINT",
+        "USMALLINT",
+        "UINTEGER",
+        "UBIGINT",
+    }
+)
+_PROBLEMS = {
+    "receipt_id": "no receipt id",
+    "energy_j": "{} is not a number of joules ≥ 0",
+    "carbon_mg": "{} is not a number of mg ≥ 0",
+    "billed_at": "{} is neither an ISO 8601 time nor epoch seconds or milliseconds",
+}
+
+
+def _load(
+    con: duckdb.DuckDBPyConnection, scan: str, types: dict[str, str], chosen: dict[str, str], where: str, unit: str
+) -> int:
+    """Convert and check a bill in one pass into the temp table ``bill``.
+
+    Raises :class:`BillError` at its first bad row, at its first repeated receipt, or when it holds none. A column of
+    numbers or times (Parquet, JSON) is taken as it is typed; only text is matched against the number rule.
+    """
+
+    def kind(name: str) -> str:
+        return types.get(chosen.get(name, ""), "VARCHAR").split("(")[0]
+
+    def text(name: str) -> str:
         return f"CAST({_ident(chosen[name])} AS VARCHAR)" if name in chosen else "CAST(NULL AS VARCHAR)"
 
-    def first_bad(condition: str, what: str) -> None:
-        found = _row(con, f"SELECT row, {what} FROM bill_raw WHERE {condition} ORDER BY row LIMIT 1")
-        if found is not None:
-            raise BillError(problem(found))
+    def number(name: str) -> str:
+        if name not in chosen:
+            return "CAST(NULL AS DOUBLE)"
+        if kind(name) in _NUMERIC:
+            return f"CAST({_ident(chosen[name])} AS DOUBLE)"
+        raw = text(name)
+        return f"CASE WHEN regexp_full_match({raw}, '{_NUMBER}') THEN TRY_CAST({raw} AS DOUBLE) END"
 
-    count = (_row(con, "SELECT count(*) FROM bill_raw") or (0,))[0]
-    if not count:
-        raise BillError(f"{where}: no receipts (a header and nothing else)")
-    receipt, energy, billed, carbon = col("receipt_id"), col("energy_j"), col("billed_at"), col("carbon_mg")
+    def instant() -> str:
+        raw, column, typed = text("billed_at"), _ident(chosen["billed_at"]), kind("billed_at")
+        if typed.startswith("TIMESTAMP") or typed == "DATE":
+            return f"CAST({column} AS TIMESTAMPTZ)"
+        if typed in _NUMERIC:
+            seconds = f"CAST({column} AS DOUBLE)"
+        else:
+            seconds = (
+                f"CASE WHEN regexp_full_match(trim({raw}), '[0-9]+([.][0-9]*)?') THEN TRY_CAST({raw} AS DOUBLE) END"
+            )
+        as_number = f"CASE WHEN {seconds} > 1e11 THEN to_timestamp({seconds} / 1000) ELSE to_timestamp({seconds}) END"
+        return f"coalesce({as_number}, TRY_CAST(trim({raw}) AS TIMESTAMPTZ))"
 
-    def problem_for(column: str, text: str) -> Callable[[tuple[Any, ...]], str]:
-        return lambda found: (
-            f"{where}: {unit} {found[0]}, column {chosen.get(column, column)!r}: {text.format(_show(found[1]))}"
-        )
-
-    problem = problem_for("receipt_id", "no receipt id")
-    first_bad(f"coalesce(trim({receipt}), '') = ''", receipt)
-    problem = problem_for("energy_j", "{} is not a number of joules ≥ 0")
-    first_bad(
-        f"NOT coalesce(regexp_full_match({energy}, '{_NUMBER}'), false) OR TRY_CAST({energy} AS DOUBLE) < 0 "
-        f"OR NOT isfinite(TRY_CAST({energy} AS DOUBLE))",
-        energy,
-    )
-    if "carbon_mg" in chosen:
-        problem = problem_for("carbon_mg", "{} is not a number of mg ≥ 0")
-        first_bad(
-            f"coalesce(trim({carbon}), '') <> '' AND (NOT coalesce(regexp_full_match({carbon}, '{_NUMBER}'), false) "
-            f"OR TRY_CAST({carbon} AS DOUBLE) < 0 OR NOT isfinite(TRY_CAST({carbon} AS DOUBLE)))",
-            carbon,
-        )
-    billed_at = (
-        f"CASE WHEN regexp_full_match(trim({billed}), '[0-9]+(\\.[0-9]*)?') THEN "
-        f"CASE WHEN TRY_CAST({billed} AS DOUBLE) > 1e11 THEN to_timestamp(TRY_CAST({billed} AS DOUBLE) / 1000) "
-        f"ELSE to_timestamp(TRY_CAST({billed} AS DOUBLE)) END "
-        f"ELSE TRY_CAST(trim({billed}) AS TIMESTAMPTZ) END"
-    )
-    problem = problem_for("billed_at", "{} is neither an ISO 8601 time nor epoch seconds or milliseconds")
-    first_bad(f"({billed_at}) IS NULL", billed)
-    duplicate = _row(
-        con,
-        f"SELECT trim({receipt}) AS id, list(row ORDER BY row)[:3] FROM bill_raw GROUP BY id HAVING count(*) > 1 "
-        "ORDER BY min(row) LIMIT 1",
-    )
-    if duplicate is not None:
-        raise BillError(
-            f"{where}: receipt {_show(duplicate[0])} appears more than once ({unit}s "
-            f"{', '.join(map(str, duplicate[1]))}): a bill holds each receipt once"
-        )
-
-    def text(name: str, lower: bool = False) -> str:
-        value = f"nullif(trim({col(name)}), '')"
+    def label(name: str, lower: bool = False) -> str:
+        value = f"nullif(trim({text(name)}), '')"
         return f"lower({value})" if lower else value
 
+    carbon_given = f"nullif(trim({text('carbon_mg')}), '') IS NOT NULL"
     con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE bill AS SELECT
-              row,
-              trim({receipt}) AS receipt_id,
-              {billed_at} AS billed_at,
-              CAST({energy} AS DOUBLE) AS energy_j,
-              TRY_CAST({carbon} AS DOUBLE) AS carbon_mg,
-              {text("model")} AS model,
-              {text("tier", lower=True)} AS tier,
-              {text("region", lower=True)} AS region,
-              {text("token")} AS token
-            FROM bill_raw"""
+        f"""CREATE OR REPLACE TEMP TABLE bill AS
+            SELECT * EXCLUDE (carbon_given), CASE
+                WHEN receipt_id IS NULL THEN 'receipt_id'
+                WHEN energy_j IS NULL OR energy_j < 0 OR NOT isfinite(energy_j) THEN 'energy_j'
+                WHEN carbon_given AND (carbon_mg IS NULL OR carbon_mg < 0 OR NOT isfinite(carbon_mg)) THEN 'carbon_mg'
+                WHEN billed_at IS NULL THEN 'billed_at'
+              END AS problem
+            FROM (SELECT
+              nullif(trim({text("receipt_id")}), '') AS receipt_id,
+              {instant()} AS billed_at,
+              {number("energy_j")} AS energy_j,
+              {number("carbon_mg")} AS carbon_mg,
+              {carbon_given} AS carbon_given,
+              {label("model")} AS model,
+              {label("tier", lower=True)} AS tier,
+              {label("region", lower=True)} AS region,
+              {label("token")} AS token
+            FROM {scan})"""
     )
-    con.execute("DROP TABLE bill_raw")
-    con.execute("CREATE TEMP TABLE bill_fields AS SELECT unnest(?) AS name", [sorted(chosen)])
+    count = (_row(con, "SELECT count(*) FROM bill") or (0,))[0]
+    if not count:
+        raise BillError(f"{where}: no receipts (a header and nothing else)")
+    bad = _row(con, "SELECT rowid, problem FROM bill WHERE problem IS NOT NULL ORDER BY rowid LIMIT 1")
+    if bad is not None:
+        row, name = int(bad[0]), str(bad[1])
+        value = _row(con, f"SELECT {text(name)} FROM {scan} LIMIT 1 OFFSET {row}")
+        shown = _show(value[0] if value else None)
+        raise BillError(f"{where}: {unit} {row + 1}, column {chosen[name]!r}: {_PROBLEMS[name].format(shown)}")
+    repeated = _row(con, "SELECT receipt_id FROM bill GROUP BY receipt_id HAVING count(*) > 1 LIMIT 1")
+    if repeated is not None:
+        rows = [
+            int(r[0]) + 1
+            for r in con.execute(
+                "SELECT rowid FROM bill WHERE receipt_id = ? ORDER BY rowid LIMIT 3", [repeated[0]]
+            ).fetchall()
+        ]
+        raise BillError(
+            f"{where}: receipt {_show(repeated[0])} appears more than once ({unit}s "
+            f"{', '.join(map(str, rows))}): a bill holds each receipt once"
+        )
+    con.execute("ALTER TABLE bill DROP COLUMN problem")
+    con.execute("CREATE OR REPLACE TEMP TABLE bill_fields AS SELECT unnest(?) AS name", [sorted(chosen)])
     return int(count)
 
 
@@ -358,12 +394,18 @@ def instant(text: str | None, tz: ZoneInfo, name: str) -> datetime | None:
 
 
 # -- reconciling ---------------------------------------------------------------------------------------------------
+MEMORY_LIMIT = "2GB"
+"""DuckDB's working memory for a reconciliation; a larger join spills to a temporary folder rather than grow."""
+
+
 @contextmanager
 def _session(ledgers: list[Path]) -> Iterator[duckdb.DuckDBPyConnection]:
     for path in ledgers:
         require_ledger(path, "--db chooses another")
-    with connect_many(list(ledgers)) as con:
+    with tempfile.TemporaryDirectory(prefix="joule-otel-reconcile-") as spill, connect_many(list(ledgers)) as con:
         con.execute("SET TimeZone = 'UTC'")
+        con.execute(f"SET temp_directory = {_quote(spill)}")
+        con.execute(f"SET memory_limit = {_quote(MEMORY_LIMIT)}")
         yield con
 
 
@@ -407,23 +449,27 @@ def _compare(
     con: duckdb.DuckDBPyConnection, bill: str, ledgers: list[str], period: Period, skew_s: float
 ) -> Reconciliation:
     skew = timedelta(seconds=skew_s)
-    con.execute(
-        """CREATE TEMP TABLE calls AS SELECT receipt_id, min(ledger) AS ledger,
-             count(DISTINCT ledger) AS ledgers, list(DISTINCT ledger ORDER BY ledger) AS in_ledgers,
-             arg_min(started_at, ledger) AS started_at, arg_min(energy_j, ledger) AS energy_j,
-             arg_min(carbon_mg, ledger) AS carbon_mg, arg_min(routed_to, ledger) AS routed_to,
-             arg_min(tier, ledger) AS tier, arg_min(region, ledger) AS region,
-             arg_min(service, ledger) AS service, arg_min(workload, ledger) AS workload
-           FROM ledger_calls WHERE receipt_id IS NOT NULL GROUP BY receipt_id"""
-    )
     params = [period.start, period.end]
+    # one full outer join of the whole bill with every ledger row that has a receipt answers every question: a row
+    # without a ledger side is billed but in no ledger, one without a bill side is in a ledger but on no bill
     con.execute(
-        """CREATE TEMP TABLE billed AS SELECT b.*, c.receipt_id IS NOT NULL AS found, c.ledger,
-             c.energy_j AS ledger_energy_j, c.carbon_mg AS ledger_carbon_mg, c.routed_to AS ledger_model,
-             c.tier AS ledger_tier, c.region AS ledger_region
-           FROM bill b LEFT JOIN calls c USING (receipt_id) WHERE b.billed_at >= $1 AND b.billed_at < $2""",
-        params,
+        """CREATE TEMP TABLE joined AS SELECT b.rowid AS bill_row, b.receipt_id AS billed_receipt, b.billed_at,
+             b.energy_j, b.carbon_mg, b.model, b.tier, b.region, b.token,
+             l.receipt_id AS ledger_receipt, l.ledger, l.started_at, l.energy_j AS ledger_energy_j,
+             l.carbon_mg AS ledger_carbon_mg, l.routed_to AS ledger_model, l.tier AS ledger_tier,
+             l.region AS ledger_region, l.service, l.workload
+           FROM bill b FULL OUTER JOIN (SELECT * FROM ledger_calls WHERE receipt_id IS NOT NULL) l
+             ON b.receipt_id = l.receipt_id"""
     )
+    several = len(ledgers) > 1
+    billed_rows = "SELECT * FROM joined WHERE billed_receipt IS NOT NULL AND billed_at >= $1 AND billed_at < $2"
+    matched = _row(con, f"SELECT count(*), count(DISTINCT bill_row) FROM ({billed_rows})", params) if several else None
+    if matched is not None and matched[0] != matched[1]:  # a receipt in two ledgers: each billed call counted once
+        billed_rows += " QUALIFY row_number() OVER (PARTITION BY bill_row ORDER BY ledger) = 1"
+    # a view, not a copy: each question below is one scan of the joined rows
+    period_bounds = f"TIMESTAMPTZ '{period.start.isoformat()}'", f"TIMESTAMPTZ '{period.end.isoformat()}'"
+    billed_sql = billed_rows.replace("$1", period_bounds[0]).replace("$2", period_bounds[1])
+    con.execute(f"CREATE TEMP VIEW billed AS SELECT *, ledger_receipt IS NOT NULL AS found FROM ({billed_sql})")
     totals = _row(
         con,
         "SELECT count(*), coalesce(sum(energy_j), 0), count(*) FILTER (found), "
@@ -442,20 +488,17 @@ def _compare(
     ]
     for day in by_day:
         day["day"] = day["day"].isoformat()
-    missing_groups = _missing_groups(con, tz_name)
     missing = _arrow(
         con,
-        f"""SELECT receipt_id, token, billed_at, energy_j, carbon_mg, model, tier, region FROM billed
-            WHERE NOT found ORDER BY billed_at, receipt_id LIMIT {MAX_LISTED}""",
+        f"""SELECT billed_receipt AS receipt_id, token, billed_at, energy_j, carbon_mg, model, tier, region
+            FROM billed WHERE NOT found ORDER BY billed_at, receipt_id LIMIT {MAX_LISTED}""",
     )
-    edge_params = [period.start, period.end, period.start + skew, period.end - skew]
-    con.execute(
-        """CREATE TEMP TABLE unbilled AS SELECT c.receipt_id, c.ledger, c.started_at, c.energy_j, c.service,
-             c.workload, c.routed_to AS model, (c.started_at < $3 OR c.started_at >= $4) AS at_edge
-           FROM calls c ANTI JOIN bill b USING (receipt_id)
-           WHERE c.started_at >= $1 AND c.started_at < $2""",
-        edge_params,
-    )
+    edges = [period.start, period.end, period.start + skew, period.end - skew]
+    unbilled_rows = f"""SELECT ledger_receipt AS receipt_id, ledger, started_at, ledger_energy_j AS energy_j, service,
+          workload, ledger_model AS model, (started_at < $3 OR started_at >= $4) AS at_edge
+        FROM joined WHERE billed_receipt IS NULL AND started_at >= $1 AND started_at < $2
+        {"QUALIFY row_number() OVER (PARTITION BY ledger_receipt ORDER BY ledger) = 1" if several else ""}"""
+    con.execute(f"CREATE TEMP TABLE unbilled AS {unbilled_rows}", edges)
     unbilled_row = _row(
         con,
         "SELECT count(*) FILTER (NOT at_edge), coalesce(sum(energy_j) FILTER (NOT at_edge), 0), "
@@ -471,10 +514,14 @@ def _compare(
     differing_sql = _differing_sql(fields)
     differing_calls = (_row(con, f"SELECT count(DISTINCT receipt_id) FROM ({differing_sql})") or (0,))[0]
     differing = _arrow(con, f"SELECT * FROM ({differing_sql}) ORDER BY receipt_id, field LIMIT {MAX_LISTED}")
-    duplicated_sql = """SELECT receipt_id, in_ledgers FROM calls WHERE ledgers > 1 AND (
-        receipt_id IN (SELECT receipt_id FROM billed) OR (started_at >= $1 AND started_at < $2))"""
-    in_two = (_row(con, f"SELECT count(*) FROM ({duplicated_sql})", params) or (0,))[0]
-    duplicated = _arrow(con, f"{duplicated_sql} ORDER BY receipt_id LIMIT {MAX_LISTED}", params)
+    in_two, duplicated = 0, None
+    if several:
+        duplicated_sql = """SELECT ledger_receipt AS receipt_id, list(DISTINCT ledger ORDER BY ledger) AS in_ledgers
+            FROM joined WHERE ledger_receipt IS NOT NULL
+              AND ((billed_at >= $1 AND billed_at < $2) OR (started_at >= $1 AND started_at < $2))
+            GROUP BY ledger_receipt HAVING count(DISTINCT ledger) > 1"""
+        in_two = (_row(con, f"SELECT count(*) FROM ({duplicated_sql})", params) or (0,))[0]
+        duplicated = _arrow(con, f"{duplicated_sql} ORDER BY receipt_id LIMIT {MAX_LISTED}", params)
     unreceipted = (
         _row(
             con,
@@ -492,7 +539,7 @@ def _compare(
         found_calls=int(found_calls),
         found_j=float(found_j),
         by_day=by_day,
-        missing_groups=missing_groups,
+        missing_groups=_missing_groups(con, tz_name),
         missing_calls=int(billed_calls - found_calls),
         missing_j=float(billed_j - found_j),
         unbilled_calls=int(unbilled_row[0]),
@@ -593,8 +640,9 @@ def _differing_sql(fields: set[str]) -> str:
                 differs = f"{bill_column} IS NOT NULL AND lower({ledger_column}) IS DISTINCT FROM {bill_column}"
             difference = "CAST(NULL AS DOUBLE)"
         parts.append(
-            f"SELECT receipt_id, '{name}' AS field, CAST({ledger_column} AS VARCHAR) AS ledger_value, "
-            f"CAST({bill_column} AS VARCHAR) AS bill_value, {difference} AS difference FROM billed "
+            f"SELECT billed_receipt AS receipt_id, '{name}' AS field, "
+            f"CAST({ledger_column} AS VARCHAR) AS ledger_value, CAST({bill_column} AS VARCHAR) AS bill_value, "
+            f"{difference} AS difference FROM billed "
             f"WHERE found AND {differs}"
         )
     return " UNION ALL ".join(parts) or (
