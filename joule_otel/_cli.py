@@ -255,6 +255,29 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     return 0 if result.explains(share) else 1
 
 
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    from joule_otel.proxy import key_hash, serve
+
+    if args.hash_key:
+        key = sys.stdin.readline().strip()
+        if not key:
+            raise ValueError("--hash-key reads one API key from standard input")
+        print(key_hash(key))
+        return 0
+    if not args.upstream:
+        raise ValueError("--upstream is required (e.g. https://api.greenjoules.cloud)")
+    serve(
+        upstream=args.upstream,
+        host=args.host,
+        port=args.port,
+        db=Path(args.db).expanduser() if args.db else None,
+        workload=args.workload,
+        workloads_file=args.workloads,
+        api_key_env=args.api_key_env,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``joule-otel`` argument parser."""
     parser = argparse.ArgumentParser(prog="joule-otel", description="Energy observability for Joule Cloud.")
@@ -342,6 +365,28 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("file", help="budgets file (JSON, TOML or CSV)")
     status.add_argument("--db", help="ledger path (default: JOULE_OTEL_DB or the per-user ledger)")
     budgets.set_defaults(func=_cmd_budgets)
+
+    proxy = sub.add_parser(
+        "proxy",
+        help="a recording gateway: apps without OpenTelemetry (curl, Go, PHP) call the API through it",
+    )
+    proxy.add_argument("--upstream", help="the API's base URL, e.g. https://api.greenjoules.cloud (required)")
+    proxy.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    proxy.add_argument("--port", type=int, default=8787, help="port (default 8787)")
+    proxy.add_argument("--db", help="ledger to write (default: JOULE_OTEL_DB or the per-user ledger)")
+    proxy.add_argument("--workload", help="workload of calls that name none (default proxy)")
+    proxy.add_argument(
+        "--workloads", metavar="FILE", help='JSON {"<sha256 of an API key>": "workload"}: see --hash-key'
+    )
+    proxy.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="send this variable's key upstream for clients that send none (needs JOULE_OTEL_PROXY_TOKEN)",
+    )
+    proxy.add_argument(
+        "--hash-key", action="store_true", help="read an API key on standard input, print its hash for --workloads"
+    )
+    proxy.set_defaults(func=_cmd_proxy)
 
     rec = sub.add_parser(
         "reconcile",
