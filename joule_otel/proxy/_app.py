@@ -112,8 +112,12 @@ def _error(status: int, message: str, code: str) -> tuple[int, bytes]:
 class Proxy:
     """The ASGI application."""
 
-    def __init__(self, config: ProxyConfig, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, config: ProxyConfig, client: httpx.AsyncClient | None = None, tracer_provider: Any = None
+    ) -> None:
         self.config = config
+        self.tracer = trace.get_tracer("joule_otel.proxy", tracer_provider=tracer_provider)
+        """The server spans' tracer: the provider capture uses (the global one, unless given)."""
         self.upstream = config.upstream.rstrip("/")
         self.client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s),
@@ -153,7 +157,7 @@ class Proxy:
         self.in_flight += 1
         carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers}
         # a server span for the call, continuing the caller's trace; the upstream client span is its child
-        with _tracer().start_as_current_span(
+        with self.tracer.start_as_current_span(
             f"{scope['method']} {path}",
             context=propagate.extract(carrier),
             kind=SpanKind.SERVER,
@@ -224,7 +228,7 @@ class Proxy:
                 {
                     "type": "http.response.start",
                     "status": response.status_code,
-                    "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
+                    "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP and _sendable(v)]
                     + _length(response),
                 }
             )
@@ -250,8 +254,9 @@ class Proxy:
             gone.cancel()
 
 
-def _tracer() -> trace.Tracer:
-    return trace.get_tracer("joule_otel.proxy")
+def _sendable(value: bytes) -> bool:
+    """Whether a header value can go out again: HTTP forbids control characters other than tab in one."""
+    return not any((byte < 0x20 and byte != 0x09) or byte == 0x7F for byte in value)
 
 
 def _length(response: httpx.Response) -> list[tuple[bytes, bytes]]:

@@ -1,0 +1,583 @@
+"""`joule-otel proxy`: apps without OpenTelemetry — curl, the openai SDK uninstrumented, Node — through a real proxy
+process to the real simulator, and the ledger compared with the simulator's receipts after each."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+import joule_otel
+from joule_otel.proxy import key_hash
+from joule_otel.simulator import running
+
+HI = [{"role": "user", "content": "hi"}]
+NODE_CLIENTS = Path(__file__).resolve().parent / "node"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Proxy:
+    url: str
+    db: Path
+    proc: subprocess.Popen[str]
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err
+        return err
+
+    def rows(self) -> list[dict]:
+        frame = joule_otel.read_ledger(self.db).sort_values("started_at")
+        return [{k: (None if v is None or v != v else v) for k, v in r.items()} for r in frame.to_dict("records")]
+
+
+def start_proxy(
+    upstream: str, db: Path, *args: str, env: dict[str, str] | None = None, host: str = "127.0.0.1"
+) -> Proxy:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "joule_otel._cli",
+            "proxy",
+            "--upstream",
+            upstream,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--db",
+            str(db),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JOULE_OTEL_FLUSH_INTERVAL": "0.2", **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as response:
+                assert json.loads(response.read())["status"] == "ok"
+            return Proxy(url, db, proc)
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"proxy did not start: {proc.communicate(timeout=5)[1]}") from None
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def sim():
+    with running(seed=21, energy_budgets={"jc_spent": 0.0}, token_delay_s=0.0) as found:
+        yield found
+
+
+@pytest.fixture
+def proxy(sim, tmp_path):
+    found = start_proxy(sim.base_url.removesuffix("/v1"), tmp_path / "proxy.duckdb")
+    yield found
+    if found.proc.poll() is None:
+        found.stop()
+
+
+def assert_ledger_is_the_bill(proxy: Proxy, sim, **expected) -> list[dict]:
+    """Every receipt the simulator issued is one row with its figures; nothing else has a receipt."""
+    proxy.stop()
+    rows = proxy.rows()
+    billed = {r["receipt_id"]: r for r in rows if r["receipt_id"]}
+    assert set(billed) == {r.receipt_id for r in sim.receipts}
+    for receipt in sim.receipts:
+        row = billed[receipt.receipt_id]
+        assert (row["energy_j"], row["carbon_mg"], row["routed_to"], row["tier"], row["region"]) == (
+            receipt.energy_j,
+            receipt.carbon_mg,
+            receipt.routed_to,
+            receipt.tier,
+            receipt.region,
+        )
+        assert row["provider"] == "joule_cloud" and row["service"] == "joule-otel-proxy"
+        for column, value in expected.items():
+            assert row[column] == value, (column, row)
+    return rows
+
+
+SEED_CURL = [
+    "curl",
+    "-s",
+    "-D",
+    "-",
+    "{base}/chat/completions",
+    "-H",
+    "Authorization: Bearer jc_test",
+    "-H",
+    "Content-Type: application/json",
+    "-d",
+    '{"model":"auto","messages":[{"role":"user","content":"Summarise this ticket"}]}',
+]
+
+
+def curl(base: str) -> tuple[dict[str, str], dict]:
+    out = subprocess.run(
+        [c.replace("{base}", base) for c in SEED_CURL], capture_output=True, text=True, check=True
+    ).stdout
+    head, _, body = out.replace("\r\n", "\n").partition("\n\n")
+    lines = head.split("\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    headers["status"] = lines[0].split()[1]
+    return headers, json.loads(body)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_seeds_curl_gets_the_same_answer_through_the_proxy(tmp_path):
+    """Two simulators seeded alike: one called directly, one through the proxy; the answers are the same."""
+    with running(seed=5) as direct, running(seed=5) as behind:
+        through = start_proxy(behind.base_url.removesuffix("/v1"), tmp_path / "p.duckdb")
+        try:
+            want_headers, want = curl(direct.base_url)
+            got_headers, got = curl(through.base_url)
+        finally:
+            through.stop()
+        assert got == want
+        for name in (
+            "status",
+            "content-type",
+            "x-energy-joules",
+            "x-carbon-mg",
+            "x-routed-to",
+            "x-tier",
+            "x-region",
+            "server",
+            "content-length",
+        ):
+            assert got_headers[name] == want_headers[name], name
+        assert "content-encoding" not in got_headers  # curl asked for no compression; none was added on its way
+        assert got_headers["x-receipt-id"] == behind.receipts[0].receipt_id
+        (row,) = through.rows()
+        assert row["receipt_id"] == behind.receipts[0].receipt_id and row["workload"] == "proxy"
+
+
+def test_the_openai_sdk_without_instrument_lands_once_per_receipt_with_streams_and_a_402(proxy, sim):
+    client = openai.OpenAI(base_url=proxy.base_url, api_key="jc_app", max_retries=0)
+    for _ in range(3):
+        client.chat.completions.create(model="auto", messages=HI)
+    chunks = list(
+        client.chat.completions.create(model="auto", messages=HI, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[-1].usage is not None
+    client.embeddings.create(model="auto", input="a sentence")
+    spent = openai.OpenAI(base_url=proxy.base_url, api_key="jc_spent", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as refused:
+        spent.chat.completions.create(model="auto", messages=HI)
+    assert refused.value.status_code == 402
+    rows = assert_ledger_is_the_bill(proxy, sim, workload="proxy")
+    assert len(rows) == 6
+    assert [r["error_type"] for r in rows if r["receipt_id"] is None] == ["insufficient_balance"]
+    streamed = [r for r in rows if r["stream"]]
+    assert len(streamed) == 1 and streamed[0]["ttft_ms"] is not None and streamed[0]["output_tokens"]
+    assert all("jc_app" not in json.dumps(r, default=str) for r in rows)  # an API key is never written
+
+
+@pytest.mark.skipif(not (NODE_CLIENTS / "node_modules" / "openai").exists(), reason="cd tests/node && npm ci")
+def test_nodes_openai_package_without_opentelemetry(proxy, sim, tmp_path):
+    script = tmp_path / "plain.mjs"
+    script.write_text(
+        f"""import OpenAI from "{NODE_CLIENTS / "node_modules" / "openai" / "index.mjs"}";
+const client = new OpenAI({{ baseURL: process.argv[2], apiKey: "jc_node", maxRetries: 0 }});
+await client.chat.completions.create({{ model: "auto", messages: [{{ role: "user", content: "hi" }}] }});
+const stream = await client.chat.completions.create({{ model: "auto", stream: true,
+  messages: [{{ role: "user", content: "go" }}] }});
+for await (const _ of stream) {{}}
+"""
+    )
+    done = subprocess.run(["node", str(script), proxy.base_url], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = assert_ledger_is_the_bill(proxy, sim)
+    assert len(rows) == 2 and sorted(r["stream"] for r in rows) == [False, True]
+
+
+def test_a_stream_reaches_the_client_as_it_is_made_not_when_it_ends(tmp_path):
+    with running(seed=2, token_delay_s=0.01) as slow:
+        through = start_proxy(slow.base_url.removesuffix("/v1"), tmp_path / "s.duckdb")
+        try:
+            body = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "a long story"}]}
+            arrivals = []
+            start = time.perf_counter()
+            with httpx.stream(
+                "POST",
+                through.base_url + "/chat/completions",
+                json=body,
+                headers={"Authorization": "Bearer jc_s"},
+                timeout=60,
+            ) as response:
+                for chunk in response.iter_raw():
+                    if chunk:
+                        arrivals.append(time.perf_counter() - start)
+        finally:
+            through.stop()
+        total = arrivals[-1]
+        # tokens come every 10 ms for a second or more: the first reaches the client long before the last is made
+        assert total > 0.5 and arrivals[0] < total / 4, (arrivals[0], total)
+        assert len(arrivals) > 20
+        (row,) = through.rows()
+        assert row["stream"] is True and row["energy_j"] == slow.receipts[0].energy_j
+
+
+def test_a_client_that_goes_away_mid_stream_cancels_the_upstream_and_its_row_is_written(tmp_path):
+    with running(seed=3, token_delay_s=0.02) as slow:
+        through = start_proxy(slow.base_url.removesuffix("/v1"), tmp_path / "c.duckdb")
+        try:
+            body = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "tell me everything"}]}
+            with httpx.stream(
+                "POST",
+                through.base_url + "/chat/completions",
+                json=body,
+                headers={"Authorization": "Bearer jc_c"},
+                timeout=60,
+            ) as response:
+                for _ in zip(range(3), response.iter_raw(), strict=False):
+                    pass  # three chunks, then hang up
+            time.sleep(0.5)
+            health = json.loads(urllib.request.urlopen(through.url + "/healthz", timeout=5).read())
+            assert health["in_flight"] == 0  # the proxy let go of the upstream at once
+        finally:
+            through.stop()
+        (row,) = through.rows()
+        assert row["receipt_id"] == slow.receipts[0].receipt_id and row["stream"] is True
+
+
+class Odd(BaseHTTPRequestHandler):
+    """An upstream that answers with garbage Joule headers, or breaks a stream off, and records what it was sent."""
+
+    seen: list[dict[str, str]] = []
+    mode = "garbage"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).seen.append({k.lower(): v for k, v in self.headers.items()})
+        if type(self).mode == "garbage":
+            body = json.dumps({"id": "x", "choices": [], "usage": {"prompt_tokens": "many", "completion_tokens": -3}})
+            self.send_response(200)
+            for name, value in (
+                ("X-Energy-Joules", "abc"),
+                ("X-Carbon-mg", "1e400"),
+                ("X-Receipt-Id", "r\x01bad"),
+                ("X-Routed-To", "m" * 400),
+                ("X-Tier", "Standard"),
+            ):
+                self.send_header(name, value)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("X-Energy-Joules", "12.5")
+        self.send_header("X-Receipt-Id", "rcpt_cut")
+        self.send_header("Content-Length", "100000")  # promises more than it sends
+        self.end_headers()
+        self.wfile.write(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n')
+        self.wfile.flush()
+        self.close_connection = True
+
+
+@pytest.fixture
+def odd_upstream():
+    Odd.seen, Odd.mode = [], "garbage"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_odd_upstream_headers_pass_through_and_are_missing_in_the_row(odd_upstream, tmp_path):
+    through = start_proxy(odd_upstream, tmp_path / "o.duckdb")
+    try:
+        response = httpx.post(
+            through.base_url + "/chat/completions",
+            json={"model": "auto", "messages": HI},
+            headers={
+                "Authorization": "Bearer jc_odd",
+                "X-Joule-Workload": "odd-job",
+                "Connection": "keep-alive",
+                "Keep-Alive": "timeout=5",
+                "X-Joule-Proxy-Token": "nothing to see",
+                "X-Custom": "kept",
+            },
+        )
+    finally:
+        through.stop()
+    assert response.status_code == 200 and response.headers["x-energy-joules"] == "abc"  # unchanged for the client
+    assert response.headers["x-carbon-mg"] == "1e400" and "x-receipt-id" not in response.headers  # unsendable: dropped
+    (sent,) = Odd.seen
+    assert sent["authorization"] == "Bearer jc_odd" and sent["x-custom"] == "kept"
+    assert "x-joule-workload" not in sent and "x-joule-proxy-token" not in sent and "keep-alive" not in sent
+    (row,) = through.rows()
+    assert row["workload"] == "odd-job" and row["receipt_id"] is None  # a receipt that needs cleaning is refused
+    assert row["energy_j"] is None and row["carbon_mg"] is None and row["tier"] == "standard"
+    assert row["input_tokens"] is None and row["output_tokens"] is None
+
+
+def test_an_upstream_that_breaks_a_stream_off_still_gives_its_row(odd_upstream, tmp_path):
+    Odd.mode = "cut"
+    through = start_proxy(odd_upstream, tmp_path / "cut.duckdb")
+    try:
+
+        def read_all() -> None:
+            with httpx.stream(
+                "POST",
+                through.base_url + "/chat/completions",
+                json={"model": "auto", "messages": HI},
+                headers={"Authorization": "Bearer jc_cut"},
+            ) as response:
+                for _ in response.iter_raw():
+                    pass
+
+        with pytest.raises(httpx.HTTPError):  # the client's answer ends short, as the upstream's did
+            read_all()
+    finally:
+        through.stop()
+    (row,) = through.rows()
+    assert row["receipt_id"] == "rcpt_cut" and row["energy_j"] == 12.5
+
+
+def test_an_upstream_that_is_down_is_a_502_in_the_openai_envelope(tmp_path):
+    through = start_proxy(f"http://127.0.0.1:{free_port()}", tmp_path / "down.duckdb")
+    try:
+        client = openai.OpenAI(base_url=through.base_url, api_key="jc_x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.chat.completions.create(model="auto", messages=HI)
+        missing = httpx.get(through.url + "/admin")
+    finally:
+        through.stop()
+    assert failed.value.status_code == 502 and "cannot be reached" in failed.value.message
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    # the attempt is a row, as capture records any call that failed to connect: no receipt, no energy
+    (row,) = through.rows()
+    assert row["receipt_id"] is None and row["energy_j"] is None and row["error_type"] == "ConnectError"
+
+
+def test_workload_from_the_key_hash_then_the_flag_and_a_body_too_large(sim, tmp_path):
+    workloads = tmp_path / "keys.json"
+    workloads.write_text(json.dumps({key_hash("jc_team_a"): "team-a"}))
+    hashed = subprocess.run(
+        [sys.executable, "-m", "joule_otel._cli", "proxy", "--hash-key"],
+        input="jc_team_a\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert hashed.stdout.strip() == key_hash("jc_team_a") and "jc_team_a" not in hashed.stdout
+    through = start_proxy(
+        sim.base_url.removesuffix("/v1"), tmp_path / "w.duckdb", "--workloads", str(workloads), "--workload", "scripts"
+    )
+    try:
+        for key in ("jc_team_a", "jc_other"):
+            openai.OpenAI(base_url=through.base_url, api_key=key, max_retries=0).chat.completions.create(
+                model="auto", messages=HI
+            )
+        huge = httpx.post(
+            through.base_url + "/chat/completions",
+            content=b"x" * (33 << 20),
+            headers={"Authorization": "Bearer jc_other"},
+            timeout=60,
+        )
+        assert huge.status_code == 413
+    finally:
+        err = through.stop()
+    assert [r["workload"] for r in through.rows()] == ["team-a", "scripts"]
+    assert "jc_team_a" not in err and "jc_other" not in err
+    assert "jc_team_a" not in workloads.read_text()
+
+
+def test_off_loopback_needs_a_token_which_clients_send_and_the_upstream_never_sees(sim, tmp_path, odd_upstream):
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "joule_otel._cli",
+            "proxy",
+            "--upstream",
+            odd_upstream,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+            "--db",
+            str(tmp_path / "t.duckdb"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "JOULE_OTEL_PROXY_TOKEN"},
+    )
+    assert refused.returncode == 2 and "JOULE_OTEL_PROXY_TOKEN" in refused.stderr
+    lend = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "joule_otel._cli",
+            "proxy",
+            "--upstream",
+            odd_upstream,
+            "--api-key-env",
+            "K",
+            "--port",
+            str(free_port()),
+            "--db",
+            str(tmp_path / "t.duckdb"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "K": "jc_lent"},
+    )
+    assert lend.returncode == 2 and "needs JOULE_OTEL_PROXY_TOKEN" in lend.stderr
+    through = start_proxy(
+        odd_upstream,
+        tmp_path / "t.duckdb",
+        "--api-key-env",
+        "LENT_KEY",
+        host="0.0.0.0",
+        env={"JOULE_OTEL_PROXY_TOKEN": "s3cret", "LENT_KEY": "jc_lent"},
+    )
+    try:
+        denied = httpx.post(through.base_url + "/chat/completions", json={"model": "auto", "messages": HI})
+        wrong = httpx.post(
+            through.base_url + "/chat/completions",
+            json={"model": "auto", "messages": HI},
+            headers={"X-Joule-Proxy-Token": "guess"},
+        )
+        allowed = httpx.post(
+            through.base_url + "/chat/completions",
+            json={"model": "auto", "messages": HI},
+            headers={"X-Joule-Proxy-Token": "s3cret"},
+        )
+    finally:
+        through.stop()
+    assert denied.status_code == wrong.status_code == 401 and allowed.status_code == 200
+    (sent,) = Odd.seen
+    assert sent["authorization"] == "Bearer jc_lent" and "x-joule-proxy-token" not in sent
+
+
+def test_sigterm_lets_the_call_in_flight_finish_and_writes_its_row(tmp_path):
+    with running(seed=8, token_delay_s=0.01) as slow:
+        through = start_proxy(slow.base_url.removesuffix("/v1"), tmp_path / "t.duckdb")
+        got: list[bytes] = []
+
+        def call() -> None:
+            body = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "a long story"}]}
+            with httpx.stream(
+                "POST",
+                through.base_url + "/chat/completions",
+                json=body,
+                headers={"Authorization": "Bearer jc_t"},
+                timeout=60,
+            ) as response:
+                got.extend(response.iter_raw())
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.3)
+        through.stop()  # SIGTERM while the stream is still coming
+        caller.join(timeout=30)
+        assert b"".join(got).rstrip().endswith(b"data: [DONE]")
+        (row,) = through.rows()
+        assert row["receipt_id"] == slow.receipts[0].receipt_id
+
+
+def test_a_server_span_continues_the_callers_trace_and_the_upstream_call_is_its_child(sim, tmp_path):
+    import asyncio
+
+    import uvicorn
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from joule_otel.proxy import Proxy as App
+    from joule_otel.proxy import ProxyConfig
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    db = tmp_path / "traced.duckdb"
+    joule_otel.instrument(db=db, flush_interval=0.2, tracer_provider=provider)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            App(ProxyConfig(upstream=sim.base_url.removesuffix("/v1")), tracer_provider=provider),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+        )
+    )
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        request = urllib.request.Request(  # urllib: a caller this process's httpx instrumentation does not trace
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=json.dumps({"model": "auto", "messages": HI}).encode(),
+            headers={
+                "Authorization": "Bearer jc_traced",
+                "Content-Type": "application/json",
+                "traceparent": f"00-{caller_trace}-{caller_span}-01",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+        assert joule_otel.flush(timeout_s=20)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        joule_otel.uninstrument()
+    spans = exporter.get_finished_spans()
+    (served,) = [s for s in spans if s.kind == SpanKind.SERVER]
+    assert f"{served.context.trace_id:032x}" == caller_trace and f"{served.parent.span_id:016x}" == caller_span
+    (upstream,) = [
+        s for s in spans if s.kind == SpanKind.CLIENT and s.parent and s.parent.span_id == served.context.span_id
+    ]
+    assert upstream.context.trace_id == served.context.trace_id
+    assert upstream.attributes["joule.receipt_id"] == sim.receipts[0].receipt_id
+    assert "jc_traced" not in json.dumps([dict(s.attributes) for s in spans])
+    (row,) = joule_otel.read_ledger(db).to_dict("records")
+    assert row["trace_id"] == caller_trace and row["span_id"] == f"{upstream.context.span_id:016x}"
