@@ -117,7 +117,10 @@ def test_collector_pipelines_and_compose_stack_are_consistent():
 
     compose = yaml.safe_load((DEPLOY / "docker-compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"otel-collector", "prometheus", "tempo", "grafana", "joule-collect"}
+    assert set(services) == {"otel-collector", "prometheus", "tempo", "grafana", "joule-collect", "joule-proxy"}
+    proxy = services["joule-proxy"]
+    assert (DEPLOY / "proxy.Dockerfile").exists() and proxy["build"]["dockerfile"] == "deploy/proxy.Dockerfile"
+    assert "JOULE_OTEL_PROXY_TOKEN" in proxy["environment"] and proxy["environment"]["JOULE_OTEL_CALL_EVENTS"] == "true"
     # the fan-in path: traces and call events go on to collect, which listens where the Collector sends
     exporters = {name for pipeline in ("traces", "logs") for name in pipelines[pipeline]["exporters"]}
     assert "otlphttp/joule-collect" in exporters
