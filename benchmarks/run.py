@@ -26,6 +26,7 @@ from bench_dashboard import dashboard
 from bench_instructions import app_instructions, peer_instructions
 from bench_ledger import growth, ledger_ingest
 from bench_overhead import overhead
+from bench_proxy import proxy_overhead
 from bench_reconcile import reconcile_at_scale
 from bench_sdk import sdk_floor
 
@@ -68,6 +69,10 @@ def main() -> int:
         ),
         ("Growth", lambda: growth([200, 1000, 3000, 5000])),
         ("Budget watch at scale", lambda: budget_watch(10_000, 10_000)),
+        (
+            "joule-otel proxy: latency added over calling the upstream directly, beside LiteLLM's and Portkey's",
+            lambda: proxy_overhead([1, 50, 500], 6.0, 100_000),
+        ),
         (
             "Reconcile: a bill against a ledger of the same size",
             lambda: reconcile_at_scale([100_000, 1_000_000, 10_000_000]),
