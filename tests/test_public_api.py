@@ -40,13 +40,14 @@ def test_internal_modules_are_named_as_internal():
         "dashboard",  # the Streamlit script, app.py
         "instrumentor",  # the zero-code entry point (opentelemetry_instrumentor)
         "ledger",  # read_ledger, connect, LedgerRow, COLUMN_NAMES
+        "proxy",  # serve(): joule-otel proxy, embeddable; Proxy, the ASGI app
         "pytest_plugin",  # the pytest11 entry point: the simulator fixture and the energy check
         "simulator",  # running(): a Joule Cloud on loopback, for tests and demos
     }
     root = Path(joule_otel.__path__[0])
     found = {m.name for m in pkgutil.iter_modules(joule_otel.__path__) if not m.name.startswith("_")}
     assert found == public_modules
-    for package in ("collect", "dashboard", "ledger", "simulator"):
+    for package in ("collect", "dashboard", "ledger", "proxy", "simulator"):
         inner = {m.name for m in pkgutil.iter_modules([str(root / package)]) if not m.name.startswith("_")}
         assert inner <= {"app"}, f"joule_otel.{package} has public modules {inner}"
         assert (root / package / "__init__.py").exists()
