@@ -420,3 +420,26 @@ def test_the_bill_tab_shows_the_commands_figures(books, tmp_path, monkeypatch):
     assert set(receipts["receipt"]) == {r["receipt_id"] for r in found["billed_not_in_ledger"]["receipts"]}
     at.text_input(key="bill_path").set_value(str(tmp_path / "nowhere.csv")).run()
     assert not at.exception and any("no such file" in e.value for e in at.error)
+
+
+def test_a_hosts_ledger_and_collects_central_ledger_together(tmp_path):
+    """An app that keeps a local ledger and sends call events to `collect`: both ledgers hold its calls, together they
+    explain its bill, and every call is counted once (and said to be in both)."""
+    from test_collect import run_app, start_collect, stop
+
+    central = start_collect(tmp_path / "central.duckdb")
+    local = tmp_path / "local.duckdb"
+    try:
+        with running(require_auth=True) as sim:
+            run_app(tmp_path, sim.base_url, central, JOULE_OTEL_DB=str(local))
+            sim.write_bill(tmp_path / "bill.csv")
+            receipts = sim.receipts
+    finally:
+        stop(central)
+    assert len(receipts) == 4
+    code, found = report("--bill", str(tmp_path / "bill.csv"), "--db", str(local), "--db", str(central.db))
+    assert code == 0, found
+    assert found["coverage"]["found_calls"] == 4 and found["in_two_ledgers"]["calls"] == 4
+    assert {r["receipt_id"] for r in found["in_two_ledgers"]["receipts"]} == {r.receipt_id for r in receipts}
+    code, alone = report("--bill", str(tmp_path / "bill.csv"), "--db", str(central.db))
+    assert code == 0 and alone["coverage"]["found_calls"] == 4 and alone["in_two_ledgers"]["calls"] == 0
