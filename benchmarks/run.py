@@ -89,7 +89,8 @@ def main() -> int:
         print(report[-1], flush=True)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / "latest.md").write_text("\n".join(report))
+    # a run of some sections never replaces the last full run's tables
+    (results / ("latest-only.md" if args.only else "latest.md")).write_text("\n".join(report))
     return 0
 
 
