@@ -104,26 +104,32 @@ class Capture:
             self.finish(call)
 
     def _begin(self, request: Any, response: Any, t0: int, started_ns: int) -> CallRecord | None:
-        operation = route_operation(request.url.raw_path)
         headers = response.headers
+        operation = operation_of(request.url.raw_path, headers)
         if operation is None:
-            if not has_header(headers, *_RESPONSE_HEADER_KEYS):
-                return None
-            operation = OTHER_OPERATION
-        elif operation not in INFERENCE_OPERATIONS:
-            return None  # /v1/models, moderations, files: never a row
+            return None
         claim = _claim.get()
         if claim is not None:
             claim[0] = True
         context = get_current_context() or None  # an app without spans or baggage: an empty context, nothing to read
         call = CallRecord(request, operation, t0, started_ns, context)
-        call.status_code = response.status_code
-        call.response_headers = headers
-        if context is not None:
-            span = trace.get_current_span(context)
-            if span.is_recording() and _is_http_client_span(span):
-                self._annotate(span, call)
+        span = trace.get_current_span(context) if context is not None else None
+        self.open(
+            call, response.status_code, headers, span if span is not None and _is_http_client_span(span) else None
+        )
         return call
+
+    def open(self, call: CallRecord, status: int | None = None, headers: Any = None, span: Any = None) -> None:
+        """Note a call whose answer began (``status``, ``headers``), or that failed before one (its ``error`` set).
+
+        The wrappers above call it, and so does the proxy for the calls its own client makes. ``span``: the call's
+        HTTP client span, still open, which gets the call's attributes. The call is in flight until :meth:`finish`.
+        """
+        call.status_code = status
+        call.response_headers = headers
+        if span is not None and headers is not None and span.is_recording():
+            self._annotate(span, call)
+        self.inflight[call] = call
 
     def _annotate(self, span: Any, call: CallRecord) -> None:
         """Span attributes, while the HTTP client span is open (it ends when the headers arrive)."""
@@ -170,7 +176,7 @@ class Capture:
             claim[0] = True
         call = CallRecord(request, operation, t0, started_ns, get_current_context() or None)
         call.error = type(exc).__qualname__
-        self.inflight[call] = call
+        self.open(call)
         self.finish(call)
 
     # -- the wrappers -----------------------------------------------------------------------
@@ -267,7 +273,6 @@ class Capture:
         try:
             call = self._begin(request, response, t0, started_ns)
             if call is not None:
-                self.inflight[call] = call
                 if hasattr(response, "_content"):  # never vars(): it would give the response a real dict
                     # read before the transport returned it (httpx's MockTransport, respx): its body is all here, and
                     # no stream will ever close to say so; waiting would time the call until garbage collection
@@ -290,6 +295,18 @@ class Capture:
 
 
 _RESPONSE_HEADER_KEYS = tuple(name.lower().encode() for name in RESPONSE_HEADERS)
+
+
+def operation_of(raw_path: bytes, headers: Any) -> str | None:
+    """The operation of a call to ``raw_path`` answered with ``headers``, or None when it is not a row.
+
+    Known inference routes are rows, other known routes (models, moderations, files) never are; an unknown route is
+    one when its answer carries Joule's headers.
+    """
+    operation = route_operation(raw_path)
+    if operation is None:
+        return OTHER_OPERATION if has_header(headers, *_RESPONSE_HEADER_KEYS) else None
+    return operation if operation in INFERENCE_OPERATIONS else None
 
 
 _moment_offset_ns: contextvars.ContextVar[int] = contextvars.ContextVar("joule_otel_moment_offset_ns", default=0)

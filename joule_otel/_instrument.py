@@ -200,6 +200,12 @@ def listen_to_rows(listener: Callable[[list[Any], list[Any]], None]) -> Callable
     return stop
 
 
+def active_capture() -> Capture | None:
+    """This process's capture while it is on: for the proxy, whose own HTTP client hands it its calls."""
+    state = _state
+    return state.capture if state is not None else None
+
+
 def is_instrumented() -> bool:
     """Whether capture is on in this process."""
     return _state is not None

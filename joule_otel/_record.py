@@ -134,6 +134,48 @@ class CallRecord:
         self.chunks, self.kept = [tail], len(tail)
 
 
+class RawHeaders:
+    """Headers as a list of (name, value) byte pairs, read as httpx's are (through ``raw``)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.raw = raw
+
+
+class ForwardedCall(CallRecord):
+    """A call the proxy forwarded with its own client: its request as bytes, not an httpx request."""
+
+    def __init__(
+        self,
+        host: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        operation: str,
+        t0: int,
+        started_ns: int,
+        context: Any,
+        workload: str | None,
+    ) -> None:
+        super().__init__(None, operation, t0, started_ns, context)
+        self.workload = workload
+        self._host = host
+        self._headers = RawHeaders(headers)
+        self._body = body
+
+    @property
+    def server_address(self) -> str | None:
+        return self._host
+
+    @property
+    def request_headers(self) -> Any:
+        return self._headers
+
+    @property
+    def request_body(self) -> bytes | None:
+        return self._body if len(self._body) <= REQUEST_CAP_BYTES else None
+
+
 def has_header(headers: Any, *names: bytes) -> bool:
     """Whether ``headers`` (httpx's) holds any of the lower-cased ``names``.
 

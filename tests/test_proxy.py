@@ -3,6 +3,7 @@ process to the real simulator, and the ledger compared with the simulator's rece
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -581,3 +582,149 @@ def test_a_server_span_continues_the_callers_trace_and_the_upstream_call_is_its_
     assert "jc_traced" not in json.dumps([dict(s.attributes) for s in spans])
     (row,) = joule_otel.read_ledger(db).to_dict("records")
     assert row["trace_id"] == caller_trace and row["span_id"] == f"{upstream.context.span_id:016x}"
+
+
+class Counted(BaseHTTPRequestHandler):
+    """An upstream that counts its connections, answers a 103 before its 200, and closes idle connections unsaid."""
+
+    connections: list[int] = []
+    mode = "keep"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def setup(self):
+        super().setup()
+        type(self).connections.append(self.client_address[1])
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
+        self.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Energy-Joules", "2.5")
+        self.send_header("X-Receipt-Id", f"rcpt_{len(type(self).connections)}_{time.monotonic_ns()}")
+        if type(self).mode == "until-close":  # no length, no chunks: the body is what comes before the close
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+            return
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        if type(self).mode == "drop-idle":  # keep-alive said, then the connection closed once idle
+            self.wfile.flush()
+            self.close_connection = True
+
+
+@pytest.fixture
+def counted_upstream():
+    Counted.connections, Counted.mode = [], "keep"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Counted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["keep", "drop-idle", "until-close"])
+def test_the_upstream_connection_is_reused_replaced_when_dropped_and_read_to_its_end(counted_upstream, tmp_path, mode):
+    Counted.mode = mode
+    through = start_proxy(counted_upstream, tmp_path / "c.duckdb")
+    try:
+        answers = []
+        with httpx.Client() as client:
+            for _ in range(5):
+                answers.append(
+                    client.post(
+                        through.base_url + "/chat/completions",
+                        json={"model": "auto", "messages": HI},
+                        headers={"Authorization": "Bearer jc_c"},
+                    )
+                )
+                time.sleep(0.05)  # the upstream closes an idle connection meanwhile (drop-idle)
+    finally:
+        log = through.stop()
+    assert [a.status_code for a in answers] == [200] * 5, log  # the 103 was skipped, never forwarded as the answer
+    assert all(a.json()["usage"]["completion_tokens"] == 4 for a in answers)
+    assert len(Counted.connections) == (1 if mode == "keep" else 5)
+    rows = through.rows()
+    assert len(rows) == 5 and {r["receipt_id"] for r in rows} == {a.headers["x-receipt-id"] for a in answers}
+    assert all(r["energy_j"] == 2.5 and r["output_tokens"] == 4 for r in rows)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_an_https_upstream_through_an_egress_proxy_with_its_own_trust_store(tmp_path):
+    from joule_otel.simulator import Simulator, SimulatorConfig
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    sim = Simulator(SimulatorConfig(seed=3, token_delay_s=0.0))
+    sim._server.socket = context.wrap_socket(sim._server.socket, server_side=True)
+    sim.start()
+    tunnels: list[bytes] = []
+    egress = socket.create_server(("127.0.0.1", 0))
+
+    def tunnel() -> None:  # an egress proxy that allows CONNECT and relays bytes both ways
+        while True:
+            try:
+                client, _ = egress.accept()
+            except OSError:
+                return
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += client.recv(4096)
+            tunnels.append(head.split(b"\r\n")[0])
+            target = socket.create_connection(("127.0.0.1", sim.port))
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            for a, b in ((client, target), (target, client)):
+                threading.Thread(target=_relay, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=tunnel, daemon=True).start()
+    upstream = f"https://127.0.0.1:{sim.port}"
+    try:
+        untrusted = start_proxy(upstream, tmp_path / "u.duckdb")
+        try:
+            refused = httpx.post(untrusted.base_url + "/chat/completions", json={"model": "auto", "messages": HI})
+        finally:
+            untrusted.stop()
+        assert refused.status_code == 502 and "SSLCertVerificationError" in refused.json()["error"]["message"]
+        env = {"SSL_CERT_FILE": str(cert), "HTTPS_PROXY": f"http://127.0.0.1:{egress.getsockname()[1]}", "NO_PROXY": ""}
+        through = start_proxy(upstream, tmp_path / "t.duckdb", env=env)
+        try:
+            client = openai.OpenAI(base_url=through.base_url, api_key="jc_tls", max_retries=0)
+            client.chat.completions.create(model="auto", messages=HI)
+            chunks = list(client.chat.completions.create(model="auto", messages=HI, stream=True))
+        finally:
+            through.stop()
+        assert chunks and tunnels == [f"CONNECT 127.0.0.1:{sim.port} HTTP/1.1".encode()]  # one tunnel, kept alive
+        rows = through.rows()
+        assert sorted(r["receipt_id"] for r in rows) == sorted(r.receipt_id for r in sim.receipts[-2:])
+        assert [r["energy_j"] for r in rows] == [r.energy_j for r in sim.receipts[-2:]]
+    finally:
+        egress.close()
+        sim.stop()
+
+
+def _relay(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)

@@ -85,6 +85,7 @@ def serve(
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=30,
+            proxy_headers=False,  # X-Forwarded-For is the upstream's to read: it goes on unchanged
             server_header=False,  # the upstream's Server and Date go back unchanged
             date_header=False,
         )

@@ -1,10 +1,11 @@
-"""The recording gateway as a bare ASGI application: forward, stream back, let capture make the row.
+"""The recording gateway as a bare ASGI application: forward, stream back, hand each call to capture.
 
-Every request under ``/v1/`` goes to the upstream through one ``httpx.AsyncClient``; the process runs
-``joule_otel.instrument()``, so that client's calls are captured exactly as an app's are (the same wrappers, the
-same parsing, the same row builder and ledger writer). The proxy itself only forwards: method, path, query, body and
-end-to-end headers go upstream unchanged, status, headers and body come back unchanged, a stream chunk by chunk as
-it arrives. It never adds energy of its own: every row's figures are the upstream's.
+Every request under ``/v1/`` goes to the upstream through the proxy's own HTTP/1.1 client (:mod:`._upstream`). The
+process runs ``joule_otel.instrument()``; each call that client makes goes to the same capture as an app's (the same
+call record, parsing, row builder, dedupe, metrics and ledger writer), opened when the answer's head arrives and
+finished when its body ends. The proxy itself only forwards: method, path, query, body and end-to-end headers go
+upstream unchanged, status, headers and body come back unchanged, a stream chunk by chunk as it arrives. It never
+adds energy of its own: every row's figures are the upstream's.
 """
 
 from __future__ import annotations
@@ -14,15 +15,21 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from time import perf_counter_ns, time_ns
 from typing import Any
 
-import httpx
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from joule_otel._workload import workload
+from joule_otel._capture import Capture, operation_of
+from joule_otel._genai import redact_url
+from joule_otel._instrument import active_capture
+from joule_otel._record import ForwardedCall, RawHeaders
+from joule_otel._workload import baggage_workload
+from joule_otel.proxy._upstream import Answer, Upstream, UpstreamError, UpstreamTimeout
 
 _log = logging.getLogger("joule_otel.proxy")
 
@@ -44,14 +51,15 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
         b"host",
         b"content-length",
+        b"expect",
     }
 )
-"""Headers of one connection (RFC 9110 7.6.1), and those the next hop sets for itself (host, length)."""
+"""Headers of one connection (RFC 9110 7.6.1), those the next hop sets for itself (host, length), and ``Expect``
+(the body is read whole before it goes upstream: the client's 100-continue was answered here)."""
 WORKLOAD_HEADER = b"x-joule-workload"
 TAG_PREFIX = b"x-joule-tag-"
 TOKEN_HEADER = b"x-joule-proxy-token"
-OWN_HEADERS = (WORKLOAD_HEADER, TOKEN_HEADER)
-"""Request headers for the proxy itself: read here, never forwarded."""
+TRACE_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 MAX_BODY_BYTES = 32 << 20
 """The largest request body forwarded (a 413 past it): prompts and images fit, an upload belongs elsewhere."""
 DEFAULT_WORKLOAD = "proxy"
@@ -112,18 +120,16 @@ def _error(status: int, message: str, code: str) -> tuple[int, bytes]:
 class Proxy:
     """The ASGI application."""
 
-    def __init__(
-        self, config: ProxyConfig, client: httpx.AsyncClient | None = None, tracer_provider: Any = None
-    ) -> None:
+    def __init__(self, config: ProxyConfig, tracer_provider: Any = None) -> None:
         self.config = config
         self.tracer = trace.get_tracer("joule_otel.proxy", tracer_provider=tracer_provider)
-        """The server spans' tracer: the provider capture uses (the global one, unless given)."""
-        self.upstream = config.upstream.rstrip("/")
-        self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-            follow_redirects=False,
+        """The spans' tracer: the provider capture uses (the global one, unless given)."""
+        self._tracer_provider = tracer_provider
+        self._tracing: bool | None = None
+        self.upstream = Upstream(
+            config.upstream, connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s
         )
+        self.upstream_url = config.upstream.rstrip("/")
         self.in_flight = 0
         self.forwarded = 0
         self.refused = 0
@@ -155,23 +161,10 @@ class Proxy:
             )
             return
         self.in_flight += 1
-        carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers}
-        # a server span for the call, continuing the caller's trace; the upstream client span is its child
-        with self.tracer.start_as_current_span(
-            f"{scope['method']} {path}",
-            context=propagate.extract(carrier),
-            kind=SpanKind.SERVER,
-            attributes={
-                "http.request.method": scope["method"],
-                "url.path": path,
-                "joule.proxy.upstream": self.upstream,
-            },
-        ) as span:
-            try:
-                status = await self._forward(scope, headers, body, receive, send)
-                span.set_attribute("http.response.status_code", status)
-            finally:
-                self.in_flight -= 1
+        try:
+            await self._forward(scope, headers, body, receive, send)
+        finally:
+            self.in_flight -= 1
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -179,90 +172,214 @@ class Proxy:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.client.aclose()
+                self.upstream.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _workload_of(self, headers: list[tuple[bytes, bytes]]) -> str:
-        named = _header(headers, WORKLOAD_HEADER)
+    def tracing(self) -> bool:
+        """Whether spans go anywhere: decided at the first request (``instrument()`` has set the provider by then)."""
+        if self._tracing is None:
+            provider = self._tracer_provider or trace.get_tracer_provider()
+            self._tracing = not isinstance(provider, (trace.NoOpTracerProvider, trace.ProxyTracerProvider))
+        return self._tracing
+
+    def _workload_of(self, named: bytes | None, auth: bytes | None, context: Any) -> str:
+        """``X-Joule-Workload``, else the caller's baggage, else its API key's workload, else the proxy's own."""
         if named:
             return named.decode("utf-8", "replace")
-        if self.config.key_workloads:
-            auth = _header(headers, b"authorization")
-            if auth:
-                scheme, _, key = auth.decode("latin-1").partition(" ")
-                found = self.config.key_workloads.get(key_hash(key.strip())) if scheme.lower() == "bearer" else None
+        found = baggage_workload(context) if context is not None else None
+        if found:
+            return found
+        if self.config.key_workloads and auth:
+            scheme, _, key = auth.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer":
+                found = self.config.key_workloads.get(key_hash(key.strip()))
                 if found:
                     return found
         return self.config.workload
 
     async def _forward(
         self, scope: Scope, headers: list[tuple[bytes, bytes]], body: bytes, receive: Receive, send: Send
-    ) -> int:
-        """Forward one request and stream its answer back; the status the client got."""
-        outgoing = [
-            (name, value)
-            for name, value in headers
-            if name not in HOP_BY_HOP and name not in OWN_HEADERS and not name.startswith(TAG_PREFIX)
-        ]
-        if self.config.api_key and _header(headers, b"authorization") is None:
+    ) -> None:
+        """Forward one request and stream its answer back, handing the call to capture on the way."""
+        outgoing: list[tuple[bytes, bytes]] = []
+        named = auth = None
+        carried: dict[str, str] = {}
+        for name, value in headers:  # one pass: what goes upstream, and what is for the proxy itself
+            if name in HOP_BY_HOP or name == TOKEN_HEADER or name.startswith(TAG_PREFIX):
+                continue
+            if name == WORKLOAD_HEADER:
+                named = value
+                continue
+            if name == b"authorization":
+                auth = value
+            elif name in TRACE_HEADERS:
+                carried[name.decode("latin-1")] = value.decode("latin-1")
+            outgoing.append((name, value))
+        if self.config.api_key and auth is None:
             outgoing.append((b"authorization", f"Bearer {self.config.api_key}".encode()))
+        context = propagate.extract(carried) if carried else None
+        method: str = scope["method"]
         query = scope.get("query_string") or b""
-        url = self.upstream + scope["path"] + ("?" + query.decode("latin-1") if query else "")
-        with workload(self._workload_of(headers)):
-            # a request of its own, not the client's build_request: that adds the client's default headers
-            # (Accept-Encoding among them), and the upstream must see exactly what the app sent
-            request = httpx.Request(scope["method"], url, headers=outgoing, content=body)
-            try:
-                response = await self.client.send(request, stream=True)
-            except httpx.TimeoutException:
-                await _respond(send, *_error(504, f"the upstream {self.upstream} did not answer in time", "timeout"))
-                return 504
-            except httpx.HTTPError as exc:
-                message = f"the upstream {self.upstream} cannot be reached: {type(exc).__name__}"
-                await _respond(send, *_error(502, message, "unreachable"))
-                return 502
-        self.forwarded += 1
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP and _sendable(v)]
-                    + _length(response),
-                }
+        target: bytes = scope.get("raw_path") or scope["path"].encode()
+        raw_path = target
+        if query:
+            target += b"?" + query
+        served = client = None
+        if self.tracing():
+            # a server span for the call, continuing the caller's trace, and the upstream call its child
+            served = self.tracer.start_span(
+                f"{method} {scope['path']}",
+                context=context,
+                kind=SpanKind.SERVER,
+                attributes={
+                    "http.request.method": method,
+                    "url.path": scope["path"],
+                    "joule.proxy.upstream": self.upstream_url,
+                },
             )
-            await self._stream(response, receive, send)
-        finally:
-            await response.aclose()  # capture finishes the call here: its row is written with what arrived
-        return response.status_code
-
-    async def _stream(self, response: httpx.Response, receive: Receive, send: Send) -> None:
-        """Each chunk to the client as the upstream sends it; a client that goes away stops the upstream request."""
-        gone = asyncio.ensure_future(_disconnected(receive))
+            client = self.tracer.start_span(
+                method,
+                context=trace.set_span_in_context(served, context),
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "http.request.method": method,
+                    "server.address": self.upstream.host,
+                    "server.port": self.upstream.port,
+                    "url.full": redact_url(self.upstream_url + target.decode("latin-1")),
+                },
+            )
+            context = trace.set_span_in_context(client, context)
+            outgoing = [(name, value) for name, value in outgoing if name not in (b"traceparent", b"tracestate")]
+            injected: dict[str, str] = {}
+            propagate.inject(injected, context=context)
+            outgoing += [(name.encode(), value.encode()) for name, value in injected.items() if name != "baggage"]
+        capture = active_capture()
+        workload = self._workload_of(named, auth, context)
+        t0, started_ns = perf_counter_ns(), time_ns()
         try:
-            async for chunk in response.aiter_raw():
-                if gone.done():
+            answer = await self.upstream.request(method, target, outgoing, body)
+        except UpstreamError as exc:
+            timed_out = isinstance(exc, UpstreamTimeout)
+            status = 504 if timed_out else 502
+            operation = operation_of(raw_path, None)
+            if capture is not None and operation is not None:
+                failed = ForwardedCall(self.upstream.host, outgoing, body, operation, t0, started_ns, context, workload)
+                failed.error = "TimeoutException" if timed_out else "ConnectError"
+                capture.open(failed)
+                capture.finish(failed)
+            _end(client, status, type(exc).__name__)
+            message = (
+                f"the upstream {self.upstream_url} did not answer in time"
+                if timed_out
+                else f"the upstream {self.upstream_url} cannot be reached: {exc}"
+            )
+            await _respond(send, *_error(status, message, "timeout" if timed_out else "unreachable"))
+            _end(served, status)
+            return
+        self.forwarded += 1
+        call = None
+        if capture is not None:
+            call = _open(
+                capture, answer, raw_path, self.upstream.host, outgoing, body, t0, started_ns, context, workload, client
+            )
+        _end(client, answer.status)
+        try:
+            back = [(k, v) for k, v in answer.headers if k.lower() not in HOP_BY_HOP and _sendable(v)]
+            length = _length(answer.headers)
+            await send({"type": "http.response.start", "status": answer.status, "headers": back + length})
+            await self._stream(answer, call, receive, send, watch=not length)
+        finally:
+            answer.close()
+            if call is not None:
+                if not call.t_end:
+                    call.t_end = perf_counter_ns()
+                capture.finish(call)  # type: ignore[union-attr]
+            _end(served, answer.status)
+
+    async def _stream(
+        self, answer: Answer, call: ForwardedCall | None, receive: Receive, send: Send, *, watch: bool
+    ) -> None:
+        """Each chunk to the client as the upstream sends it; a client that goes away stops the upstream request.
+
+        ``watch``: a body without a length (a stream) is watched for the client leaving; one of known length
+        arrives at once.
+        """
+        gone = asyncio.ensure_future(_disconnected(receive)) if watch else None
+        try:
+            async for chunk in answer.body():
+                if call is not None:
+                    if not call.t_first:
+                        call.t_first = perf_counter_ns()
+                    if call.kept >= 0:
+                        call.keep(chunk)
+                if gone is not None and gone.done():
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if not gone.done():
+            if call is not None:
+                call.t_end = perf_counter_ns()
+            if gone is None or not gone.done():
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except httpx.HTTPError:
+        except UpstreamError:
             # the upstream broke off mid-body: the client's connection ends short, as the upstream's did
             _log.info("joule-otel proxy: the upstream broke off a response", exc_info=True)
         finally:
-            gone.cancel()
+            if gone is not None:
+                gone.cancel()
+
+
+def _open(
+    capture: Capture,
+    answer: Answer,
+    raw_path: bytes,
+    host: str,
+    outgoing: list[tuple[bytes, bytes]],
+    body: bytes,
+    t0: int,
+    started_ns: int,
+    context: Any,
+    workload: str,
+    span: Any,
+) -> ForwardedCall | None:
+    """The call of an answer whose head arrived, opened in capture as a wrapped transport's is; None if not a row."""
+    try:
+        headers = RawHeaders(answer.headers)
+        operation = operation_of(raw_path, headers)
+        if operation is None:
+            return None
+        call = ForwardedCall(host, outgoing, body, operation, t0, started_ns, context, workload)
+        capture.open(call, answer.status, headers, span)
+        return call
+    except Exception:
+        capture.internal_error("the proxy's call")
+        return None
+
+
+def _end(span: Any, status: int, error: str | None = None) -> None:
+    if span is None:
+        return
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500 or error is not None:
+        span.set_attribute("error.type", error or str(status))
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()
+
+
+_UNSENDABLE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+"""What HTTP forbids in a header value: control characters other than tab."""
 
 
 def _sendable(value: bytes) -> bool:
-    """Whether a header value can go out again: HTTP forbids control characters other than tab in one."""
-    return not any((byte < 0x20 and byte != 0x09) or byte == 0x7F for byte in value)
+    """Whether a header value can go out again."""
+    return _UNSENDABLE.search(value) is None
 
 
-def _length(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+def _length(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The upstream's Content-Length when the body is forwarded as it came (raw bytes, so the length holds)."""
-    length = response.headers.get("content-length")
-    return [(b"content-length", length.encode())] if length and length.isdigit() else []
+    for name, value in headers:
+        if name.lower() == b"content-length" and value.strip().isdigit():
+            return [(b"content-length", value.strip())]
+    return []
 
 
 async def _disconnected(receive: Receive) -> None:
