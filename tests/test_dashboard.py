@@ -327,7 +327,8 @@ def test_app_on_a_fresh_ledger_with_trace_links(isolated_home, monkeypatch, joul
     monkeypatch.setenv("JOULE_OTEL_TRACE_URL", "http://127.0.0.1:3000/trace/{trace_id}")
     at = run_app()
     assert units.plain(str(db)) in at.sidebar.caption[0].value  # shown as text, markup escaped
-    assert at.metric[2].value == "5"
+    assert at.metric[2].value == "5" and at.metric[2].label == "Calls"
+    assert {m.proto.delta for m in at.metric} == {"no earlier data"}  # said, rather than a blank or a cut-off label
     expected = sum(r.energy_j for r in joule_simulator.receipts)
     assert figure_values(charts_by_id(at)["energy_over_time"]) == pytest.approx(expected)
     frames = [df.value for df in at.dataframe]
@@ -538,13 +539,20 @@ def test_migration_what_if_and_efficiency_on_real_traffic(isolated_home, monkeyp
     assert len(receipts) == 5, "the OpenAI stand-in bills nothing"
     monkeypatch.setenv("JOULE_OTEL_DB", str(db))
     at = run_app()
-    assert at.metric[2].value == "8"
+    assert at.metric[2].value == "8" and at.metric[2].label == "Calls, all providers"
+    assert at.metric[2].proto.help.startswith("5 served by Joule Cloud, 3 by other providers")
+    assert "its 5 calls with a figure" in at.metric[3].proto.help  # energy per call: Joule's energy over Joule's calls
     measured = sum(r.energy_j for r in receipts)
     assert figure_values(charts_by_id(at)["by_workload"], "x") == pytest.approx(measured), "estimates never summed"
     migration = next(df.value for df in at.dataframe if "share of calls" in df.value.columns)
-    openai_row = migration[(migration.workload == "bot") & (migration.provider == "openai")].iloc[0]
-    assert openai_row["calls"] == 3 and openai_row["share of calls"] == pytest.approx(3 / 7)
-    assert openai_row["energy"].startswith("≈ ") and openai_row["energy"].endswith("(estimate)")
+    openai_row = migration[(migration.workload == "bot") & (migration.provider == "OpenAI")].iloc[0]
+    assert openai_row["calls"] == 3 and openai_row["share of calls"] == "43 %"
+    assert openai_row["energy per call"].startswith("≈ ") and "–" in openai_row["energy per call"]
+    joule_row = migration[(migration.workload == "bot") & (migration.provider == "Joule Cloud")].iloc[0]
+    bot = [r for r in receipts if r.operation != "embeddings"]
+    assert joule_row["energy per call"] == units.energy(sum(r.energy_j for r in bot) / len(bot))
+    bot_tokens = sum(r.input_tokens + r.output_tokens for r in bot)
+    assert joule_row["energy per 1k tokens"] == units.energy(sum(r.energy_j for r in bot) / bot_tokens * 1000)
     efficiency = next(df.value for df in at.dataframe if "J / token" in df.value.columns)
     per_token = dict(zip(efficiency["kind"], efficiency["J / token"], strict=False))
     assert per_token["embeddings"].endswith(" in") and per_token["generation"].endswith(" out")
@@ -562,9 +570,9 @@ def test_migration_what_if_and_efficiency_on_real_traffic(isolated_home, monkeyp
     rate_batch = sum(r.energy_j for r in batch) / sum(r.output_tokens for r in batch)
     tokens = sum(r.output_tokens for r in standard + batch)
     saved = sum(r.energy_j for r in standard + batch) - tokens * rate_batch
-    headline = at.subheader[-1].value
-    verb = "saved" if saved >= 0 else "cost"
-    assert f"would have {verb} {units.energy(abs(saved))}" in headline, headline
+    headline = next(m.value for m in at.markdown if "would have" in m.value)
+    words = f"saved {units.energy(saved)}" if saved >= 0 else f"cost +{units.energy(-saved)} more"
+    assert f"would have {words} (" in headline, headline
 
 
 def test_opening_a_path_never_writes_or_echoes_it(isolated_home):
@@ -583,3 +591,42 @@ def test_opening_a_path_never_writes_or_echoes_it(isolated_home):
         shown = " ".join(e.value for e in [*at.error, *at.sidebar.error])
         assert "hunter2" not in shown and "root:x" not in shown, shown
     assert sorted(p.relative_to(isolated_home) for p in isolated_home.rglob("*")) == before
+
+
+def test_the_ranked_savings_are_the_what_if_answers_and_open_on_one_click(isolated_home):
+    sample = Source(SAMPLE_PATH, "sample", "")
+    with sample.connect() as con:
+        found = queries.moves(con, queries.Filters())
+        assert {m.change for m in found} == {"model", "tier", "region"}
+        for move in found:  # every move priced as the What-if table prices the same choice
+            result = queries.what_if(con, queries.Filters(), move.workload, **{move.change: move.to})
+            assert not [m for m in result.missing if m[0] != "carbon"], move
+            assert (result.energy_now_j, result.carbon_now_mg) == pytest.approx(
+                (move.energy_now_j, move.carbon_now_mg), rel=1e-9
+            )
+            assert (result.energy_then_j, result.carbon_then_mg) == pytest.approx(
+                (move.energy_then_j, move.carbon_then_mg), rel=1e-9
+            ), move
+    sure, _ = queries.recommendations(found)
+    assert sure and all(m.basis_calls >= queries.MIN_RATE_CALLS for m in sure)
+    gains = [m.energy_now_j - m.energy_then_j for m in sure]
+    assert gains == sorted(gains, reverse=True) and all(
+        (m.carbon_now_mg > m.carbon_then_mg) if m.change == "region" else (m.energy_now_j > m.energy_then_j)
+        for m in sure
+    )
+    assert len({(m.workload, m.change) for m in sure}) == len(sure)  # the best of each kind of move, once
+    none_sure, all_held = queries.recommendations(found, min_calls=10**9)
+    assert none_sure == [] and {(m.workload, m.change) for m in all_held} == {(m.workload, m.change) for m in sure}
+
+    at = run_app()
+    table = next(df.value for df in at.dataframe if "energy saved" in df.value.columns)
+    top = sure[0]
+    assert table.iloc[0]["energy saved"] == units.energy(top.energy_now_j - top.energy_then_j)
+    assert table.iloc[0]["rates measured over"] == f"{top.basis_calls:,} calls"
+    next(b for b in at.button if b.key.startswith("wi_open_")).click().run()
+    assert not at.exception
+    assert at.selectbox(key="wi_workload").value == top.workload
+    assert at.selectbox(key=f"wi_{top.change}").value == top.to
+    detail = next(m.value for m in at.markdown if "would have saved" in m.value)
+    assert f"saved {units.energy(top.energy_now_j - top.energy_then_j)}" in detail
+    assert f"({units.energy(top.energy_then_j)} in all, against {units.energy(top.energy_now_j)}" in detail

@@ -411,6 +411,10 @@ def test_workload_from_the_key_hash_then_the_flag_and_a_body_too_large(sim, tmp_
             openai.OpenAI(base_url=through.base_url, api_key=key, max_retries=0).chat.completions.create(
                 model="auto", messages=HI
             )
+        # a caller that propagates its workload as W3C baggage names it, before the key's
+        openai.OpenAI(base_url=through.base_url, api_key="jc_team_a", max_retries=0).chat.completions.create(
+            model="auto", messages=HI, extra_headers={"baggage": "joule.workload=from-baggage,other=x"}
+        )
         huge = httpx.post(
             through.base_url + "/chat/completions",
             content=b"x" * (33 << 20),
@@ -420,7 +424,7 @@ def test_workload_from_the_key_hash_then_the_flag_and_a_body_too_large(sim, tmp_
         assert huge.status_code == 413
     finally:
         err = through.stop()
-    assert [r["workload"] for r in through.rows()] == ["team-a", "scripts"]
+    assert [r["workload"] for r in through.rows()] == ["team-a", "scripts", "from-baggage"]
     assert "jc_team_a" not in err and "jc_other" not in err
     assert "jc_team_a" not in workloads.read_text()
 

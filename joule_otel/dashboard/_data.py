@@ -76,6 +76,7 @@ def load_page(
             "treemap": queries.workload_model(con, filters),
             "flows": queries.router_flows(con, filters),
             "efficiency": queries.model_efficiency(con, filters),
+            "moves": queries.moves(con, filters),
             "regions": queries.carbon_by_region(con, filters),
             "savings": queries.carbon_savings(con, filters),
             "histogram": queries.energy_histogram(con, filters),

@@ -24,6 +24,24 @@ ECOLOGITS_PROVIDERS = {
 """The ledger's ``provider`` (OpenAI by name, others by host) → EcoLogits' provider name."""
 
 
+PROVIDER_NAMES = {
+    "joule_cloud": "Joule Cloud",
+    "openai": "OpenAI",
+    "api.openai.com": "OpenAI",
+    "api.anthropic.com": "Anthropic",
+    "api.mistral.ai": "Mistral AI",
+    "generativelanguage.googleapis.com": "Google Gemini",
+    "api.cohere.com": "Cohere",
+    "api.cohere.ai": "Cohere",
+}
+"""The ledger's ``provider`` → the name a person knows it by (others are shown as they are, a host)."""
+
+
+def provider_name(provider: str) -> str:
+    """The provider as a person names it: ``Joule Cloud``, ``OpenAI``; an unknown host as it is."""
+    return PROVIDER_NAMES.get(provider, provider)
+
+
 class Estimate(NamedTuple):
     """An estimated range for some calls: energy (J) and carbon (mg CO2e), low and high."""
 

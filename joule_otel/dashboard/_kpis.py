@@ -16,30 +16,54 @@ def render(view: View, page: dict[str, Any]) -> None:
     kpi = page["kpis"]
     prev = kpi["previous"] or {}
 
-    def delta(key: str) -> str | None:
+    earlier = f"vs the previous {units.span(view.end - view.start)}"
+    no_earlier = not prev or not prev.get("calls")
+
+    def delta(key: str) -> dict[str, Any]:
+        """A metric's change against the previous period, short enough to read whole; its period said apart."""
+        if no_earlier:
+            return {"delta": "no earlier data", "delta_arrow": "off", "delta_color": "off"}
         before, current = prev.get(key), kpi.get(key)
         if before in (None, 0) or current is None or pd.isna(before) or pd.isna(current):
-            return None
-        return f"{(current - before) / before:+.0%} vs previous {units.span(view.end - view.start)}"
+            return {}
+        return {"delta": f"{(current - before) / before:+.0%}", "delta_description": earlier}
+
+    def colored(key: str, color: str) -> dict[str, Any]:
+        found = delta(key)
+        found.setdefault("delta_color", color)
+        return found
 
     # -- KPI row --------------------------------------------------------------------------------
+    others = kpi["calls"] - kpi["joule_calls"]
     cols = st.columns(7)
-    cols[0].metric("Energy", units.energy(kpi["energy_j"]), delta("energy_j"), delta_color="inverse")
+    cols[0].metric("Energy", units.energy(kpi["energy_j"]), **colored("energy_j", "inverse"))
     cols[1].metric(
-        "Carbon (CO2e)", units.carbon(kpi["carbon_mg"]).removesuffix(" CO2e"), delta("carbon_mg"), delta_color="inverse"
+        "Carbon (CO2e)", units.carbon(kpi["carbon_mg"]).removesuffix(" CO2e"), **colored("carbon_mg", "inverse")
     )
-    cols[2].metric("Calls", f"{kpi['calls']:,}", delta("calls"), delta_color="off")
-    cols[3].metric("Energy per call", units.energy(kpi["mean_j_per_call"]), delta("mean_j_per_call"), "inverse")
+    cols[2].metric(
+        "Calls, all providers" if others else "Calls",
+        f"{kpi['calls']:,}",
+        **colored("calls", "off"),
+        help=f"{kpi['joule_calls']:,} served by Joule Cloud, {others:,} by other providers (not measured)"
+        if others
+        else "Every call in this selection, including refused and failed ones.",
+    )
+    cols[3].metric(
+        "Energy per call",
+        units.energy(kpi["mean_j_per_call"]),
+        **colored("mean_j_per_call", "inverse"),
+        help=f"Joule Cloud's measured energy divided by its {kpi['energy_calls']:,} calls with a figure "
+        "(refused and failed calls, and other providers' calls, have none).",
+    )
     cols[4].metric(
         "Per 1k tok. out",
         units.energy(kpi["j_per_1k_output"]),
-        delta("j_per_1k_output"),
-        delta_color="inverse",
+        **colored("j_per_1k_output", "inverse"),
         help="Energy per 1000 output tokens, of generation calls only (chat, completions, responses): "
         "embeddings produce no output tokens.",
     )
-    cols[5].metric("Asked for auto", f"{(kpi['auto_share'] or 0):.0%}", delta("auto_share"), delta_color="off")
-    cols[6].metric("402 refused", f"{kpi['refused_402']:,}", delta("refused_402"), delta_color="inverse")
+    cols[5].metric("Asked for auto", f"{(kpi['auto_share'] or 0):.0%}", **colored("auto_share", "off"))
+    cols[6].metric("402 refused", f"{kpi['refused_402']:,}", **colored("refused_402", "inverse"))
     st.caption(
         " · ".join(
             part

@@ -236,6 +236,8 @@ SELECT
   coalesce(sum(energy_j), 0) AS energy_j,
   coalesce(sum(carbon_mg), 0) AS carbon_mg,
   coalesce(sum(calls), 0) AS calls,
+  coalesce(sum(calls) FILTER (WHERE provider = 'joule_cloud'), 0) AS joule_calls,
+  coalesce(sum(energy_calls), 0) AS energy_calls,
   sum(energy_j) / nullif(sum(energy_calls), 0) AS mean_j_per_call,
   sum(out_energy_j) FILTER (WHERE operation IS DISTINCT FROM 'embeddings') * 1000.0
     / nullif(sum(out_tokens_e) FILTER (WHERE operation IS DISTINCT FROM 'embeddings'), 0) AS j_per_1k_output,
@@ -254,7 +256,7 @@ def kpis(con: Any, filters: Filters) -> dict[str, Any]:
         cursor = con.execute(with_facts + _KPI_SQL, params)
         names = [d[0] for d in cursor.description]
         values = dict(zip(names, cursor.fetchone(), strict=True))
-        for name in ("calls", "refused_402", "errors"):
+        for name in ("calls", "joule_calls", "energy_calls", "refused_402", "errors"):
             values[name] = int(values[name])
         values["auto_share"] = float(values["auto_share"]) if values["auto_share"] is not None else 0.0
         return values
@@ -618,7 +620,8 @@ def migration(con: Any, filters: Filters, bucket: str, tz: str = "UTC") -> Any:
         SELECT timezone(?, time_bucket(INTERVAL '{bucket}', t, ?)) AS bucket,
                {_label("workload")} AS workload, {_label("provider")} AS provider,
                sum(calls) AS calls, coalesce(sum(input_tokens), 0) + coalesce(sum(output_tokens), 0) AS tokens,
-               sum(energy_j) FILTER (WHERE provider = '{JOULE_PROVIDER}') AS measured_j
+               sum(energy_j) FILTER (WHERE provider = '{JOULE_PROVIDER}') AS measured_j,
+               sum(energy_calls) FILTER (WHERE provider = '{JOULE_PROVIDER}') AS measured_calls
         FROM facts
         GROUP BY ALL ORDER BY bucket, workload, provider
     """,
@@ -641,6 +644,7 @@ def other_provider_calls(con: Any, filters: Filters) -> Any:
         SELECT {_label("provider")} AS provider, coalesce(routed_to, requested_model) AS model,
                {_label("workload")} AS workload, count(*) AS calls,
                coalesce(sum(output_tokens), 0) AS output_tokens,
+               coalesce(sum(input_tokens), 0) + coalesce(sum(output_tokens), 0) AS tokens,
                coalesce(avg(output_tokens), 0) AS mean_output_tokens,
                coalesce(avg(duration_ms), 0) / 1000.0 AS mean_latency_s
         FROM inference_calls {clause} AND error_type IS NULL
@@ -717,6 +721,9 @@ def what_if(
     missing: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
     then_rates: list[float | None] = []
     for item in own.itertuples():
+        if model is None and tier is None:  # only the region moves: the calls cost what they cost
+            then_rates.append(item.j_per_token_now)
+            continue
         models = [model] if model else list(item.models)
         tiers = [tier] if tier else list(item.tiers)
         measured = con.execute(
@@ -731,7 +738,7 @@ def what_if(
         then_rates.append(found if found is not None else item.j_per_token_now)
     rows = own.drop(columns=["models", "tiers"]).assign(j_per_token_then=then_rates)
     rows["energy_then_j"] = [
-        t * r if _number(t) is not None and _number(r) is not None else e
+        t * r if _number(t) is not None and _number(r) is not None and (model or tier) else e
         for t, r, e in zip(rows["tokens"], rows["j_per_token_then"], rows["energy_now_j"], strict=True)
     ]
     intensity = None
@@ -758,6 +765,177 @@ def what_if(
         intensity_then_mg_per_j=intensity,
         missing=tuple(missing),
     )
+
+
+MIN_RATE_CALLS = 30
+"""The fewest calls a measured rate must rest on before a saving is recommended from it.
+
+Per-call energy on one model varies with the prompt; with 30 calls the mean is within about a fifth of a per-call
+spread of the true mean (1/sqrt(30)), and the recommendations below differ by far more than that between models or
+tiers. Below it the page says how many calls there are and holds the recommendation back."""
+
+
+@dataclass(frozen=True)
+class Move:
+    """One change to a workload the ledger can price: a pinned model, a tier or a region."""
+
+    workload: str
+    change: str
+    """``model``, ``tier`` or ``region``."""
+    to: str
+    energy_now_j: float
+    energy_then_j: float
+    carbon_now_mg: float
+    carbon_then_mg: float
+    basis_calls: int
+    """The fewest calls any rate this move rests on was measured over (the calls of each kind on the model and
+    tier, or in the region)."""
+
+
+def moves(con: Any, filters: Filters) -> list[Move]:
+    """Every model, tier and region each workload could move to, priced as :func:`what_if` prices it.
+
+    One scan of the facts (per workload, kind, model, tier and region), then arithmetic: a page shows the best
+    moves of every workload without a query per choice. The figures equal :func:`what_if`'s for the same choice.
+    """
+    with_facts, params = facts(con, replace(filters, workloads=()))
+    cells = _df(
+        con,
+        f"""
+        {with_facts}
+        SELECT workload, {KIND_SQL} AS kind, routed_to, tier, region,
+               sum(calls) AS calls,
+               sum(out_energy_j) AS out_energy_j, sum(out_tokens_e) AS out_tokens_e,
+               sum(energy_j) AS energy_j,
+               sum(input_tokens) FILTER (WHERE energy_j IS NOT NULL) AS emb_tokens,
+               sum(carbon_mg) AS carbon_mg, sum(carbon_energy_j) AS carbon_energy_j,
+               sum(out_tokens_e) FILTER (WHERE energy_j > 0) AS own_out_tokens,
+               sum(out_energy_j) FILTER (WHERE energy_j > 0) AS own_out_energy_j,
+               sum(input_tokens) FILTER (WHERE energy_j > 0) AS own_emb_tokens,
+               sum(energy_j) FILTER (WHERE energy_j > 0) AS own_energy_j,
+               sum(carbon_mg) FILTER (WHERE energy_j > 0) AS own_carbon_mg,
+               sum(carbon_energy_j) FILTER (WHERE energy_j > 0) AS own_carbon_energy_j
+        FROM facts GROUP BY ALL
+    """,
+        params,
+    )
+    if cells.empty:
+        return []
+    cells = cells.fillna({c: 0 for c in cells.columns if c not in ("workload", "kind", "routed_to", "tier", "region")})
+
+    # per kind, model and tier: the tokens and energy a rate is made of, and the calls it rests on
+    cells["rate_tokens"] = cells["out_tokens_e"].where(cells["kind"] == "generation", cells["emb_tokens"])
+    cells["rate_energy_j"] = cells["out_energy_j"].where(cells["kind"] == "generation", cells["energy_j"])
+    pooled = cells.groupby(["kind", "routed_to", "tier"])[["rate_tokens", "rate_energy_j", "calls"]].sum()
+    pool = {key: (float(t), float(e), int(c)) for key, t, e, c in pooled.itertuples(name=None)}
+
+    chosen = set(filters.workloads)
+    found: list[Move] = []
+    region_mg_per_j = {
+        region: (float(g["carbon_mg"].sum() / g["carbon_energy_j"].sum()) if g["carbon_energy_j"].sum() else None, g)
+        for region, g in cells[cells["region"].notna()].groupby("region")
+    }
+    for workload, mine in cells[cells["workload"].notna()].groupby("workload"):
+        if chosen and workload not in chosen:
+            continue
+        own = mine[mine["own_energy_j"] > 0]
+        kinds = []
+        for kind, part in own.groupby("kind"):
+            tokens = part["own_out_tokens"].sum() if kind == "generation" else part["own_emb_tokens"].sum()
+            kinds.append(
+                (
+                    kind,
+                    float(tokens),
+                    float(part["own_energy_j"].sum()),
+                    float(part["own_carbon_mg"].sum()),
+                    float(part["own_carbon_mg"].sum() / part["own_carbon_energy_j"].sum())
+                    if part["own_carbon_energy_j"].sum()
+                    else 0.0,
+                    set(part["routed_to"].dropna()),
+                    set(part["tier"].dropna()),
+                )
+            )
+        if not kinds:
+            continue
+        energy_now = sum(k[2] for k in kinds)
+        carbon_now = sum(k[3] for k in kinds)
+
+        def priced(
+            models: set[str] | None, tiers: set[str] | None, kinds: list[Any] = kinds
+        ) -> tuple[float, float, int] | None:
+            energy = carbon = 0.0
+            basis = None
+            for kind, tokens, _, _, mg_per_j, own_models, own_tiers in kinds:
+                tokens_in = energy_in = 0.0
+                calls = 0
+                for name in models or own_models:
+                    for level in tiers or own_tiers:
+                        t, e, c = pool.get((kind, name, level), (0.0, 0.0, 0))
+                        tokens_in, energy_in, calls = tokens_in + t, energy_in + e, calls + c
+                if not tokens_in:
+                    return None  # what_if would leave this kind as it ran: not a move to recommend
+                measured = energy_in / tokens_in
+                basis = calls if basis is None else min(basis, calls)
+                energy += tokens * measured
+                carbon += tokens * measured * mg_per_j
+            return energy, carbon, basis or 0
+
+        for model in sorted(cells.loc[cells["routed_to"].notna(), "routed_to"].unique()):
+            then = priced({model}, None)
+            if then is not None:
+                found.append(Move(workload, "model", model, energy_now, then[0], carbon_now, then[1], then[2]))
+        for tier in sorted(cells.loc[cells["tier"].notna(), "tier"].unique()):
+            then = priced(None, {tier})
+            if then is not None:
+                found.append(Move(workload, "tier", tier, energy_now, then[0], carbon_now, then[1], then[2]))
+        for region, (mg_per_j, group) in sorted(region_mg_per_j.items()):
+            if mg_per_j is None:
+                continue
+            carbon_then = sum(k[2] for k in kinds) * mg_per_j
+            found.append(
+                Move(
+                    workload,
+                    "region",
+                    region,
+                    energy_now,
+                    energy_now,
+                    carbon_now,
+                    carbon_then,
+                    int(group["calls"].sum()),
+                )
+            )
+    return found
+
+
+def _gain(move: Move) -> float:
+    """What a move saves in its own terms: carbon for a region, energy for a model or tier."""
+    if move.change == "region":
+        return move.carbon_now_mg - move.carbon_then_mg
+    return move.energy_now_j - move.energy_then_j
+
+
+def recommendations(found: list[Move], min_calls: int = MIN_RATE_CALLS) -> tuple[list[Move], list[Move]]:
+    """The best saving move of each kind (model, tier, region) per workload, ranked by energy saved then carbon.
+
+    Apart: better moves held back because a rate rests on fewer than ``min_calls`` calls.
+    """
+
+    def best(moves_: list[Move]) -> dict[tuple[str, str], Move]:
+        chosen: dict[tuple[str, str], Move] = {}
+        for move in moves_:
+            key = (move.workload, move.change)
+            if _gain(move) > 0 and (key not in chosen or _gain(move) > _gain(chosen[key])):
+                chosen[key] = move
+        return chosen
+
+    sure = best([m for m in found if m.basis_calls >= min_calls])
+    unsure = best([m for m in found if m.basis_calls < min_calls])
+    held = [m for key, m in unsure.items() if key not in sure or _gain(m) > _gain(sure[key])]
+
+    def rank(move: Move) -> tuple[float, float]:
+        return -(move.energy_now_j - move.energy_then_j), -(move.carbon_now_mg - move.carbon_then_mg)
+
+    return sorted(sure.values(), key=rank), sorted(held, key=rank)
 
 
 RECEIPT_COLUMNS = (

@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pandas as pd
 import streamlit as st
 
 from joule_otel import _units as units
@@ -37,55 +38,76 @@ def render(view: View, page: dict[str, Any]) -> None:
     else:
         trend_bucket = view.bucket
     show(st, charts.migration_share(trend, trend_bucket, view.start, view.end, view.tz_name), trend, "migration_share")
-    per_workload = frame.groupby(["workload", "provider"], as_index=False)[["calls", "tokens", "measured_j"]].sum(
-        min_count=1
-    )
-    totals = per_workload.groupby("workload")[["calls", "tokens"]].transform("sum")
+    per_workload = frame.groupby(["workload", "provider"], as_index=False)[
+        ["calls", "tokens", "measured_j", "measured_calls"]
+    ].sum(min_count=1)
+    totals = per_workload.groupby("workload")[["calls"]].transform("sum")
     per_workload["share of calls"] = per_workload["calls"] / totals["calls"]
-    per_workload["share of tokens"] = per_workload["tokens"] / totals["tokens"].where(totals["tokens"] > 0)
-    estimate_text: dict[tuple[str, str], str] = {}
-    other = page["other_calls"]
-    have_estimator = estimates.available()
-    if other is not None and have_estimator:
-        sums: dict[tuple[str, str], list[float]] = {}
-        for item in other.itertuples():
-            found = estimates.estimate(
-                item.provider, item.model, int(item.calls), item.mean_output_tokens, item.mean_latency_s
-            )
-            if found is not None:
-                low_high = sums.setdefault((item.workload, item.provider), [0.0, 0.0])
-                low_high[0] += found.low_j
-                low_high[1] += found.high_j
-        estimate_text = {k: f"{units.energy(lo)} – {units.energy(hi)}" for k, (lo, hi) in sums.items()}
-    per_workload["energy"] = [
-        units.energy(j)
-        if p == queries.JOULE_PROVIDER
-        else f"≈ {estimate_text[(w, p)]} (estimate)"
-        if (w, p) in estimate_text
-        else "not measured (no estimate for this model)"
-        if have_estimator
-        else "not measured"
-        for w, p, j in zip(per_workload.workload, per_workload.provider, per_workload.measured_j, strict=True)
-    ]
+    ranges = _estimated_ranges(page["other_calls"]) if estimates.available() else {}
+    per_call: list[str] = []
+    per_1k: list[str] = []
+    unestimated: set[str] = set()
+    for item in per_workload.itertuples():
+        if item.provider == queries.JOULE_PROVIDER:
+            measured = item.measured_j if item.measured_j == item.measured_j else None  # NaN: no energy
+            # per call with a figure: a refused or failed call has none, as the estimate counts served calls only
+            per_call.append(units.energy(measured / item.measured_calls) if measured is not None else "–")
+            per_1k.append(units.energy(measured / item.tokens * 1000) if measured is not None and item.tokens else "–")
+            continue
+        found = ranges.get((item.workload, item.provider))
+        if found is None:
+            unestimated.add(estimates.provider_name(item.provider))
+            per_call.append("no estimate")
+            per_1k.append("no estimate")
+            continue
+        low, high, calls, tokens = found
+        per_call.append(f"≈ {units.energy(low / calls)}–{units.energy(high / calls)}")
+        per_1k.append(f"≈ {units.energy(low / tokens * 1000)}–{units.energy(high / tokens * 1000)}" if tokens else "–")
+    table = pd.DataFrame(
+        {
+            "workload": per_workload["workload"],
+            "provider": [estimates.provider_name(p) for p in per_workload["provider"]],
+            "calls": per_workload["calls"],
+            "share of calls": (per_workload["share of calls"] * 100).round().astype(int).astype(str) + " %",
+            "energy per call": per_call,
+            "energy per 1k tokens": per_1k,
+        }
+    )
     st.dataframe(
-        per_workload.drop(columns=["measured_j"]),
+        table,
         hide_index=True,
         width="stretch",
-        column_config={
-            "calls": st.column_config.NumberColumn("calls", format="localized"),
-            "tokens": st.column_config.NumberColumn("tokens", format="localized"),
-            "share of calls": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="percent"),
-            "share of tokens": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="percent"),
-        },
+        column_config={"calls": st.column_config.NumberColumn("calls", format="localized")},
     )
-    if have_estimator:
-        st.caption(
-            "Joule Cloud's energy is measured per call. Other providers send no figure: their range is an "
-            "estimate by EcoLogits (low–high, from the model, output tokens and latency of each call), never added "
-            "to the measured totals above."
+    st.caption(
+        "Joule Cloud: measured by the service on every call. "
+        + (
+            "Other providers: a range estimated by EcoLogits from each call's model, output tokens and latency "
+            "(≈ low–high), not measured, never added to measured totals."
+            if estimates.available()
+            else "Other providers send no energy figure; `pip install 'joule-otel[estimates]'` adds EcoLogits' "
+            "estimated range."
         )
-    else:
-        st.caption(
-            "Other providers send no energy figure. `pip install 'joule-otel[estimates]'` adds an EcoLogits "
-            "estimate (a range, labelled as such, never added to measured totals)."
+        + (f" No estimate for the calls on {', '.join(sorted(unestimated))}." if unestimated and ranges else "")
+    )
+
+
+def _estimated_ranges(other: pd.DataFrame | None) -> dict[tuple[str, str], tuple[float, float, int, int]]:
+    """(workload, provider) → estimated energy low and high (J) over the calls estimated, and their calls and tokens."""
+    found: dict[tuple[str, str], tuple[float, float, int, int]] = {}
+    if other is None:
+        return found
+    for item in other.itertuples():
+        estimate = estimates.estimate(
+            item.provider, item.model, int(item.calls), item.mean_output_tokens, item.mean_latency_s
         )
+        if estimate is None:
+            continue
+        low, high, calls, tokens = found.get((item.workload, item.provider), (0.0, 0.0, 0, 0))
+        found[(item.workload, item.provider)] = (
+            low + estimate.low_j,
+            high + estimate.high_j,
+            calls + int(item.calls),
+            tokens + int(item.tokens),
+        )
+    return found
