@@ -630,3 +630,48 @@ def test_the_ranked_savings_are_the_what_if_answers_and_open_on_one_click(isolat
     detail = next(m.value for m in at.markdown if "would have saved" in m.value)
     assert f"saved {units.energy(top.energy_now_j - top.energy_then_j)}" in detail
     assert f"({units.energy(top.energy_then_j)} in all, against {units.energy(top.energy_now_j)}" in detail
+
+
+def _spec(chart) -> dict:
+    return json.loads(chart.proto.spec)
+
+
+def test_one_colour_per_workload_and_model_on_every_chart_and_range_and_the_router_shows_auto(isolated_home):
+    at = run_app()
+
+    def workload_colours() -> dict[str, str]:
+        charts = charts_by_id(at)
+        bars = {t["name"]: t["marker"]["color"] for t in _spec(charts["energy_over_time"])["data"]}
+        tree = _spec(charts["treemap"])["data"][0]
+        nodes = {i.removeprefix("w/"): c for i, c in zip(tree["ids"], tree["marker"]["colors"], strict=True)}
+        for name, colour in bars.items():  # the same workload, the same colour, in both charts
+            assert nodes[name] == colour, name
+        by = _spec(charts["by_workload"])["data"][0]
+        assert dict(zip(by["y"], by["marker"]["color"], strict=True)) == {n: bars[n] for n in by["y"]}
+        return bars
+
+    first = workload_colours()
+    assert len(set(first.values())) == len(first)  # no two workloads share a colour
+    at.selectbox(key="f_range_select").set_value("Last 7 days").run()
+    assert not at.exception
+    again = workload_colours()
+    assert again and all(first[name] == colour for name, colour in again.items())  # across ranges and reruns
+
+    flows = _spec(charts_by_id(at)["router_flows"])["data"][0]
+    labels = flows["node"]["label"]
+    pairs = [(labels[s], labels[t]) for s, t in zip(flows["link"]["source"], flows["link"]["target"], strict=True)]
+    assert pairs and all(a.removeprefix("asked: ") != b.removeprefix("served: ") for a, b in pairs)
+    served = {lab.removeprefix("served: "): c for lab, c in zip(labels, flows["node"]["color"], strict=True)}
+    scatter = {t["name"]: t["marker"]["color"] for t in _spec(charts_by_id(at)["latency_energy"])["data"]}
+    assert all(served[m] == c for m, c in scatter.items() if m in served)  # a model's colour on both tabs
+    at.toggle(key="router_pinned").set_value(True).run()
+    at.radio(key="router_by").set_value("calls").run()
+    flows = _spec(charts_by_id(at)["router_flows"])["data"][0]
+    labels = flows["node"]["label"]
+    greyed = [
+        colour
+        for s, t, colour in zip(flows["link"]["source"], flows["link"]["target"], flows["link"]["color"], strict=True)
+        if labels[s].removeprefix("asked: ") == labels[t].removeprefix("served: ")
+    ]
+    assert greyed and set(greyed) == {"rgba(160,160,160,0.35)"}
+    assert _spec(charts_by_id(at)["router_flows"])["layout"]["title"]["text"].endswith("by calls")

@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from joule_otel import _units as units
+from joule_otel.dashboard._colours import NO_COLOURS, Colours
 from joule_otel.dashboard._timerange import TICK_FORMATS
 
 ENERGY_SCALES = ((1.0, "J"), (1e3, "kJ"), (1e6, "MJ"), (1e9, "GJ"))
@@ -52,7 +53,14 @@ def _layout(fig: go.Figure, title: str, **axes: Any) -> go.Figure:
 
 
 def over_time(
-    frame: pd.DataFrame, *, bucket: str, start: datetime, end: datetime, split_label: str, tz_name: str
+    frame: pd.DataFrame,
+    *,
+    bucket: str,
+    start: datetime,
+    end: datetime,
+    split_label: str,
+    tz_name: str,
+    colours: Colours = NO_COLOURS,
 ) -> go.Figure:
     """Stacked bars of energy per bucket and group, on an axis that spans the whole period."""
     factor, unit = scale(frame.groupby("bucket")["energy_j"].sum(), ENERGY_SCALES)
@@ -66,6 +74,7 @@ def over_time(
             y=part["energy_j"] / factor,
             name=name,
             width=width,
+            marker_color=colours.of(split_label, group),
             customdata=part[["calls"]].to_numpy(),
             hovertemplate=f"{name}<br>%{{x|%d %b %Y %H:%M}}<br>%{{y:,.3~f}} {unit}<br>%{{customdata[0]:,}} calls"
             "<extra></extra>",
@@ -81,7 +90,7 @@ def over_time(
     )
 
 
-def breakdown(frame: pd.DataFrame, dim_label: str) -> go.Figure:
+def breakdown(frame: pd.DataFrame, dim_label: str, colours: Colours = NO_COLOURS) -> go.Figure:
     """Horizontal bars of energy per value of one dimension (values without energy are left out)."""
     frame = frame[frame["energy_j"].fillna(0) > 0]
     factor, unit = scale(frame["energy_j"], ENERGY_SCALES)
@@ -91,6 +100,7 @@ def breakdown(frame: pd.DataFrame, dim_label: str) -> go.Figure:
             x=frame["energy_j"] / factor,
             y=frame["group"].map(text),
             orientation="h",
+            marker_color=[colours.of(dim_label, g) for g in frame["group"]],
             customdata=pd.concat(
                 [frame["calls"], (frame["carbon_mg"] / carbon_factor).fillna(0), frame["errors"]], axis=1
             ).to_numpy(),
@@ -102,7 +112,7 @@ def breakdown(frame: pd.DataFrame, dim_label: str) -> go.Figure:
     return _layout(fig, f"Energy by {dim_label}", xaxis={"title": f"Energy ({unit})", "tickformat": ",.3~f"})
 
 
-def treemap(frame: pd.DataFrame) -> go.Figure:
+def treemap(frame: pd.DataFrame, colours: Colours = NO_COLOURS) -> go.Figure:
     """Workload → model, sized by joules."""
     workloads = frame.groupby("workload", sort=False)["energy_j"].sum()
     ids = [f"w/{w}" for w in workloads.index] + [f"w/{w}/{m}" for w, m in zip(frame.workload, frame.model, strict=True)]
@@ -116,6 +126,8 @@ def treemap(frame: pd.DataFrame) -> go.Figure:
             parents=parents,
             values=values,
             branchvalues="total",
+            marker_colors=[colours.of("workload", w) for w in workloads.index]
+            + [colours.of("model", m) for m in frame.model],
             customdata=[units.energy(v) for v in values],
             texttemplate="%{label}<br>%{customdata}",
             hovertemplate="%{label}<br>%{customdata}<extra></extra>",
@@ -124,28 +136,59 @@ def treemap(frame: pd.DataFrame) -> go.Figure:
     return _layout(fig, "Workload → routed model, by energy")
 
 
-def sankey(flows: pd.DataFrame) -> go.Figure:
-    """Requested model → routed model, weighted by joules."""
-    asked = [f"asked: {text(x)}" for x in flows["requested"].unique()]
-    served = [f"served: {text(x)}" for x in flows["routed"].unique()]
-    labels = asked + served
-    index = {label: i for i, label in enumerate(labels)}
+def sankey(flows: pd.DataFrame, weight: str = "energy_j", colours: Colours = NO_COLOURS) -> go.Figure:
+    """Requested model → routed model, weighted by joules (or calls): one colour per model on both sides.
+
+    A flow to the model that was asked for (a pinned call served as pinned) is grey: the router chose nothing.
+    """
+    asked = list(dict.fromkeys(flows["requested"]))
+    served = list(dict.fromkeys(flows["routed"]))
+    labels = [f"asked: {text(x)}" for x in asked] + [f"served: {text(x)}" for x in served]
+    colors = [colours.of("model", x) for x in asked] + [colours.of("model", x) for x in served]
+    source = {name: i for i, name in enumerate(asked)}
+    target = {name: len(asked) + i for i, name in enumerate(served)}
+    identity = flows["requested"] == flows["routed"]
+    shown = [units.energy(v) for v in flows["energy_j"]] if weight == "energy_j" else []
+    if weight != "energy_j":
+        shown = [f"{int(v):,} calls" for v in flows["calls"]]
     fig = go.Figure(
         go.Sankey(
-            node={"label": labels, "pad": 14, "hovertemplate": "%{label}<extra></extra>"},
+            node={
+                "label": labels,
+                "color": colors,
+                "pad": 14,
+                "line": {"color": "white", "width": 0.5},
+                "hovertemplate": "%{label}<extra></extra>",
+            },
             link={
-                "source": [index[f"asked: {text(r)}"] for r in flows["requested"]],
-                "target": [index[f"served: {text(r)}"] for r in flows["routed"]],
-                "value": flows["energy_j"].tolist(),
-                "customdata": [units.energy(v) for v in flows["energy_j"]],
+                "source": [source[r] for r in flows["requested"]],
+                "target": [target[r] for r in flows["routed"]],
+                "value": flows[weight].tolist(),
+                "color": [
+                    "rgba(160,160,160,0.35)" if same else _translucent(colours.of("model", routed))
+                    for same, routed in zip(identity, flows["routed"], strict=True)
+                ],
+                "customdata": shown,
                 "hovertemplate": "%{source.label} → %{target.label}<br>%{customdata}<extra></extra>",
             },
+            textfont={"color": "#1f1f1f", "size": 13},
         )
     )
-    return _layout(fig, "Requested model → routed model, weighted by energy")
+    by = "energy" if weight == "energy_j" else "calls"
+    return _layout(fig, f"What was asked for → what served it, by {by}")
 
 
-def per_token(frame: pd.DataFrame, column: str, title: str, unit_label: str) -> go.Figure:
+def _translucent(color: str, alpha: float = 0.45) -> str:
+    """A ``#rrggbb`` colour as ``rgba`` at ``alpha``: links beneath their nodes' full colours."""
+    if not (color.startswith("#") and len(color) == 7):
+        return color
+    red, green, blue = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({red},{green},{blue},{alpha})"
+
+
+def per_token(
+    frame: pd.DataFrame, column: str, title: str, unit_label: str, colours: Colours = NO_COLOURS
+) -> go.Figure:
     """Bars of a J-per-token figure by model (millijoules when below a joule)."""
     frame = frame[frame[column].notna()]
     factor, unit = (1e-3, "mJ") if frame[column].max() < 1 else (1.0, "J")
@@ -153,6 +196,7 @@ def per_token(frame: pd.DataFrame, column: str, title: str, unit_label: str) -> 
         go.Bar(
             x=frame["model"].map(text),
             y=frame[column] / factor,
+            marker_color=[colours.of("model", m) for m in frame["model"]],
             hovertemplate=f"%{{x}}<br>%{{y:,.3~f}} {unit} {unit_label}<extra></extra>",
         )
     )
@@ -211,7 +255,7 @@ def histogram(frame: pd.DataFrame) -> go.Figure:
     return _layout(fig, "Energy per call (¼-decade bins)", yaxis={"title": "calls", "tickformat": ",d"})
 
 
-def latency_energy(frame: pd.DataFrame) -> go.Figure:
+def latency_energy(frame: pd.DataFrame, colours: Colours = NO_COLOURS) -> go.Figure:
     """Duration against energy per call, one colour per model; energy on a log axis with a tick per decade."""
     fig = go.Figure()
     for model, part in frame.groupby("model", sort=True):
@@ -221,7 +265,7 @@ def latency_energy(frame: pd.DataFrame) -> go.Figure:
             y=part["energy_j"],
             mode="markers",
             name=name,
-            marker={"size": 5, "opacity": 0.7},
+            marker={"size": 5, "opacity": 0.7, "color": colours.of("model", model)},
             hovertemplate=f"{name}<br>%{{x:,.0f}} ms<br>%{{y:,.3~f}} J<extra></extra>",
         )
     return _layout(
@@ -232,15 +276,21 @@ def latency_energy(frame: pd.DataFrame) -> go.Figure:
     )
 
 
-def ttft(frame: pd.DataFrame) -> go.Figure:
+def ttft(frame: pd.DataFrame, colours: Colours = NO_COLOURS) -> go.Figure:
     """Time to first chunk of streams, per model."""
     fig = go.Figure()
     for model, part in frame.groupby("model", sort=True):
-        fig.add_box(y=part["ttft_ms"], name=text(model), boxpoints=False)
+        fig.add_box(y=part["ttft_ms"], name=text(model), boxpoints=False, marker_color=colours.of("model", model))
     return _layout(fig, "Time to first chunk (streams)", showlegend=False, yaxis={"title": "ms", "tickformat": ",d"})
 
 
-def burn_down(burn: pd.DataFrame, budgets: dict[str, float], month_start: datetime, month_end: datetime) -> go.Figure:
+def burn_down(
+    burn: pd.DataFrame,
+    budgets: dict[str, float],
+    month_start: datetime,
+    month_end: datetime,
+    colours: Colours = NO_COLOURS,
+) -> go.Figure:
     """One small chart per budgeted workload: cumulative energy this month as a line, the budget dashed.
 
     Each workload gets its own scale and its own budget line, so a 500 J budget is not a flat line under
@@ -259,6 +309,7 @@ def burn_down(burn: pd.DataFrame, budgets: dict[str, float], month_start: dateti
             y=part["cumulative_j"] / factor,
             mode="lines+markers",
             name=text(name),
+            line_color=colours.of("workload", name),
             showlegend=False,
             hovertemplate=f"%{{x|%d %b}}<br>%{{y:,.3~f}} {unit} so far<extra></extra>",
             row=row,
@@ -281,7 +332,9 @@ def burn_down(burn: pd.DataFrame, budgets: dict[str, float], month_start: dateti
     return _layout(fig, "Burn-down this month: cumulative energy vs budget (UTC days)")
 
 
-def migration_share(frame: pd.DataFrame, bucket: str, start: datetime, end: datetime, tz_name: str) -> go.Figure:
+def migration_share(
+    frame: pd.DataFrame, bucket: str, start: datetime, end: datetime, tz_name: str, colours: Colours = NO_COLOURS
+) -> go.Figure:
     """Per workload, the share of calls not on Joule Cloud in each bucket (a line that should fall to 0 %)."""
     fig = go.Figure()
     for workload, part in frame.groupby("workload", sort=True):
@@ -294,6 +347,7 @@ def migration_share(frame: pd.DataFrame, bucket: str, start: datetime, end: date
             y=share.values,
             mode="lines+markers",
             name=name,
+            line_color=colours.of("workload", workload),
             hovertemplate=f"{name}<br>%{{x|%d %b %Y %H:%M}}<br>%{{y:.0%}} of calls elsewhere<extra></extra>",
         )
     span = [pd.Timestamp(t).tz_convert(tz_name).tz_localize(None) for t in (start, end)]

@@ -17,6 +17,7 @@ from joule_otel import _units as units
 from joule_otel._budgets import Budget, load_budgets
 from joule_otel.dashboard import _queries as queries
 from joule_otel.dashboard import _timerange as timerange
+from joule_otel.dashboard._colours import Colours
 from joule_otel.dashboard._data import load_options
 from joule_otel.dashboard._sources import SAMPLE_BUDGETS_PATH, Source, resolve_source, sample_shift, source_for
 from joule_otel.ledger._spool import Spool
@@ -45,6 +46,8 @@ class View:
     budget_error: str | None
     live: bool
     interval_s: int
+    colours: Colours
+    """One colour per workload, model, region and tier, the same on every chart (from every value in the ledger)."""
 
 
 # the query parameters of a shared link
@@ -250,4 +253,5 @@ def sidebar() -> View:
         budget_error=budget_error,
         live=live,
         interval_s=interval_s,
+        colours=Colours.from_options(opts),
     )

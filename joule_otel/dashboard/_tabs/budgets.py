@@ -76,4 +76,4 @@ def render(view: View, page: dict[str, Any]) -> None:
     burn = page["burn"]
     if burn is not None and not burn.empty:
         limits = {b.label: b.joules for b in view.budgets}
-        show(st, charts.burn_down(burn, limits, month_start, next_month), burn, "budget_burn")
+        show(st, charts.burn_down(burn, limits, month_start, next_month, view.colours), burn, "budget_burn")

@@ -25,7 +25,11 @@ def render(view: View, page: dict[str, Any]) -> None:
             show(
                 left,
                 charts.per_token(
-                    generation, "j_per_output_token", "Generation: energy per output token", "per output token"
+                    generation,
+                    "j_per_output_token",
+                    "Generation: energy per output token",
+                    "per output token",
+                    view.colours,
                 ),
                 generation,
                 "j_per_output_token",
@@ -34,7 +38,11 @@ def render(view: View, page: dict[str, Any]) -> None:
             show(
                 right,
                 charts.per_token(
-                    embeddings, "j_per_input_token", "Embeddings: energy per input token", "per input token"
+                    embeddings,
+                    "j_per_input_token",
+                    "Embeddings: energy per input token",
+                    "per input token",
+                    view.colours,
                 ),
                 embeddings,
                 "j_per_input_token",
@@ -61,7 +69,7 @@ def render(view: View, page: dict[str, Any]) -> None:
     sample = page["sample"]
     if not sample.empty:
         left, right = st.columns(2)
-        show(left, charts.latency_energy(sample), sample, "latency_energy")
+        show(left, charts.latency_energy(sample, view.colours), sample, "latency_energy")
         streams = sample[sample["ttft_ms"].notna()]
         if not streams.empty:
-            show(right, charts.ttft(streams), streams, "ttft")
+            show(right, charts.ttft(streams, view.colours), streams, "ttft")

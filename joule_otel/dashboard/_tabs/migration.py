@@ -37,7 +37,12 @@ def render(view: View, page: dict[str, Any]) -> None:
         trend_bucket = "7 days"
     else:
         trend_bucket = view.bucket
-    show(st, charts.migration_share(trend, trend_bucket, view.start, view.end, view.tz_name), trend, "migration_share")
+    show(
+        st,
+        charts.migration_share(trend, trend_bucket, view.start, view.end, view.tz_name, view.colours),
+        trend,
+        "migration_share",
+    )
     per_workload = frame.groupby(["workload", "provider"], as_index=False)[
         ["calls", "tokens", "measured_j", "measured_calls"]
     ].sum(min_count=1)

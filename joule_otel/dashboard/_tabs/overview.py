@@ -27,6 +27,7 @@ def render(view: View, page: dict[str, Any]) -> None:
                 end=view.end,
                 split_label=view.split_by,
                 tz_name=view.tz_name,
+                colours=view.colours,
             ),
             over_time,
             "energy_over_time",
@@ -35,6 +36,6 @@ def render(view: View, page: dict[str, Any]) -> None:
     for col, dim in ((left, "workload"), (right, "model"), (left, "region"), (right, "tier")):
         frame = page["by"][dim]
         if frame["energy_j"].fillna(0).gt(0).any():
-            show(col, charts.breakdown(frame, dim), frame, f"by_{dim}")
+            show(col, charts.breakdown(frame, dim, view.colours), frame, f"by_{dim}")
     if not page["treemap"].empty:
-        show(st, charts.treemap(page["treemap"]), page["treemap"], "treemap")
+        show(st, charts.treemap(page["treemap"], view.colours), page["treemap"], "treemap")
