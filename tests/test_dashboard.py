@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from joule_otel import _units as units
 from joule_otel._budgets import Budget, load_budgets
+from joule_otel.dashboard import _charts as charts
 from joule_otel.dashboard import _queries as queries
 from joule_otel.dashboard._sources import SAMPLE_PATH, Source, source_for
 from joule_otel.ledger import _reader as reader
@@ -675,3 +677,22 @@ def test_one_colour_per_workload_and_model_on_every_chart_and_range_and_the_rout
     ]
     assert greyed and set(greyed) == {"rgba(160,160,160,0.35)"}
     assert _spec(charts_by_id(at)["router_flows"])["layout"]["title"]["text"].endswith("by calls")
+
+
+@pytest.mark.parametrize("tz_name", ["UTC", "Asia/Kolkata", "America/St_Johns"])
+@pytest.mark.parametrize(
+    ("bucket", "span"),
+    [("5 minutes", timedelta(hours=1)), ("1 hour", timedelta(hours=24)), ("1 day", timedelta(days=7)),
+     ("1 day", timedelta(days=30)), ("7 days", timedelta(days=180))],
+)  # fmt: skip
+def test_time_axes_tick_at_whole_steps_readably_in_every_zone(bucket, span, tz_name):
+    end = datetime(2026, 3, 9, 13, 17, tzinfo=timezone.utc)  # a fixed moment: the axis, not today, is under test
+    axis = charts.time_axis(bucket, end - span, end, tz_name)
+    step = next(ms for ms, dtick in charts.TICK_STEPS if dtick == axis["dtick"])
+    assert step >= charts.BUCKET_MS[bucket]  # never finer than the bucket
+    first, last = (pd.Timestamp(t) for t in axis["range"])
+    anchor, every = pd.Timestamp(axis["tick0"]), pd.Timedelta(milliseconds=step)
+    ticks = math.floor((last - anchor) / every) - math.ceil((first - anchor) / every) + 1  # those inside the range
+    assert 4 <= ticks <= charts.MAX_TICKS, ticks
+    assert anchor.minute == 0 and anchor.second == 0 and anchor <= first  # a whole hour of the zone shown
+    assert first == pd.Timestamp(end - span).tz_convert(tz_name).tz_localize(None)

@@ -47,6 +47,43 @@ def scale(values: Any, scales: tuple[tuple[float, str], ...]) -> tuple[float, st
     return factor, name
 
 
+_HOUR_MS, _DAY_MS = 3_600_000, 86_400_000
+TICK_STEPS: tuple[tuple[int, int | str], ...] = (
+    *((ms, ms) for ms in (60_000, 300_000, 900_000, 1_800_000)),
+    *((h * _HOUR_MS, h * _HOUR_MS) for h in (1, 2, 3, 6, 12)),
+    *((d * _DAY_MS, d * _DAY_MS) for d in (1, 2, 3, 7, 14)),
+    (30 * _DAY_MS, "M1"),
+    (91 * _DAY_MS, "M3"),
+    (365 * _DAY_MS, "M12"),
+)
+"""Steps between time-axis ticks (about how long, and Plotly's ``dtick``): whole minutes, hours, days and months."""
+MAX_TICKS = 12
+
+
+def time_axis(bucket: str, start: datetime, end: datetime, tz_name: str) -> dict[str, Any]:
+    """A time axis over the whole period, in ``tz_name``, with ticks at whole steps (6 to 12 of them).
+
+    Plotly's own choice gives one or two ticks to a day of hourly buckets; here the step is the finest of
+    :data:`TICK_STEPS` (never finer than the bucket) that keeps at most :data:`MAX_TICKS` ticks, counted from a
+    whole hour (or midnight) of the zone shown.
+    """
+    first, last = (pd.Timestamp(t).tz_convert(tz_name).tz_localize(None) for t in (start, end))
+    span_ms = max((last - first).total_seconds() * 1000, 1.0)
+    floor = BUCKET_MS[bucket]
+    ms, dtick = next(((ms, d) for ms, d in TICK_STEPS if ms >= floor and span_ms / ms <= MAX_TICKS), TICK_STEPS[-1])
+    anchor = first.floor("D") if ms >= _DAY_MS else first.floor("h")
+    if isinstance(dtick, str):  # months from the first of one
+        anchor = anchor.replace(day=1)
+    return {
+        "type": "date",
+        "range": [first, last],
+        "tickformat": TICK_FORMATS[bucket],
+        "title": tz_name,
+        "dtick": dtick,
+        "tick0": anchor,
+    }
+
+
 def _layout(fig: go.Figure, title: str, **axes: Any) -> go.Figure:
     fig.update_layout(title=title, margin={"t": 50, "l": 10, "r": 10, "b": 10}, legend_title_text="", **axes)
     return fig
@@ -74,18 +111,20 @@ def over_time(
             y=part["energy_j"] / factor,
             name=name,
             width=width,
-            marker_color=colours.of(split_label, group),
+            marker={
+                "color": colours.of(split_label, group),
+                # a bar that rests on one call is hatched: one call is an anecdote, not a rate
+                "pattern": {"shape": ["/" if c == 1 else "" for c in part["calls"]], "solidity": 0.4},
+            },
             customdata=part[["calls"]].to_numpy(),
             hovertemplate=f"{name}<br>%{{x|%d %b %Y %H:%M}}<br>%{{y:,.3~f}} {unit}<br>%{{customdata[0]:,}} calls"
             "<extra></extra>",
         )
-    span_start = pd.Timestamp(start).tz_convert(tz_name).tz_localize(None)
-    span_end = pd.Timestamp(end).tz_convert(tz_name).tz_localize(None)
     return _layout(
         fig,
         f"Energy per {bucket} by {split_label}",
         barmode="stack",
-        xaxis={"type": "date", "range": [span_start, span_end], "tickformat": TICK_FORMATS[bucket], "title": tz_name},
+        xaxis=time_axis(bucket, start, end, tz_name),
         yaxis={"title": f"Energy ({unit})", "tickformat": ",.3~f"},
     )
 
@@ -337,23 +376,27 @@ def migration_share(
 ) -> go.Figure:
     """Per workload, the share of calls not on Joule Cloud in each bucket (a line that should fall to 0 %)."""
     fig = go.Figure()
+    # every bucket of the period, those without calls too: an empty bucket is a gap in the line, never bridged
+    seen = pd.DatetimeIndex(frame["bucket"].unique())
+    steps = pd.date_range(seen.min(), seen.max(), freq=pd.Timedelta(milliseconds=BUCKET_MS[bucket]))
+    every = seen.union(steps)
     for workload, part in frame.groupby("workload", sort=True):
         totals = part.groupby("bucket")["calls"].sum()
         elsewhere = part[part["provider"] != "joule_cloud"].groupby("bucket")["calls"].sum()
-        share = (elsewhere.reindex(totals.index).fillna(0) / totals).sort_index()
+        share = (elsewhere.reindex(totals.index).fillna(0) / totals).reindex(every).sort_index()
         name = text(workload)
         fig.add_scatter(
             x=share.index,
             y=share.values,
             mode="lines+markers",
             name=name,
+            connectgaps=False,
             line_color=colours.of("workload", workload),
             hovertemplate=f"{name}<br>%{{x|%d %b %Y %H:%M}}<br>%{{y:.0%}} of calls elsewhere<extra></extra>",
         )
-    span = [pd.Timestamp(t).tz_convert(tz_name).tz_localize(None) for t in (start, end)]
     return _layout(
         fig,
         "Share of calls still on another provider",
-        xaxis={"type": "date", "range": span, "tickformat": TICK_FORMATS[bucket], "title": tz_name},
+        xaxis=time_axis(bucket, start, end, tz_name),
         yaxis={"title": "calls on other providers", "tickformat": ".0%", "range": [0, 1.05]},
     )
