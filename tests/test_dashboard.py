@@ -336,6 +336,12 @@ def test_app_on_a_fresh_ledger_with_trace_links(isolated_home, monkeypatch, joul
     frames = [df.value for df in at.dataframe]
     receipts_table = next(f for f in frames if "receipt_id" in f.columns)
     assert set(receipts_table.receipt_id) == {r.receipt_id for r in joule_simulator.receipts}
+    shown = next(df for df in at.dataframe if "receipt_id" in df.value.columns)
+    assert list(shown.proto.column_order) == [  # what a person reads first, in view; the rest on demand
+        "started_at", "workload", "routed_to", "energy_j", "status_code", "receipt_id", "trace"
+    ]  # fmt: skip
+    at.toggle(key="receipts_all").set_value(True).run()
+    assert not list(next(df for df in at.dataframe if "receipt_id" in df.value.columns).proto.column_order)
     assert "trace" in receipts_table.columns  # the template is applied (no spans here, so no ids to link)
 
 
@@ -506,7 +512,23 @@ def test_budgets_tab_says_what_the_service_enforced(known_ledger, isolated_home,
     assert table.loc["bot", "runs out"] == "lasts the month"
     assert table.loc["batch", "spent this month"] == "1.00 kJ"
     assert any("`batch` (1 call)" in w.value for w in at.warning), [w.value for w in at.warning]
-    assert "budget_burn" in charts_by_id(at)
+    assert table.loc["bot", "used"].endswith("%") and "." not in table.loc["bot", "used"]  # whole percentages
+    assert any(units.plain(str(budgets)) in c.value for c in at.caption)  # the budgets file is named
+    burn = _spec(charts_by_id(at)["budget_burn"])
+    projected = [t for t in burn["data"] if t.get("name") == "projection"]
+    assert projected and all(t["line"]["dash"] == "dash" for t in projected)
+
+
+def test_the_carbon_tab_says_what_the_cleanest_region_would_have_saved(isolated_home):
+    sample = Source(SAMPLE_PATH, "sample", "")
+    at = run_app()
+    filters = queries.Filters(start=None, end=None)
+    with sample.connect() as con:
+        savings = queries.carbon_savings(con, filters)
+    line = next(m.value for m in at.markdown if "would have emitted" in m.value)
+    chart = _spec(charts_by_id(at)["carbon_savings"])
+    assert all(t["text"] and t["textposition"] == "outside" for t in chart["data"])  # the bars carry their numbers
+    assert f"Served from {units.plain(savings['cleanest_region'].iloc[0])}" in line
 
 
 def test_migration_what_if_and_efficiency_on_real_traffic(isolated_home, monkeypatch, joule_simulator):
@@ -555,10 +577,11 @@ def test_migration_what_if_and_efficiency_on_real_traffic(isolated_home, monkeyp
     assert joule_row["energy per call"] == units.energy(sum(r.energy_j for r in bot) / len(bot))
     bot_tokens = sum(r.input_tokens + r.output_tokens for r in bot)
     assert joule_row["energy per 1k tokens"] == units.energy(sum(r.energy_j for r in bot) / bot_tokens * 1000)
-    efficiency = next(df.value for df in at.dataframe if "J / token" in df.value.columns)
-    per_token = dict(zip(efficiency["kind"], efficiency["J / token"], strict=False))
-    assert per_token["embeddings"].endswith(" in") and per_token["generation"].endswith(" out")
-    assert float(per_token["embeddings"].split()[0]) > 0
+    efficiency = next(df.value for df in at.dataframe if "J per output token" in df.value.columns).set_index("kind")
+    assert efficiency.loc["embeddings", "J per output token"] == "–"  # one unit per column: none mixed in
+    embedding_receipts = [r for r in receipts if r.operation == "embeddings"]
+    rate = sum(r.energy_j for r in embedding_receipts) / sum(r.input_tokens for r in embedding_receipts)
+    assert float(efficiency.loc["embeddings", "J per input token"]) == float(f"{rate:.3g}")  # three figures
     receipts_table = next(df.value for df in at.dataframe if "receipt_id" in df.value.columns)
     for table in (efficiency, receipts_table):  # a person reads "–" where there is no value, never None or nan
         cells = table.drop(columns=[c for c in ("started_at",) if c in table]).astype(str)
@@ -572,7 +595,7 @@ def test_migration_what_if_and_efficiency_on_real_traffic(isolated_home, monkeyp
     rate_batch = sum(r.energy_j for r in batch) / sum(r.output_tokens for r in batch)
     tokens = sum(r.output_tokens for r in standard + batch)
     saved = sum(r.energy_j for r in standard + batch) - tokens * rate_batch
-    headline = next(m.value for m in at.markdown if "would have" in m.value)
+    headline = next(m.value for m in at.markdown if "would have saved" in m.value or "would have cost" in m.value)
     words = f"saved {units.energy(saved)}" if saved >= 0 else f"cost +{units.energy(-saved)} more"
     assert f"would have {words} (" in headline, headline
 

@@ -273,6 +273,9 @@ def carbon_savings(frame: pd.DataFrame, cleanest: str) -> go.Figure:
             x=frame["workload"].map(text),
             y=frame[column] / factor,
             name=name,
+            text=[units.carbon(v).removesuffix(" CO2e") for v in frame[column]],
+            textposition="outside",
+            cliponaxis=False,
             hovertemplate=f"%{{x}}<br>{name}: %{{y:,.3~f}} {unit} CO2e<extra></extra>",
         )
     fig.update_xaxes(type="category", title="workload")
@@ -329,6 +332,8 @@ def burn_down(
     month_start: datetime,
     month_end: datetime,
     colours: Colours = NO_COLOURS,
+    *,
+    as_of: datetime | None = None,
 ) -> go.Figure:
     """One small chart per budgeted workload: cumulative energy this month as a line, the budget dashed.
 
@@ -354,6 +359,25 @@ def burn_down(
             row=row,
             col=col,
         )
+        spent = float(part["cumulative_j"].iloc[-1]) if len(part) else 0.0
+        if as_of is not None and spent > 0 and spent < budgets[name]:
+            # this month's average burn carried forward: where the line meets the budget is "runs out"
+            per_s = spent / max((as_of - month_start).total_seconds(), 3600.0)
+            out = as_of + timedelta(seconds=(budgets[name] - spent) / per_s)
+            until = min(out, month_end)
+            fig.add_scatter(
+                x=[as_of, until],
+                y=[spent / factor, (spent + per_s * (until - as_of).total_seconds()) / factor],
+                mode="lines",
+                line={"dash": "dash", "color": colours.of("workload", name)},
+                name="projection",
+                showlegend=False,
+                hovertemplate=f"runs out {out:%d %b}<extra></extra>"
+                if out < month_end
+                else "lasts the month<extra></extra>",
+                row=row,
+                col=col,
+            )
         fig.add_scatter(
             x=[month_start, month_end],
             y=[budgets[name] / factor] * 2,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 from datetime import datetime
 from typing import Any
 
@@ -131,6 +132,17 @@ def text_number(value: Any, fmt: str) -> str:
     if value is None or pd.isna(value):
         return "–"
     return format(int(value) if fmt.endswith("d") else float(value), fmt)
+
+
+def three_figures(value: Any) -> str:
+    """A measured figure to three significant figures, never in exponent form ("0.000423", "1,230"); "–" if none."""
+    if value is None or pd.isna(value):
+        return "–"
+    number = float(value)
+    if number == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(number)))
+    return f"{round(number, 2 - magnitude):,.{max(0, 2 - magnitude)}f}"
 
 
 def readable(frame: pd.DataFrame) -> pd.DataFrame:

@@ -6,6 +6,7 @@ view as their one input and keep no state of their own.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from typing import Any
@@ -15,6 +16,7 @@ import streamlit as st
 
 from joule_otel import _units as units
 from joule_otel._budgets import Budget, load_budgets
+from joule_otel._config import JOULE_OTEL_BUDGETS
 from joule_otel.dashboard import _queries as queries
 from joule_otel.dashboard import _timerange as timerange
 from joule_otel.dashboard._colours import Colours
@@ -43,6 +45,8 @@ class View:
     as_of: datetime
     """Budgets are month to date as of the newest call shown (sample data lies in the past)."""
     budgets: list[Budget]
+    budgets_path: str | None
+    """Where the budgets came from (``JOULE_OTEL_BUDGETS``), to name it on the page."""
     budget_error: str | None
     live: bool
     interval_s: int
@@ -229,10 +233,12 @@ def sidebar() -> View:
     )
     budget_error = None
     budget_list: list[Budget] = []
+    budgets_path: str | None = os.environ.get(JOULE_OTEL_BUDGETS, "").strip() or None
     try:
         budget_list = load_budgets()
         if not budget_list and source.kind == "sample":
             budget_list = load_budgets(SAMPLE_BUDGETS_PATH)
+            budgets_path = "the sample's budgets"
     except ValueError as exc:
         budget_error = str(exc)
     return View(
@@ -250,6 +256,7 @@ def sidebar() -> View:
         split_by=split_by,
         as_of=min(last, end, now),
         budgets=budget_list,
+        budgets_path=budgets_path,
         budget_error=budget_error,
         live=live,
         interval_s=interval_s,

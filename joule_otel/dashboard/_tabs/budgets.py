@@ -47,7 +47,7 @@ def render(view: View, page: dict[str, Any]) -> None:
                 "workload": item.workload,
                 "budget (file)": units.energy(item.budget_j),
                 "spent this month": units.energy(item.spent_j),
-                "used": item.used_share,
+                "used": f"{item.used_share:.0%}",
                 "burn per day": units.energy(rate),
                 "runs out": projection,
                 "402 refusals": int(item.refused_402),
@@ -56,14 +56,7 @@ def render(view: View, page: dict[str, Any]) -> None:
                 else "–",
             }
         )
-    st.dataframe(
-        pd.DataFrame(rows),
-        hide_index=True,
-        width="stretch",
-        column_config={
-            "used": st.column_config.ProgressColumn("used", min_value=0.0, max_value=1.0, format="percent"),
-        },
-    )
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     enforced = status[status["refused_402"] > 0]
     if not enforced.empty:
         counts = [(w, int(n)) for w, n in zip(enforced.workload, enforced.refused_402, strict=True)]
@@ -72,8 +65,17 @@ def render(view: View, page: dict[str, Any]) -> None:
             + ", ".join(f"{units.plain(w)} ({n:,} call{'s' if n != 1 else ''})" for w, n in counts)
             + ". The service enforces its own balance or per-token budget, which may be lower than this file's."
         )
-    st.caption(f"Month to date as of {view.as_of.astimezone(view.tz):%d %b %Y %H:%M} ({view.tz_name}); UTC months.")
+    st.caption(
+        f"Budgets from {units.plain(view.budgets_path or 'JOULE_OTEL_BUDGETS')}. Month to date as of "
+        f'{view.as_of.astimezone(view.tz):%d %b %Y %H:%M} ({view.tz_name}); UTC months. "runs out" projects this '
+        "month's average burn per day (the dashed line on each chart)."
+    )
     burn = page["burn"]
     if burn is not None and not burn.empty:
         limits = {b.label: b.joules for b in view.budgets}
-        show(st, charts.burn_down(burn, limits, month_start, next_month, view.colours), burn, "budget_burn")
+        show(
+            st,
+            charts.burn_down(burn, limits, month_start, next_month, view.colours, as_of=view.as_of),
+            burn,
+            "budget_burn",
+        )

@@ -28,3 +28,10 @@ def render(view: View, page: dict[str, Any]) -> None:
                 f"({units.plain(cleanest)}), at the energy it used."
             )
             show(st, charts.carbon_savings(savings, cleanest), savings, "carbon_savings")
+            now, then = float(savings["carbon_mg"].sum()), float(savings["if_cleanest_mg"].sum())
+            if now > then and (now - then) / now >= 0.01:  # a saving under 1 % is not worth a headline
+                st.markdown(
+                    f"**Served from {units.plain(cleanest)}, these workloads would have emitted "
+                    f"{units.carbon(now - then)} less ({(now - then) / now:.0%}): {units.carbon(then)} instead of "
+                    f"{units.carbon(now)}.**"
+                )

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from joule_otel.dashboard import _charts as charts
-from joule_otel.dashboard._data import show, text_number
+from joule_otel.dashboard._data import show, text_number, three_figures
 from joule_otel.dashboard._sidebar import View
 
 
@@ -51,15 +51,13 @@ def render(view: View, page: dict[str, Any]) -> None:
             {
                 "routed model": eff["model"],
                 "kind": eff["kind"],
-                "J / token": [
-                    text_number(o if k == "generation" else i, ".4f") + (" out" if k == "generation" else " in")
-                    for k, o, i in zip(eff["kind"], eff["j_per_output_token"], eff["j_per_input_token"], strict=True)
-                ],
-                "J / call": eff["j_per_call"].map(lambda v: text_number(v, ",.1f")),
+                "J per output token": eff["j_per_output_token"].map(three_figures),
+                "J per input token": eff["j_per_input_token"].map(three_figures),
+                "J per call": eff["j_per_call"].map(three_figures),
                 "calls": eff["calls"].map(lambda v: text_number(v, ",.0f")),
-                "median duration (ms)": eff["p50_duration_ms"].map(lambda v: text_number(v, ",.0f")),
-                "p95 duration (ms)": eff["p95_duration_ms"].map(lambda v: text_number(v, ",.0f")),
-                "median view.first chunk (ms)": eff["p50_ttft_ms"].map(lambda v: text_number(v, ",.0f")),
+                "median duration (ms)": eff["p50_duration_ms"].map(three_figures),
+                "p95 duration (ms)": eff["p95_duration_ms"].map(three_figures),
+                "median time to first chunk (ms)": eff["p50_ttft_ms"].map(three_figures),
             }
         )
         st.dataframe(table, hide_index=True, width="stretch")
@@ -67,9 +65,9 @@ def render(view: View, page: dict[str, Any]) -> None:
     if not hist.empty:
         show(st, charts.histogram(hist), hist, "energy_histogram")
     sample = page["sample"]
-    if not sample.empty:
-        left, right = st.columns(2)
-        show(left, charts.latency_energy(sample, view.colours), sample, "latency_energy")
-        streams = sample[sample["ttft_ms"].notna()]
+    served = sample[sample["energy_j"].fillna(0) > 0] if not sample.empty else sample
+    if not served.empty:  # a call without energy has no place on a log axis, nor its model in the legend
+        show(st, charts.latency_energy(served, view.colours), served, "latency_energy")
+        streams = served[served["ttft_ms"].notna()]
         if not streams.empty:
-            show(right, charts.ttft(streams, view.colours), streams, "ttft")
+            show(st, charts.ttft(streams, view.colours), streams, "ttft")

@@ -11,10 +11,15 @@ from joule_otel._config import JOULE_OTEL_TRACE_URL
 from joule_otel.dashboard._data import export_rows, text_number
 from joule_otel.dashboard._sidebar import View
 
+FIRST_COLUMNS = ("started_at", "workload", "routed_to", "energy_j", "status_code", "receipt_id")
+"""What a person reads first, all of it in view without scrolling sideways; the rest on demand."""
+
 
 def render(view: View, page: dict[str, Any]) -> None:
     """Draw the tab."""
-    st.text_input("Search receipt id or workload", key="search")
+    search_box, every = st.columns([3, 1])
+    search_box.text_input("Search receipt id or workload", key="search")
+    show_all = every.toggle("Show every column", key="receipts_all")
     search = st.session_state.get("search", "")
     table = page["receipts"]
     template = os.environ.get(JOULE_OTEL_TRACE_URL, "").strip()
@@ -46,10 +51,12 @@ def render(view: View, page: dict[str, Any]) -> None:
     ):
         table[column] = table[column].fillna("–")
     table["status_code"] = table["status_code"].map(lambda v: text_number(v, "d"))
+    first = [*FIRST_COLUMNS, *(["trace"] if "trace" in table else [])]
     st.dataframe(
         table,
         hide_index=True,
         width="stretch",
+        column_order=None if show_all else first,
         column_config={
             "started_at": st.column_config.DatetimeColumn(f"started ({view.tz_name})", format="YYYY-MM-DD HH:mm:ss"),
             "receipt_id": "receipt",
