@@ -16,6 +16,7 @@ OpenAI (the simulator's ``/openai/v1`` stand-in) to Joule Cloud, so the dashboar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -199,15 +200,40 @@ class PlannedTask:
     """None: now (today's traffic); else the past moment the calls are dated to."""
 
 
-def plan_today(calls: int, seed: int) -> list[PlannedTask]:
-    """Today's ``calls`` tasks of the mix, a few still on OpenAI."""
+LIVE_SHARE = 0.2
+"""Of today's tasks, the share run at the moment the demo runs; the rest are spread over the hours of today so far."""
+
+
+def plan_today(calls: int, seed: int, now: datetime | None = None) -> list[PlannedTask]:
+    """Today's ``calls`` tasks of the mix, a few still on OpenAI, oldest first.
+
+    With ``now``, most are dated over today's hours so far (UTC, weighted to working hours as the history is), so a
+    24-hour view shows a day's traffic; the last :data:`LIVE_SHARE` of them run now.
+    """
     rng = random.Random(seed)
     picks = rng.choices(_MIX, weights=[w for _, w, _, _ in _MIX], k=calls)
     plan = []
     for name, _, func, account in picks:
         legacy = rng.random() < TODAY_LEGACY_SHARE.get(name, 0.0)
         plan.append(PlannedTask(name, func, "openai" if legacy else account, Era(legacy=legacy)))
-    return plan
+    if now is None:
+        return plan
+    now = now.astimezone(timezone.utc)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    latest = now - timedelta(minutes=1)
+    if latest - midnight < timedelta(hours=1):  # just after midnight: today is all now
+        return plan
+    hours = range(now.hour + 1)
+    earlier = plan[: round(len(plan) * (1 - LIVE_SHARE))]
+    moments = []
+    for _ in earlier:
+        hour = rng.choices(hours, [_WORK_HOURS[h] for h in hours])[0]
+        moments.append(min(midnight + timedelta(hours=hour, seconds=rng.uniform(0, 3600)), latest))
+    dated = [
+        dataclasses.replace(task, moment_ns=int(moment.timestamp() * 1e9))
+        for task, moment in zip(earlier, sorted(moments), strict=True)
+    ]
+    return dated + plan[len(earlier) :]
 
 
 def plan_history(now: datetime, seed: int, days: int = HISTORY_DAYS) -> list[PlannedTask]:
@@ -432,7 +458,7 @@ def run_demo(
                 energy_budgets={"jc_demo_batch": BATCH_TOKEN_BUDGET_J},
             ) as sim:
                 print(f"  simulator: {sim.base_url}")
-                run_traffic(sim.base_url, plan_today(calls, seed), seed, "today", line)
+                run_traffic(sim.base_url, plan_today(calls, seed, datetime.now(timezone.utc)), seed, "today", line)
                 run_cron_script(sim.base_url, cron_calls)
                 joule_otel.flush(timeout_s=30)
                 bill += sim.bill_records()

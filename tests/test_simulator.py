@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from joule_otel.simulator import GRID_G_PER_KWH, MODELS, TIER_MULTIPLIER, running
-from joule_otel.simulator._catalog import PREFILL_SHARE
+from joule_otel.simulator._catalog import EMBEDDING_MODEL, PREFILL_SHARE, latency_factor
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -180,8 +180,25 @@ def test_embeddings_and_models(joule_simulator):
     assert [len(d.embedding) for d in emb.data] == [256, 256, 256]
     assert emb.data[0].embedding == emb.data[2].embedding != emb.data[1].embedding
     assert joule_simulator.receipts[-1].operation == "embeddings"
+    assert joule_simulator.receipts[-1].routed_to == EMBEDDING_MODEL  # auto sends embeddings to an encoder
     ids = {m.id for m in c.models.list()}
-    assert ids == {"auto", *MODELS}
+    assert ids == {"auto", *MODELS, EMBEDDING_MODEL}
+    with pytest.raises(openai.BadRequestError, match="embeddings model"):
+        c.chat.completions.create(model=EMBEDDING_MODEL, messages=HI)
+
+
+def test_bigger_models_answer_slower():
+    """Latency grows with the model's size (its energy per token), as on the mesh: a 405B model is the slowest."""
+    by_energy = sorted(MODELS, key=lambda m: MODELS[m].joules_per_output_token)
+    factors = [latency_factor(m) for m in by_energy]
+    assert factors == sorted(factors) and factors[0] == 1.0 and latency_factor(EMBEDDING_MODEL) < 1.0
+    with running(seed=3, latency_s=0.05, token_delay_s=0.0) as sim:  # 50 ms against 160 ms before the first byte
+        took = {}
+        for model in ("gpt-oss-120b", "llama-3.3-405b-instruct"):
+            started = time.perf_counter()
+            client(sim).chat.completions.create(model=model, messages=HI)
+            took[model] = time.perf_counter() - started
+    assert took["llama-3.3-405b-instruct"] > took["gpt-oss-120b"], took
 
 
 def test_error_statuses_surface_as_openai_exceptions(joule_simulator):

@@ -167,3 +167,22 @@ def test_a_version_2_ledger_gains_the_provider_column(ledger_path):
         "h": "joule_cloud",
     }
     assert rolled == [("joule_cloud", 3), ("llm.internal", 1), ("openai", 1)]
+
+
+def test_todays_demo_traffic_is_spread_over_the_day_so_far_and_ends_now():
+    from datetime import datetime, timedelta, timezone
+
+    from joule_otel._demo import LIVE_SHARE, plan_today
+
+    now = datetime(2026, 3, 9, 15, 30, tzinfo=timezone.utc)  # a fixed moment: the plan, not today, is under test
+    plan = plan_today(200, seed=5, now=now)
+    dated = [t.moment_ns for t in plan if t.moment_ns is not None]
+    assert len(plan) == 200 and len(dated) == round(200 * (1 - LIVE_SHARE))
+    assert plan[-1].moment_ns is None and dated == sorted(dated)  # oldest first, the last ones now
+    midnight = datetime(2026, 3, 9, tzinfo=timezone.utc)
+    moments = [datetime.fromtimestamp(ns / 1e9, timezone.utc) for ns in dated]
+    assert all(midnight <= m <= now - timedelta(minutes=1) for m in moments)
+    assert len({m.hour for m in moments}) >= 10  # over the day's hours, not one minute
+    early = plan_today(200, seed=5, now=datetime(2026, 3, 9, 0, 20, tzinfo=timezone.utc))
+    assert all(t.moment_ns is None for t in early)  # just after midnight, today is all now
+    assert [t.name for t in plan] == [t.name for t in plan_today(200, seed=5)]  # the same tasks either way

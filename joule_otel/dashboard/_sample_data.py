@@ -114,7 +114,7 @@ def generate(
         if operation == "embeddings":
             input_tokens = rng.randint(200, 4000)
             energy = catalog.embedding_energy_j(input_tokens, tier, rng)
-            routed, output_tokens, ttft = "gpt-oss-120b", None, None
+            routed, output_tokens, ttft = catalog.EMBEDDING_MODEL, None, None
             duration = rng.uniform(20, 90)
         else:
             input_tokens = rng.randint(800, 3500) if name == "nightly-summaries" else rng.randint(20, 900)

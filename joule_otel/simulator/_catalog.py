@@ -46,6 +46,23 @@ PREFILL_SHARE = 0.08
 EMBEDDING_JOULES_PER_TOKEN = 0.012
 """Energy per input token of an embeddings call (encoder pass only)."""
 
+EMBEDDING_MODEL = "bge-m3"
+"""Where ``auto`` sends an embeddings call: an encoder, not a chat model."""
+
+SMALLEST_J_PER_TOKEN = min(spec.joules_per_output_token for spec in MODELS.values())
+
+
+def latency_factor(model: str) -> float:
+    """How much slower than the smallest chat model a model answers: with the square root of its energy per token.
+
+    A 405B model is not faster than a 120B one; an encoder answers in half the smallest chat model's time.
+    """
+    spec = MODELS.get(model)
+    if spec is None:
+        return 0.5
+    return math.sqrt(spec.joules_per_output_token / SMALLEST_J_PER_TOKEN)
+
+
 EMBEDDING_DIMENSIONS = 256
 
 GRID_G_PER_KWH: dict[str, float] = {

@@ -133,7 +133,8 @@ class Handler(WireHandler):
         created = 1_730_000_000
         data = [{"id": catalog.AUTO, "object": "model", "created": created, "owned_by": "joule-cloud"}]
         data += [
-            {"id": name, "object": "model", "created": created, "owned_by": "joule-cloud"} for name in catalog.MODELS
+            {"id": name, "object": "model", "created": created, "owned_by": "joule-cloud"}
+            for name in (*catalog.MODELS, catalog.EMBEDDING_MODEL)
         ]
         self._send_json(200, {"object": "list", "data": data})
 
@@ -189,7 +190,7 @@ class Handler(WireHandler):
             if model not in OPENAI_STAND_INS:
                 raise ApiError(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found")
             return token, OPENAI_STAND_INS[model], "standard", "us-east"
-        if model != catalog.AUTO and model not in catalog.MODELS:
+        if model != catalog.AUTO and model not in catalog.MODELS and model != catalog.EMBEDDING_MODEL:
             raise ApiError(
                 404,
                 f"The model `{model}` does not exist on the mesh.",
@@ -235,7 +236,7 @@ class Handler(WireHandler):
             raise ApiError(400, "`input` must be a string or a non-empty list.", "invalid_request_error", None, "input")
         rng = self.server.state.fork_rng()
         region = region or catalog.choose_region(rng)
-        routed = "gpt-oss-120b" if model == catalog.AUTO else model
+        routed = catalog.EMBEDDING_MODEL if model == catalog.AUTO else model
         data, input_tokens = [], 0
         for index, item in enumerate(inputs):
             text = item if isinstance(item, str) else json.dumps(item)
@@ -262,7 +263,7 @@ class Handler(WireHandler):
         )
         if not self.openai_mode:
             self.server.state.bill(receipt, token)
-        self._pause(self.server.state.config.latency_s)
+        self._pause(self.server.state.config.latency_s * catalog.latency_factor(routed))
         self._send_json(
             200,
             {
@@ -275,6 +276,10 @@ class Handler(WireHandler):
         )
 
     def _plan_chat(self, body: dict[str, Any], token: str, model: str, tier: str, region: str) -> ChatPlan:
+        if model == catalog.EMBEDDING_MODEL:
+            raise ApiError(
+                400, f"`{model}` is an embeddings model: call /v1/embeddings.", "invalid_request_error", None, "model"
+            )
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "`messages` must be a non-empty list.", "invalid_request_error", None, "messages")
@@ -358,6 +363,15 @@ class Handler(WireHandler):
             receipt,
         )
 
+    def _wait_before_answering(self, plan: ChatPlan, stream: bool) -> float:
+        """Time to the first byte: ``latency_s`` scaled by the model's size; a whole answer also pays for its tokens.
+
+        A stream's tokens take their time as they are sent (``token_delay_s`` an event, scaled the same way).
+        """
+        factor = catalog.latency_factor(plan.receipt.routed_to)
+        wait = self.server.state.config.latency_s * factor
+        return wait if stream else wait * (1 + plan.output_tokens / 200)
+
     def _chat(self) -> None:
         body = self._json_request()
         token, model, tier, region = self._common(body)
@@ -366,7 +380,7 @@ class Handler(WireHandler):
             plan = dataclasses.replace(plan, model=body["model"])
         else:
             self.server.state.bill(plan.receipt, token)
-        self._pause(self.server.state.config.latency_s)
+        self._pause(self._wait_before_answering(plan, bool(body.get("stream"))))
         usage = {
             "prompt_tokens": plan.input_tokens,
             "completion_tokens": plan.output_tokens,
@@ -436,7 +450,7 @@ class Handler(WireHandler):
         receipt = dataclasses.replace(plan.receipt, operation="responses")
         plan = dataclasses.replace(plan, completion_id="resp_" + plan.completion_id.split("-", 1)[1], receipt=receipt)
         self.server.state.bill(plan.receipt, token)
-        self._pause(self.server.state.config.latency_s)
+        self._pause(self._wait_before_answering(plan, bool(body.get("stream"))))
         if body.get("stream"):
             self._stream_responses(plan)
             return

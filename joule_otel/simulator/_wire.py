@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
 from joule_otel.simulator._answers import ChatPlan
+from joule_otel.simulator._catalog import latency_factor
 from joule_otel.simulator._state import Receipt
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class WireHandler(BaseHTTPRequestHandler):
 
     def _stream_chat(self, plan: ChatPlan, usage: dict[str, int] | None) -> None:
         self._start_stream(plan.receipt)
-        delay = self.server.state.config.token_delay_s
+        delay = self.server.state.config.token_delay_s * latency_factor(plan.receipt.routed_to)
         for event in self._chat_events(plan, usage):
             self._write_chunk(b"data: " + event + b"\n\n")
             self._pause(delay)
@@ -184,7 +185,7 @@ class WireHandler(BaseHTTPRequestHandler):
 
     def _stream_responses(self, plan: ChatPlan) -> None:
         self._start_stream(plan.receipt)
-        delay = self.server.state.config.token_delay_s
+        delay = self.server.state.config.token_delay_s * latency_factor(plan.receipt.routed_to)
         for sequence, (kind, payload) in enumerate(self._response_events(plan)):
             event = {"type": kind, "sequence_number": sequence, **payload}
             data = json.dumps(event, separators=(",", ":")).encode()
