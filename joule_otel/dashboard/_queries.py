@@ -907,11 +907,18 @@ def moves(con: Any, filters: Filters) -> list[Move]:
     return found
 
 
+MIN_SAVING_SHARE = 0.01
+"""A move is recommended only when it saves at least this share of what the workload spent (1 %): less is noise
+in the rates, not a change worth making."""
+
+
 def _gain(move: Move) -> float:
-    """What a move saves in its own terms: carbon for a region, energy for a model or tier."""
+    """What a move saves in its own terms (carbon for a region, energy for a model or tier); 0 below 1 %."""
     if move.change == "region":
-        return move.carbon_now_mg - move.carbon_then_mg
-    return move.energy_now_j - move.energy_then_j
+        now, then = move.carbon_now_mg, move.carbon_then_mg
+    else:
+        now, then = move.energy_now_j, move.energy_then_j
+    return now - then if now > 0 and (now - then) / now >= MIN_SAVING_SHARE else 0.0
 
 
 def recommendations(found: list[Move], min_calls: int = MIN_RATE_CALLS) -> tuple[list[Move], list[Move]]:

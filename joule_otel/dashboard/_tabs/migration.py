@@ -61,7 +61,7 @@ def render(view: View, page: dict[str, Any]) -> None:
             continue
         found = ranges.get((item.workload, item.provider))
         if found is None:
-            unestimated.add(estimates.provider_name(item.provider))
+            unestimated.add(f"{item.workload} on {estimates.provider_name(item.provider)}")
             per_call.append("no estimate")
             per_1k.append("no estimate")
             continue
@@ -93,7 +93,11 @@ def render(view: View, page: dict[str, Any]) -> None:
             else "Other providers send no energy figure; `pip install 'joule-otel[estimates]'` adds EcoLogits' "
             "estimated range."
         )
-        + (f" No estimate for the calls on {', '.join(sorted(unestimated))}." if unestimated and ranges else "")
+        + (
+            f" No estimate for {', '.join(sorted(unestimated))}: EcoLogits has no figures for its models."
+            if unestimated and ranges
+            else ""
+        )
     )
 
 

@@ -32,6 +32,8 @@ def render(view: View, page: dict[str, Any]) -> None:
             over_time,
             "energy_over_time",
         )
+        if (over_time["calls"] == 1).any():
+            st.caption("A hatched bar rests on a single call.")
     left, right = st.columns(2)
     for col, dim in ((left, "workload"), (right, "model"), (left, "region"), (right, "tier")):
         frame = page["by"][dim]

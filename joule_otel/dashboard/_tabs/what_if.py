@@ -19,12 +19,10 @@ AS_NOW = "as now"
 _CHANGE_KEYS = {"model": "wi_model", "tier": "wi_tier", "region": "wi_region"}
 
 
-def _wording(move: queries.Move) -> str:
-    return {
-        "model": f"pin {units.plain(move.to)}",
-        "tier": f"the {units.plain(move.to)} tier",
-        "region": f"run in {units.plain(move.to)}",
-    }[move.change]
+def _wording(move: queries.Move, markdown: bool = True) -> str:
+    """The change as words: names as code spans in markdown, as they are in a table's cells."""
+    name = units.plain(move.to) if markdown else str(move.to)
+    return {"model": f"pin {name}", "tier": f"the {name} tier", "region": f"run in {name}"}[move.change]
 
 
 def _open(move: queries.Move) -> None:
@@ -58,9 +56,11 @@ def recommendations(page: dict[str, Any]) -> None:
         efficiency = page["efficiency"]
         table = pd.DataFrame(
             {
-                "workload": [units.plain(m.workload) for m in sure],
-                "change": [_wording(m) for m in sure],
-                "energy saved": [units.energy(m.energy_now_j - m.energy_then_j) for m in sure],
+                "workload": [m.workload for m in sure],
+                "change": [_wording(m, markdown=False) for m in sure],
+                "energy saved": [
+                    "–" if m.change == "region" else units.energy(m.energy_now_j - m.energy_then_j) for m in sure
+                ],
                 "carbon saved": [units.carbon(m.carbon_now_mg - m.carbon_then_mg) for m in sure],
                 "energy then (now)": [
                     f"{units.energy(m.energy_then_j)} ({units.energy(m.energy_now_j)})" for m in sure
@@ -79,7 +79,7 @@ def recommendations(page: dict[str, Any]) -> None:
         buttons = st.columns(min(len(sure), 4))
         for column, move in zip(buttons, sure[:4], strict=False):
             column.button(
-                f"Details: {units.plain(move.workload)}, {_wording(move)}",
+                f"Details: {units.plain(move.workload)}, {_wording(move)}",  # labels are markdown: names as code
                 key=f"wi_open_{move.workload}_{move.change}_{move.to}",
                 on_click=_open,
                 args=(move,),
