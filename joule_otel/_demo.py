@@ -200,6 +200,11 @@ class PlannedTask:
     """None: now (today's traffic); else the past moment the calls are dated to."""
 
 
+DEMO_LATENCY_S = 0.004
+DEMO_TOKEN_DELAY_S = 0.0004
+"""The simulator's time to first byte and per streamed event, for the history and today alike: one regime, so the
+dashboard's latencies compare models (they grow with a model's size and its output), a hundredth of real time."""
+
 LIVE_SHARE = 0.2
 """Of today's tasks, the share run at the moment the demo runs; the rest are spread over the hours of today so far."""
 
@@ -448,13 +453,13 @@ def run_demo(
     try:
         with line.warnings_above():
             if history:
-                with running(seed=seed + 1, token_delay_s=0.0, latency_s=0.002) as past:
+                with running(seed=seed + 1, token_delay_s=DEMO_TOKEN_DELAY_S, latency_s=DEMO_LATENCY_S) as past:
                     run_traffic(past.base_url, history, seed + 1, "history", line)
                     bill += past.bill_records()
             with running(
                 seed=seed,
-                token_delay_s=0.002,
-                latency_s=0.01,
+                token_delay_s=DEMO_TOKEN_DELAY_S,
+                latency_s=DEMO_LATENCY_S,
                 energy_budgets={"jc_demo_batch": BATCH_TOKEN_BUDGET_J},
             ) as sim:
                 print(f"  simulator: {sim.base_url}")
