@@ -201,7 +201,7 @@ class PlannedTask:
 
 
 DEMO_LATENCY_S = 0.004
-DEMO_TOKEN_DELAY_S = 0.0004
+DEMO_TOKEN_DELAY_S = 0.0002
 """The simulator's time to first byte and per streamed event, for the history and today alike: one regime, so the
 dashboard's latencies compare models (they grow with a model's size and its output), a hundredth of real time."""
 

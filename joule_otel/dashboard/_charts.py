@@ -106,13 +106,18 @@ def over_time(
     half = timedelta(milliseconds=BUCKET_MS[bucket] / 2)
     for group, part in frame.groupby("group", sort=True):
         name = text(group)
+        colour = colours.of(split_label, group)
+        # the legend's swatch is solid whatever the first bar is: a trace of its own, with no bars
+        fig.add_bar(x=[None], y=[None], name=name, marker_color=colour, legendgroup=name, hoverinfo="skip")
         fig.add_bar(
             x=part["bucket"] + half,
+            legendgroup=name,
+            showlegend=False,
             y=part["energy_j"] / factor,
             name=name,
             width=width,
             marker={
-                "color": colours.of(split_label, group),
+                "color": colour,
                 # a bar that rests on one call is hatched: one call is an anecdote, not a rate
                 "pattern": {"shape": ["/" if c == 1 else "" for c in part["calls"]], "solidity": 0.4},
             },

@@ -26,7 +26,7 @@ def render(view: View, page: dict[str, Any]) -> None:
         before, current = prev.get(key), kpi.get(key)
         if before in (None, 0) or current is None or pd.isna(before) or pd.isna(current):
             return {}
-        return {"delta": f"{(current - before) / before:+.0%}", "delta_description": earlier}
+        return {"delta": f"{(current - before) / before:+.0%}"}  # the period is said once, in the caption
 
     def colored(key: str, color: str) -> dict[str, Any]:
         found = delta(key)
@@ -35,7 +35,8 @@ def render(view: View, page: dict[str, Any]) -> None:
 
     # -- KPI row --------------------------------------------------------------------------------
     others = kpi["calls"] - kpi["joule_calls"]
-    cols = st.columns(7)
+    # two rows: seven figures in one row are cut off on a laptop's screen (1280 px with the sidebar open)
+    cols = [*st.columns(4), *st.columns(4)[:3]]
     cols[0].metric("Energy", units.energy(kpi["energy_j"]), **colored("energy_j", "inverse"))
     cols[1].metric(
         "Carbon (CO2e)", units.carbon(kpi["carbon_mg"]).removesuffix(" CO2e"), **colored("carbon_mg", "inverse")
@@ -71,6 +72,7 @@ def render(view: View, page: dict[str, Any]) -> None:
                 units.energy_wh(kpi["energy_j"]),
                 units.energy_equivalent(kpi["energy_j"]),
                 units.carbon_equivalent(kpi["carbon_mg"]),
+                None if no_earlier else f"changes {earlier}",
                 f"times in {view.tz_name}",
             )
             if part

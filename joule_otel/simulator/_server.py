@@ -364,13 +364,16 @@ class Handler(WireHandler):
         )
 
     def _wait_before_answering(self, plan: ChatPlan, stream: bool) -> float:
-        """Time to the first byte: ``latency_s`` scaled by the model's size; a whole answer also pays for its tokens.
+        """Time to the first byte, scaled by the model's size (:func:`~._catalog.latency_factor`).
 
-        A stream's tokens take their time as they are sent (``token_delay_s`` an event, scaled the same way).
+        A stream then pays ``token_delay_s`` (scaled the same way) an event as it is sent; a whole answer pays for its
+        output tokens at that pace before its first byte.
         """
+        config = self.server.state.config
         factor = catalog.latency_factor(plan.receipt.routed_to)
-        wait = self.server.state.config.latency_s * factor
-        return wait if stream else wait * (1 + plan.output_tokens / 200)
+        if stream:
+            return config.latency_s * factor
+        return (config.latency_s + plan.output_tokens * config.token_delay_s) * factor
 
     def _chat(self) -> None:
         body = self._json_request()
