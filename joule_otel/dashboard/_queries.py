@@ -799,112 +799,114 @@ def moves(con: Any, filters: Filters) -> list[Move]:
     moves of every workload without a query per choice. The figures equal :func:`what_if`'s for the same choice.
     """
     with_facts, params = facts(con, replace(filters, workloads=()))
-    cells = _df(
-        con,
+    cells = con.execute(
         f"""
         {with_facts}
-        SELECT workload, {KIND_SQL} AS kind, routed_to, tier, region,
-               sum(calls) AS calls,
-               sum(out_energy_j) AS out_energy_j, sum(out_tokens_e) AS out_tokens_e,
-               sum(energy_j) AS energy_j,
-               sum(input_tokens) FILTER (WHERE energy_j IS NOT NULL) AS emb_tokens,
-               sum(carbon_mg) AS carbon_mg, sum(carbon_energy_j) AS carbon_energy_j,
-               sum(out_tokens_e) FILTER (WHERE energy_j > 0) AS own_out_tokens,
-               sum(out_energy_j) FILTER (WHERE energy_j > 0) AS own_out_energy_j,
-               sum(input_tokens) FILTER (WHERE energy_j > 0) AS own_emb_tokens,
-               sum(energy_j) FILTER (WHERE energy_j > 0) AS own_energy_j,
-               sum(carbon_mg) FILTER (WHERE energy_j > 0) AS own_carbon_mg,
-               sum(carbon_energy_j) FILTER (WHERE energy_j > 0) AS own_carbon_energy_j
-        FROM facts GROUP BY ALL
+        SELECT workload, kind, routed_to, tier, region,
+               coalesce(sum(calls), 0),
+               -- a rate's parts: generation per output token, embeddings per input token
+               coalesce(CASE WHEN kind = 'generation' THEN sum(out_tokens_e)
+                             ELSE sum(input_tokens) FILTER (WHERE energy_j IS NOT NULL) END, 0),
+               coalesce(CASE WHEN kind = 'generation' THEN sum(out_energy_j) ELSE sum(energy_j) END, 0),
+               coalesce(sum(carbon_mg), 0), coalesce(sum(carbon_energy_j), 0),
+               -- what the workload spent (the calls that had energy), as what_if() reads it
+               coalesce(CASE WHEN kind = 'generation' THEN sum(out_tokens_e) FILTER (WHERE energy_j > 0)
+                             ELSE sum(input_tokens) FILTER (WHERE energy_j > 0) END, 0),
+               coalesce(sum(energy_j) FILTER (WHERE energy_j > 0), 0),
+               coalesce(sum(carbon_mg) FILTER (WHERE energy_j > 0), 0),
+               coalesce(sum(carbon_energy_j) FILTER (WHERE energy_j > 0), 0)
+        FROM (SELECT *, {KIND_SQL} AS kind FROM facts) GROUP BY workload, kind, routed_to, tier, region
     """,
         params,
-    )
-    if cells.empty:
-        return []
-    cells = cells.fillna({c: 0 for c in cells.columns if c not in ("workload", "kind", "routed_to", "tier", "region")})
-
+    ).fetchall()
     # per kind, model and tier: the tokens and energy a rate is made of, and the calls it rests on
-    cells["rate_tokens"] = cells["out_tokens_e"].where(cells["kind"] == "generation", cells["emb_tokens"])
-    cells["rate_energy_j"] = cells["out_energy_j"].where(cells["kind"] == "generation", cells["energy_j"])
-    pooled = cells.groupby(["kind", "routed_to", "tier"])[["rate_tokens", "rate_energy_j", "calls"]].sum()
-    pool = {key: (float(t), float(e), int(c)) for key, t, e, c in pooled.itertuples(name=None)}
-
+    pool: dict[tuple[str, str, str], list[float]] = {}
+    # per region: carbon and the energy it was measured over, and the calls
+    regions: dict[str, list[float]] = {}
+    # per workload and kind: tokens, energy, carbon, carbon's energy, and the models and tiers it ran on
+    spent: dict[str, dict[str, list[Any]]] = {}
+    for (
+        workload,
+        kind,
+        model,
+        tier,
+        region,
+        calls,
+        tokens,
+        energy,
+        carbon,
+        carbon_j,
+        own_tokens,
+        own_j,
+        own_mg,
+        own_cj,
+    ) in cells:
+        if model is not None and tier is not None:
+            found = pool.setdefault((kind, model, tier), [0.0, 0.0, 0])
+            found[0] += tokens
+            found[1] += energy
+            found[2] += calls
+        if region is not None:
+            place = regions.setdefault(region, [0.0, 0.0, 0])
+            place[0] += carbon
+            place[1] += carbon_j
+            place[2] += calls
+        if workload is not None and own_j > 0:
+            mine = spent.setdefault(workload, {}).setdefault(kind, [0.0, 0.0, 0.0, 0.0, set(), set()])
+            mine[0] += own_tokens
+            mine[1] += own_j
+            mine[2] += own_mg
+            mine[3] += own_cj
+            if model is not None:
+                mine[4].add(model)
+            if tier is not None:
+                mine[5].add(tier)
+    models = sorted({model for _, model, _ in pool})
+    tiers = sorted({tier for _, _, tier in pool})
     chosen = set(filters.workloads)
-    found: list[Move] = []
-    region_mg_per_j = {
-        region: (float(g["carbon_mg"].sum() / g["carbon_energy_j"].sum()) if g["carbon_energy_j"].sum() else None, g)
-        for region, g in cells[cells["region"].notna()].groupby("region")
-    }
-    for workload, mine in cells[cells["workload"].notna()].groupby("workload"):
+    found_moves: list[Move] = []
+    for workload in sorted(spent):
         if chosen and workload not in chosen:
             continue
-        own = mine[mine["own_energy_j"] > 0]
-        kinds = []
-        for kind, part in own.groupby("kind"):
-            tokens = part["own_out_tokens"].sum() if kind == "generation" else part["own_emb_tokens"].sum()
-            kinds.append(
-                (
-                    kind,
-                    float(tokens),
-                    float(part["own_energy_j"].sum()),
-                    float(part["own_carbon_mg"].sum()),
-                    float(part["own_carbon_mg"].sum() / part["own_carbon_energy_j"].sum())
-                    if part["own_carbon_energy_j"].sum()
-                    else 0.0,
-                    set(part["routed_to"].dropna()),
-                    set(part["tier"].dropna()),
-                )
-            )
-        if not kinds:
-            continue
-        energy_now = sum(k[2] for k in kinds)
-        carbon_now = sum(k[3] for k in kinds)
+        kinds = spent[workload]
+        energy_now = sum(k[1] for k in kinds.values())
+        carbon_now = sum(k[2] for k in kinds.values())
 
         def priced(
-            models: set[str] | None, tiers: set[str] | None, kinds: list[Any] = kinds
+            to_models: set[str] | None, to_tiers: set[str] | None, kinds: dict[str, list[Any]] = kinds
         ) -> tuple[float, float, int] | None:
             energy = carbon = 0.0
-            basis = None
-            for kind, tokens, _, _, mg_per_j, own_models, own_tiers in kinds:
+            basis: int | None = None
+            for kind, (tokens, _, mg, carbon_j, own_models, own_tiers) in kinds.items():
                 tokens_in = energy_in = 0.0
                 calls = 0
-                for name in models or own_models:
-                    for level in tiers or own_tiers:
+                for name in to_models or own_models:
+                    for level in to_tiers or own_tiers:
                         t, e, c = pool.get((kind, name, level), (0.0, 0.0, 0))
-                        tokens_in, energy_in, calls = tokens_in + t, energy_in + e, calls + c
+                        tokens_in, energy_in, calls = tokens_in + t, energy_in + e, calls + int(c)
                 if not tokens_in:
                     return None  # what_if would leave this kind as it ran: not a move to recommend
-                measured = energy_in / tokens_in
                 basis = calls if basis is None else min(basis, calls)
-                energy += tokens * measured
-                carbon += tokens * measured * mg_per_j
+                then = tokens * energy_in / tokens_in
+                energy += then
+                carbon += then * (mg / carbon_j if carbon_j else 0.0)
             return energy, carbon, basis or 0
 
-        for model in sorted(cells.loc[cells["routed_to"].notna(), "routed_to"].unique()):
+        for model in models:
             then = priced({model}, None)
             if then is not None:
-                found.append(Move(workload, "model", model, energy_now, then[0], carbon_now, then[1], then[2]))
-        for tier in sorted(cells.loc[cells["tier"].notna(), "tier"].unique()):
+                found_moves.append(Move(workload, "model", model, energy_now, then[0], carbon_now, then[1], then[2]))
+        for tier in tiers:
             then = priced(None, {tier})
             if then is not None:
-                found.append(Move(workload, "tier", tier, energy_now, then[0], carbon_now, then[1], then[2]))
-        for region, (mg_per_j, group) in sorted(region_mg_per_j.items()):
-            if mg_per_j is None:
-                continue
-            carbon_then = sum(k[2] for k in kinds) * mg_per_j
-            found.append(
-                Move(
-                    workload,
-                    "region",
-                    region,
-                    energy_now,
-                    energy_now,
-                    carbon_now,
-                    carbon_then,
-                    int(group["calls"].sum()),
+                found_moves.append(Move(workload, "tier", tier, energy_now, then[0], carbon_now, then[1], then[2]))
+        for region, (carbon, carbon_j, calls) in sorted(regions.items()):
+            if carbon_j:
+                carbon_then = energy_now * carbon / carbon_j
+                found_moves.append(
+                    Move(workload, "region", region, energy_now, energy_now, carbon_now, carbon_then, int(calls))
                 )
-            )
-    return found
+    return found_moves
 
 
 MIN_SAVING_SHARE = 0.01
