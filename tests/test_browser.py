@@ -89,7 +89,7 @@ def demo_ledger(tmp_path_factory) -> tuple[Path, Path]:
             "--calls",
             "80",
             "--history-days",
-            "10",
+            "7",
             "--db",
             str(db),
         ],
