@@ -81,7 +81,9 @@ def dashboard(sizes: list[int]) -> list[dict[str, object]]:
                     queries.other_provider_calls(c, filters),
                 ),
                 "what if (one choice)": lambda c: queries.what_if(c, filters, "support-bot", tier="batch"),
-                "what if (every workload's moves, ranked)": lambda c: queries.recommendations(queries.moves(c, filters)),
+                "what if (every workload's moves, ranked)": lambda c: queries.recommendations(
+                    queries.moves(c, filters)
+                ),
             }
             pages = []
             timings = {}
