@@ -519,18 +519,6 @@ def test_budgets_tab_says_what_the_service_enforced(known_ledger, isolated_home,
     assert projected and all(t["line"]["dash"] == "dash" for t in projected)
 
 
-def test_the_carbon_tab_says_what_the_cleanest_region_would_have_saved(isolated_home):
-    sample = Source(SAMPLE_PATH, "sample", "")
-    at = run_app()
-    filters = queries.Filters(start=None, end=None)
-    with sample.connect() as con:
-        savings = queries.carbon_savings(con, filters)
-    line = next(m.value for m in at.markdown if "would have emitted" in m.value)
-    chart = _spec(charts_by_id(at)["carbon_savings"])
-    assert all(t["text"] and t["textposition"] == "outside" for t in chart["data"])  # the bars carry their numbers
-    assert f"Served from {units.plain(savings['cleanest_region'].iloc[0])}" in line
-
-
 def test_migration_what_if_and_efficiency_on_real_traffic(isolated_home, monkeypatch, joule_simulator):
     """OpenAI calls (the simulator's stand-in) are counted, estimated as a labelled range, never summed in."""
     import openai
@@ -652,6 +640,14 @@ def test_the_ranked_savings_are_the_what_if_answers_and_open_on_one_click(isolat
     assert not at.exception
     assert at.selectbox(key="wi_workload").value == top.workload
     assert at.selectbox(key=f"wi_{top.change}").value == top.to
+    # the Carbon tab, on the same page: the bars carry their numbers, and a line says what the cleanest region saves
+    with sample.connect() as con:
+        cleanest = queries.carbon_savings(con, queries.Filters())["cleanest_region"].iloc[0]
+    chart = _spec(charts_by_id(at)["carbon_savings"])
+    assert all(t["text"] and t["textposition"] == "outside" for t in chart["data"])
+    assert f"Served from {units.plain(cleanest)}" in next(
+        m.value for m in at.markdown if "would have emitted" in m.value
+    )
     detail = next(m.value for m in at.markdown if "would have saved" in m.value)
     assert f"saved {units.energy(top.energy_now_j - top.energy_then_j)}" in detail
     assert f"({units.energy(top.energy_then_j)} in all, against {units.energy(top.energy_now_j)}" in detail
