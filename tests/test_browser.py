@@ -135,13 +135,21 @@ def open_page(browser, url: str, timezone_id: str = "UTC"):
     return page
 
 
+CHARTS_DRAWN = """() => {
+    const panel = [...document.querySelectorAll("[role='tabpanel']")].find(p => p.offsetParent !== null);
+    return panel && [...panel.querySelectorAll('.js-plotly-plot')].every(plot => plot.querySelector('.main-svg'));
+}"""
+"""The visible tab's charts have all drawn."""
+
+
 def visit_tabs(page, name: str, tabs: list[str] = TABS) -> dict[str, str]:
     """Click each tab, wait for its charts, save a screenshot; the text each tab shows."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     seen = {}
     for tab in tabs:
         page.get_by_role("tab", name=tab).click()
-        page.wait_for_timeout(1500)
+        page.wait_for_function(CHARTS_DRAWN, timeout=30_000)
+        page.wait_for_timeout(300)  # plotly's transitions settle before the screenshot
         panel = page.locator("[role='tabpanel']:visible")
         seen[tab] = panel.inner_text()
         page.screenshot(path=str(ARTIFACTS / f"{name}-{tab.lower().replace(' ', '-')}.png"), full_page=True)

@@ -87,13 +87,19 @@ class Simulator:
 
     def start(self) -> Simulator:
         """Serve in a background thread."""
-        self._thread = threading.Thread(target=self._server.serve_forever, name="joule-simulator", daemon=True)
+        # stop() waits for the serving loop's next poll: a short one keeps a test's teardown from costing half a second
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": _STOP_POLL_S},
+            name="joule-simulator",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
         """Serve in the calling thread until :meth:`stop` (or Ctrl-C)."""
-        self._server.serve_forever()
+        self._server.serve_forever(poll_interval=_STOP_POLL_S)
 
     def stop(self) -> None:
         """Stop serving and close the listening socket."""
@@ -102,6 +108,10 @@ class Simulator:
             self._thread.join(timeout=5)
             self._thread = None
         self._server.server_close()
+
+
+_STOP_POLL_S = 0.02
+"""How often the serving loop looks for :meth:`Simulator.stop` (socketserver's default is half a second)."""
 
 
 @contextmanager
