@@ -140,6 +140,11 @@ CHARTS_DRAWN = """() => {
     return panel && [...panel.querySelectorAll('.js-plotly-plot')].every(plot => plot.querySelector('.main-svg'));
 }"""
 """The visible tab's charts have all drawn."""
+TABLES_WIDER_THAN_THEIR_BOX = """() => {
+    const panel = [...document.querySelectorAll("[role='tabpanel']")].find(p => p.offsetParent !== null);
+    return [...panel.querySelectorAll('[data-testid=stDataFrame] .dvn-scroller')]
+        .filter(s => s.scrollWidth > s.clientWidth + 1).map(s => [s.scrollWidth, s.clientWidth]);
+}"""
 
 
 def visit_tabs(page, name: str, tabs: list[str] = TABS) -> dict[str, str]:
@@ -180,6 +185,14 @@ def test_every_tab_of_the_demo_ledger_draws(demo_ledger, browser, tmp_path):
         page.get_by_text("Billed but in no ledger").wait_for(timeout=60_000)  # the bill is read on first view
         seen["Bill"] = page.inner_text("body")
         page.screenshot(path=str(ARTIFACTS / "demo-bill.png"), full_page=True)
+        page.set_viewport_size({"width": 1280, "height": 1000})  # a laptop: every table fits, none scrolls sideways
+        page.wait_for_timeout(500)
+        wider = {}
+        for tab in ("Budgets", "What if", "Migration", "Efficiency"):
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_function(CHARTS_DRAWN, timeout=30_000)
+            wider[tab] = page.evaluate(TABLES_WIDER_THAN_THEIR_BOX)
+        page.set_viewport_size({"width": 1600, "height": 1300})
         page.get_by_role("tab", name="Overview").click()
         ticks = time_axis_ticks(page)
         page.goto(url + "/?range=Last+24+hours&tz=UTC", wait_until="networkidle")
@@ -191,6 +204,7 @@ def test_every_tab_of_the_demo_ledger_draws(demo_ledger, browser, tmp_path):
         proc.terminate()
         proc.communicate(timeout=15)  # reads and closes the pipe: no unclosed file left for the collector
     assert "Traceback" not in body
+    assert wider == {tab: [] for tab in wider}, f"at 1280 px these tables scroll sideways: {wider}"
     assert "Asia/Kolkata" in body or "Asia/Calcutta" in body, "the page says which zone it uses (the browser's)"
     from joule_otel.ledger import _reader as reader
 

@@ -409,10 +409,12 @@ def migration_share(
     seen = pd.DatetimeIndex(frame["bucket"].unique())
     steps = pd.date_range(seen.min(), seen.max(), freq=pd.Timedelta(milliseconds=BUCKET_MS[bucket]))
     every = seen.union(steps)
+    highest = 0.0
     for workload, part in frame.groupby("workload", sort=True):
         totals = part.groupby("bucket")["calls"].sum()
         elsewhere = part[part["provider"] != "joule_cloud"].groupby("bucket")["calls"].sum()
         share = (elsewhere.reindex(totals.index).fillna(0) / totals).reindex(every).sort_index()
+        highest = max(highest, float(share.max(skipna=True) or 0.0))
         name = text(workload)
         fig.add_scatter(
             x=share.index,
@@ -427,5 +429,10 @@ def migration_share(
         fig,
         "Share of calls still on another provider",
         xaxis=time_axis(bucket, start, end, tz_name),
-        yaxis={"title": "calls on other providers", "tickformat": ".0%", "range": [0, 1.05]},
+        # up to the highest share seen (a few per cent is readable), never past 100 %
+        yaxis={
+            "title": "calls on other providers",
+            "tickformat": ".0%",
+            "range": [0, min(1.05, max(highest * 1.25, 0.05))],
+        },
     )

@@ -75,7 +75,7 @@ def describe(start: datetime, end: datetime, tz: ZoneInfo) -> str:
 TICK_FORMATS = {
     "1 minute": "%H:%M",
     "5 minutes": "%H:%M",
-    "1 hour": "%d %b %H:%M",
+    "1 hour": "%H:%M\n%d %b",  # Plotly puts what follows \n on a second line, only where the day changes
     "1 day": "%d %b",
     "7 days": "%d %b %Y",
 }

@@ -34,7 +34,7 @@ def render(view: View, page: dict[str, Any]) -> None:
         left_j = item.budget_j - item.spent_j
         if item.refused_402:
             first_402 = pd.Timestamp(item.first_402).tz_convert(view.tz_name)
-            projection = f"refused by the service since {first_402:%d %b %H:%M}"
+            projection = f"402 since {first_402:%d %b %H:%M}"
         elif left_j <= 0:
             projection = "spent"
         elif rate <= 0:
@@ -68,7 +68,7 @@ def render(view: View, page: dict[str, Any]) -> None:
     st.caption(
         f"Budgets from {units.plain(view.budgets_path or 'JOULE_OTEL_BUDGETS')}. Month to date as of "
         f'{view.as_of.astimezone(view.tz):%d %b %Y %H:%M} ({view.tz_name}); UTC months. "runs out" projects this '
-        "month's average burn per day (the dashed line on each chart)."
+        'month\'s average burn per day (the dashed line on each chart); "402 since" is when the service began refusing.'
     )
     burn = page["burn"]
     if burn is not None and not burn.empty:

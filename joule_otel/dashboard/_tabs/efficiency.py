@@ -49,18 +49,29 @@ def render(view: View, page: dict[str, Any]) -> None:
             )
         table = pd.DataFrame(
             {
-                "routed model": eff["model"],
+                "model": eff["model"],  # the model that served: the tab is of routed models
                 "kind": eff["kind"],
                 "J per output token": eff["j_per_output_token"].map(three_figures),
                 "J per input token": eff["j_per_input_token"].map(three_figures),
                 "J per call": eff["j_per_call"].map(three_figures),
                 "calls": eff["calls"].map(lambda v: text_number(v, ",.0f")),
-                "median duration (ms)": eff["p50_duration_ms"].map(three_figures),
-                "p95 duration (ms)": eff["p95_duration_ms"].map(three_figures),
-                "median time to first chunk (ms)": eff["p50_ttft_ms"].map(three_figures),
+                "p50 ms": eff["p50_duration_ms"].map(three_figures),
+                "p95 ms": eff["p95_duration_ms"].map(three_figures),
+                "TTFT ms": eff["p50_ttft_ms"].map(three_figures),
             }
         )
-        st.dataframe(table, hide_index=True, width="stretch")
+        st.dataframe(
+            table,
+            hide_index=True,
+            width="stretch",
+            column_config={  # short headers, so the table fits a laptop's screen; the help says them in full
+                "p50 ms": st.column_config.TextColumn(help="Median duration of a call, in milliseconds"),
+                "p95 ms": st.column_config.TextColumn(help="95th percentile of a call's duration, in milliseconds"),
+                "TTFT ms": st.column_config.TextColumn(
+                    help="Time to first token: the median time to a stream's first chunk"
+                ),
+            },
+        )
     hist = page["histogram"]
     if not hist.empty:
         show(st, charts.histogram(hist), hist, "energy_histogram")

@@ -62,22 +62,30 @@ def recommendations(page: dict[str, Any]) -> None:
                     "–" if m.change == "region" else units.energy(m.energy_now_j - m.energy_then_j) for m in sure
                 ],
                 "carbon saved": [units.carbon(m.carbon_now_mg - m.carbon_then_mg) for m in sure],
-                "energy then (now)": [
-                    f"{units.energy(m.energy_then_j)} ({units.energy(m.energy_now_j)})" for m in sure
-                ],
-                "rates measured over": [f"{m.basis_calls:,} calls" for m in sure],
-                "median latency there": [_latency(m, efficiency) or "–" for m in sure],
+                "then (now)": [f"{units.energy(m.energy_then_j)} ({units.energy(m.energy_now_j)})" for m in sure],
+                "measured over": [f"{m.basis_calls:,} calls" for m in sure],
+                "median latency": [_latency(m, efficiency) or "–" for m in sure],
             }
         )
-        st.dataframe(table, hide_index=True, width="stretch")
+        st.dataframe(
+            table,
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "then (now)": st.column_config.TextColumn(help="The energy after the change, and as the calls ran"),
+                "measured over": st.column_config.TextColumn(help="The calls the new rate was measured on"),
+                "median latency": st.column_config.TextColumn(help="A call's median duration on the model moved to"),
+            },
+        )
         st.caption(
             "Each saving re-prices the workload's calls in this period at the rates this ledger measured on that "
             "model or tier (J per output token; per input token for embeddings), or at that region's measured "
             f"carbon per joule. Ranked by energy saved, then carbon. Only rates measured over at least "
             f"{queries.MIN_RATE_CALLS} calls are used."
         )
-        buttons = st.columns(min(len(sure), 4))
-        for column, move in zip(buttons, sure[:4], strict=False):
+        buttons = st.columns(2)  # two to a row: a workload's name and the change fit on the button
+        for i, move in enumerate(sure[:4]):
+            column = buttons[i % 2]
             column.button(
                 f"Details: {units.plain(move.workload)}, {_wording(move)}",  # labels are markdown: names as code
                 key=f"wi_open_{move.workload}_{move.change}_{move.to}",
