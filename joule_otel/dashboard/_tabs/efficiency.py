@@ -68,7 +68,7 @@ def render(view: View, page: dict[str, Any]) -> None:
                 "p50 ms": st.column_config.TextColumn(help="Median duration of a call, in milliseconds"),
                 "p95 ms": st.column_config.TextColumn(help="95th percentile of a call's duration, in milliseconds"),
                 "TTFT ms": st.column_config.TextColumn(
-                    help="Time to first token: the median time to a stream's first chunk"
+                    help="Time to first token: a stream's median wait for its first chunk"
                 ),
             },
         )
