@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import math
 from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
@@ -636,6 +637,10 @@ def test_the_ranked_savings_are_the_what_if_answers_and_open_on_one_click(isolat
     top = sure[0]
     assert table.iloc[0]["energy saved"] == units.energy(top.energy_now_j - top.energy_then_j)
     assert table.iloc[0]["measured over"] == f"{top.basis_calls:,} calls"
+    # every change reads as what the workload would do: "pin …", "move to the … tier", "run in …"
+    assert all(re.fullmatch(r"pin \S+|move to the \S+ tier|run in \S+", c) for c in table["change"]), table["change"]
+    opens = [b.label for b in at.button if b.key.startswith("wi_open_")]  # "Details: `wl`, move to the `batch` tier"
+    assert opens and all(re.fullmatch(r"Details: `[^`]+`, (pin|move to the|run in) `[^`]+`( tier)?", b) for b in opens)
     next(b for b in at.button if b.key.startswith("wi_open_")).click().run()
     assert not at.exception
     assert at.selectbox(key="wi_workload").value == top.workload

@@ -22,7 +22,7 @@ _CHANGE_KEYS = {"model": "wi_model", "tier": "wi_tier", "region": "wi_region"}
 def _wording(move: queries.Move, markdown: bool = True) -> str:
     """The change as words: names as code spans in markdown, as they are in a table's cells."""
     name = units.plain(move.to) if markdown else str(move.to)
-    return {"model": f"pin {name}", "tier": f"the {name} tier", "region": f"run in {name}"}[move.change]
+    return {"model": f"pin {name}", "tier": f"move to the {name} tier", "region": f"run in {name}"}[move.change]
 
 
 def _open(move: queries.Move) -> None:
