@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import math
+import re
 from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
 
