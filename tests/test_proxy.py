@@ -499,6 +499,27 @@ def test_off_loopback_needs_a_token_which_clients_send_and_the_upstream_never_se
     assert sent["authorization"] == "Bearer jc_lent" and "x-joule-proxy-token" not in sent
 
 
+def test_a_path_climbing_out_of_v1_is_a_404_and_headers_named_by_connection_stay_here(odd_upstream, tmp_path):
+    through = start_proxy(odd_upstream, tmp_path / "c.duckdb")
+    port = int(through.url.rsplit(":", 1)[1])
+    try:
+        statuses = []
+        for path in (b"/v1/../admin", b"/v1/%2e%2e/admin", b"/v1/./models", b"/v1/chat/..%2f..%2fsecret"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                statuses.append(int(sock.recv(100).split()[1]))
+        answered = httpx.post(
+            through.base_url + "/chat/completions",
+            json={"model": "auto", "messages": HI},
+            headers={"Connection": "keep-alive, X-Private", "X-Private": "this hop", "X-Public": "end to end"},
+        )
+    finally:
+        through.stop()
+    assert statuses == [404, 404, 404, 404], "never forwarded to a path the upstream resolves outside /v1/"
+    (sent,) = Odd.seen  # nothing of the climbing requests reached the upstream
+    assert answered.status_code == 200 and "x-private" not in sent and sent["x-public"] == "end to end"
+
+
 def test_sigterm_lets_the_call_in_flight_finish_and_writes_its_row(tmp_path):
     with running(seed=8, token_delay_s=0.01) as slow:
         through = start_proxy(slow.base_url.removesuffix("/v1"), tmp_path / "t.duckdb")
@@ -528,36 +549,26 @@ def test_sigterm_lets_the_call_in_flight_finish_and_writes_its_row(tmp_path):
 def test_a_server_span_continues_the_callers_trace_and_the_upstream_call_is_its_child(sim, tmp_path):
     import asyncio
 
-    import uvicorn
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.trace import SpanKind
 
+    from joule_otel.proxy import HttpServer, ProxyConfig
     from joule_otel.proxy import Proxy as App
-    from joule_otel.proxy import ProxyConfig
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     db = tmp_path / "traced.duckdb"
     joule_otel.instrument(db=db, flush_interval=0.2, tracer_provider=provider)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            App(ProxyConfig(upstream=sim.base_url.removesuffix("/v1")), tracer_provider=provider),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            lifespan="on",
-        )
-    )
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    app = App(ProxyConfig(upstream=sim.base_url.removesuffix("/v1")), tracer_provider=provider)
+    server = HttpServer(app.handle, max_body_bytes=1 << 20)
+    loop = asyncio.new_event_loop()
+    port = loop.run_until_complete(server.start("127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
         caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
         request = urllib.request.Request(  # urllib: a caller this process's httpx instrumentation does not trace
             f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -572,8 +583,10 @@ def test_a_server_span_continues_the_callers_trace_and_the_upstream_call_is_its_
             assert response.status == 200
         assert joule_otel.flush(timeout_s=20)
     finally:
-        server.should_exit = True
+        asyncio.run_coroutine_threadsafe(server.shutdown(5), loop).result(timeout=20)
+        loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=20)
+        loop.close()
         joule_otel.uninstrument()
     spans = exporter.get_finished_spans()
     (served,) = [s for s in spans if s.kind == SpanKind.SERVER]

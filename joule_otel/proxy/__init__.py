@@ -9,16 +9,22 @@ Loopback by default; any other address requires ``JOULE_OTEL_PROXY_TOKEN``, whic
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from joule_otel.proxy._app import DEFAULT_WORKLOAD, Proxy, ProxyConfig, key_hash, load_key_workloads
+from joule_otel.proxy._server import HttpServer
 
-__all__ = ["DEFAULT_PORT", "Proxy", "ProxyConfig", "key_hash", "serve"]
+__all__ = ["DEFAULT_PORT", "HttpServer", "Proxy", "ProxyConfig", "key_hash", "serve"]
 
 DEFAULT_PORT = 8787
+DRAIN_S = 30.0
+"""How long requests under way may take to finish after SIGTERM before the proxy stops anyway."""
 JOULE_OTEL_PROXY_TOKEN = "JOULE_OTEL_PROXY_TOKEN"
 
 
@@ -62,9 +68,9 @@ def serve(
     if port_taken(host, port):
         raise ValueError(f"port {port} on {host} is already in use; pass another with --port")
     try:
-        import uvicorn
+        import httptools  # noqa: F401
     except ImportError:
-        raise ValueError("joule-otel proxy needs its server: pip install 'joule-otel[collect]'") from None
+        raise ValueError("joule-otel proxy needs its HTTP parser: pip install 'joule-otel[collect]'") from None
     config = ProxyConfig(
         upstream=upstream.removesuffix("/").removesuffix("/v1"),
         token=token,
@@ -76,27 +82,34 @@ def serve(
 
     os.environ.setdefault("OTEL_SERVICE_NAME", "joule-otel-proxy")
     joule_otel.instrument(db=db) if db is not None else joule_otel.instrument()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            Proxy(config),
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=30,
-            proxy_headers=False,  # X-Forwarded-For is the upstream's to read: it goes on unchanged
-            server_header=False,  # the upstream's Server and Date go back unchanged
-            date_header=False,
-        )
-    )
     where = joule_otel.stats().get("db_path") or "no ledger (JOULE_OTEL_DB=off)"
-    print(f"joule-otel proxy: http://{host}:{port}/v1 → {config.upstream}/v1  →  {where}  (Ctrl-C stops)", flush=True)
-    # uvicorn drains in-flight requests on SIGTERM/SIGINT, then raises the signal again for the handler it found:
-    # a quiet one, so the rows still in memory are written below and the exit status is 0
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: None)
     try:
-        server.run()
+        _run(_serve(Proxy(config), host, port, f"{config.upstream}/v1  →  {where}"))
     finally:
-        joule_otel.uninstrument()
+        joule_otel.uninstrument()  # the rows of the calls drained are written before the process ends
+
+
+async def _serve(proxy: Proxy, host: str, port: int, where: str) -> None:
+    """Serve until SIGTERM or SIGINT, then let the requests under way finish (their rows are then in capture)."""
+    server = HttpServer(proxy.handle, max_body_bytes=proxy.config.max_body_bytes)
+    bound = await server.start(host, port)
+    print(f"joule-otel proxy: http://{host}:{bound}/v1 → {where}  (Ctrl-C stops)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        await server.shutdown(DRAIN_S)
+    finally:
+        proxy.close()
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (as the collector's uvicorn does), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

@@ -1,4 +1,4 @@
-"""The recording gateway as a bare ASGI application: forward, stream back, hand each call to capture.
+"""The recording gateway: forward, stream back, hand each call to capture.
 
 Every request under ``/v1/`` goes to the upstream through the proxy's own HTTP/1.1 client (:mod:`._upstream`). The
 process runs ``joule_otel.instrument()``; each call that client makes goes to the same capture as an app's (the same
@@ -10,16 +10,15 @@ adds energy of its own: every row's figures are the upstream's.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from time import perf_counter_ns, time_ns
 from typing import Any
+from urllib.parse import unquote
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -29,14 +28,10 @@ from joule_otel._genai import redact_url
 from joule_otel._instrument import active_capture
 from joule_otel._record import ForwardedCall, RawHeaders
 from joule_otel._workload import baggage_workload
+from joule_otel.proxy._server import Reply, Request, error_body
 from joule_otel.proxy._upstream import Answer, Upstream, UpstreamError, UpstreamTimeout
 
 _log = logging.getLogger("joule_otel.proxy")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 HOP_BY_HOP = frozenset(
     {
@@ -112,13 +107,8 @@ def load_key_workloads(path: str) -> dict[str, str]:
     return found
 
 
-def _error(status: int, message: str, code: str) -> tuple[int, bytes]:
-    body = {"error": {"message": message, "type": "proxy_error", "param": None, "code": code}}
-    return status, json.dumps(body).encode()
-
-
 class Proxy:
-    """The ASGI application."""
+    """The recording gateway: one request in, forwarded, its answer streamed back (:meth:`handle`)."""
 
     def __init__(self, config: ProxyConfig, tracer_provider: Any = None) -> None:
         self.config = config
@@ -134,47 +124,30 @@ class Proxy:
         self.forwarded = 0
         self.refused = 0
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        path: str = scope["path"]
+    async def handle(self, request: Request, reply: Reply) -> None:
+        """Answer one request: ``/healthz``, a refusal, or the upstream's answer to it."""
+        raw_path = request.path
+        path = unquote(raw_path.decode("latin-1"))
         if path == "/healthz":
-            await _respond(send, 200, json.dumps({"status": "ok", "in_flight": self.in_flight}).encode())
+            await reply.respond(200, json.dumps({"status": "ok", "in_flight": self.in_flight}).encode())
             return
-        if not (path == "/v1" or path.startswith("/v1/")):
+        if not (path == "/v1" or path.startswith("/v1/")) or _climbs(path):
             self.refused += 1
-            await _respond(send, *_error(404, f"joule-otel proxy forwards /v1/… only, not {path!r}", "not_found"))
+            await reply.respond(*error_body(404, f"joule-otel proxy forwards /v1/… only, not {path!r}", "not_found"))
             return
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        if self.config.token is not None and not _token_ok(headers, self.config.token):
+        if self.config.token is not None and not _token_ok(request.headers, self.config.token):
             self.refused += 1
-            await _respond(send, *_error(401, "X-Joule-Proxy-Token is missing or wrong", "proxy_token"))
-            return
-        body = await _read_body(receive, self.config.max_body_bytes)
-        if body is None:
-            self.refused += 1
-            await _respond(
-                send, *_error(413, f"the body is larger than {self.config.max_body_bytes} bytes", "too_large")
-            )
+            await reply.respond(*error_body(401, "X-Joule-Proxy-Token is missing or wrong", "proxy_token"))
             return
         self.in_flight += 1
         try:
-            await self._forward(scope, headers, body, receive, send)
+            await self._forward(request, path, reply)
         finally:
             self.in_flight -= 1
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                self.upstream.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    def close(self) -> None:
+        """Close the upstream's idle connections."""
+        self.upstream.close()
 
     def tracing(self) -> bool:
         """Whether spans go anywhere: decided at the first request (``instrument()`` has set the provider by then)."""
@@ -198,15 +171,14 @@ class Proxy:
                     return found
         return self.config.workload
 
-    async def _forward(
-        self, scope: Scope, headers: list[tuple[bytes, bytes]], body: bytes, receive: Receive, send: Send
-    ) -> None:
+    async def _forward(self, request: Request, path: str, reply: Reply) -> None:
         """Forward one request and stream its answer back, handing the call to capture on the way."""
         outgoing: list[tuple[bytes, bytes]] = []
         named = auth = None
         carried: dict[str, str] = {}
-        for name, value in headers:  # one pass: what goes upstream, and what is for the proxy itself
-            if name in HOP_BY_HOP or name == TOKEN_HEADER or name.startswith(TAG_PREFIX):
+        listed = _connection_options(request.headers)
+        for name, value in request.headers:  # one pass: what goes upstream, and what is for the proxy itself
+            if name in HOP_BY_HOP or name == TOKEN_HEADER or name.startswith(TAG_PREFIX) or name in listed:
                 continue
             if name == WORKLOAD_HEADER:
                 named = value
@@ -219,22 +191,20 @@ class Proxy:
         if self.config.api_key and auth is None:
             outgoing.append((b"authorization", f"Bearer {self.config.api_key}".encode()))
         context = propagate.extract(carried) if carried else None
-        method: str = scope["method"]
-        query = scope.get("query_string") or b""
-        target: bytes = scope.get("raw_path") or scope["path"].encode()
-        raw_path = target
-        if query:
-            target += b"?" + query
+        method = request.method
+        body = request.body
+        raw_path = request.path
+        target = raw_path + b"?" + request.query if request.query else raw_path
         served = client = None
         if self.tracing():
             # a server span for the call, continuing the caller's trace, and the upstream call its child
             served = self.tracer.start_span(
-                f"{method} {scope['path']}",
+                f"{method} {path}",
                 context=context,
                 kind=SpanKind.SERVER,
                 attributes={
                     "http.request.method": method,
-                    "url.path": scope["path"],
+                    "url.path": path,
                     "joule.proxy.upstream": self.upstream_url,
                 },
             )
@@ -274,7 +244,7 @@ class Proxy:
                 if timed_out
                 else f"the upstream {self.upstream_url} cannot be reached: {exc}"
             )
-            await _respond(send, *_error(status, message, "timeout" if timed_out else "unreachable"))
+            await reply.respond(*error_body(status, message, "timeout" if timed_out else "unreachable"))
             _end(served, status)
             return
         self.forwarded += 1
@@ -287,8 +257,10 @@ class Proxy:
         try:
             back = [(k, v) for k, v in answer.headers if k.lower() not in HOP_BY_HOP and _sendable(v)]
             length = _length(answer.headers)
-            await send({"type": "http.response.start", "status": answer.status, "headers": back + length})
-            await self._stream(answer, call, receive, send, watch=not length)
+            await reply.start(answer.status, back, length)
+            if length is None:  # a stream: a client that goes away stops the upstream request at once
+                reply.on_gone(answer.close)
+            await _stream(answer, call, reply)
         finally:
             answer.close()
             if call is not None:
@@ -297,35 +269,38 @@ class Proxy:
                 capture.finish(call)  # type: ignore[union-attr]
             _end(served, answer.status)
 
-    async def _stream(
-        self, answer: Answer, call: ForwardedCall | None, receive: Receive, send: Send, *, watch: bool
-    ) -> None:
-        """Each chunk to the client as the upstream sends it; a client that goes away stops the upstream request.
 
-        ``watch``: a body without a length (a stream) is watched for the client leaving; one of known length
-        arrives at once.
-        """
-        gone = asyncio.ensure_future(_disconnected(receive)) if watch else None
-        try:
-            async for chunk in answer.body():
-                if call is not None:
-                    if not call.t_first:
-                        call.t_first = perf_counter_ns()
-                    if call.kept >= 0:
-                        call.keep(chunk)
-                if gone is not None and gone.done():
-                    return
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+async def _stream(answer: Answer, call: ForwardedCall | None, reply: Reply) -> None:
+    """Each chunk to the client as the upstream sends it, a copy kept for capture."""
+    try:
+        async for chunk in answer.body():
             if call is not None:
-                call.t_end = perf_counter_ns()
-            if gone is None or not gone.done():
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except UpstreamError:
-            # the upstream broke off mid-body: the client's connection ends short, as the upstream's did
+                if not call.t_first:
+                    call.t_first = perf_counter_ns()
+                if call.kept >= 0:
+                    call.keep(chunk)
+            if reply.gone:
+                return
+            await reply.send(chunk)
+        if call is not None:
+            call.t_end = perf_counter_ns()
+        await reply.end()
+    except UpstreamError:
+        if not reply.gone:  # the upstream broke off mid-body: the client's answer ends short, as the upstream's did
             _log.info("joule-otel proxy: the upstream broke off a response", exc_info=True)
-        finally:
-            if gone is not None:
-                gone.cancel()
+
+
+def _connection_options(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The headers a ``Connection`` header names: this hop's alone, never forwarded (RFC 9110 7.6.1)."""
+    named = [v for k, v in headers if k == b"connection"]
+    if not named:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in named for t in v.split(b",")) - {b"close", b"keep-alive", b""}
+
+
+def _climbs(path: str) -> bool:
+    """A path with a ``.`` or ``..`` segment: the upstream would resolve it outside ``/v1/``."""
+    return any(segment in (".", "..") for segment in path.split("/"))
 
 
 def _open(
@@ -374,19 +349,12 @@ def _sendable(value: bytes) -> bool:
     return _UNSENDABLE.search(value) is None
 
 
-def _length(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _length(headers: list[tuple[bytes, bytes]]) -> int | None:
     """The upstream's Content-Length when the body is forwarded as it came (raw bytes, so the length holds)."""
     for name, value in headers:
         if name.lower() == b"content-length" and value.strip().isdigit():
-            return [(b"content-length", value.strip())]
-    return []
-
-
-async def _disconnected(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+            return int(value)
+    return None
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -400,31 +368,3 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
 def _token_ok(headers: list[tuple[bytes, bytes]], token: str) -> bool:
     sent = _header(headers, TOKEN_HEADER) or b""
     return hmac.compare_digest(sent.strip(), token.encode())
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The request body, or None past ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return b"".join(chunks)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
-async def _respond(send: Send, status: int, body: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
