@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from joule_otel._dedupe import RECENT_CALLS
+
 LOADGEN = r"""
 import asyncio, json, sys, time
 
@@ -264,7 +266,9 @@ def proxy_overhead(rates: list[float], seconds: float, memory_calls: int) -> lis
                     rows.append(row)
         proc, port, prefix, extra = gateways["joule-otel proxy"]
         process = psutil.Process(proc.pid)
-        _load(port, prefix, 0, 5_000, False, extra)  # past start-up: imports, pools, the first segments
+        # past start-up (imports, pools, the first segments) and past the dedupe window's filling: what grows after
+        # that is what would grow forever
+        _load(port, prefix, 0, RECENT_CALLS + 5_000, False, extra)
         before = process.memory_info().rss
         sent = 0
         while sent < memory_calls:
@@ -274,6 +278,7 @@ def proxy_overhead(rates: list[float], seconds: float, memory_calls: int) -> lis
         after = process.memory_info().rss
         memory.append(
             {
+                "warm-up calls": f"{RECENT_CALLS + 5_000:,}",
                 "calls after warm-up": f"{memory_calls:,}",
                 "RSS before MB": before / 2**20,
                 "RSS after MB": after / 2**20,

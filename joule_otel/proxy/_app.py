@@ -255,7 +255,7 @@ class Proxy:
             )
         _end(client, answer.status)
         try:
-            back = [(k, v) for k, v in answer.headers if k.lower() not in HOP_BY_HOP and _sendable(v)]
+            back = _headers_back(answer.headers)
             length = _length(answer.headers)
             await reply.start(answer.status, back, length)
             if length is None:  # a stream: a client that goes away stops the upstream request at once
@@ -344,9 +344,11 @@ _UNSENDABLE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 """What HTTP forbids in a header value: control characters other than tab."""
 
 
-def _sendable(value: bytes) -> bool:
-    """Whether a header value can go out again."""
-    return _UNSENDABLE.search(value) is None
+def _headers_back(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's headers that go on to the client: end-to-end ones whose values can be sent again."""
+    if _UNSENDABLE.search(b"\t".join(value for _, value in headers)) is None:  # the usual case: every value is fine
+        return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and _UNSENDABLE.search(v) is None]
 
 
 def _length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -78,6 +78,7 @@ class Reply:
     __slots__ = (
         "_chunked",
         "_connection",
+        "_head",
         "_head_only",
         "_http10",
         "_no_body",
@@ -92,6 +93,8 @@ class Reply:
         self._head_only = request.method == "HEAD"
         self._http10 = request.http10
         self._chunked = False
+        self._head = b""
+        """The head of an answer of known length, held to go out with its body."""
         self._no_body = False
         self._on_gone: Callable[[], object] | None = None
         self.keep_alive = request.keep_alive
@@ -144,13 +147,18 @@ class Reply:
         elif self._http10:
             parts.append(_KEEP_ALIVE)
         parts.append(b"\r\n")
-        self._connection.write(b"".join(parts))
+        if length and not self._no_body:  # a whole body follows: the head goes with it, in one write
+            self._head = b"".join(parts)
+        else:  # a stream's head goes now: a client sees the answer begin before the first event
+            self._connection.write(b"".join(parts))
 
     async def send(self, chunk: bytes) -> None:
         """A piece of the body, written now; waits while the client is slower than what it is sent."""
         if not chunk or self._no_body:
             return
         connection = self._connection
+        if self._head:
+            chunk, self._head = self._head + chunk, b""
         if self._chunked:
             connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
@@ -160,6 +168,10 @@ class Reply:
 
     async def end(self) -> None:
         """The body is complete."""
+        if self._head:  # the body promised was not sent: the head alone, and the connection cannot be reused
+            self._connection.write(self._head)
+            self._head = b""
+            return
         if self._chunked:
             self._connection.write(_LAST_CHUNK)
         self.finished = True

@@ -141,10 +141,16 @@ class _Connection(asyncio.Protocol):
             self.waiter = None
 
     def take(self) -> bytes | None:
-        """The next piece of the body, if one is here."""
-        if not self.chunks:
+        """The body that has arrived and not been taken, if any: the pieces of one read, together.
+
+        A stream's events come several to a read; handed on together they cost the client one write, not one each,
+        and none waits for anything that has not arrived.
+        """
+        chunks = self.chunks
+        if not chunks:
             return None
-        chunk = self.chunks.popleft()
+        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
         self.buffered -= len(chunk)
         if self.paused and self.buffered <= PAUSE_AT_BYTES // 2 and self.transport is not None:
             self.paused = False
