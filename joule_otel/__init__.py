@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from joule_otel._tags import tags
 from joule_otel._version import __version__
 from joule_otel._workload import workload
 
@@ -62,6 +63,7 @@ __all__ = [
     "instrument",
     "read_ledger",
     "stats",
+    "tags",
     "uninstrument",
     "workload",
 ]

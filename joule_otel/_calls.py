@@ -75,6 +75,7 @@ def call_row(
     trace_id: int | str | None,
     span_id: int | str | None,
     provider: str | None,
+    tags: dict[str, str] | None = None,
 ) -> LedgerRow:
     """The ledger row of a call, from facts each already parsed and cleaned where it was read.
 
@@ -84,7 +85,7 @@ def call_row(
     ``status`` is the HTTP status as received (anything that is not one is missing); ``error`` is the error
     the call ended with when its status does not say (a transport error, a span's ``error.type``), ``error_code`` the
     response body's (``insufficient_balance``); ``trace_id`` and ``span_id`` are ints (this process's spans) or
-    lower-case hex (received ones).
+    lower-case hex (received ones); ``tags`` are already merged and bounded (:func:`joule_otel._tags.merged`).
     """
     status_ = status_code(status)
     return _new(
@@ -112,6 +113,7 @@ def call_row(
             _hex_id(trace_id, 32),
             _hex_id(span_id, 16),
             provider,
+            tags or None,
         ),
     )
 

@@ -43,6 +43,7 @@ from joule_otel._genai import (
 )
 from joule_otel._headers import RESPONSE_HEADERS, read_response
 from joule_otel._record import BODY_CAP_BYTES, CallRecord, has_header
+from joule_otel._tags import TAG_PREFIX, baggage_tags, merged
 from joule_otel._workload import baggage_workload
 
 _log = logging.getLogger("joule_otel")
@@ -69,6 +70,10 @@ class Capture:
         self.inflight: dict[CallRecord, CallRecord] = {}
         self.errors = 0
         self.invalid_headers = 0
+        self.tags_dropped = 0
+        self.default_tags: dict[str, str] = {}
+        """The process's tags, set by ``instrument()``: on the span with the call's own."""
+        """Tags past the 16 a call keeps (its highest-precedence ones are kept)."""
         self._logged: set[str] = set()
         self._stream_classes: dict[Any, tuple[type, type]] = {}
         self._lock = threading.Lock()
@@ -156,6 +161,9 @@ class Capture:
         }
         if call.workload is not None:
             values[attr.JOULE_WORKLOAD] = call.workload
+        tags = merged(self.default_tags, baggage_tags(call.context), call.tags)[0]
+        if tags:
+            values.update((TAG_PREFIX + key, value) for key, value in tags.items())
         error_type = error_type_for(call.status_code, None)
         if error_type is not None:
             values[attr.ERROR_TYPE] = error_type

@@ -211,6 +211,20 @@ def _cmd_budgets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from joule_otel import _report as rp
+
+    report = rp.build(_db(args), rp.dimensions(args.by), rp.period(args.period))
+    text = rp.RENDER[args.format](report)
+    if args.out:
+        Path(args.out).expanduser().write_text(text, encoding="utf-8")
+        if args.format != "table":
+            sys.stdout.write(rp.table_text(report))
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _cmd_reconcile(args: argparse.Namespace) -> int:
     from joule_otel import _reconcile as rc
 
@@ -387,6 +401,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--hash-key", action="store_true", help="read an API key on standard input, print its hash for --workloads"
     )
     proxy.set_defaults(func=_cmd_proxy)
+
+    rep = sub.add_parser(
+        "report",
+        help="energy, carbon, calls and tokens for a period, grouped by tags or columns (chargeback)",
+        description="The ledger's calls in a period (UTC), grouped: by a tag key (team, customer...), workload, "
+        "service, provider, model, requested_model, region, tier, operation, day, week or month. Calls without the "
+        "tag are '(untagged)'. The total line is the ledger's for the period.",
+    )
+    rep.add_argument("--by", required=True, help="comma-separated groups, e.g. team or team,workload or customer,month")
+    rep.add_argument(
+        "--period", required=True, help="2026-11 (a month), 2026-11-05 (a day), 2026 or 2026-11-01..2026-11-15"
+    )
+    rep.add_argument("--format", choices=("table", "csv", "json", "markdown"), default="table", help="default table")
+    rep.add_argument("--out", metavar="FILE", help="write the report here (a table still prints)")
+    rep.add_argument("--db", help="ledger to read (default: JOULE_OTEL_DB or the per-user ledger)")
+    rep.set_defaults(func=_cmd_report)
 
     rec = sub.add_parser(
         "reconcile",

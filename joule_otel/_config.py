@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from joule_otel import _tags
 from joule_otel._headers import clean_string
 
 METRICS_MODES = ("all", "energy", "none")
@@ -42,6 +43,8 @@ JOULE_OTEL_CALL_EVENTS = "JOULE_OTEL_CALL_EVENTS"
 """Send one OTLP log record per call (for ``joule-otel collect``). Default off."""
 JOULE_OTEL_COLLECT_TOKEN = "JOULE_OTEL_COLLECT_TOKEN"
 """Bearer token ``joule-otel collect`` requires; required when it listens off loopback."""
+JOULE_OTEL_TAGS = "JOULE_OTEL_TAGS"
+"""Tags on every call this process makes, e.g. ``team=search,env=prod`` (a ``tags()`` block wins a key it sets)."""
 JOULE_OTEL_MAX_WORKLOADS = "JOULE_OTEL_MAX_WORKLOADS"
 """Distinct workload values metrics carry before the rest become ``other``. Default 50."""
 OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -132,6 +135,8 @@ class Settings:
     budgets: tuple[Any, ...] = ()
     """:class:`joule_otel._budgets.Budget` s to watch (from ``budgets=`` or ``JOULE_OTEL_BUDGETS``)."""
     budget_thresholds: tuple[float, ...] = (0.8, 1.0)
+    tags: Any = ()
+    """The process's tags, as ``((key, value), ...)`` (from ``tags=`` or ``JOULE_OTEL_TAGS``)."""
 
     OPTIONS: ClassVar[dict[str, str]] = {
         "db": JOULE_OTEL_DB,
@@ -146,6 +151,7 @@ class Settings:
         "call_events": JOULE_OTEL_CALL_EVENTS,
         "budgets": JOULE_OTEL_BUDGETS,
         "budget_thresholds": JOULE_OTEL_BUDGET_THRESHOLDS,
+        "tags": JOULE_OTEL_TAGS,
     }
     """``instrument()`` option → the environment variable it overrides."""
 
@@ -197,6 +203,13 @@ class Settings:
         capture_content = options.get("capture_content")
         call_events = options.get("call_events")
         budgets, thresholds = _budget_options(options.get("budgets"), options.get("budget_thresholds"))
+        tags = options.get("tags")
+        if tags is not None:
+            if not isinstance(tags, dict):
+                raise ValueError(f"tags must be a dict of tag → value, not {type(tags).__name__}")
+            tags = _tags.checked(tags, "tags")
+        else:
+            tags = _env_tags()
 
         if db is None:
             db_path = db_path_from_env()
@@ -232,7 +245,23 @@ class Settings:
             call_events=call_events if call_events is not None else _truthy(os.environ.get(JOULE_OTEL_CALL_EVENTS)),
             budgets=budgets,
             budget_thresholds=thresholds,
+            tags=tuple(tags.items()),
         )
+
+
+def _env_tags() -> dict[str, str]:
+    """``JOULE_OTEL_TAGS``; a value that cannot be read is warned about and ignored (the app runs on)."""
+    raw = os.environ.get(JOULE_OTEL_TAGS, "")
+    if not raw.strip():
+        return {}
+    try:
+        found = _tags.parse(raw)
+        if len(found) > _tags.MAX_TAGS:
+            raise ValueError(f"{JOULE_OTEL_TAGS}: {len(found)} tags; a call keeps at most {_tags.MAX_TAGS}")
+    except ValueError as exc:
+        _log.warning("joule_otel: %s; the process's tags are ignored", exc)
+        return {}
+    return found
 
 
 def _budget_options(budgets: Any, thresholds: Any) -> tuple[tuple[Any, ...], tuple[float, ...]]:

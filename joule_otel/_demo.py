@@ -38,6 +38,7 @@ from typing import Any
 
 import joule_otel
 from joule_otel._terminal import dashboard_command, port_taken, print_table
+from joule_otel.simulator import _catalog as catalog
 from joule_otel.simulator import running, write_bill
 from joule_otel.simulator._server import OPENAI_PREFIX
 
@@ -331,7 +332,7 @@ def run_traffic(
     line = line or _ProgressLine()
 
     def task(index: int, planned: PlannedTask) -> None:
-        with joule_otel.workload(planned.name):
+        with joule_otel.workload(planned.name), joule_otel.tags(**(catalog.example_tags(planned.name, index) or {})):
             if planned.moment_ns is None:
                 planned.func(clients[planned.account], random.Random(seed * 100_003 + index), planned.era)
             else:

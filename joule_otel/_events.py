@@ -12,6 +12,7 @@ from typing import Any
 from joule_otel import _attributes as attr
 from joule_otel._calls import call_row
 from joule_otel._headers import clean_receipt, clean_string, parse_carbon, parse_energy, parse_token_count
+from joule_otel._tags import TAG_PREFIX, from_attributes, merged
 from joule_otel.ledger._row import LedgerRow, start_problem
 
 EVENT_NAME = "joule.inference.call"
@@ -43,7 +44,10 @@ FIELDS: dict[str, str] = {
 def event_attributes(row: LedgerRow) -> dict[str, Any]:
     """The attributes of the call event of ``row`` (None values left out, as OTLP has no null)."""
     values = row._asdict()
-    return {key: values[name] for name, key in FIELDS.items() if values[name] is not None}
+    found = {key: values[name] for name, key in FIELDS.items() if values[name] is not None}
+    if row.tags:
+        found.update((TAG_PREFIX + key, value) for key, value in row.tags.items())
+    return found
 
 
 def _text(value: Any) -> str | None:
@@ -86,4 +90,5 @@ def row_from_event(attributes: dict[str, Any], *, time_ns: int, trace_id: str, s
         trace_id=trace_id,
         span_id=span_id,
         provider=_text(get(FIELDS["provider"])),
+        tags=merged(from_attributes(attributes))[0],
     )

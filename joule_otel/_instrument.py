@@ -88,6 +88,7 @@ def instrument(
     call_events: bool | None = None,
     budgets: str | os.PathLike[str] | dict[str, float] | None = None,
     budget_thresholds: tuple[float, ...] | None = None,
+    tags: dict[str, str] | None = None,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
     **other: Any,
@@ -111,6 +112,8 @@ def instrument(
         budgets: monthly energy budgets: a JSON/TOML/CSV file or ``{workload: joules}`` (``JOULE_OTEL_BUDGETS``):
             a warning as each threshold is crossed, and ``joule.budget.*`` gauges.
         budget_thresholds: shares of a budget that warn, default ``(0.8, 1.0)`` (``JOULE_OTEL_BUDGET_THRESHOLDS``).
+        tags: chargeback tags on every call, e.g. ``{"team": "search"}`` (``JOULE_OTEL_TAGS``); ``tags()`` blocks
+            and baggage win a key they also set.
         tracer_provider: use this TracerProvider instead of the global one.
         meter_provider: use this MeterProvider instead of the global one.
         **other: ``flush_interval_s`` (the older name of ``flush_interval``); anything else is an error.
@@ -132,6 +135,7 @@ def instrument(
         call_events=call_events,
         budgets=budgets,
         budget_thresholds=budget_thresholds,
+        tags=tags,
         **other,
     )
     with _lock:
@@ -157,10 +161,12 @@ def _instrument_clients(settings: Settings, providers: Providers) -> _Instrument
         max_workloads=settings.max_workloads,
     )
     capture = Capture(capture_content=settings.capture_content)
+    capture.default_tags = dict(settings.tags)
     watch = _budget_watch(settings, meter, recorder)
     pipeline = Pipeline(
         service_name=providers.service_name,
         default_workload=settings.workload,
+        default_tags=dict(settings.tags),
         flush_interval_s=settings.flush_interval_s,
         recorder=recorder,
         writer=LedgerWriter(settings.db_path) if settings.db_path is not None else None,
@@ -529,6 +535,7 @@ def stats() -> dict[str, Any]:
         "duplicate_receipts": state.pipeline.recent.repeats,
         "capture_errors": state.capture.errors,
         "invalid_headers": state.capture.invalid_headers,
+        "tags_dropped": state.capture.tags_dropped,
         "histogram_path": path_in_use(),
     }
     if writer is not None:

@@ -24,6 +24,7 @@ from joule_otel._dedupe import RecentCalls
 from joule_otel._events import EVENT_NAME, event_attributes
 from joule_otel._metrics import MetricRecorder
 from joule_otel._record import CallRecord
+from joule_otel._tags import baggage_tags, merged
 from joule_otel._workload import baggage_workload
 from joule_otel.ledger._row import LedgerRow
 from joule_otel.ledger._writer import LedgerWriter, load_arrow
@@ -61,6 +62,7 @@ class Pipeline:
         *,
         service_name: str,
         default_workload: str | None,
+        default_tags: dict[str, str] | None = None,
         flush_interval_s: float,
         recorder: MetricRecorder,
         writer: LedgerWriter | None,
@@ -70,12 +72,14 @@ class Pipeline:
     ) -> None:
         self.service_name = service_name
         self.watch = watch
+        """Month-to-date energy against the budgets, and the 402 warnings (see :mod:`joule_otel._budget_watch`)."""
         self.row_listeners: list[Callable[[list[LedgerRow], list[Any]], None]] = []
         """Called on the background thread with each cycle's rows (the pytest plugin's energy per test)."""
-        """Month-to-date energy against the budgets, and the 402 warnings (see :mod:`joule_otel._budget_watch`)."""
         self.events_logger = events_logger
         """An OTel Logger that call events go to (``JOULE_OTEL_CALL_EVENTS``), or None."""
         self.default_workload = default_workload
+        self.default_tags = default_tags or {}
+        """The process's tags (``instrument(tags=…)``, ``JOULE_OTEL_TAGS``): the lowest precedence of a call's."""
         self.flush_interval_s = flush_interval_s
         self.recorder = recorder
         self.writer = writer
@@ -358,6 +362,9 @@ class Pipeline:
         if reading.invalid:
             self.capture_stats.invalid_headers += len(reading.invalid)
         duration_ns = max(call.t_end - call.t0, 0)
+        tags, dropped = merged(self.default_tags, baggage_tags(call.context), call.tags)
+        if dropped:
+            self.capture_stats.tags_dropped += dropped
         row = call_row(
             receipt_id=reading.receipt_id,
             started_us=call.started_ns // 1000,
@@ -382,6 +389,7 @@ class Pipeline:
             trace_id=call.trace_id,
             span_id=call.span_id,
             provider=call.provider or facts.provider,
+            tags=tags,
         )
         if not self.recent.fresh(row):
             return None

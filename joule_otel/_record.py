@@ -13,6 +13,7 @@ from joule_otel._decode import decode
 from joule_otel._genai import BODY_CAP_BYTES as REQUEST_CAP_BYTES
 from joule_otel._genai import RequestFields
 from joule_otel._headers import EnergyReading, header_value
+from joule_otel._tags import current_tags
 from joule_otel._workload import innermost_workload
 
 BODY_CAP_BYTES = 4 << 20
@@ -59,6 +60,8 @@ class CallRecord:
         self.request = request
         """httpx's request: its host, headers and body are read in the background (the response holds it anyway)."""
         self.workload: str | None = innermost_workload()
+        self.tags = current_tags()
+        """The ``tags()`` blocks' tags (baggage and the process's are merged in on the background thread)."""
         self.context = context
         """The OpenTelemetry context the call was made in, when not empty: its baggage may name the workload."""
         self.chunks: list[bytes] = []
@@ -156,9 +159,12 @@ class ForwardedCall(CallRecord):
         started_ns: int,
         context: Any,
         workload: str | None,
+        tags: dict[str, str] | None = None,
     ) -> None:
         super().__init__(None, operation, t0, started_ns, context)
         self.workload = workload
+        if tags:
+            self.tags = tags
         self._host = host
         self._headers = RawHeaders(headers)
         self._body = body

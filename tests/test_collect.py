@@ -1008,7 +1008,7 @@ def test_the_same_call_is_the_same_row_whichever_way_it_arrives(tmp_path, collec
     from joule_otel._events import event_attributes, row_from_event
     from joule_otel.simulator import running
 
-    seen: list[tuple[httpx.Request, httpx.Response, str | None, dict]] = []
+    seen: list[tuple[httpx.Request, httpx.Response, str | None, dict, dict]] = []
     db = tmp_path / "local.duckdb"
     joule_otel.instrument(db=db, flush_interval=0.2)
     try:
@@ -1034,9 +1034,14 @@ def test_the_same_call_is_the_same_row_whichever_way_it_arrives(tmp_path, collec
             ):
                 headers = {"Authorization": f"Bearer {key}", "X-Region": "eu-fi"}
                 tagged = joule_otel.workload(workload) if workload else contextlib.nullcontext()
-                with tagged, client.stream("POST", url, json=body, headers=headers) as response:
+                tags = {"team": "search", "customer": "acme"} if workload == "support-bot" else {}
+                with (
+                    tagged,
+                    joule_otel.tags(**tags),
+                    client.stream("POST", url, json=body, headers=headers) as response,
+                ):
                     response.read()
-                seen.append((response.request, response, workload, body))
+                seen.append((response.request, response, workload, body, tags))
         assert joule_otel.flush(timeout_s=20)
     finally:
         joule_otel.uninstrument()
@@ -1044,9 +1049,10 @@ def test_the_same_call_is_the_same_row_whichever_way_it_arrives(tmp_path, collec
     assert [r.status_code for r in captured] == [200, 200, 402]
     assert captured[1].workload == captured[1].service and captured[1].stream is True
     assert captured[2].error_type == "insufficient_balance" and captured[2].receipt_id is None
+    assert captured[0].tags == {"team": "search", "customer": "acme"} and captured[1].tags is None
 
     spans = []
-    for index, ((request, response, workload, body), row) in enumerate(zip(seen, captured, strict=True)):
+    for index, ((request, response, workload, body, tags), row) in enumerate(zip(seen, captured, strict=True)):
         span_id, parent_id = bytes([index + 1]) * 8, bytes([index + 101]) * 8
         start_ns = row.started_at_us * 1000
         attributes = [kv(f"http.response.header.{name}", [value]) for name, value in response.headers.items()]
@@ -1058,6 +1064,7 @@ def test_the_same_call_is_the_same_row_whichever_way_it_arrives(tmp_path, collec
         ]
         if workload:
             attributes.append(kv("joule.workload", workload))
+        attributes += [kv(f"joule.tag.{key}", value) for key, value in tags.items()]
         spans.append(
             PbSpan(
                 trace_id=TRACE,

@@ -265,6 +265,52 @@ def test_app_on_sample_data_obeys_every_filter(isolated_home):
     assert not at.exception
 
 
+def test_the_sample_splits_and_filters_by_any_tag_and_its_chargeback_table_is_the_reports(isolated_home):
+    from joule_otel._report import build, dimensions, period
+
+    sample = Source(SAMPLE_PATH, "sample", "")
+    with sample.connect() as con:
+        opts = queries.options(con)
+        acme = con.execute(
+            "SELECT sum(energy_j), count(*) FROM inference_calls WHERE tags['customer'] = 'acme'"
+        ).fetchone()
+        by_team = dict(
+            con.execute(
+                "SELECT coalesce(tags['team'], '(untagged)'), sum(energy_j) FROM inference_calls GROUP BY 1"
+            ).fetchall()
+        )
+    assert set(opts["tags"]) == {"team", "customer"} and "acme" in opts["tags"]["customer"]
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.query_params.update({"range": "All data"})
+    at.run()
+    assert not at.exception, at.exception
+    assert {"tag: team", "tag: customer"} <= set(at.radio(key="f_split").options)
+    at.radio(key="f_split").set_value("tag: team").run()
+    assert not at.exception, at.exception
+    assert at.query_params["split"] == "tag: team", "a link keeps the split by tag"
+    table = next(df.value for df in at.dataframe if "share of energy" in df.value.columns)
+    assert set(table["team"]) == set(by_team)
+    assert figure_values(charts_by_id(at)["energy_over_time"]) == pytest.approx(sum(by_team.values()))
+    assert "chargeback_team_csv" in {b.key for b in at.get("download_button")}
+
+    at.multiselect(key="f_tag_select").set_value(["customer=acme"]).run()
+    assert not at.exception, at.exception
+    assert url_list(at, "tag") == ["customer=acme"]
+    assert at.metric[2].value == f"{acme[1]:,}"
+    assert figure_values(charts_by_id(at)["energy_over_time"]) == pytest.approx(acme[0])
+    table = next(df.value for df in at.dataframe if "share of energy" in df.value.columns)
+    assert list(table["team"]) == ["support", "search"] or list(table["team"]) == ["search", "support"]
+
+    # the same figures as `joule-otel report --by team` over the sample's whole span
+    with sample.connect() as con:
+        whole = queries.chargeback(con, queries.Filters(), "tag: team").set_index("group")
+    span = period(f"{opts['first']:%Y-%m-%d}..{opts['last'] + timedelta(days=1):%Y-%m-%d}")
+    with sample.connect() as con:
+        report = compute(con, dimensions("team"), span)
+    assert {g["team"]: g["energy_j"] for g in report.groups} == pytest.approx(whole["energy_j"].to_dict())
+    assert report.total["calls"] == int(whole["calls"].sum())
+
+
 def test_a_link_with_values_no_widget_can_show_opens_the_default_view(isolated_home):
     at = AppTest.from_file(APP, default_timeout=90)
     at.query_params.update({"range": "Last century", "split": "colour", "status": "x", "tz": "Mars/Olympus_Mons"})

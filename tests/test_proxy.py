@@ -499,7 +499,7 @@ def test_off_loopback_needs_a_token_which_clients_send_and_the_upstream_never_se
     assert sent["authorization"] == "Bearer jc_lent" and "x-joule-proxy-token" not in sent
 
 
-def test_a_path_climbing_out_of_v1_is_a_404_and_headers_named_by_connection_stay_here(odd_upstream, tmp_path):
+def test_a_path_climbing_out_of_v1_is_a_404_and_connection_and_tag_headers_stay_here(odd_upstream, tmp_path):
     through = start_proxy(odd_upstream, tmp_path / "c.duckdb")
     port = int(through.url.rsplit(":", 1)[1])
     try:
@@ -511,13 +511,23 @@ def test_a_path_climbing_out_of_v1_is_a_404_and_headers_named_by_connection_stay
         answered = httpx.post(
             through.base_url + "/chat/completions",
             json={"model": "auto", "messages": HI},
-            headers={"Connection": "keep-alive, X-Private", "X-Private": "this hop", "X-Public": "end to end"},
+            headers={
+                "Connection": "keep-alive, X-Private",
+                "X-Private": "this hop",
+                "X-Public": "end to end",
+                "X-Joule-Tag-Team": "search",
+                "X-Joule-Tag-Customer": " acme ",
+                "X-Joule-Tag-Bad*Key": "dropped",
+            },
         )
     finally:
         through.stop()
     assert statuses == [404, 404, 404, 404], "never forwarded to a path the upstream resolves outside /v1/"
     (sent,) = Odd.seen  # nothing of the climbing requests reached the upstream
     assert answered.status_code == 200 and "x-private" not in sent and sent["x-public"] == "end to end"
+    assert not [name for name in sent if name.startswith("x-joule-tag-")], "tags are the proxy's, not the upstream's"
+    (row,) = through.rows()
+    assert row["tags"] == {"team": "search", "customer": "acme"}
 
 
 def test_sigterm_lets_the_call_in_flight_finish_and_writes_its_row(tmp_path):

@@ -33,6 +33,7 @@ from joule_otel._headers import (
     parse_energy,
     parse_token_count,
 )
+from joule_otel._tags import from_attributes, merged
 from joule_otel.collect._otlp import SPAN_KIND_CLIENT, Span
 from joule_otel.ledger._row import LedgerRow, duration_ms, start_problem
 
@@ -198,6 +199,7 @@ def span_row(span: Span, parent: GenAIFacts | None, agent: str | None = None) ->
         trace_id=span.trace_id,
         span_id=span.span_id,
         provider=JOULE_PROVIDER,
+        tags=merged(from_attributes(span.resource), from_attributes(a))[0],  # the span's own win its resource's
     )
 
 

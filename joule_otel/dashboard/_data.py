@@ -74,6 +74,7 @@ def load_page(
             "kpis": queries.kpis(con, filters),
             "over_time": queries.energy_over_time(con, filters, split_by, bucket, tz_name),
             "by": {dim: queries.breakdown(con, filters, dim) for dim in ("workload", "model", "region", "tier")},
+            "chargeback": queries.chargeback(con, filters, split_by),
             "treemap": queries.workload_model(con, filters),
             "flows": queries.router_flows(con, filters),
             "efficiency": queries.model_efficiency(con, filters),
@@ -153,6 +154,11 @@ def readable(frame: pd.DataFrame) -> pd.DataFrame:
 def show(container: Any, fig: Any, frame: pd.DataFrame, key: str) -> None:
     """A chart, and its figures as CSV and Parquet downloads beneath it."""
     container.plotly_chart(fig, width="stretch", key=key)
+    downloads(container, frame, key)
+
+
+def downloads(container: Any, frame: pd.DataFrame, key: str) -> None:
+    """A frame's figures as CSV and Parquet downloads, their columns named as a person reads them."""
     data = readable(frame)
     formats = (("CSV", "csv", "text/csv"), ("Parquet", "parquet", "application/octet-stream"))
     for column, (label, fmt, mime) in zip(container.columns([1, 1, 4]), formats, strict=False):

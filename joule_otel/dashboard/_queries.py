@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from joule_otel._budgets import Budget
+from joule_otel._tags import clean_key
 
 DIMENSIONS = {
     "workload": "workload",
@@ -25,6 +26,11 @@ DIMENSIONS = {
     "requested model": "requested_model",
 }
 """What a chart can be split by → the ledger column."""
+TAG_SPLIT = "tag: "
+"""A split by a tag key is named ``tag: team``."""
+UNTAGGED = "(untagged)"
+MAX_TAG_VALUES = 200
+"""Values of one tag key offered as filters (the most used first)."""
 
 STATUSES = ("all", "ok", "errors", "402 only")
 
@@ -43,6 +49,8 @@ class Filters:
     regions: tuple[str, ...] = ()
     tiers: tuple[str, ...] = ()
     providers: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    """``key=value`` each: a call passes with any of a key's values, and must pass every key named."""
     status: str = "all"
     extra: tuple[tuple[str, Any], ...] = field(default=())
 
@@ -88,7 +96,7 @@ def _time_clauses(
 
 
 def _dimension_clauses(filters: Filters) -> tuple[list[str], list[Any]]:
-    """Everything but time: these columns are in the rows and in the rollup alike."""
+    """Everything but time: these columns are in the rows and in the rollup alike (tags in the rows only)."""
     clauses: list[str] = []
     params: list[Any] = []
     for column, values in (
@@ -108,7 +116,32 @@ def _dimension_clauses(filters: Filters) -> tuple[list[str], list[Any]]:
         clauses.append("error_type IS NOT NULL")
     elif filters.status == "402 only":
         clauses.append("status_code = 402")
+    wanted: dict[str, list[str]] = {}
+    for pair in filters.tags:
+        key, _, value = pair.partition("=")
+        if clean_key(key) == key:  # a key is a SQL literal here: only what a tag key can be
+            wanted.setdefault(key, []).append(value)
+    for key, chosen in wanted.items():
+        clauses.append(f"list_contains(?::VARCHAR[], tags['{key}'])")
+        params.append(chosen)
     return clauses, params
+
+
+def is_split(by: str) -> bool:
+    """Whether the Overview can split by ``by``: one of the first four dimensions, or ``tag: key``."""
+    if by.startswith(TAG_SPLIT):
+        return clean_key(by[len(TAG_SPLIT) :]) == by[len(TAG_SPLIT) :]
+    return by in list(DIMENSIONS)[:4]
+
+
+def tag_column(by: str) -> str | None:
+    """The SQL of a ``tag: key`` split (``(untagged)`` where a call has no such tag), else None."""
+    if not by.startswith(TAG_SPLIT):
+        return None
+    key = by[len(TAG_SPLIT) :]
+    if clean_key(key) != key:
+        raise ValueError(f"not a tag key: {key!r}")
+    return f"coalesce(tags['{key}'], '{UNTAGGED}')"
 
 
 def _df(con: Any, sql: str, params: list[Any]) -> Any:
@@ -155,7 +188,9 @@ def _ceil_hour(moment: datetime) -> datetime:
     return floor if floor == moment else floor + timedelta(hours=1)
 
 
-def facts(con: Any, filters: Filters, *, hourly: bool = True, keep: bool = True) -> tuple[str, list[Any]]:
+def facts(
+    con: Any, filters: Filters, *, hourly: bool = True, keep: bool = True, tags: bool = False
+) -> tuple[str, list[Any]]:
     """A ``WITH facts AS (…)`` clause: the filtered calls as additive facts, and its parameters.
 
     A fact is a call, or an hour of calls that share every key of the rollup (see
@@ -163,12 +198,15 @@ def facts(con: Any, filters: Filters, *, hourly: bool = True, keep: bool = True)
     max of facts, so reading the hourly rollup for the whole hours of the range and single calls only for
     the partial hours at its edges (and for spooled rows not compacted yet) gives the exact figures at a
     fraction of the scan. ``hourly=False`` reads single calls only (time buckets under an hour); ``keep=False``
-    reads them in place, for a question asked once a connection.
+    reads them in place, for a question asked once a connection. Tags are not in the rollup: ``tags=True`` (the
+    facts carry each call's tags) and a filter by tag read single calls.
     """
     from joule_otel.ledger._schema import raw_facts_sql
 
     dims, dim_params = _dimension_clauses(filters)
-    raw = raw_facts_sql()
+    raw = raw_facts_sql() + (", tags" if tags else "")
+    if tags or filters.tags:
+        hourly = False
 
     def part(sql: str, clauses: list[str], params: list[Any]) -> tuple[str, list[Any]]:
         conditions = clauses + dims
@@ -228,6 +266,7 @@ def options(con: Any) -> dict[str, Any]:
     result = dict(zip(keys, row, strict=True))
     for key in keys[3:]:
         result[key] = [v for v in (result[key] or []) if v is not None]
+    result["tags"] = tag_options(con)
     return result
 
 
@@ -305,17 +344,18 @@ def energy_over_time(con: Any, filters: Filters, by: str, bucket: str, tz: str =
     longer buckets read the hourly rollup when the zone's days begin on a UTC hour (not in +05:30).
     ``bucket`` is the bucket's start as a timestamp without zone, in ``tz``.
     """
-    column = DIMENSIONS[by]
+    tagged = tag_column(by)
+    group = tagged or _label(DIMENSIONS[by])
     seconds = BUCKET_SECONDS[bucket]
     hourly = seconds >= 3600 and _whole_hour_zone(tz, filters.start)
-    with_facts, params = facts(con, filters, hourly=hourly)
+    with_facts, params = facts(con, filters, hourly=hourly, tags=tagged is not None)
     # weeks: time_bucket's default origin (2000-01-03) is a Monday
     return _df(
         con,
         f"""
         {with_facts}
         SELECT timezone(?, time_bucket(INTERVAL '{bucket}', t, ?)) AS bucket,
-               {_label(column)} AS "group",
+               {group} AS "group",
                sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg, sum(calls) AS calls
         FROM facts WHERE energy_j > 0
         GROUP BY ALL ORDER BY bucket, "group"
@@ -356,6 +396,46 @@ def breakdown(con: Any, filters: Filters, by: str) -> Any:
     """,
         params,
     )
+
+
+def chargeback(con: Any, filters: Filters, by: str) -> Any:
+    """Calls, tokens, energy, carbon and share of the energy per value of a dimension or a tag, largest first.
+
+    The figures of ``joule-otel report --by``, for the dashboard's filters.
+    """
+    tagged = tag_column(by)
+    with_facts, params = facts(con, filters, tags=tagged is not None)
+    return _df(
+        con,
+        f"""
+        {with_facts}
+        SELECT {tagged or _label(DIMENSIONS[by])} AS "group", sum(calls) AS calls,
+               sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+               sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg,
+               sum(energy_j) / nullif(sum(sum(energy_j)) OVER (), 0) AS share
+        FROM facts
+        GROUP BY ALL ORDER BY energy_j DESC NULLS LAST, calls DESC
+    """,
+        params,
+    )
+
+
+def tag_options(con: Any) -> dict[str, list[str]]:
+    """Each tag key in the ledger and its values, the most used first (at most :data:`MAX_TAG_VALUES` a key)."""
+    if "tags" not in {r[0] for r in con.execute("DESCRIBE inference_calls").fetchall()}:
+        return {}
+    rows = con.execute(
+        f"""
+        SELECT key, list(value ORDER BY n DESC, value)[1:{MAX_TAG_VALUES}]
+        FROM (
+            SELECT e.key AS key, e.value AS value, count(*) AS n
+            FROM (SELECT unnest(map_entries(tags)) AS e FROM inference_calls WHERE tags IS NOT NULL)
+            GROUP BY ALL
+        )
+        GROUP BY key ORDER BY key
+    """
+    ).fetchall()
+    return {key: list(values) for key, values in rows}
 
 
 def workload_model(con: Any, filters: Filters) -> Any:

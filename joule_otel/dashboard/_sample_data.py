@@ -207,6 +207,8 @@ def _row(*values: Any) -> LedgerRow:
         "trace_id": trace_id,
         "span_id": span_id,
         "provider": "joule_cloud",
+        # drawn from the start time, not the random stream: the tags column leaves every other figure as it was
+        "tags": catalog.example_tags(workload, int(moment.timestamp() * 1_000_000) // 7),
     }
     return LedgerRow(*(record[name] for name in COLUMN_NAMES))
 

@@ -55,7 +55,7 @@ class View:
 
 
 # the query parameters of a shared link
-URL_LISTS = ("service", "workload", "model", "region", "tier", "provider")
+URL_LISTS = ("service", "workload", "model", "region", "tier", "provider", "tag")
 URL_VALUES = ("range", "from", "to", "tz", "status", "split")
 
 
@@ -72,7 +72,7 @@ def _restore_from_url() -> None:
     allowed: dict[str, Any] = {  # a link is typed by people: a value a widget cannot show is dropped, not an error
         "range": lambda v: v in timerange.PRESETS,
         "status": lambda v: v in queries.STATUSES,
-        "split": lambda v: v in list(queries.DIMENSIONS)[:4],
+        "split": queries.is_split,
         "tz": lambda v: timerange.zone(v).key == v,
     }
     for key in URL_VALUES:
@@ -203,6 +203,9 @@ def sidebar() -> View:
         regions=pick("Region", "region", opts["regions"]),
         tiers=pick("Tier", "tier", opts["tiers"]),
         providers=pick("Provider", "provider", opts["providers"]),
+        tags=pick("Tags", "tag", [f"{k}={v}" for k, values in opts.get("tags", {}).items() for v in values])
+        if opts.get("tags")
+        else (),
         status=st.sidebar.selectbox(
             "Status",
             queries.STATUSES,
@@ -213,7 +216,7 @@ def sidebar() -> View:
         )
         or "all",
     )
-    split_choices = list(queries.DIMENSIONS)[:4]
+    split_choices = list(queries.DIMENSIONS)[:4] + [queries.TAG_SPLIT + key for key in opts.get("tags", {})]
     split_by: str = st.session_state["f_split"] if st.session_state.get("f_split") in split_choices else "workload"
     _save_to_url(
         {
@@ -227,6 +230,7 @@ def sidebar() -> View:
             "region": list(filters.regions),
             "tier": list(filters.tiers),
             "provider": list(filters.providers),
+            "tag": list(filters.tags),
             "status": filters.status if filters.status != "all" else None,
             "split": split_by if split_by != "workload" else None,
         }

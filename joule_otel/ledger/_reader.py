@@ -120,6 +120,14 @@ def _attach(con: duckdb.DuckDBPyConnection, path: Path, spool: Spool, alias: str
                     "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [alias]
                 ).fetchall()
             }
+            if "joule_meta" in tables:
+                found = con.execute(f"SELECT value FROM {alias}.joule_meta WHERE key = 'schema_version'").fetchone()
+                if found is not None and schema.version_of(found[0]) > schema.SCHEMA_VERSION:
+                    # its columns may mean what this code cannot know: no answer rather than a wrong one
+                    raise schema.LedgerTooNew(
+                        f"{path} is at ledger schema version {found[0]}, written by a newer joule-otel; this one reads "
+                        f"up to version {schema.SCHEMA_VERSION}: upgrade joule-otel to read it"
+                    )
             if schema.TABLE in tables:
                 present = {
                     r[0]

@@ -43,6 +43,8 @@ class LedgerRow(NamedTuple):
     trace_id: str | None
     span_id: str | None
     provider: str | None
+    tags: dict[str, str] | None
+    """Chargeback tags (at most 16), or None."""
 
 
 assert tuple(name if name != "started_at_us" else "started_at" for name in LedgerRow._fields) == schema.COLUMN_NAMES

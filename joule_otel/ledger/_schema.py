@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """1: first release. 2: no unique index on ``receipt_id`` (compaction dedupes by anti-join); the hourly rollup
 table ``joule_rollup`` that the dashboard reads at scale. 3: column ``provider`` (``joule_cloud``, ``openai`` or the
-host), also a rollup key."""
+host), also a rollup key. 4: column ``tags`` (``MAP(VARCHAR, VARCHAR)``, chargeback tags; not a rollup key)."""
 
 
 class LedgerTooNew(Exception):
@@ -20,6 +20,7 @@ class LedgerTooNew(Exception):
 
 
 TABLE = "inference_calls"
+TAGS_TYPE = "MAP(VARCHAR, VARCHAR)"
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("receipt_id", "VARCHAR"),
@@ -44,6 +45,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("trace_id", "VARCHAR"),
     ("span_id", "VARCHAR"),
     ("provider", "VARCHAR"),
+    ("tags", TAGS_TYPE),
 )
 """Column name and DuckDB type, in table order."""
 
@@ -138,6 +140,7 @@ def arrow_schema() -> Any:
         "INTEGER": pa.int32(),
         "BIGINT": pa.int64(),
         "BOOLEAN": pa.bool_(),
+        TAGS_TYPE: pa.map_(pa.string(), pa.string()),
     }
     return pa.schema([(name, types[kind]) for name, kind in COLUMNS])
 
@@ -164,7 +167,7 @@ def migrate(con: Any) -> int:
         row = None
     if row is not None and row[0] == str(SCHEMA_VERSION):
         return SCHEMA_VERSION
-    found = _version(row[0]) if row else 0
+    found = version_of(row[0]) if row else 0
     if found > SCHEMA_VERSION:
         # writing would rewrite the version downwards and miss what the newer schema keeps: refuse, rows wait
         raise LedgerTooNew(
@@ -211,7 +214,8 @@ PROVIDER_BACKFILL_SQL = (
 _BACKFILL_NEEDS = frozenset({"receipt_id", "energy_j", "carbon_mg", "routed_to", "tier", "server_address"})
 
 
-def _version(raw: str) -> int:
+def version_of(raw: str) -> int:
+    """A ``joule_meta.schema_version`` as a number (one this code did not write counts as newer)."""
     try:
         return int(raw)
     except ValueError:  # not a number this code wrote: treat as newer, never overwrite it

@@ -25,8 +25,10 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from joule_otel._capture import Capture, operation_of
 from joule_otel._genai import redact_url
+from joule_otel._headers import clean_string
 from joule_otel._instrument import active_capture
 from joule_otel._record import ForwardedCall, RawHeaders
+from joule_otel._tags import clean_key
 from joule_otel._workload import baggage_workload
 from joule_otel.proxy._server import Reply, Request, error_body
 from joule_otel.proxy._upstream import Answer, Upstream, UpstreamError, UpstreamTimeout
@@ -176,9 +178,15 @@ class Proxy:
         outgoing: list[tuple[bytes, bytes]] = []
         named = auth = None
         carried: dict[str, str] = {}
+        tagged: dict[str, str] = {}
         listed = _connection_options(request.headers)
         for name, value in request.headers:  # one pass: what goes upstream, and what is for the proxy itself
-            if name in HOP_BY_HOP or name == TOKEN_HEADER or name.startswith(TAG_PREFIX) or name in listed:
+            if name in HOP_BY_HOP or name == TOKEN_HEADER or name in listed:
+                continue
+            if name.startswith(TAG_PREFIX):  # X-Joule-Tag-Team: search → the call's tag team=search
+                key, text = clean_key(name[len(TAG_PREFIX) :].decode("latin-1")), clean_string(value)
+                if key and text:
+                    tagged[key] = text
                 continue
             if name == WORKLOAD_HEADER:
                 named = value
@@ -234,7 +242,9 @@ class Proxy:
             status = 504 if timed_out else 502
             operation = operation_of(raw_path, None)
             if capture is not None and operation is not None:
-                failed = ForwardedCall(self.upstream.host, outgoing, body, operation, t0, started_ns, context, workload)
+                failed = ForwardedCall(
+                    self.upstream.host, outgoing, body, operation, t0, started_ns, context, workload, tagged
+                )
                 failed.error = "TimeoutException" if timed_out else "ConnectError"
                 capture.open(failed)
                 capture.finish(failed)
@@ -251,7 +261,11 @@ class Proxy:
         call = None
         if capture is not None:
             call = _open(
-                capture, answer, raw_path, self.upstream.host, outgoing, body, t0, started_ns, context, workload, client
+                capture,
+                answer,
+                raw_path,
+                ForwardedCall(self.upstream.host, outgoing, body, "", t0, started_ns, context, workload, tagged),
+                client,
             )
         _end(client, answer.status)
         try:
@@ -303,26 +317,14 @@ def _climbs(path: str) -> bool:
     return any(segment in (".", "..") for segment in path.split("/"))
 
 
-def _open(
-    capture: Capture,
-    answer: Answer,
-    raw_path: bytes,
-    host: str,
-    outgoing: list[tuple[bytes, bytes]],
-    body: bytes,
-    t0: int,
-    started_ns: int,
-    context: Any,
-    workload: str,
-    span: Any,
-) -> ForwardedCall | None:
+def _open(capture: Capture, answer: Answer, raw_path: bytes, call: ForwardedCall, span: Any) -> ForwardedCall | None:
     """The call of an answer whose head arrived, opened in capture as a wrapped transport's is; None if not a row."""
     try:
         headers = RawHeaders(answer.headers)
         operation = operation_of(raw_path, headers)
         if operation is None:
             return None
-        call = ForwardedCall(host, outgoing, body, operation, t0, started_ns, context, workload)
+        call.operation = operation
         capture.open(call, answer.status, headers, span)
         return call
     except Exception:

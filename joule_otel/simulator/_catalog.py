@@ -146,3 +146,29 @@ def embedding_energy_j(input_tokens: int, tier: str, rng: random.Random) -> floa
 def carbon_mg(energy_j: float, region: str) -> float:
     """Mg CO2e of ``energy_j`` joules on the grid of ``region``: J × g/kWh ÷ 3600."""
     return round(energy_j * GRID_G_PER_KWH[region] / 3600.0, 4)
+
+
+TEAMS = {
+    "support-bot": "support",
+    "ops-agent": "platform",
+    "batch-enrichment": "data",
+    "nightly-summaries": "data",
+    "search-embeddings": "search",
+    "marketing-copy": "marketing",
+}
+"""The team that pays for each of the example company's workloads (the demo's and the sample data's)."""
+CUSTOMERS = ("acme", "globex", "initech")
+"""The example company's customers, whose requests its customer-facing workloads serve."""
+
+
+def example_tags(workload: str, pick: int) -> dict[str, str] | None:
+    """The chargeback tags of an example call: its workload's team, and a customer for customer-facing work.
+
+    ``pick`` chooses the customer; the rest of the company's work is internal.
+    """
+    team = TEAMS.get(workload)
+    if team is None:
+        return None
+    if workload in ("support-bot", "search-embeddings"):
+        return {"team": team, "customer": CUSTOMERS[pick % len(CUSTOMERS)]}
+    return {"team": team}
