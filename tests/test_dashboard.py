@@ -266,7 +266,7 @@ def test_app_on_sample_data_obeys_every_filter(isolated_home):
 
 
 def test_the_sample_splits_and_filters_by_any_tag_and_its_chargeback_table_is_the_reports(isolated_home):
-    from joule_otel._report import build, dimensions, period
+    from joule_otel._report import compute, dimensions, period
 
     sample = Source(SAMPLE_PATH, "sample", "")
     with sample.connect() as con:
