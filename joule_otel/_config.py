@@ -45,6 +45,8 @@ JOULE_OTEL_COLLECT_TOKEN = "JOULE_OTEL_COLLECT_TOKEN"
 """Bearer token ``joule-otel collect`` requires; required when it listens off loopback."""
 JOULE_OTEL_TAGS = "JOULE_OTEL_TAGS"
 """Tags on every call this process makes, e.g. ``team=search,env=prod`` (a ``tags()`` block wins a key it sets)."""
+JOULE_OTEL_METRIC_TAGS = "JOULE_OTEL_METRIC_TAGS"
+"""Tag keys that are also metric attributes (``team,customer``), each capped at JOULE_OTEL_MAX_WORKLOADS values."""
 JOULE_OTEL_MAX_WORKLOADS = "JOULE_OTEL_MAX_WORKLOADS"
 """Distinct workload values metrics carry before the rest become ``other``. Default 50."""
 OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -137,6 +139,8 @@ class Settings:
     budget_thresholds: tuple[float, ...] = (0.8, 1.0)
     tags: Any = ()
     """The process's tags, as ``((key, value), ...)`` (from ``tags=`` or ``JOULE_OTEL_TAGS``)."""
+    metric_tags: tuple[str, ...] = ()
+    """Tag keys on metrics (``metric_tags=`` or ``JOULE_OTEL_METRIC_TAGS``)."""
 
     OPTIONS: ClassVar[dict[str, str]] = {
         "db": JOULE_OTEL_DB,
@@ -152,6 +156,7 @@ class Settings:
         "budgets": JOULE_OTEL_BUDGETS,
         "budget_thresholds": JOULE_OTEL_BUDGET_THRESHOLDS,
         "tags": JOULE_OTEL_TAGS,
+        "metric_tags": JOULE_OTEL_METRIC_TAGS,
     }
     """``instrument()`` option → the environment variable it overrides."""
 
@@ -210,6 +215,13 @@ class Settings:
             tags = _tags.checked(tags, "tags")
         else:
             tags = _env_tags()
+        metric_tags = options.get("metric_tags")
+        if metric_tags is not None:
+            if isinstance(metric_tags, str) or not all(_tags.clean_key(k) == k for k in metric_tags):
+                raise ValueError(f"metric_tags must be a list of tag keys such as ['team'], not {metric_tags!r}")
+            metric_tags = tuple(dict.fromkeys(metric_tags))
+        else:
+            metric_tags = _env_metric_tags()
 
         if db is None:
             db_path = db_path_from_env()
@@ -246,7 +258,22 @@ class Settings:
             budgets=budgets,
             budget_thresholds=thresholds,
             tags=tuple(tags.items()),
+            metric_tags=metric_tags,
         )
+
+
+def _env_metric_tags() -> tuple[str, ...]:
+    """``JOULE_OTEL_METRIC_TAGS``: keys that cannot be tag keys are warned about and left out."""
+    found = []
+    for raw in os.environ.get(JOULE_OTEL_METRIC_TAGS, "").split(","):
+        if not raw.strip():
+            continue
+        key = _tags.clean_key(raw)
+        if key is None:
+            _log.warning("joule_otel: %s: %r is not a tag key; left out", JOULE_OTEL_METRIC_TAGS, raw.strip())
+        elif key not in found:
+            found.append(key)
+    return tuple(found)
 
 
 def _env_tags() -> dict[str, str]:

@@ -89,6 +89,7 @@ def instrument(
     budgets: str | os.PathLike[str] | dict[str, float] | None = None,
     budget_thresholds: tuple[float, ...] | None = None,
     tags: dict[str, str] | None = None,
+    metric_tags: list[str] | tuple[str, ...] | None = None,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
     **other: Any,
@@ -114,6 +115,8 @@ def instrument(
         budget_thresholds: shares of a budget that warn, default ``(0.8, 1.0)`` (``JOULE_OTEL_BUDGET_THRESHOLDS``).
         tags: chargeback tags on every call, e.g. ``{"team": "search"}`` (``JOULE_OTEL_TAGS``); ``tags()`` blocks
             and baggage win a key they also set.
+        metric_tags: tag keys that are also metric attributes, each capped like workloads
+            (``JOULE_OTEL_METRIC_TAGS``); by default tags are in the ledger and on spans only.
         tracer_provider: use this TracerProvider instead of the global one.
         meter_provider: use this MeterProvider instead of the global one.
         **other: ``flush_interval_s`` (the older name of ``flush_interval``); anything else is an error.
@@ -136,6 +139,7 @@ def instrument(
         budgets=budgets,
         budget_thresholds=budget_thresholds,
         tags=tags,
+        metric_tags=metric_tags,
         **other,
     )
     with _lock:
@@ -159,6 +163,7 @@ def _instrument_clients(settings: Settings, providers: Providers) -> _Instrument
         providers.meter_provider,
         mode=settings.metrics,
         max_workloads=settings.max_workloads,
+        metric_tags=settings.metric_tags,
     )
     capture = Capture(capture_content=settings.capture_content)
     capture.default_tags = dict(settings.tags)

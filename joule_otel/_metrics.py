@@ -20,6 +20,7 @@ from joule_otel._config import METRICS_MODES
 from joule_otel._direct_record import Record, histogram_record
 from joule_otel._genai import SEMCONV_OPERATIONS
 from joule_otel._instruments import Instruments
+from joule_otel._tags import TAG_PREFIX
 from joule_otel.ledger._row import LedgerRow
 
 METRICS_ALL, METRICS_ENERGY, METRICS_NONE = METRICS_MODES
@@ -54,13 +55,24 @@ def other_genai_metrics_recorder() -> str | None:
 class MetricRecorder:
     """Records :class:`Measurement` s on the instruments; counters are summed and added once a flush interval."""
 
-    def __init__(self, instruments: Instruments | None, meter_provider: Any, *, mode: str, max_workloads: int) -> None:
+    def __init__(
+        self,
+        instruments: Instruments | None,
+        meter_provider: Any,
+        *,
+        mode: str,
+        max_workloads: int,
+        metric_tags: tuple[str, ...] = (),
+    ) -> None:
         self.instruments = instruments
         self.meter_provider = meter_provider
         """The provider the instruments came from; ``None`` or the API's proxy: the global one, looked up each cycle."""
         self.mode = mode
         self.max_workloads = max_workloads
+        self.metric_tags = metric_tags
+        """Tag keys that are metric attributes (``JOULE_OTEL_METRIC_TAGS``), each bounded as workloads are."""
         self._workloads: set[str] = set()
+        self._tag_values: dict[str, set[str]] = {key: set() for key in metric_tags}
         self._attribute_sets: dict[tuple[str | None, ...], dict[str, Any]] = {}
         self._counter_sums: dict[MetricKey, list[float | None]] = {}
         self._live = False
@@ -110,9 +122,25 @@ class MetricRecorder:
             return workload
         return "other"
 
+    def metric_tag(self, key: str, value: str | None) -> str | None:
+        """A tag's value as a metric attribute, or ``other`` once :attr:`max_workloads` values of its key were."""
+        if value is None:
+            return None
+        seen = self._tag_values[key]
+        if value in seen:
+            return value
+        if len(seen) < self.max_workloads:
+            seen.add(value)
+            return value
+        return "other"
+
     def record_row(self, row: LedgerRow) -> None:
         """Record the call of ``row`` (only after :meth:`begin_cycle` said measurements are live)."""
-        self.record(measurement(row, self.metric_workload(row.workload or row.service or "unknown")))
+        m = measurement(row, self.metric_workload(row.workload or row.service or "unknown"))
+        if self.metric_tags:
+            tags = row.tags or {}
+            m = m._replace(key=(*m.key, *(self.metric_tag(key, tags.get(key)) for key in self.metric_tags)))
+        self.record(m)
 
     def record(self, m: Measurement) -> None:
         """Record one call (only after :meth:`begin_cycle` said measurements are live)."""
@@ -175,7 +203,7 @@ class MetricRecorder:
 
     def _attribute_set(self, key: MetricKey) -> dict[str, Any]:
         """The metric attributes of ``key``, built once (the number of distinct sets is bounded)."""
-        workload, operation, provider, requested_model, routed_to, tier, region, error_type = key
+        workload, operation, provider, requested_model, routed_to, tier, region, error_type = key[:8]
         attrs: dict[str, Any] = {attr.JOULE_WORKLOAD: workload}
         for name, value in (
             (attr.GEN_AI_OPERATION_NAME, SEMCONV_OPERATIONS.get(operation or "")),
@@ -188,6 +216,9 @@ class MetricRecorder:
         ):
             if value is not None:
                 attrs[name] = value
+        for tag, value in zip(self.metric_tags, key[8:], strict=False):
+            if value is not None:
+                attrs[TAG_PREFIX + tag] = value
         if len(self._attribute_sets) >= ATTRIBUTE_SETS_CACHED:
             self._attribute_sets.clear()
         self._attribute_sets[key] = attrs

@@ -310,3 +310,50 @@ def test_report_options_that_cannot_be_read_are_clear_errors(tmp_path):
             check=False,
         )
         assert done.returncode == 2 and said in done.stderr, (args, done.stderr)
+
+
+def test_tags_are_on_spans_and_on_metrics_only_when_named_each_key_bounded(ledger_path, joule_simulator):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    reader, exporter = InMemoryMetricReader(), InMemorySpanExporter()
+    meter_provider, tracer_provider = MeterProvider(metric_readers=[reader]), TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    joule_otel.instrument(
+        db=ledger_path,
+        flush_interval=0.1,
+        metric_tags=["team"],
+        max_workloads=2,
+        tags={"env": "prod"},
+        meter_provider=meter_provider,
+        tracer_provider=tracer_provider,
+    )
+    try:
+        client = openai.OpenAI(base_url=joule_simulator.base_url, api_key="k", max_retries=0)
+        for team in ("search", "data", "support", "support"):
+            with joule_otel.tags(team=team, customer="acme"):
+                client.chat.completions.create(model="auto", messages=HI)
+        assert joule_otel.flush(timeout_s=10)
+        energy = [
+            point
+            for rm in reader.get_metrics_data().resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+            if metric.name == "joule.client.energy"
+            for point in metric.data.data_points
+        ]
+    finally:
+        joule_otel.uninstrument()
+        meter_provider.shutdown()
+        tracer_provider.shutdown()
+    by_team = {p.attributes.get("joule.tag.team"): p.value for p in energy}
+    assert set(by_team) == {"search", "data", "other"}, "two values a key, then other (as workloads)"
+    assert not any("joule.tag.customer" in p.attributes or "joule.tag.env" in p.attributes for p in energy)
+    billed = [r.energy_j for r in joule_simulator.receipts]
+    assert by_team["other"] == pytest.approx(billed[2] + billed[3])
+    spans = [s for s in exporter.get_finished_spans() if "joule.receipt_id" in (s.attributes or {})]
+    assert len(spans) == 4
+    assert all(s.attributes["joule.tag.customer"] == "acme" and s.attributes["joule.tag.env"] == "prod" for s in spans)

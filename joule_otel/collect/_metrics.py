@@ -42,6 +42,7 @@ class ServiceRecorders:
             meter_provider,
             mode=self.settings.metrics,
             max_workloads=self.settings.max_workloads,
+            metric_tags=self.settings.metric_tags,
         )
 
     def for_service(self, service: str) -> MetricRecorder | None:
