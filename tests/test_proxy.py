@@ -516,7 +516,7 @@ def test_a_path_climbing_out_of_v1_is_a_404_and_connection_and_tag_headers_stay_
                 "X-Private": "this hop",
                 "X-Public": "end to end",
                 "X-Joule-Tag-Team": "search",
-                "X-Joule-Tag-Customer": " acme ",
+                "X-Joule-Tag-Customer": "acme",
                 "X-Joule-Tag-Bad*Key": "dropped",
             },
         )

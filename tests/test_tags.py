@@ -151,6 +151,7 @@ def test_what_cannot_be_a_tag_is_an_error_in_code_and_a_warning_from_the_environ
 
 def _version_3_ledger(path) -> None:
     """A ledger as joule-otel wrote it at schema version 3: no ``tags`` column."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(path))
     columns = ", ".join(f"{name} {kind}" for name, kind in schema.COLUMNS if name != "tags")
     con.execute(f"CREATE TABLE inference_calls ({columns})")
@@ -177,7 +178,7 @@ def test_a_version_3_ledger_is_read_then_migrated_in_place_and_a_newer_one_is_re
     finally:
         joule_otel.uninstrument()
     rows = ledger_rows(ledger_path)
-    assert [(r["receipt_id"], r["tags"]) for r in rows] == [
+    assert sorted(((r["receipt_id"], r["tags"]) for r in rows), key=lambda pair: pair[0] != "rcpt_old") == [
         ("rcpt_old", None),
         (joule_simulator.receipts[0].receipt_id, {"team": "search"}),
     ]
@@ -281,7 +282,7 @@ def test_a_report_by_tag_sums_to_the_ledgers_total_for_the_period_in_any_time_zo
     cells = {(r["team"], r["customer"]): r for r in by_two}
     assert float(cells[("search", "acme")]["energy_j"]) == 35.0 and cells[("search", "acme")]["calls"] == "2"
     assert ("data", "(untagged)") in cells and cells[("TOTAL", "")]["energy_j"] == "100.000000"
-    assert float(cells[("TOTAL", "")]["energy_kwh"]) == pytest.approx(100 / 3.6e6)
+    assert float(cells[("TOTAL", "")]["energy_kwh"]) == pytest.approx(100 / 3.6e6, rel=1e-4)
     assert {r["period_start"] for r in by_two} == {"2026-11-01"} and {r["period_end"] for r in by_two} == {"2026-12-01"}
 
     table = _report(db, "--by", "workload,week", "--period", "2026-11-01..2026-11-08")
@@ -349,11 +350,14 @@ def test_tags_are_on_spans_and_on_metrics_only_when_named_each_key_bounded(ledge
         joule_otel.uninstrument()
         meter_provider.shutdown()
         tracer_provider.shutdown()
-    by_team = {p.attributes.get("joule.tag.team"): p.value for p in energy}
+    by_team: dict[str | None, float] = {}
+    for point in energy:  # one point per attribute set: the router may have chosen different models
+        team = point.attributes.get("joule.tag.team")
+        by_team[team] = by_team.get(team, 0.0) + point.value
     assert set(by_team) == {"search", "data", "other"}, "two values a key, then other (as workloads)"
     assert not any("joule.tag.customer" in p.attributes or "joule.tag.env" in p.attributes for p in energy)
     billed = [r.energy_j for r in joule_simulator.receipts]
-    assert by_team["other"] == pytest.approx(billed[2] + billed[3])
+    assert by_team["other"] == pytest.approx(billed[2] + billed[3]), (by_team, billed)
     spans = [s for s in exporter.get_finished_spans() if "joule.receipt_id" in (s.attributes or {})]
     assert len(spans) == 4
     assert all(s.attributes["joule.tag.customer"] == "acme" and s.attributes["joule.tag.env"] == "prod" for s in spans)

@@ -131,6 +131,8 @@ RELEVANT = frozenset(
 """The span attributes a ledger row is made of; captured headers (``http.*.header.*``) are read too, the rest never:
 an HTTP span carries a dozen more (user agent, peer address…) that would only cost decoding."""
 HEADER_PREFIXES = ("http.response.header.", "http.request.header.")
+TAG_PREFIX = "joule.tag."
+"""Chargeback tags (``joule.tag.team``) are read too."""
 
 
 def _pb_attributes(items: Any) -> dict[str, Any]:
@@ -141,7 +143,7 @@ def _pb_span_attributes(items: Any) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for kv in items:
         key = kv.key
-        if key in RELEVANT:
+        if key in RELEVANT or key.startswith(TAG_PREFIX):
             found[key] = _pb_value(kv.value)
         elif key.startswith(HEADER_PREFIXES):
             # a captured header: a string array (the last value counts) or one string (Node's http joins them)

@@ -43,8 +43,8 @@ class LedgerRow(NamedTuple):
     trace_id: str | None
     span_id: str | None
     provider: str | None
-    tags: dict[str, str] | None
-    """Chargeback tags (at most 16), or None."""
+    tags: dict[str, str] | None = None
+    """Chargeback tags (at most 16), or None (the default, so rows built before version 4 still are)."""
 
 
 assert tuple(name if name != "started_at_us" else "started_at" for name in LedgerRow._fields) == schema.COLUMN_NAMES
