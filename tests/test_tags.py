@@ -361,3 +361,22 @@ def test_tags_are_on_spans_and_on_metrics_only_when_named_each_key_bounded(ledge
     spans = [s for s in exporter.get_finished_spans() if "joule.receipt_id" in (s.attributes or {})]
     assert len(spans) == 4
     assert all(s.attributes["joule.tag.customer"] == "acme" and s.attributes["joule.tag.env"] == "prod" for s in spans)
+
+
+def test_the_tag_filters_come_from_counts_kept_at_compaction_plus_the_spooled_rows(tmp_path):
+    from joule_otel.dashboard import _queries as queries
+    from joule_otel.ledger import _reader as reader
+
+    db = tmp_path / "tagged.duckdb"
+    records = _ledger_with_tags(db)  # four rows compacted, three still spooled
+    con = duckdb.connect(str(db), read_only=True)
+    kept = dict(((k, v), n) for k, v, n in con.execute("SELECT key, value, calls FROM joule_tag_values").fetchall())
+    con.close()
+    assert kept == {("team", "search"): 3, ("customer", "acme"): 1, ("customer", "globex"): 1, ("team", "data"): 1}
+    with reader.connect(db) as con:
+        options = queries.tag_options(con)
+    every: dict[str, dict[str, int]] = {}
+    for record in records:
+        for key, value in (record["tags"] or {}).items():
+            every.setdefault(key, {})[value] = every.setdefault(key, {}).get(value, 0) + 1
+    assert options == {k: sorted(v, key=lambda value: (-v[value], value)) for k, v in sorted(every.items())}

@@ -421,17 +421,24 @@ def chargeback(con: Any, filters: Filters, by: str) -> Any:
 
 
 def tag_options(con: Any) -> dict[str, list[str]]:
-    """Each tag key in the ledger and its values, the most used first (at most :data:`MAX_TAG_VALUES` a key)."""
+    """Each tag key in the ledger and its values, the most used first (at most :data:`MAX_TAG_VALUES` a key).
+
+    A ledger counts its compacted rows' tags as it compacts (``tag_values``): only the spooled rows are read here.
+    """
+    from joule_otel.ledger._schema import tag_values_sql
+
     if "tags" not in {r[0] for r in con.execute("DESCRIBE inference_calls").fetchall()}:
         return {}
+    counted = bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'tag_values'").fetchone()[0])
+    counts = (
+        f"SELECT key, value, calls FROM tag_values UNION ALL {tag_values_sql('pending_calls')}"
+        if counted
+        else tag_values_sql("inference_calls")
+    )
     rows = con.execute(
         f"""
         SELECT key, list(value ORDER BY n DESC, value)[1:{MAX_TAG_VALUES}]
-        FROM (
-            SELECT e.key AS key, e.value AS value, count(*) AS n
-            FROM (SELECT unnest(map_entries(tags)) AS e FROM inference_calls WHERE tags IS NOT NULL)
-            GROUP BY ALL
-        )
+        FROM (SELECT key, value, sum(calls) AS n FROM ({counts}) GROUP BY ALL)
         GROUP BY key ORDER BY key
     """
     ).fetchall()

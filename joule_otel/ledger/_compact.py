@@ -127,6 +127,7 @@ def _insert_new_rows(con: Any, files: list[str]) -> int:
     inserted = int(con.execute(f"INSERT INTO {schema.TABLE} ({columns}) SELECT {columns} FROM fresh").fetchone()[0])
     if inserted:
         _merge_rollup(con)
+        schema.merge_tag_values(con, "fresh")
     con.execute("DROP TABLE fresh")
     return inserted
 

@@ -148,6 +148,8 @@ def _attach(con: duckdb.DuckDBPyConnection, path: Path, spool: Spool, alias: str
                 # dashboard reads single calls until a writer migrates the file
                 if rollup and rollup_columns >= {name for name, _ in schema.FACT_KEYS}:
                     con.execute(f"CREATE TEMP VIEW calls_rollup AS SELECT * FROM {alias}.{schema.ROLLUP_TABLE}")
+                if rollup and schema.TAG_VALUES_TABLE in tables:
+                    con.execute(f"CREATE TEMP VIEW tag_values AS SELECT * FROM {alias}.{schema.TAG_VALUES_TABLE}")
             if "joule_segments" in tables:
                 compacted = {r[0] for r in con.execute(f"SELECT name FROM {alias}.joule_segments").fetchall()}
         except duckdb.Error as exc:

@@ -52,6 +52,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 
 ROLLUP_TABLE = "joule_rollup"
+TAG_VALUES_TABLE = "joule_tag_values"
+"""Each tag key and value the compacted rows hold, with its calls: the dashboard's tag filters without a scan."""
 
 FACT_KEYS: tuple[tuple[str, str], ...] = (
     ("service", "VARCHAR"),
@@ -156,6 +158,8 @@ def create_statements() -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {ROLLUP_TABLE} ({rollup})",
         "CREATE TABLE IF NOT EXISTS joule_meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
         "CREATE TABLE IF NOT EXISTS joule_segments (name VARCHAR PRIMARY KEY, rows BIGINT, compacted_at TIMESTAMPTZ)",
+        f"CREATE TABLE IF NOT EXISTS {TAG_VALUES_TABLE} "
+        "(key VARCHAR, value VARCHAR, calls BIGINT, PRIMARY KEY (key, value))",
     ]
 
 
@@ -222,8 +226,26 @@ def version_of(raw: str) -> int:
         return SCHEMA_VERSION + 1
 
 
+def tag_values_sql(relation: str) -> str:
+    """Calls per tag key and value in ``relation`` (rows with a ``tags`` column)."""
+    return (
+        "SELECT e.key AS key, e.value AS value, count(*) AS calls "
+        f"FROM (SELECT unnest(map_entries(tags)) AS e FROM {relation} WHERE tags IS NOT NULL) GROUP BY ALL"
+    )
+
+
+def merge_tag_values(con: Any, relation: str) -> None:
+    """Count the tags of ``relation``'s rows into :data:`TAG_VALUES_TABLE`."""
+    con.execute(
+        f"INSERT INTO {TAG_VALUES_TABLE} {tag_values_sql(relation)} "
+        "ON CONFLICT (key, value) DO UPDATE SET calls = calls + excluded.calls"
+    )
+
+
 def rebuild_rollup(con: Any) -> int:
     """Recompute ``joule_rollup`` from every row of ``inference_calls``; returns its row count."""
     con.execute(f"DELETE FROM {ROLLUP_TABLE}")
     con.execute(f"INSERT INTO {ROLLUP_TABLE} " + rollup_select_sql(f"(SELECT {raw_facts_sql()} FROM {TABLE})"))
+    con.execute(f"DELETE FROM {TAG_VALUES_TABLE}")
+    merge_tag_values(con, TABLE)
     return int(con.execute(f"SELECT count(*) FROM {ROLLUP_TABLE}").fetchone()[0])
