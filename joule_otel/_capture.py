@@ -71,9 +71,9 @@ class Capture:
         self.errors = 0
         self.invalid_headers = 0
         self.tags_dropped = 0
+        """Tags past the 16 a call keeps (its highest-precedence ones are kept)."""
         self.default_tags: dict[str, str] = {}
         """The process's tags, set by ``instrument()``: on the span with the call's own."""
-        """Tags past the 16 a call keeps (its highest-precedence ones are kept)."""
         self._logged: set[str] = set()
         self._stream_classes: dict[Any, tuple[type, type]] = {}
         self._lock = threading.Lock()

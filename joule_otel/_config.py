@@ -137,7 +137,7 @@ class Settings:
     budgets: tuple[Any, ...] = ()
     """:class:`joule_otel._budgets.Budget` s to watch (from ``budgets=`` or ``JOULE_OTEL_BUDGETS``)."""
     budget_thresholds: tuple[float, ...] = (0.8, 1.0)
-    tags: Any = ()
+    tags: tuple[tuple[str, str], ...] = ()
     """The process's tags, as ``((key, value), ...)`` (from ``tags=`` or ``JOULE_OTEL_TAGS``)."""
     metric_tags: tuple[str, ...] = ()
     """Tag keys on metrics (``metric_tags=`` or ``JOULE_OTEL_METRIC_TAGS``)."""
@@ -217,7 +217,7 @@ class Settings:
             tags = _env_tags()
         metric_tags = options.get("metric_tags")
         if metric_tags is not None:
-            if isinstance(metric_tags, str) or not all(_tags.clean_key(k) == k for k in metric_tags):
+            if not isinstance(metric_tags, (list, tuple)) or not all(_tags.clean_key(k) == k for k in metric_tags):
                 raise ValueError(f"metric_tags must be a list of tag keys such as ['team'], not {metric_tags!r}")
             metric_tags = tuple(dict.fromkeys(metric_tags))
         else:
