@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -157,6 +158,8 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
             + (f"; rollup rebuilt ({result.rollup_rows} rows)" if result.rollup_rows is not None else "")
         )
         return 0
+    if args.ledger_command == "prune":
+        return _prune(path, args)
     if args.ledger_command == "export":
         count = maintenance.export(path, Path(args.output), fmt=args.format, where=args.where)
         print(f"wrote {count} rows to {args.output}")
@@ -166,6 +169,34 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
         print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=2))
     else:
         print_table(columns, rows)
+    return 0
+
+
+def _prune(path: Path, args: argparse.Namespace) -> int:
+    from joule_otel import _report
+    from joule_otel.ledger._reader import connect
+    from joule_otel.ledger._retention import boundary, prune
+
+    day = _report.period(args.before).start  # a date (its midnight, UTC) or any form a report takes
+    cut = boundary(day)
+    if not args.yes:
+        with connect(path) as con:
+            found = con.execute("SELECT count(*), sum(energy_j) FROM inference_calls WHERE started_at < ?", [cut])
+            count, energy = found.fetchone() or (0, None)
+        print(
+            f"would delete {count:,} rows of calls before {cut:%Y-%m-%d %H:%M} UTC ({energy or 0:,.1f} J); their "
+            "hourly totals stay for the dashboard, budgets and reports. Add --yes to delete them."
+        )
+        return 1
+    result = prune(path, cut, timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), default=str, indent=2))
+    else:
+        print(
+            f"deleted {result.rows_deleted:,} rows of calls before {result.pruned_before:%Y-%m-%d %H:%M} UTC; "
+            f"the file is {result.bytes_after:,} bytes (was {result.bytes_before:,})"
+            + (", rewritten to give the space back" if result.rewritten else "")
+        )
     return 0
 
 
@@ -477,6 +508,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="recompute the dashboard's hourly rollup from every row (after editing rows by hand)",
     )
+    prune_ = lsub.add_parser(
+        "prune",
+        help="delete calls before a date, keeping their hourly totals (retention)",
+        description="Delete the ledger's single calls before DATE (midnight UTC); the hourly rollup keeps their "
+        "totals, so the dashboard, budgets and reports by workload, model, region and tier still show them. The "
+        "file is rewritten when that gives space back. Without --yes, says what it would delete.",
+    )
+    prune_.add_argument("--before", required=True, metavar="DATE", help="e.g. 2026-09-01")
+    prune_.add_argument("--yes", action="store_true", help="delete (without it: say what would be deleted)")
+    prune_.add_argument("--json", action="store_true", help="print the result as JSON")
+    prune_.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the lock (default 60)")
     export = lsub.add_parser("export", help="write inference_calls to Parquet or CSV")
     export.add_argument("output", help="the file to write: .parquet or .csv")
     export.add_argument("--format", choices=("parquet", "csv"), default=None, help="default: from the output's suffix")
@@ -484,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     query = lsub.add_parser("query", help="run SQL against inference_calls")
     query.add_argument("sql", help='e.g. "select workload, sum(energy_j) from inference_calls group by 1"')
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    for subcommand in (stats, compact, export, query):  # --db where a user types it: before or after the subcommand
+    # --db where a user types it: before or after the subcommand
+    for subcommand in (stats, compact, prune_, export, query):
         subcommand.add_argument(
             "--db", default=argparse.SUPPRESS, help="ledger path (default: JOULE_OTEL_DB or the per-user ledger)"
         )

@@ -35,6 +35,8 @@ COLUMNS = {
 CALENDAR = {"day": "%Y-%m-%d", "week": "%G-W%V", "month": "%Y-%m"}
 """Calendar groups, in UTC: ISO dates, ISO weeks, months."""
 UNTAGGED = "(untagged)"
+PRUNED = "(pruned)"
+"""A tag's group for calls pruned by retention: their totals are kept, their tags are not."""
 NONE = "(none)"
 FORMATS = ("table", "csv", "json", "markdown")
 MEASURES = ("calls", "input_tokens", "output_tokens", "energy_j", "carbon_mg")
@@ -113,7 +115,7 @@ def _group_sql(name: str) -> str:
     if name in CALENDAR:
         return f"strftime(started_at AT TIME ZONE 'UTC', '{CALENDAR[name]}')"
     # a tag key: checked by clean_key (letters, digits, _ . -), so it can be quoted as a literal
-    return f"coalesce(tags['{name}'], '{UNTAGGED}')"
+    return f"CASE WHEN pruned THEN '{PRUNED}' ELSE coalesce(tags['{name}'], '{UNTAGGED}') END"
 
 
 @dataclass
@@ -132,22 +134,48 @@ def build(db: Path, by: list[str], when: Period) -> Report:
         return compute(con, by, when)
 
 
+_CALLS = (
+    "SELECT started_at, workload, service, provider, routed_to, requested_model, region, tier, operation, tags, "
+    "1 AS calls, input_tokens, output_tokens, energy_j, carbon_mg, false AS pruned FROM inference_calls"
+)
+_PRUNED_HOURS = (
+    "SELECT hour, workload, service, provider, routed_to, requested_model, region, tier, operation, "
+    "NULL::MAP(VARCHAR, VARCHAR), calls, input_tokens, output_tokens, energy_j, carbon_mg, true "
+    "FROM calls_rollup WHERE hour < (SELECT before FROM joule_pruned)"
+)
+"""The hours before a ledger's retention boundary: their rows are gone, their totals are in the rollup."""
+
+
+def _relation(con: Any) -> str:
+    """The calls to report on: single calls, and the hourly totals of pruned ones where a ledger has them."""
+    present = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE temporary").fetchall()}
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE temporary").fetchall()}
+    if "joule_pruned" in present and "calls_rollup" in views:
+        return f"({_CALLS} UNION ALL {_PRUNED_HOURS})"
+    return f"({_CALLS})"
+
+
 def compute(con: Any, by: list[str], when: Period) -> Report:
-    """The report of the calls in ``con``'s ``inference_calls`` (a ledger's, or an export's) for ``when``."""
+    """The report of the calls in ``con``'s ``inference_calls`` (a ledger's, or an export's) for ``when``.
+
+    Pruned hours (``joule-otel ledger prune``, ``JOULE_OTEL_RETENTION``) count by their totals: grouped by a column
+    the rollup keeps as before, by a tag as ``(pruned)``.
+    """
     measures = (
-        "count(*) AS calls, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, "
+        "coalesce(sum(calls), 0) AS calls, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, "
         "sum(energy_j) AS energy_j, sum(carbon_mg) AS carbon_mg"
     )
     where = "WHERE started_at >= ? AND started_at < ?"
     keys = [_group_sql(name) for name in by]
     select = ", ".join(f"{sql} AS g{i}" for i, sql in enumerate(keys))
     group = ", ".join(f"g{i}" for i in range(len(keys)))
+    calls = _relation(con)
     rows = con.execute(
-        f"SELECT {select}, {measures} FROM inference_calls {where} GROUP BY {group} "
+        f"SELECT {select}, {measures} FROM {calls} {where} GROUP BY {group} "
         f"ORDER BY energy_j DESC NULLS LAST, calls DESC, {group}",
         [when.start, when.end],
     ).fetchall()
-    total_row = con.execute(f"SELECT {measures} FROM inference_calls {where}", [when.start, when.end]).fetchone()
+    total_row = con.execute(f"SELECT {measures} FROM {calls} {where}", [when.start, when.end]).fetchone()
     total = dict(zip(MEASURES, total_row or (0, None, None, None, None), strict=True))
     groups = []
     for row in rows:

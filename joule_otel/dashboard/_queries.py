@@ -156,6 +156,14 @@ def _has_parts(con: Any) -> bool:
     return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'compacted_calls'").fetchone()[0])
 
 
+def pruned_before(con: Any) -> datetime | None:
+    """The ledger's retention boundary: calls before it are in the hourly totals only. None if never pruned."""
+    if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'joule_pruned'").fetchone()[0]:
+        return None
+    found = con.execute("SELECT before FROM joule_pruned").fetchone()
+    return found[0] if found else None
+
+
 def _has_rollup(con: Any) -> bool:
     """Whether the hourly rollup is there and covers every compacted row.
 
@@ -164,9 +172,13 @@ def _has_rollup(con: Any) -> bool:
     """
     if not con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'calls_rollup'").fetchone()[0]:
         return False
+    cut = pruned_before(con)
+    # hours before a retention boundary are totals of pruned rows: the rows left match the hours after it
+    since = "WHERE hour >= (SELECT before FROM joule_pruned)" if cut is not None else ""
     con.execute(
         "CREATE TEMP TABLE IF NOT EXISTS joule_rollup_check AS SELECT "
-        "(SELECT count(*) FROM compacted_calls) AS calls, (SELECT coalesce(sum(calls), 0) FROM calls_rollup) AS rolled"
+        f"(SELECT count(*) FROM compacted_calls) AS calls, (SELECT coalesce(sum(calls), 0) FROM calls_rollup {since}) "
+        "AS rolled"
     )
     calls, rolled = con.execute("SELECT calls, rolled FROM joule_rollup_check").fetchone()
     if calls != rolled and (calls, rolled) not in _warned_stale_rollup:  # once per state, not once per rerun
@@ -267,6 +279,7 @@ def options(con: Any) -> dict[str, Any]:
     for key in keys[3:]:
         result[key] = [v for v in (result[key] or []) if v is not None]
     result["tags"] = tag_options(con)
+    result["pruned_before"] = pruned_before(con)
     return result
 
 

@@ -184,6 +184,12 @@ def sidebar() -> View:
         )
     start, end = timerange.resolve(preset or timerange.ALL, now=now, first=first, last=last, tz=tz, custom=custom)
     st.sidebar.caption(timerange.describe(start, end, tz))
+    pruned = opts.get("pruned_before")
+    if pruned is not None and start < pruned:
+        st.sidebar.caption(
+            f"Calls before {pruned.astimezone(tz):%d %b %Y %H:%M} were pruned (retention): their totals come from the "
+            "hourly rollup; receipts, latencies, tags and single calls start there."
+        )
     bucket = queries.bucket_for(end - start)
 
     # -- sidebar: filters ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from joule_otel.ledger import _schema as schema
+from joule_otel.ledger._retention import apply_retention, retention, rewrite_file
 from joule_otel.ledger._spool import Spool
 
 _log = logging.getLogger("joule_otel")
@@ -39,6 +40,8 @@ class CompactResult:
     already_compacted: int = 0
     quarantined: list[Path] = field(default_factory=list)
     rollup_rows: int | None = None
+    rows_pruned: int = 0
+    """Rows older than ``JOULE_OTEL_RETENTION`` deleted (their totals kept in the rollup)."""
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -128,6 +131,11 @@ def _insert_new_rows(con: Any, files: list[str]) -> int:
     if inserted:
         _merge_rollup(con)
         schema.merge_tag_values(con, "fresh")
+        cut = schema.pruned_before(con)
+        if cut is not None and low < cut:
+            # a late row from before the retention boundary (a spool that waited): its totals join the rollup's
+            # pruned hours, the row itself is not kept, as a prune would not have kept it
+            con.execute(f"DELETE FROM {schema.TABLE} WHERE started_at < ? AND started_at >= ?", [cut, low])
     con.execute("DROP TABLE fresh")
     return inserted
 
@@ -178,6 +186,7 @@ def compact_locked(spool: Spool) -> CompactResult:
 
 
 def _compact_into(spool: Spool, segments: list[Path], result: CompactResult) -> CompactResult:
+    keep, rewrite_due = None, False
     con = open_writable(spool.db_path)
     try:
         names = [s.name for s in segments]
@@ -224,8 +233,14 @@ def _compact_into(spool: Spool, segments: list[Path], result: CompactResult) -> 
         con.execute(  # type: ignore[attr-defined]
             "DELETE FROM joule_segments WHERE compacted_at < now() - INTERVAL 30 DAY"
         )
+        keep = retention()
+        if keep is not None:
+            pruned, rewrite_due = apply_retention(con, keep)
+            result.rows_pruned = pruned
     finally:
         con.close()  # type: ignore[attr-defined]
+    if keep is not None and rewrite_due:
+        rewrite_file(spool.db_path)
     for segment in segments:
         if segment.name in done:
             with contextlib.suppress(FileNotFoundError):

@@ -148,6 +148,9 @@ def _attach(con: duckdb.DuckDBPyConnection, path: Path, spool: Spool, alias: str
                 # dashboard reads single calls until a writer migrates the file
                 if rollup and rollup_columns >= {name for name, _ in schema.FACT_KEYS}:
                     con.execute(f"CREATE TEMP VIEW calls_rollup AS SELECT * FROM {alias}.{schema.ROLLUP_TABLE}")
+                cut = schema.pruned_before(con, f"{alias}.") if "joule_meta" in tables else None
+                if rollup and cut is not None:  # rows before it were pruned: the rollup holds their totals
+                    con.execute("CREATE TEMP TABLE joule_pruned AS SELECT ?::TIMESTAMPTZ AS before", [cut])
                 if rollup and schema.TAG_VALUES_TABLE in tables:
                     con.execute(f"CREATE TEMP VIEW tag_values AS SELECT * FROM {alias}.{schema.TAG_VALUES_TABLE}")
             if "joule_segments" in tables:

@@ -52,6 +52,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 
 ROLLUP_TABLE = "joule_rollup"
+PRUNED_BEFORE = "pruned_before"
+"""The ``joule_meta`` key of the retention boundary (ISO 8601, a whole UTC hour): rows before it were pruned."""
 TAG_VALUES_TABLE = "joule_tag_values"
 """Each tag key and value the compacted rows hold, with its calls: the dashboard's tag filters without a scan."""
 
@@ -226,6 +228,17 @@ def version_of(raw: str) -> int:
         return SCHEMA_VERSION + 1
 
 
+def pruned_before(con: Any, prefix: str = "") -> Any:
+    """The retention boundary a ledger records (``prefix``: an attached database's name and a dot), else None."""
+    from datetime import datetime
+
+    try:
+        found = con.execute(f"SELECT value FROM {prefix}joule_meta WHERE key = ?", [PRUNED_BEFORE]).fetchone()
+    except Exception:
+        return None
+    return datetime.fromisoformat(found[0]) if found else None
+
+
 def tag_values_sql(relation: str) -> str:
     """Calls per tag key and value in ``relation`` (rows with a ``tags`` column)."""
     return (
@@ -244,8 +257,17 @@ def merge_tag_values(con: Any, relation: str) -> None:
 
 def rebuild_rollup(con: Any) -> int:
     """Recompute ``joule_rollup`` from every row of ``inference_calls``; returns its row count."""
-    con.execute(f"DELETE FROM {ROLLUP_TABLE}")
-    con.execute(f"INSERT INTO {ROLLUP_TABLE} " + rollup_select_sql(f"(SELECT {raw_facts_sql()} FROM {TABLE})"))
+    cut = pruned_before(con)
+    if cut is None:
+        con.execute(f"DELETE FROM {ROLLUP_TABLE}")
+        con.execute(f"INSERT INTO {ROLLUP_TABLE} " + rollup_select_sql(f"(SELECT {raw_facts_sql()} FROM {TABLE})"))
+    else:  # the hours before the retention boundary are totals only: their rows are gone, the rollup keeps them
+        con.execute(f"DELETE FROM {ROLLUP_TABLE} WHERE hour >= ?", [cut])
+        con.execute(
+            f"INSERT INTO {ROLLUP_TABLE} "
+            + rollup_select_sql(f"(SELECT {raw_facts_sql()} FROM {TABLE} WHERE started_at >= ?)"),
+            [cut],
+        )
     con.execute(f"DELETE FROM {TAG_VALUES_TABLE}")
     merge_tag_values(con, TABLE)
     return int(con.execute(f"SELECT count(*) FROM {ROLLUP_TABLE}").fetchone()[0])

@@ -1,0 +1,202 @@
+"""Retention: `joule-otel ledger prune` and JOULE_OTEL_RETENTION delete old rows, the hourly rollup keeps their totals,
+the file shrinks, and every reader (the dashboard, reports, read_ledger) says what is left. Real DuckDB files, real
+processes; times are relative to now, never a date that ages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import duckdb
+import pytest
+
+import joule_otel
+from joule_otel.dashboard import _queries as queries
+from joule_otel.ledger import _reader as reader
+from joule_otel.ledger import _schema as schema
+from joule_otel.ledger._compact import compact
+from joule_otel.ledger._retention import boundary, parse_retention, prune
+from joule_otel.ledger._spool import Spool
+from joule_otel.ledger._writer import rows_to_arrow
+
+NOW = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+
+def _rows(days_ago: list[float], workload: str = "support", per_day: int = 200) -> list[tuple]:
+    """Calls spread over the given days before now, with tags; energy 1 J + the day's index (known sums)."""
+    rows = []
+    for index, ago in enumerate(days_ago):
+        for n in range(per_day):
+            record = dict.fromkeys(schema.COLUMN_NAMES)
+            moment = NOW - timedelta(days=ago, minutes=n % 600)
+            record.update(
+                receipt_id=f"rcpt_{workload}_{index}_{n}",
+                started_at=int(moment.timestamp() * 1_000_000),
+                service="svc",
+                workload=workload,
+                provider="joule_cloud",
+                routed_to="llama-3.3-70b-instruct",
+                region="eu-fi",
+                tier="standard",
+                energy_j=1.0 + index,
+                carbon_mg=0.1,
+                input_tokens=10,
+                output_tokens=20,
+                status_code=200,
+                operation="chat",
+                stream=False,
+                tags={"team": "search" if n % 2 else "data"},
+                duration_ms=100.0,
+            )
+            rows.append(tuple(record[name] for name in schema.COLUMN_NAMES))
+    return rows
+
+
+def _ledger(path, days_ago: list[float], per_day: int = 200) -> None:
+    spool = Spool(path)
+    rows = _rows(days_ago, per_day=per_day)
+    for start in range(0, len(rows), 5000):
+        spool.write_segment(rows_to_arrow(rows[start : start + 5000]))
+    compact(path, timeout_s=30)
+
+
+def _totals(path) -> tuple[int, float]:
+    with reader.connect(path) as con:
+        k = queries.kpis(con, queries.Filters())
+    return k["calls"], k["energy_j"]
+
+
+def test_prune_deletes_old_rows_keeps_their_totals_and_shrinks_the_file(tmp_path):
+    db = tmp_path / "ledger.duckdb"
+    days = [float(d) for d in range(100, 0, -3)]  # 34 days of calls, from 100 days ago to 1 day ago
+    _ledger(db, days, per_day=3000)  # enough rows that their blocks, not the file's fixed overhead, are its size
+    calls_before, energy_before = _totals(db)
+    cut = boundary(NOW - timedelta(days=50))
+    old = sum(1 for d in days for n in range(3000) if NOW - timedelta(days=d, minutes=n % 600) < cut)
+    with reader.connect(db) as con:
+        by_workload_before = queries.breakdown(con, queries.Filters(), "workload").set_index("group")["energy_j"]
+    size_before = db.stat().st_size
+
+    result = prune(db, NOW - timedelta(days=50) + timedelta(minutes=17))  # to the whole hour at or before
+    assert result.pruned_before == cut and result.rows_deleted == old > 0
+    assert result.rewritten and db.stat().st_size < size_before * 0.8, (size_before, db.stat().st_size)
+    assert not db.with_name(db.name + ".rewrite").exists()
+    frame = joule_otel.read_ledger(db)
+    assert len(frame) == calls_before - old and frame["started_at"].min() >= cut
+    # the dashboard's totals, from the rollup for the pruned hours, are what they were
+    assert _totals(db) == (calls_before, pytest.approx(energy_before))
+    with reader.connect(db) as con:
+        assert queries.pruned_before(con) == cut
+        after = queries.breakdown(con, queries.Filters(), "workload").set_index("group")["energy_j"]
+    assert after.to_dict() == pytest.approx(by_workload_before.to_dict())
+    # pruning again to the same day deletes nothing; a boundary is never moved back
+    assert prune(db, cut).rows_deleted == 0 and prune(db, cut - timedelta(days=10)).pruned_before == cut
+
+
+def test_a_late_row_from_before_the_boundary_joins_the_totals_not_the_rows(tmp_path):
+    db = tmp_path / "ledger.duckdb"
+    _ledger(db, [80.0, 10.0])
+    prune(db, NOW - timedelta(days=40))
+    calls, energy = _totals(db)
+    late = _rows([81.0], workload="late", per_day=5)  # a spool that waited past the prune
+    Spool(db).write_segment(rows_to_arrow(late))
+    compact(db, timeout_s=30)
+    assert _totals(db) == (calls + 5, pytest.approx(energy + 5 * 1.0))
+    assert "late" not in set(joule_otel.read_ledger(db)["workload"])
+    with duckdb.connect(str(db), read_only=True) as con:
+        rows = con.execute("SELECT count(*) FROM inference_calls").fetchone()[0]
+        kept = con.execute(
+            "SELECT sum(calls) FROM joule_rollup WHERE hour >= (SELECT value::TIMESTAMPTZ FROM joule_meta "
+            "WHERE key = 'pruned_before')"
+        ).fetchone()[0]
+    assert rows == kept, "the rollup's hours after the boundary sum the rows exactly"
+
+
+def test_reports_by_rollup_columns_cover_pruned_months_and_tags_say_pruned(tmp_path):
+    from joule_otel import _report
+
+    db = tmp_path / "ledger.duckdb"
+    _ledger(db, [70.0, 60.0, 5.0])
+    span = _report.Period(NOW - timedelta(days=90), NOW + timedelta(hours=1), "last 90 days")
+    before = _report.build(db, ["workload"], span)
+    prune(db, NOW - timedelta(days=30))
+    after = _report.build(db, ["workload"], span)
+    assert after.total["calls"] == before.total["calls"] == 600
+    assert after.total["energy_j"] == pytest.approx(before.total["energy_j"])
+    assert after.groups[0]["energy_j"] == pytest.approx(before.groups[0]["energy_j"])
+    by_tag = {g["team"]: g for g in _report.build(db, ["team"], span).groups}
+    assert by_tag["(pruned)"]["calls"] == 400 and by_tag["search"]["calls"] + by_tag["data"]["calls"] == 200
+
+
+def test_retention_from_the_environment_is_applied_by_compaction(tmp_path, monkeypatch):
+    db = tmp_path / "ledger.duckdb"
+    _ledger(db, [60.0, 2.0])
+    calls, energy = _totals(db)
+    monkeypatch.setenv("JOULE_OTEL_RETENTION", "30d")
+    Spool(db).write_segment(rows_to_arrow(_rows([1.0], workload="new", per_day=3)))
+    compact(db, timeout_s=30)
+    frame = joule_otel.read_ledger(db)
+    assert frame["started_at"].min() >= NOW - timedelta(days=31) and len(frame) == 203
+    assert _totals(db) == (calls + 3, pytest.approx(energy + 3 * 1.0))
+    assert parse_retention("12w") == timedelta(days=84)
+    for bad in ("90", "0d", "soon"):
+        with pytest.raises(ValueError, match="retention"):
+            parse_retention(bad)
+
+
+def test_the_prune_command_says_what_it_would_delete_and_needs_yes(tmp_path):
+    db = tmp_path / "ledger.duckdb"
+    _ledger(db, [40.0, 3.0])
+    cut = (NOW - timedelta(days=20)).date().isoformat()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "joule_otel._cli", "ledger", "prune", "--db", str(db), "--before", cut, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    dry = run()
+    assert dry.returncode == 1 and "200 rows" in dry.stdout and "--yes" in dry.stdout
+    assert len(joule_otel.read_ledger(db)) == 400
+    done = run("--yes", "--json")
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout)
+    assert said["rows_deleted"] == 200 and said["bytes_after"] <= said["bytes_before"]
+    assert len(joule_otel.read_ledger(db)) == 200
+
+
+def test_prune_while_a_writer_appends_and_a_reader_polls_loses_nothing_else(tmp_path):
+    db = tmp_path / "ledger.duckdb"
+    _ledger(db, [45.0, 2.0])
+    script = (
+        "import sys, time\n"
+        "from test_retention import _rows\n"
+        "from joule_otel.ledger._spool import Spool\n"
+        "from joule_otel.ledger._compact import compact\n"
+        "from joule_otel.ledger._writer import rows_to_arrow\n"
+        "spool = Spool(__import__('pathlib').Path(sys.argv[1]))\n"
+        "for i in range(20):\n"
+        "    spool.write_segment(rows_to_arrow(_rows([1.0], workload=f'w{i}', per_day=10)))\n"
+        "    try:\n"
+        "        compact(spool.db_path, timeout_s=0)\n"
+        "    except Exception:\n"
+        "        pass\n"
+        "    time.sleep(0.02)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    writer = subprocess.Popen([sys.executable, "-c", script, str(db)], env=env)
+    seen = []
+    for _ in range(3):
+        prune(db, NOW - timedelta(days=30), rewrite=True)
+        seen.append(len(joule_otel.read_ledger(db)))
+    assert writer.wait(timeout=120) == 0
+    compact(db, timeout_s=30)
+    frame = joule_otel.read_ledger(db)
+    assert len(frame) == 200 + 20 * 10 and frame["started_at"].min() >= NOW - timedelta(days=30)
+    assert _totals(db)[0] == 400 + 200
