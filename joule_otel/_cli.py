@@ -160,6 +160,8 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
         return 0
     if args.ledger_command == "prune":
         return _prune(path, args)
+    if args.ledger_command == "erase":
+        return _erase(path, args)
     if args.ledger_command == "export":
         count = maintenance.export(path, Path(args.output), fmt=args.format, where=args.where)
         print(f"wrote {count} rows to {args.output}")
@@ -197,6 +199,45 @@ def _prune(path: Path, args: argparse.Namespace) -> int:
             f"the file is {result.bytes_after:,} bytes (was {result.bytes_before:,})"
             + (", rewritten to give the space back" if result.rewritten else "")
         )
+    return 0
+
+
+def _erase(path: Path, args: argparse.Namespace) -> int:
+    from joule_otel import _report, _tags
+    from joule_otel.ledger._retention import erase
+
+    tag = None
+    if args.tag:
+        key, sep, value = args.tag.partition("=")
+        if not sep or _tags.clean_key(key) is None or not value.strip():
+            raise ValueError(f"--tag wants KEY=VALUE with a tag key such as team, got {args.tag!r}")
+        tag = (_tags.clean_key(key) or "", value.strip())
+    before = _report.period(args.before).start if args.before else None
+    result = erase(
+        path,
+        workload=args.workload,
+        service=args.service,
+        tag=tag,
+        before=before,
+        apply=args.yes,
+        timeout_s=args.timeout,
+    )
+    what = f"workload {args.workload}" if args.workload else f"service {args.service}" if args.service else args.tag
+    when = f" before {before:%Y-%m-%d}" if before else ""
+    if not args.yes:
+        print(
+            f"would erase {result.rows:,} calls of {what}{when} ({result.energy_j:,.1f} J) and their totals; add --yes"
+        )
+        return 1
+    print(
+        f"erased {result.rows:,} calls of {what}{when} ({result.energy_j:,.1f} J); "
+        + f"{result.rollup_rows:,} hourly totals {'re-summed' if tag else 'removed'}"
+        + (
+            "; the totals of pruned hours keep no tags, so any of its calls there remain in them"
+            if result.pruned_hours_kept
+            else ""
+        )
+    )
     return 0
 
 
@@ -519,6 +560,19 @@ def build_parser() -> argparse.ArgumentParser:
     prune_.add_argument("--yes", action="store_true", help="delete (without it: say what would be deleted)")
     prune_.add_argument("--json", action="store_true", help="print the result as JSON")
     prune_.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the lock (default 60)")
+    erase_ = lsub.add_parser(
+        "erase",
+        help="delete one workload's, service's or tag's calls and their totals (a customer who leaves)",
+        description="Delete the calls of one workload, service or tag (KEY=VALUE), optionally only before DATE, and "
+        "their share of the hourly totals. Without --yes, says what it would erase.",
+    )
+    chosen = erase_.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--workload", help="a workload's calls")
+    chosen.add_argument("--service", help="a service's calls")
+    chosen.add_argument("--tag", metavar="KEY=VALUE", help="the calls with this tag, e.g. customer=acme")
+    erase_.add_argument("--before", metavar="DATE", help="only calls before this date (UTC)")
+    erase_.add_argument("--yes", action="store_true", help="erase (without it: say what would be erased)")
+    erase_.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the lock (default 60)")
     export = lsub.add_parser("export", help="write inference_calls to Parquet or CSV")
     export.add_argument("output", help="the file to write: .parquet or .csv")
     export.add_argument("--format", choices=("parquet", "csv"), default=None, help="default: from the output's suffix")
@@ -527,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql", help='e.g. "select workload, sum(energy_j) from inference_calls group by 1"')
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
     # --db where a user types it: before or after the subcommand
-    for subcommand in (stats, compact, prune_, export, query):
+    for subcommand in (stats, compact, prune_, erase_, export, query):
         subcommand.add_argument(
             "--db", default=argparse.SUPPRESS, help="ledger path (default: JOULE_OTEL_DB or the per-user ledger)"
         )

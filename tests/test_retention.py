@@ -200,3 +200,60 @@ def test_prune_while_a_writer_appends_and_a_reader_polls_loses_nothing_else(tmp_
     frame = joule_otel.read_ledger(db)
     assert len(frame) == 200 + 20 * 10 and frame["started_at"].min() >= NOW - timedelta(days=30)
     assert _totals(db)[0] == 400 + 200
+
+
+def _rollup_matches_rows(db) -> None:
+    """The invariant: the rollup's hours after the retention boundary sum exactly the rows left."""
+    with duckdb.connect(str(db), read_only=True) as con:
+        cut = con.execute("SELECT value::TIMESTAMPTZ FROM joule_meta WHERE key = 'pruned_before'").fetchone()
+        since = "WHERE hour >= ?" if cut else ""
+        rolled = con.execute(
+            f"SELECT coalesce(sum(calls), 0), coalesce(sum(energy_j), 0) FROM joule_rollup {since}", list(cut or [])
+        ).fetchone()
+        rows = con.execute("SELECT count(*), coalesce(sum(energy_j), 0) FROM inference_calls").fetchone()
+    assert rolled[0] == rows[0] and rolled[1] == pytest.approx(rows[1])
+
+
+def test_erase_a_workload_takes_its_totals_too_and_a_tag_re_sums_the_hours_it_touched(tmp_path):
+    db = tmp_path / "ledger.duckdb"
+    spool = Spool(db)
+    spool.write_segment(rows_to_arrow(_rows([60.0, 5.0], workload="leaving") + _rows([60.0, 5.0], workload="staying")))
+    compact(db, timeout_s=30)
+    prune(db, NOW - timedelta(days=30))  # 60 days ago is totals only now
+
+    def by_workload() -> dict[str, float]:
+        with reader.connect(db) as con:
+            frame = queries.breakdown(con, queries.Filters(), "workload")
+        return dict(zip(frame["group"], frame["calls"], strict=True))
+
+    assert by_workload() == {"leaving": 400, "staying": 400}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "joule_otel._cli", "ledger", "erase", "--db", str(db), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    dry = run("--workload", "leaving")
+    assert dry.returncode == 1 and "would erase 200 calls of workload leaving" in dry.stdout
+    assert by_workload() == {"leaving": 400, "staying": 400}
+    done = run("--workload", "leaving", "--yes")
+    assert done.returncode == 0 and "erased 200 calls" in done.stdout, done.stderr
+    assert by_workload() == {"staying": 400}, "its pruned months' totals went too"
+    _rollup_matches_rows(db)
+
+    # a tag is not a rollup key: its rows go, the hours they were in are re-summed, pruned totals stay (and it says so)
+    done = run("--tag", "team=search", "--yes")
+    assert done.returncode == 0 and "erased 100 calls of team=search" in done.stdout, done.stderr
+    assert "keep no tags" in done.stdout
+    assert by_workload() == {"staying": 300}
+    _rollup_matches_rows(db)
+    frame = joule_otel.read_ledger(db)
+    assert set(frame["tags"].map(lambda t: t["team"])) == {"data"}
+    with reader.connect(db) as con:
+        assert queries.tag_options(con) == {"team": ["data"]}
+    bad = run("--tag", "Team Name=x", "--yes")
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr

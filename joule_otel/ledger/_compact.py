@@ -136,6 +136,7 @@ def _insert_new_rows(con: Any, files: list[str]) -> int:
             # a late row from before the retention boundary (a spool that waited): its totals join the rollup's
             # pruned hours, the row itself is not kept, as a prune would not have kept it
             con.execute(f"DELETE FROM {schema.TABLE} WHERE started_at < ? AND started_at >= ?", [cut, low])
+            schema.forget_tag_values(con, f"(SELECT tags FROM fresh WHERE started_at < '{cut.isoformat()}')")
     con.execute("DROP TABLE fresh")
     return inserted
 

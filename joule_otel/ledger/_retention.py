@@ -73,6 +73,8 @@ def prune_rows(con: Any, before: datetime) -> int:
     previous = schema.pruned_before(con)
     if previous is not None and previous > before:
         before = previous
+    # the tag filters list what the rows hold: the pruned rows' tags go with them (their totals keep no tags)
+    schema.forget_tag_values(con, f"(SELECT tags FROM {schema.TABLE} WHERE started_at < '{before.isoformat()}')")
     deleted = int(con.execute(f"DELETE FROM {schema.TABLE} WHERE started_at < ?", [before]).fetchone()[0])
     con.execute("INSERT OR REPLACE INTO joule_meta VALUES (?, ?)", [schema.PRUNED_BEFORE, before.isoformat()])
     return deleted
@@ -200,3 +202,118 @@ def rewrite_file(db_path: Path) -> None:
 
 def _quoted(path: Path) -> str:
     return str(path).replace("'", "''")
+
+
+@dataclass
+class EraseResult:
+    """What an erase removed (or would remove)."""
+
+    rows: int
+    energy_j: float
+    rollup_rows: int
+    """Hourly totals removed (a workload's or service's, pruned hours included) or re-summed (a tag's)."""
+    pruned_hours_kept: bool
+    """A tag was erased while hours before the retention boundary remain: their totals may hold its calls."""
+
+
+def erase(
+    db_path: Path,
+    *,
+    workload: str | None = None,
+    service: str | None = None,
+    tag: tuple[str, str] | None = None,
+    before: datetime | date | None = None,
+    apply: bool = False,
+    timeout_s: float = 60.0,
+) -> EraseResult:
+    """Delete one workload's, service's or tag's calls (before ``before``, if given) and their share of the totals.
+
+    A workload and a service are keys of the hourly rollup: their totals go too, pruned hours included. A tag is not:
+    the hours whose rows are erased are re-summed from the rows left, and the totals of pruned hours, which keep no
+    tags, are left as they are (``pruned_hours_kept`` says when there are some). ``apply=False`` only counts.
+
+    Raises:
+        ValueError: not exactly one of ``workload``, ``service`` and ``tag``.
+        LockBusy: writers or readers held the ledger longer than ``timeout_s``.
+    """
+    from joule_otel.ledger._compact import compact_locked, open_writable
+
+    chosen = [c for c in (workload, service, tag) if c is not None]
+    if len(chosen) != 1:
+        raise ValueError("erase one thing: a workload, a service or a tag (key=value)")
+    params: list[Any] = []
+    if tag is not None:
+        key, value = tag
+        condition = "tags[?] = ?"
+        params += [key, value]
+    else:
+        column = "workload" if workload is not None else "service"
+        condition = f"{column} = ?"
+        params.append(workload if workload is not None else service)
+    cut = boundary(before) if before is not None else None
+    rows_condition = condition + (" AND started_at < ?" if cut is not None else "")
+    rows_params = params + ([cut] if cut is not None else [])
+    spool = Spool(db_path)
+    with spool.locked(exclusive=True, timeout_s=timeout_s):
+        compact_locked(spool)
+        con: Any = open_writable(db_path)
+        try:
+            found = con.execute(
+                f"SELECT count(*), coalesce(sum(energy_j), 0) FROM {schema.TABLE} WHERE {rows_condition}", rows_params
+            ).fetchone()
+            rows, energy = int(found[0]), float(found[1])
+            pruned = schema.pruned_before(con)
+            rollup_rows = 0
+            if apply:
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    rollup_rows = _erase_locked(
+                        con, tag is not None, rows_condition, rows_params, condition, params, cut
+                    )
+                    con.execute("COMMIT")
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        con.execute("ROLLBACK")
+                    raise
+                con.execute("CHECKPOINT")
+        finally:
+            con.close()
+    return EraseResult(rows, energy, rollup_rows, tag is not None and pruned is not None)
+
+
+def _erase_locked(
+    con: Any,
+    by_tag: bool,
+    rows_condition: str,
+    rows_params: list[Any],
+    condition: str,
+    params: list[Any],
+    cut: datetime | None,
+) -> int:
+    """Delete the rows and their share of the rollup and of the tag counts; the rollup rows removed or re-summed."""
+    rollup = schema.ROLLUP_TABLE
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE erased AS SELECT * FROM {schema.TABLE} WHERE {rows_condition}", rows_params
+    )
+    schema.forget_tag_values(con, "erased")
+    con.execute(f"DELETE FROM {schema.TABLE} WHERE {rows_condition}", rows_params)
+    if not by_tag:  # a rollup key: its totals go, pruned hours too
+        since = " AND hour < ?" if cut is not None else ""
+        removed = con.execute(f"DELETE FROM {rollup} WHERE {condition}{since}", params + ([cut] if cut else []))
+        count = int(removed.fetchone()[0])
+    else:  # the touched hours, re-summed from the rows left (pruned hours keep no tags: they stay as they are)
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE touched AS SELECT DISTINCT to_timestamp(epoch_us(started_at) // 3600000000 "
+            "* 3600) AS hour FROM erased"
+        )
+        count = int(con.execute(f"DELETE FROM {rollup} WHERE hour IN (SELECT hour FROM touched)").fetchone()[0])
+        con.execute(
+            f"INSERT INTO {rollup} "
+            + schema.rollup_select_sql(
+                f"(SELECT {schema.raw_facts_sql()} FROM {schema.TABLE} "
+                "WHERE to_timestamp(epoch_us(started_at) // 3600000000 * 3600) IN (SELECT hour FROM touched))"
+            )
+        )
+        con.execute("DROP TABLE touched")
+    con.execute("DROP TABLE erased")
+    return count

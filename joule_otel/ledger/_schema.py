@@ -255,6 +255,15 @@ def merge_tag_values(con: Any, relation: str) -> None:
     )
 
 
+def forget_tag_values(con: Any, relation: str) -> None:
+    """Take the tags of ``relation``'s rows (rows about to be deleted) out of :data:`TAG_VALUES_TABLE`."""
+    con.execute(
+        f"INSERT INTO {TAG_VALUES_TABLE} SELECT key, value, -calls FROM ({tag_values_sql(relation)}) "
+        "ON CONFLICT (key, value) DO UPDATE SET calls = calls + excluded.calls"
+    )
+    con.execute(f"DELETE FROM {TAG_VALUES_TABLE} WHERE calls <= 0")
+
+
 def rebuild_rollup(con: Any) -> int:
     """Recompute ``joule_rollup`` from every row of ``inference_calls``; returns its row count."""
     cut = pruned_before(con)
