@@ -257,3 +257,15 @@ def test_erase_a_workload_takes_its_totals_too_and_a_tag_re_sums_the_hours_it_to
         assert queries.tag_options(con) == {"team": ["data"]}
     bad = run("--tag", "Team Name=x", "--yes")
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+
+
+def test_a_rewrite_killed_midway_leaves_the_ledger_whole_and_the_next_prune_cleans_up(tmp_path):
+    db = tmp_path / "ledger.duckdb"
+    _ledger(db, [50.0, 2.0])
+    leftover = db.with_name(db.name + ".rewrite")
+    leftover.write_bytes(b"half a copy")  # what a prune killed during its rewrite leaves beside the ledger
+    assert len(joule_otel.read_ledger(db)) == 400  # the ledger itself was never touched
+    result = prune(db, NOW - timedelta(days=30), rewrite=True)
+    assert result.rows_deleted == 200 and not leftover.exists()
+    assert len(joule_otel.read_ledger(db)) == 200
+    _rollup_matches_rows(db)
