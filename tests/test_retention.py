@@ -269,3 +269,19 @@ def test_a_rewrite_killed_midway_leaves_the_ledger_whole_and_the_next_prune_clea
     assert result.rows_deleted == 200 and not leftover.exists()
     assert len(joule_otel.read_ledger(db)) == 200
     _rollup_matches_rows(db)
+
+
+def test_a_rewrite_that_cannot_be_written_leaves_the_prune_done_and_says_so(tmp_path, caplog):
+    import logging
+
+    db = tmp_path / "ledger.duckdb"
+    _ledger(db, [50.0, 2.0])
+    blocked = db.with_name(db.name + ".rewrite")
+    blocked.mkdir()  # the copy cannot be written there (as on a full disk): only the shrinking fails
+    (blocked / "keep").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="joule_otel"):
+        result = prune(db, NOW - timedelta(days=30), rewrite=True)
+    assert result.rows_deleted == 200 and not result.rewritten
+    assert "could not be rewritten" in caplog.text
+    assert len(joule_otel.read_ledger(db)) == 200
+    _rollup_matches_rows(db)

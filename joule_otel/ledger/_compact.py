@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from joule_otel.ledger import _schema as schema
-from joule_otel.ledger._retention import apply_retention, retention, rewrite_file
+from joule_otel.ledger._retention import apply_retention, retention, try_rewrite
 from joule_otel.ledger._spool import Spool
 
 _log = logging.getLogger("joule_otel")
@@ -241,7 +241,7 @@ def _compact_into(spool: Spool, segments: list[Path], result: CompactResult) -> 
     finally:
         con.close()  # type: ignore[attr-defined]
     if keep is not None and rewrite_due:
-        rewrite_file(spool.db_path)
+        try_rewrite(spool.db_path)
     for segment in segments:
         if segment.name in done:
             with contextlib.suppress(FileNotFoundError):

@@ -110,9 +110,7 @@ def prune(
             worth = _worth_rewriting(con, deleted, held)
         finally:
             con.close()
-        rewritten = bool(rewrite) or (rewrite is None and worth)
-        if rewritten:
-            rewrite_file(db_path)
+        rewritten = (bool(rewrite) or (rewrite is None and worth)) and try_rewrite(db_path)
     return PruneResult(deleted, cut, size, db_path.stat().st_size, rewritten)
 
 
@@ -167,6 +165,21 @@ def _worth_rewriting(con: Any, deleted: int, held: int) -> bool:
     info = dict(zip([d[0] for d in con.description], row, strict=True))
     total = int(info.get("total_blocks") or 0)
     return bool(total) and int(info.get("free_blocks") or 0) / total > REWRITE_SHARE
+
+
+def try_rewrite(db_path: Path) -> bool:
+    """:func:`rewrite_file`, or a warning when it cannot be done (a full disk): the prune stands, the space waits."""
+    try:
+        rewrite_file(db_path)
+    except Exception as exc:  # the rows are deleted and committed already: only the shrinking failed
+        _log.warning(
+            "joule_otel: %s: pruned, but the file could not be rewritten to give the space back (%s); "
+            "the next prune tries again",
+            db_path,
+            exc,
+        )
+        return False
+    return True
 
 
 def rewrite_file(db_path: Path) -> None:
