@@ -43,6 +43,7 @@ from joule_otel._genai import redact_url
 from joule_otel._instruments import create_instruments
 from joule_otel._metrics import METRICS_NONE, MetricRecorder
 from joule_otel._pipeline import Pipeline
+from joule_otel._threads import app_signals_blocked, guard_forks
 from joule_otel._version import __version__
 from joule_otel.ledger._spool import forget_inherited_locks
 from joule_otel.ledger._writer import LedgerWriter
@@ -147,7 +148,9 @@ def instrument(
             if not _state.provisional:
                 return
             uninstrument()  # the pytest plugin's stand-in gives way: the suite's own settings (ledger, metrics) hold
-        providers = resolve_providers(settings, tracer_provider, meter_provider)
+        with app_signals_blocked():  # the SDK's export threads are born here: the app's signals are not theirs
+            providers = resolve_providers(settings, tracer_provider, meter_provider)
+        guard_forks()  # ... and born again in forked children by the SDK's fork hooks
         state = _instrument_clients(settings, providers)
         state.pipeline.row_listeners = _row_listeners
         state.pipeline.start()

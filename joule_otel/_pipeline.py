@@ -25,6 +25,7 @@ from joule_otel._events import EVENT_NAME, event_attributes
 from joule_otel._metrics import MetricRecorder
 from joule_otel._record import CallRecord
 from joule_otel._tags import baggage_tags, merged
+from joule_otel._threads import start_daemon
 from joule_otel._workload import baggage_workload
 from joule_otel.ledger._row import LedgerRow
 from joule_otel.ledger._writer import LedgerWriter, load_arrow
@@ -124,8 +125,7 @@ class Pipeline:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         """Start the background thread."""
-        self._thread = threading.Thread(target=self._run, name="joule-otel-ledger", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon(self._run, "joule-otel-ledger")
 
     def before_fork(self) -> None:
         """Let the worker finish an import or a cycle before the process forks (bounded: a fork is never blocked)."""

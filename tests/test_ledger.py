@@ -165,13 +165,40 @@ def test_torn_and_corrupt_segments_are_skipped_not_fatal(ledger_path):
     (spool.dir / "00000000000000000001-1-000001-abcdef.parquet").write_bytes(b"PAR1 torn garbage")
     torn_tmp = spool.dir / ".00000000000000000002-1-000002-abcdef.parquet.tmp"
     torn_tmp.write_bytes(b"half")
-    os.utime(torn_tmp, (time.time() - 3600, time.time() - 3600))
+    age(torn_tmp, 3600)
     result = compact(ledger_path)
     assert result.rows_inserted == 2
     assert len(result.quarantined) == 1
     assert not torn_tmp.exists()
     assert count(ledger_path) == (2, 2)
     assert maintenance.ledger_stats(ledger_path)["quarantined_segments"] == 1
+
+
+def age(path: Path, seconds: float) -> None:
+    """Make a file ``seconds`` older by the filesystem's clock (the process's may be moved: tests/clock)."""
+    written = path.stat().st_mtime
+    os.utime(path, (written - seconds, written - seconds))
+
+
+def test_a_segment_being_written_is_never_taken_for_a_torn_one_whatever_the_process_clock_says(ledger_path):
+    """A process whose clock runs ahead (faketime, a container, skew on a shared volume) sweeps only torn files."""
+    import time_machine
+
+    spool = Spool(ledger_path)
+    spool.ensure()
+    in_progress = spool.dir / ".00000000000000000003-1-000003-abcdef.parquet.tmp"
+    in_progress.write_bytes(b"being written")
+    torn = spool.dir / ".00000000000000000004-1-000004-abcdef.parquet.tmp"
+    torn.write_bytes(b"half")
+    age(torn, 3600)
+    with time_machine.travel(time.time() + 32 * 86400, tick=True):
+        assert spool.sweep_torn() == 1
+    assert in_progress.exists()
+    assert not torn.exists()
+    with time_machine.travel(time.time() - 32 * 86400, tick=True):  # and a clock that runs behind
+        age(in_progress, 3600)
+        assert spool.sweep_torn() == 1
+    assert not in_progress.exists()
 
 
 def test_compaction_is_idempotent_and_replay_never_duplicates(ledger_path):

@@ -155,6 +155,63 @@ def test_multiprocessing_children_that_return_lose_no_row(tmp_path, joule_simula
     assert sorted(landed) == sorted(issued)
 
 
+SIGNAL_MASKS = """
+import json, multiprocessing, os, signal, sys, threading
+import joule_otel
+from joule_otel.simulator import running
+
+def masks():
+    found = {}
+    for thread in threading.enumerate():
+        with open(f"/proc/self/task/{thread.native_id}/status") as status:
+            blocked = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+        found[thread.name] = [s.name for s in (signal.SIGTERM, signal.SIGINT) if blocked >> (s - 1) & 1]
+    return found
+
+def child(queue):
+    joule_otel.flush()  # the ledger thread started again in this child
+    queue.put(masks())
+
+if __name__ == "__main__":
+    with running(seed=1) as sim:
+        joule_otel.instrument(db=sys.argv[1])
+        joule_otel.flush()
+        parent = masks()
+        queue = multiprocessing.get_context("fork").SimpleQueue()
+        process = multiprocessing.get_context("fork").Process(target=child, args=(queue,))
+        process.start()
+        print(json.dumps({"parent": parent, "child": queue.get(), "main": threading.main_thread().name}))
+        process.join()
+"""
+
+
+def test_the_apps_signals_never_land_on_a_thread_of_joule_otels(tmp_path):
+    """A SIGTERM the kernel hands to a thread of ours would reach the app's handler only once its main thread runs
+    Python again: a ``Pool`` worker blocked on its queue's lock never would, and its parent's ``join()`` hung."""
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",  # SDK export threads exist (nothing listens there)
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "JOULE_OTEL_CALL_EVENTS": "true",
+    }
+    script = tmp_path / "masks.py"
+    script.write_text(textwrap.dedent(SIGNAL_MASKS))
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "m.duckdb")], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    main = found["main"]
+    for where in ("parent", "child"):
+        threads = found[where]
+        assert threads.pop(main) == [], f"the app's own main thread keeps its signals ({where})"
+        assert "joule-otel-ledger" in threads, threads
+        assert {name: mask for name, mask in threads.items() if mask != ["SIGTERM", "SIGINT"]} == {}, where
+    assert "joule-simulator" in found["parent"]
+    assert len(found["parent"]) >= 4, f"the SDK's span, log and metric export threads: {found['parent']}"
+
+
 # -- a full disk ------------------------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from joule_otel._dedupe import CallKey, RecentCalls
 from joule_otel._events import EVENT_NAME, row_from_event
+from joule_otel._threads import start_daemon
 from joule_otel.collect import _journal, _otlp
 from joule_otel.collect._spans import Prepared, SpanJoiner, prepare
 from joule_otel.ledger._row import LedgerRow
@@ -61,8 +62,7 @@ class RowSink:
             _recover_waiting_calls(writer)
         self._cond = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="joule-otel-collect-writer", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon(self._run, "joule-otel-collect-writer")
 
     def spans(self, spans: list[_otlp.Span]) -> Future[bool]:
         """Rows of the Joule calls among ``spans`` (metrics recorded for them: they were not Python's)."""

@@ -23,6 +23,8 @@ from typing import Any
 SEGMENT_SUFFIX = ".parquet"
 STALE_TMP_S = 300.0
 """A temporary segment untouched this long belongs to a process that died mid-write."""
+CLOCK_PROBE = ".clock"
+"""A file in the spool touched to read the filesystem's clock (see :meth:`Spool.sweep_torn`)."""
 
 _sequence = itertools.count()
 _held_lock_fds: set[int] = set()
@@ -109,9 +111,17 @@ class Spool:
         return max(time.time_ns() - written_ns, 0) / 1e9
 
     def sweep_torn(self, older_than_s: float = STALE_TMP_S) -> int:
-        """Delete temporary segments left by processes that died mid-write; returns how many."""
+        """Delete temporary segments left by processes that died mid-write; returns how many.
+
+        Their age is measured by the clock that stamps this folder's files, never this process's: a process whose
+        clock differs (faketime, a container, a host with skew on a shared volume) would take every writer's
+        segment in progress for a torn one and delete it under it.
+        """
         removed = 0
-        cutoff = time.time() - older_than_s
+        try:
+            cutoff = self._filesystem_now() - older_than_s
+        except OSError:  # the folder is gone or read-only: nothing here can be swept
+            return 0
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.dir):
                 if entry.name.startswith(".") and entry.name.endswith(".tmp"):
@@ -120,6 +130,12 @@ class Spool:
                             os.unlink(entry.path)
                             removed += 1
         return removed
+
+    def _filesystem_now(self) -> float:
+        """Now, by the filesystem's clock: the time it stamps on a file touched this moment."""
+        probe = self.dir / CLOCK_PROBE
+        probe.touch()
+        return probe.stat().st_mtime
 
     def quarantine(self, segment: Path) -> Path:
         """Move an unreadable segment aside, so it never blocks compaction again."""

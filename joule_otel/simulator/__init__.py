@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from joule_otel._threads import start_daemon
 from joule_otel.simulator._catalog import GRID_G_PER_KWH, MODELS, TIER_MULTIPLIER
 from joule_otel.simulator._server import SimulatorHTTPServer
 from joule_otel.simulator._state import BILL_COLUMNS, Receipt, SimulatorConfig, SimulatorState
@@ -88,13 +89,7 @@ class Simulator:
     def start(self) -> Simulator:
         """Serve in a background thread."""
         # stop() waits for the serving loop's next poll: a short one keeps a test's teardown from costing half a second
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": _STOP_POLL_S},
-            name="joule-simulator",
-            daemon=True,
-        )
-        self._thread.start()
+        self._thread = start_daemon(self._server.serve_forever, "joule-simulator", poll_interval=_STOP_POLL_S)
         return self
 
     def serve_forever(self) -> None:
