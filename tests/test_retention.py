@@ -18,7 +18,7 @@ from joule_otel.dashboard import _queries as queries
 from joule_otel.ledger import _reader as reader
 from joule_otel.ledger import _schema as schema
 from joule_otel.ledger._compact import compact
-from joule_otel.ledger._retention import boundary, parse_retention, prune
+from joule_otel.ledger._retention import boundary, erase, parse_retention, prune
 from joule_otel.ledger._spool import Spool
 from joule_otel.ledger._writer import rows_to_arrow
 
@@ -284,4 +284,118 @@ def test_a_rewrite_that_cannot_be_written_leaves_the_prune_done_and_says_so(tmp_
     assert result.rows_deleted == 200 and not result.rewritten
     assert "could not be rewritten" in caplog.text
     assert len(joule_otel.read_ledger(db)) == 200
+    _rollup_matches_rows(db)
+
+
+KILLED_PRUNE = """
+import os, signal, sys, threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from joule_otel.ledger import _compact, _retention
+
+db, point = Path(sys.argv[1]), sys.argv[2]
+armed = False
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Dying:  # the prune's connection, killed at one of its steps
+    def __init__(self, con):
+        self._con = con
+
+    def execute(self, sql, *args):
+        if armed and point == "before-commit" and sql == "COMMIT":
+            die()
+        result = self._con.execute(sql, *args)
+        if armed and (point, sql) in {("after-commit", "COMMIT"), ("after-checkpoint", "CHECKPOINT")}:
+            die()
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+
+
+open_writable, prune_rows, replace = _compact.open_writable, _retention.prune_rows, os.replace
+_compact.open_writable = lambda path: Dying(open_writable(path))
+
+
+def arm(*args):
+    global armed
+    armed = True  # the compaction before the prune is not the step under test
+    return prune_rows(*args)
+
+
+def replacing(source, target):
+    if point == "before-rename":
+        die()
+    replace(source, target)
+    if point == "after-rename":
+        die()
+
+
+def watch_copy():  # somewhere in the middle of the copy
+    fresh = db.with_name(db.name + ".rewrite")
+    while not (fresh.exists() and fresh.stat().st_size):
+        pass
+    die()
+
+
+_retention.prune_rows, os.replace = arm, replacing
+if point == "mid-copy":
+    threading.Thread(target=watch_copy, daemon=True).start()
+_retention.prune(db, datetime.now(timezone.utc) - timedelta(days=30), rewrite=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "point", ["before-commit", "after-commit", "after-checkpoint", "mid-copy", "before-rename", "after-rename"]
+)
+def test_a_prune_killed_at_any_step_loses_nothing_and_counts_nothing_twice(tmp_path, point):
+    db = tmp_path / "ledger.duckdb"
+    _ledger(db, [50.0, 2.0])
+    killed = subprocess.run([sys.executable, "-c", KILLED_PRUNE, str(db), point], capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    rows = len(joule_otel.read_ledger(db))
+    assert rows == (400 if point == "before-commit" else 200)
+    assert _totals(db) == (400, pytest.approx(200 * 1.0 + 200 * 2.0)), "every call counted once, rows or totals"
+    _rollup_matches_rows(db)
+    again = prune(db, NOW - timedelta(days=30), rewrite=True)  # the next prune finishes the work
+    assert again.rows_deleted == (200 if point == "before-commit" else 0)
+    assert len(joule_otel.read_ledger(db)) == 200 and _totals(db)[0] == 400
+    _rollup_matches_rows(db)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ledger.duckdb.rewrite")) == []
+
+
+def test_erase_while_a_writer_appends_takes_only_what_was_asked(tmp_path):
+    db = tmp_path / "ledger.duckdb"
+    spool = Spool(db)
+    spool.write_segment(rows_to_arrow(_rows([3.0, 2.0], workload="leaving") + _rows([3.0], workload="staying")))
+    compact(db, timeout_s=30)
+    script = (
+        "import sys, time\n"
+        "from test_retention import _rows\n"
+        "from joule_otel.ledger._spool import Spool\n"
+        "from joule_otel.ledger._compact import compact\n"
+        "from joule_otel.ledger._writer import rows_to_arrow\n"
+        "spool = Spool(__import__('pathlib').Path(sys.argv[1]))\n"
+        "for i in range(20):\n"
+        "    spool.write_segment(rows_to_arrow(_rows([1.0], workload=f'w{i}', per_day=10)))\n"
+        "    try:\n"
+        "        compact(spool.db_path, timeout_s=0)\n"
+        "    except Exception:\n"
+        "        pass\n"
+        "    time.sleep(0.02)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    writer = subprocess.Popen([sys.executable, "-c", script, str(db)], env=env)
+    erased = [erase(db, workload="leaving", apply=True).rows for _ in range(3)]
+    assert writer.wait(timeout=120) == 0
+    compact(db, timeout_s=30)
+    assert erased[0] == 400 and erased[1:] == [0, 0], "erased once, never twice"
+    frame = joule_otel.read_ledger(db)
+    assert "leaving" not in set(frame["workload"])
+    assert len(frame) == 200 + 20 * 10, "the writer's rows and the workload kept are all there"
+    assert _totals(db)[0] == 200 + 20 * 10
     _rollup_matches_rows(db)
