@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import subprocess
 import sys
 import tracemalloc  # noqa: F401 - pytest imports it inside its unraisable-exception hook, which can run mid-import
 from collections.abc import Iterator
@@ -116,3 +117,20 @@ def scripted():
     base_url, stop = serve_scripted()
     yield base_url
     stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path, request):
+    """A small tmpfs (4 MiB unless parametrized indirectly with another size): a real device that runs out of space."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    size = getattr(request, "param", "4m")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs for the disk-full test: {result.stderr!r}")
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

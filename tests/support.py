@@ -112,3 +112,10 @@ def run_script(source: str, *args: str, env: dict | None = None, timeout: float 
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def fill(mount: Path, leave_bytes: int) -> Path:
+    filler = mount / "filler"
+    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+    filler.write_bytes(b"\0" * max(free - leave_bytes, 0))
+    return filler

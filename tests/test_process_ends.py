@@ -16,11 +16,10 @@ import textwrap
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import duckdb
 import pytest
-from support import ROW, ledger_rows, run_script
+from support import ROW, fill, ledger_rows, run_script
 
 import joule_otel
 from joule_otel import _instrument
@@ -213,29 +212,6 @@ def test_the_apps_signals_never_land_on_a_thread_of_joule_otels(tmp_path):
 
 
 # -- a full disk ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB tmpfs: a real device that runs out of space."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a tmpfs for the disk-full test: {result.stderr!r}")
-        pytest.skip("mounting a tmpfs needs root")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(mount: Path, leave_bytes: int) -> Path:
-    filler = mount / "filler"
-    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
-    filler.write_bytes(b"\0" * max(free - leave_bytes, 0))
-    return filler
 
 
 def test_disk_full_at_the_first_compaction_recovers_by_itself_and_says_disk_full(small_disk, caplog):

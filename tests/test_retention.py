@@ -399,3 +399,38 @@ def test_erase_while_a_writer_appends_takes_only_what_was_asked(tmp_path):
     assert len(frame) == 200 + 20 * 10, "the writer's rows and the workload kept are all there"
     assert _totals(db)[0] == 200 + 20 * 10
     _rollup_matches_rows(db)
+
+
+@pytest.mark.parametrize("small_disk", ["24m"], indirect=True)
+@pytest.mark.parametrize(
+    ("left", "outcome"), [(4 << 10, "refused"), (64 << 10, "not checkpointed"), (1 << 20, "not rewritten")]
+)
+def test_a_full_disk_at_each_step_of_a_prune_loses_nothing_and_says_why(small_disk, left, outcome, caplog):
+    """Room for nothing (the commit is refused), for the commit but not the checkpoint, for both but not the copy."""
+    import logging
+
+    from support import fill
+
+    from joule_otel.ledger._compact import is_disk_full
+
+    db = small_disk / "ledger.duckdb"
+    _ledger(db, [50.0, 2.0], per_day=2000)
+    filler = fill(small_disk, left)
+    with caplog.at_level(logging.WARNING, logger="joule_otel"):
+        if outcome == "refused":
+            with pytest.raises(Exception) as refused:  # DuckDB's own error, whose class varies
+                prune(db, NOW - timedelta(days=30), rewrite=True)
+            assert is_disk_full(refused.value), refused.value
+        else:
+            result = prune(db, NOW - timedelta(days=30), rewrite=True)
+            assert result.rows_deleted == 2000 and not result.rewritten
+            said = "could not be checkpointed" if outcome == "not checkpointed" else "could not be rewritten"
+            assert said in caplog.text
+    filler.unlink()
+    assert len(joule_otel.read_ledger(db)) == (4000 if outcome == "refused" else 2000)
+    assert _totals(db) == (4000, pytest.approx(2000 * 1.0 + 2000 * 2.0)), "nothing lost, nothing counted twice"
+    _rollup_matches_rows(db)
+    assert [p.name for p in small_disk.iterdir() if ".rewrite" in p.name] == [], "a refused copy leaves nothing"
+    again = prune(db, NOW - timedelta(days=30), rewrite=True)  # with room again, the next prune finishes the work
+    assert again.rewritten and len(joule_otel.read_ledger(db)) == 2000 and _totals(db)[0] == 4000
+    _rollup_matches_rows(db)

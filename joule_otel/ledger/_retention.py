@@ -92,9 +92,12 @@ def prune(
         LockBusy: writers or readers held the ledger longer than ``timeout_s``.
         LedgerUnavailable: the file cannot be opened for writing.
     """
+    import duckdb
+
     from joule_otel.ledger._compact import compact_locked, open_writable
 
     cut = boundary(before)
+    worth = False
     spool = Spool(db_path)
     with spool.locked(exclusive=True, timeout_s=timeout_s):
         compact_locked(spool)
@@ -106,8 +109,17 @@ def prune(
             deleted = prune_rows(con, cut)
             con.execute("COMMIT")
             cut = schema.pruned_before(con) or cut
-            con.execute("CHECKPOINT")
-            worth = _worth_rewriting(con, deleted, held)
+            try:
+                con.execute("CHECKPOINT")
+                worth = _worth_rewriting(con, deleted, held)
+            except duckdb.Error as exc:  # the prune is committed to the write-ahead log, which the next open replays
+                _log.warning(
+                    "joule_otel: %s: pruned, but the file could not be checkpointed (%s); its write-ahead log keeps "
+                    "the prune and the next compaction writes it",
+                    db_path,
+                    " ".join(str(exc).split()),
+                )
+                rewrite = False
         finally:
             con.close()
         rewritten = (bool(rewrite) or (rewrite is None and worth)) and try_rewrite(db_path)
@@ -187,7 +199,8 @@ def rewrite_file(db_path: Path) -> None:
     import duckdb
 
     fresh = db_path.with_name(db_path.name + ".rewrite")
-    for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):
+    leftovers = (fresh, fresh.with_name(fresh.name + ".wal"))
+    for leftover in leftovers:
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
     con = duckdb.connect(":memory:")
@@ -199,8 +212,9 @@ def rewrite_file(db_path: Path) -> None:
         con.execute("DETACH old")
     except BaseException:
         con.close()
-        with contextlib.suppress(FileNotFoundError):
-            fresh.unlink()
+        for leftover in leftovers:  # a copy the disk refused leaves its write-ahead log too
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
         raise
     con.close()
     with open(fresh, "rb") as handle:
