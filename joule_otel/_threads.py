@@ -50,7 +50,7 @@ def start_daemon(target: Callable[..., Any], name: str, **kwargs: Any) -> thread
 
 
 _fork_depth = 0
-_mask_before_fork: set[signal.Signals] | None = None
+_mask_before_fork: set[int | signal.Signals] | None = None
 
 
 def _block_for_fork() -> None:

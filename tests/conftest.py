@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import os
 import runpy
 import subprocess
@@ -19,6 +20,28 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import joule_otel
+
+
+def _import_every_module() -> None:
+    """Import all of joule_otel now, on the main thread, before any test starts a thread.
+
+    pytest rewrites the asserts of every module of a distribution that registers a plugin (ours does), and parsing
+    a module on one thread while another parses (CPython 3.11.7: "AST constructor recursion depth mismatch") fails
+    an import at random: a module the ledger thread imports lazily met one a test imported.
+    """
+    import logging
+    import pkgutil
+
+    logging.disable(logging.WARNING)  # Streamlit's caches say at import that no app runs: none is meant to
+    try:
+        for module in pkgutil.walk_packages(joule_otel.__path__, "joule_otel."):
+            if module.name != "joule_otel.dashboard.app":  # a Streamlit script: it draws the page when imported
+                importlib.import_module(module.name)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+_import_every_module()
 
 CLOCK = Path(__file__).resolve().parent / "clock"
 if os.environ.get("JOULE_OTEL_TEST_CLOCK"):  # the suite run with its clock moved (see tests/clock/sitecustomize.py)

@@ -159,6 +159,20 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_read_and_a_chunked_one_as_i
     assert status == 200 and json.loads(body)["body"] == "abcde"
 
 
+def test_a_client_still_sending_a_refused_body_reads_the_413_not_a_reset(served):
+    """Closing with unread bytes makes the kernel answer them with a reset, which discards the 413 the client has
+    not read yet: the server half-closes and drops what still arrives (a lingering close)."""
+    for _ in range(5):
+        with served.connect() as sock:
+            sock.sendall(b"POST /v1/x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"%x\r\n%s\r\n" % (4096, b"a" * 4096)
+            for _ in range(64):  # 256 KiB, far past the limit, sent as fast as the socket takes it
+                sock.sendall(chunk)
+            (status, headers, body), *_ = answers(read_all(sock))
+        assert status == 413 and headers["connection"] == "close"
+        assert json.loads(body)["error"]["code"] == "too_large"
+
+
 def test_what_is_not_http_is_a_400_and_a_handler_that_fails_a_500(served):
     with served.connect() as sock:
         sock.sendall(b"\x16\x03\x01\x02\x00 this is TLS, not HTTP\r\n\r\n")

@@ -25,6 +25,9 @@ _log = logging.getLogger("joule_otel.proxy")
 MAX_PIPELINED = 16
 """Complete requests queued on one connection before it is read no further (until they are answered)."""
 
+LINGER_S = 2.0
+"""How long a connection that refused a request still reads and drops what the client sends before closing."""
+
 Handler = Callable[["Request", "Reply"], Awaitable[None]]
 
 
@@ -414,8 +417,19 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()  # after what is buffered is written
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._refused and not self.gone and transport.can_write_eof():
+            # a refused request's body may still be arriving: closing with bytes unread makes the kernel reset the
+            # connection, and the client would see the reset rather than the answer. Half-close, read and drop what
+            # still comes for a while, then close (nginx's lingering close).
+            transport.write_eof()
+            self._resume_reading()
+            self._disarm()
+            self._timer = self.loop.call_later(LINGER_S, transport.close)
+            return
+        transport.close()  # after what is buffered is written
 
     def abort(self) -> None:
         if self.transport is not None:
