@@ -163,6 +163,8 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     if args.ledger_command == "erase":
         return _erase(path, args)
     if args.ledger_command == "export":
+        if args.clickhouse:
+            return _export_clickhouse(path, Path(args.output), args)
         count = maintenance.export(path, Path(args.output), fmt=args.format, where=args.where)
         print(f"wrote {count} rows to {args.output}")
         return 0
@@ -171,6 +173,21 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
         print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=2))
     else:
         print_table(columns, rows)
+    return 0
+
+
+def _export_clickhouse(path: Path, output: Path, args: argparse.Namespace) -> int:
+    from joule_otel.ledger import _maintenance as maintenance
+
+    if args.where or args.format == "csv" or output.suffix.lower() == ".csv":
+        raise ValueError("--clickhouse writes the whole ledger as Parquet: drop --where and --format csv")
+    rows, hourly, hourly_path = maintenance.export_clickhouse(path, output)
+    print(f"wrote {rows:,} rows in the columns of otel.joule_calls to {output}")
+    load = "clickhouse-client --query 'INSERT INTO otel.{table} FORMAT Parquet' < {file}"
+    print("  load them (once or twice: a call stays one row): " + load.format(table="joule_calls", file=output))
+    if hourly_path is not None:
+        print(f"wrote the totals of {hourly:,} pruned hourly groups to {hourly_path}")
+        print("  load them once: " + load.format(table="joule_calls_hourly", file=hourly_path))
     return 0
 
 
@@ -577,6 +594,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("output", help="the file to write: .parquet or .csv")
     export.add_argument("--format", choices=("parquet", "csv"), default=None, help="default: from the output's suffix")
     export.add_argument("--where", help="SQL filter, e.g. \"workload = 'support-bot'\"")
+    export.add_argument(
+        "--clickhouse",
+        action="store_true",
+        help="in the columns of ClickHouse's otel.joule_calls (deploy/clickhouse), with pruned hours' totals beside",
+    )
     query = lsub.add_parser("query", help="run SQL against inference_calls")
     query.add_argument("sql", help='e.g. "select workload, sum(energy_j) from inference_calls group by 1"')
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -324,7 +324,7 @@ SELECT
     hour, service, provider, workload, operation, requested_model, routed_to, region, tier, status_code, error_type,
     stream, calls, energy_j, energy_calls, carbon_mg, input_tokens, output_tokens, true AS from_totals
 FROM otel.joule_calls_hourly
-WHERE hour < (SELECT if(count() = 0, toDateTime('2106-01-01 00:00:00', 'UTC'), toStartOfDay(min(started_at)))
+WHERE hour < (SELECT if(count() = 0, toDateTime('2106-01-01 00:00:00', 'UTC'), toStartOfHour(min(started_at)))
               FROM otel.joule_calls);
 
 -- The calls themselves, one row each (for the receipts panel and your own queries).
