@@ -510,6 +510,11 @@ NODE_DIR = Path(__file__).parent / "node"
 @pytest.fixture(scope="module")
 def node_clients() -> Path:
     """The npm packages of tests/node, installed from its lock file (``npm ci``) when missing."""
+    return node_clients_path()
+
+
+def node_clients_path() -> Path:
+    """tests/node/clients.mjs, its packages installed (``npm ci``) when missing; skips (fails in CI) without Node."""
     import shutil
 
     if shutil.which("node") is None or shutil.which("npm") is None:

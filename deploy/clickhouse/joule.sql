@@ -115,7 +115,7 @@ SELECT
     joule_quantity(LogAttributes['joule.duration_ms'], 86400000) AS duration_ms,
     joule_quantity(LogAttributes['joule.ttft_ms'], 86400000) AS ttft_ms,
     coalesce(joule_text(LogAttributes['service.name']), joule_text(ServiceName)) AS service,
-    joule_text(LogAttributes['joule.workload']) AS workload,
+    coalesce(joule_text(LogAttributes['joule.workload']), service) AS workload,
     joule_text(LogAttributes['joule.operation']) AS operation,
     joule_text(LogAttributes['server.address']) AS server_address,
     if(toInt32OrZero(LogAttributes['http.response.status_code']) BETWEEN 100 AND 599,
@@ -169,13 +169,28 @@ WHERE SpanKind IN ('Client', 'SPAN_KIND_CLIENT')
 
 -- GenAI spans: the AI SDK's doGenerate/doStream, or any span with gen_ai.* request or usage attributes.
 CREATE VIEW IF NOT EXISTS otel.joule_genai_spans AS
-SELECT TraceId, SpanId, SpanName, SpanAttributes
+SELECT TraceId, SpanId, ParentSpanId, SpanName, SpanAttributes, Timestamp
 FROM otel.otel_traces
 WHERE startsWith(SpanName, 'ai.')
    OR mapContains(SpanAttributes, 'gen_ai.usage.input_tokens')
    OR mapContains(SpanAttributes, 'gen_ai.request.model')
    OR mapContains(SpanAttributes, 'ai.usage.inputTokens')
    OR mapContains(SpanAttributes, 'ai.usage.promptTokens');
+
+-- The spans above a GenAI span, with the name each gives the work under it (AI SDK 7's invoke_agent span has
+-- gen_ai.agent.name two spans above its "chat" span; older ones put ai.telemetry.functionId on the span itself).
+CREATE VIEW IF NOT EXISTS otel.joule_named_spans AS
+SELECT
+    TraceId,
+    SpanId,
+    ParentSpanId,
+    coalesce(
+        joule_text(SpanAttributes['gen_ai.agent.name']),
+        joule_text(SpanAttributes['ai.telemetry.functionId']),
+        joule_text(SpanAttributes['joule.workload'])
+    ) AS name
+FROM otel.otel_traces
+WHERE Timestamp >= now() - INTERVAL 7 HOUR;
 
 -- The row of a call span, with its GenAI parent's facts (tokens, requested model, stream, time to first chunk)
 -- when the parent is in the table, as joule_otel/collect/_spans.py's span_row makes it.
@@ -194,7 +209,9 @@ SELECT
         joule_text(SpanAttributes['joule.workload']),
         joule_text(ResourceAttributes['joule.workload']),
         joule_text(p_attributes['joule.workload']),
-        joule_text(p_attributes['ai.telemetry.functionId'])
+        joule_text(p_attributes['ai.telemetry.functionId']),
+        a1_name, a2_name, a3_name,
+        service  -- a call nothing names is its service's, as in the DuckDB ledger
     ) AS workload,
     joule_operation(url_path) AS operation,
     joule_text(host) AS server_address,
@@ -202,7 +219,11 @@ SELECT
                               SpanAttributes['http.status_code'])) BETWEEN 100 AND 599,
        toInt32OrNull(coalesce(nullIf(SpanAttributes['http.response.status_code'], ''),
                               SpanAttributes['http.status_code'])), NULL) AS status_code,
-    joule_text(SpanAttributes['error.type']) AS error_type,
+    multiIf(
+        status_code = 402, 'insufficient_balance',
+        status_code >= 400, toString(status_code),
+        joule_text(SpanAttributes['error.type'])
+    ) AS error_type,
     coalesce(joule_text(p_attributes['gen_ai.request.model']), joule_text(p_attributes['ai.model.id']))
         AS requested_model,
     joule_text(joule_header(SpanAttributes['http.response.header.x-routed-to'])) AS routed_to,
@@ -235,12 +256,22 @@ SELECT
 FROM
 (
     SELECT
-        c.*,
-        p.SpanAttributes AS p_attributes,
-        p.SpanName AS p_name,
-        joule_quantity(p.SpanAttributes['ai.response.msToFirstChunk'], 86400000) AS p_ttft_ms
-    FROM otel.joule_call_spans AS c
-    LEFT JOIN otel.joule_genai_spans AS p ON p.TraceId = c.TraceId AND p.SpanId = c.ParentSpanId
+        c.Timestamp AS Timestamp, c.TraceId AS TraceId, c.SpanId AS SpanId, c.Duration AS Duration,
+        c.ResourceAttributes AS ResourceAttributes, c.SpanAttributes AS SpanAttributes, c.h_receipt AS h_receipt,
+        c.url_path AS url_path, c.host AS host,
+        p_name, p_attributes, p_ttft_ms, a1.name AS a1_name, a2.name AS a2_name, a3.name AS a3_name
+    FROM (SELECT * FROM otel.joule_call_spans WHERE Timestamp >= now() - INTERVAL 6 HOUR) AS c
+    LEFT JOIN (
+        SELECT TraceId AS p_trace, SpanId AS p_span, ParentSpanId AS p_parent, SpanName AS p_name,
+               SpanAttributes AS p_attributes,
+               joule_quantity(SpanAttributes['ai.response.msToFirstChunk'], 86400000) AS p_ttft_ms
+        FROM otel.joule_genai_spans
+        WHERE Timestamp >= now() - INTERVAL 7 HOUR
+    ) AS p ON p.p_trace = c.TraceId AND p.p_span = c.ParentSpanId
+    -- the name of the work above the parent, up to three spans up
+    LEFT JOIN otel.joule_named_spans AS a1 ON a1.TraceId = c.TraceId AND a1.SpanId = p.p_parent
+    LEFT JOIN otel.joule_named_spans AS a2 ON a2.TraceId = c.TraceId AND a2.SpanId = a1.ParentSpanId
+    LEFT JOIN otel.joule_named_spans AS a3 ON a3.TraceId = c.TraceId AND a3.SpanId = a2.ParentSpanId
 )
 WHERE joule_operation(url_path) != ''
 SETTINGS join_use_nulls = 0;
@@ -249,8 +280,8 @@ SETTINGS join_use_nulls = 0;
 -- parent ends after it and often arrives in a later batch, which that view could not join: so this refresh reads
 -- the table instead, every minute, over the calls of the last 6 hours, and writes each call that is new or has
 -- gained its parent since (version 2 replaces version 1). Not joined: a parent that arrives more than 6 hours after
--- its call (the call keeps its energy, carbon, model and receipt; its tokens stay empty), and the agent names that
--- `joule-otel collect` looks up to 6 spans above the parent.
+-- its call (the call keeps its energy, carbon, model and receipt; its tokens stay empty), and an agent's name more
+-- than three spans above the parent (`joule-otel collect` looks up to 6 spans up; this SQL, 3).
 CREATE MATERIALIZED VIEW IF NOT EXISTS otel.joule_calls_from_spans
 REFRESH EVERY 1 MINUTE APPEND TO otel.joule_calls AS
 SELECT *
