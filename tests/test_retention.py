@@ -171,26 +171,35 @@ def test_the_prune_command_says_what_it_would_delete_and_needs_yes(tmp_path):
     assert len(joule_otel.read_ledger(db)) == 200
 
 
+WRITER = """
+import sys, time
+from pathlib import Path
+from test_retention import _rows
+from joule_otel.ledger._compact import compact
+from joule_otel.ledger._spool import Spool
+from joule_otel.ledger._writer import rows_to_arrow
+
+spool = Spool(Path(sys.argv[1]))
+for i in range(20):
+    spool.write_segment(rows_to_arrow(_rows([1.0], workload=f"w{i}", per_day=10)))
+    try:
+        compact(spool.db_path, timeout_s=0)
+    except Exception:
+        pass  # busy: the next round compacts
+    time.sleep(0.02)
+"""
+
+
+def start_writer(db) -> subprocess.Popen:
+    """Another process appending 20 × 10 rows of workloads w0..w19 (a day old), compacting as it goes."""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(db)], env=env)
+
+
 def test_prune_while_a_writer_appends_and_a_reader_polls_loses_nothing_else(tmp_path):
     db = tmp_path / "ledger.duckdb"
     _ledger(db, [45.0, 2.0])
-    script = (
-        "import sys, time\n"
-        "from test_retention import _rows\n"
-        "from joule_otel.ledger._spool import Spool\n"
-        "from joule_otel.ledger._compact import compact\n"
-        "from joule_otel.ledger._writer import rows_to_arrow\n"
-        "spool = Spool(__import__('pathlib').Path(sys.argv[1]))\n"
-        "for i in range(20):\n"
-        "    spool.write_segment(rows_to_arrow(_rows([1.0], workload=f'w{i}', per_day=10)))\n"
-        "    try:\n"
-        "        compact(spool.db_path, timeout_s=0)\n"
-        "    except Exception:\n"
-        "        pass\n"
-        "    time.sleep(0.02)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    writer = subprocess.Popen([sys.executable, "-c", script, str(db)], env=env)
+    writer = start_writer(db)
     seen = []
     for _ in range(3):
         prune(db, NOW - timedelta(days=30), rewrite=True)
@@ -373,23 +382,7 @@ def test_erase_while_a_writer_appends_takes_only_what_was_asked(tmp_path):
     spool = Spool(db)
     spool.write_segment(rows_to_arrow(_rows([3.0, 2.0], workload="leaving") + _rows([3.0], workload="staying")))
     compact(db, timeout_s=30)
-    script = (
-        "import sys, time\n"
-        "from test_retention import _rows\n"
-        "from joule_otel.ledger._spool import Spool\n"
-        "from joule_otel.ledger._compact import compact\n"
-        "from joule_otel.ledger._writer import rows_to_arrow\n"
-        "spool = Spool(__import__('pathlib').Path(sys.argv[1]))\n"
-        "for i in range(20):\n"
-        "    spool.write_segment(rows_to_arrow(_rows([1.0], workload=f'w{i}', per_day=10)))\n"
-        "    try:\n"
-        "        compact(spool.db_path, timeout_s=0)\n"
-        "    except Exception:\n"
-        "        pass\n"
-        "    time.sleep(0.02)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    writer = subprocess.Popen([sys.executable, "-c", script, str(db)], env=env)
+    writer = start_writer(db)
     erased = [erase(db, workload="leaving", apply=True).rows for _ in range(3)]
     assert writer.wait(timeout=120) == 0
     compact(db, timeout_s=30)

@@ -318,8 +318,8 @@ ENGINE = MergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY hour;
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS otel.joule_calls_hourly_refresh
-REFRESH EVERY 10 MINUTE APPEND TO otel.joule_calls_hourly AS
+-- The hourly figures of the rows kept, one row per hour and group, as the DuckDB ledger's rollup groups them.
+CREATE VIEW IF NOT EXISTS otel.joule_calls_by_hour AS
 SELECT
     toStartOfHour(started_at) AS hour,
     service, provider, workload, operation, requested_model, routed_to, region, tier, status_code, error_type, stream,
@@ -330,30 +330,22 @@ SELECT
     sum(coalesce(c.input_tokens, 0)) AS input_tokens,
     sum(coalesce(c.output_tokens, 0)) AS output_tokens
 FROM otel.joule_calls AS c FINAL
-WHERE started_at >= (SELECT max(hour) + INTERVAL 1 HOUR FROM otel.joule_calls_hourly)
-  AND started_at < toStartOfHour(now() - INTERVAL 2 DAY)
 GROUP BY hour, service, provider, workload, operation, requested_model, routed_to, region, tier, status_code,
          error_type, stream;
 
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.joule_calls_hourly_refresh
+REFRESH EVERY 10 MINUTE APPEND TO otel.joule_calls_hourly AS
+SELECT *
+FROM otel.joule_calls_by_hour
+WHERE hour >= (SELECT max(hour) + INTERVAL 1 HOUR FROM otel.joule_calls_hourly)
+  AND hour < toStartOfHour(now() - INTERVAL 2 DAY);
+
 -- Every hour's figures: from the rows while they are kept, from the totals for the days the TTL has removed.
 CREATE VIEW IF NOT EXISTS otel.joule_hours AS
-SELECT
-    toStartOfHour(started_at) AS hour,
-    service, provider, workload, operation, requested_model, routed_to, region, tier, status_code, error_type, stream,
-    count() AS calls,
-    sum(coalesce(c.energy_j, 0)) AS energy_j,
-    count(c.energy_j) AS energy_calls,
-    sum(coalesce(c.carbon_mg, 0)) AS carbon_mg,
-    sum(coalesce(c.input_tokens, 0)) AS input_tokens,
-    sum(coalesce(c.output_tokens, 0)) AS output_tokens,
-    false AS from_totals
-FROM otel.joule_calls AS c FINAL
-GROUP BY hour, service, provider, workload, operation, requested_model, routed_to, region, tier, status_code,
-         error_type, stream
+SELECT *, false AS from_totals
+FROM otel.joule_calls_by_hour
 UNION ALL
-SELECT
-    hour, service, provider, workload, operation, requested_model, routed_to, region, tier, status_code, error_type,
-    stream, calls, energy_j, energy_calls, carbon_mg, input_tokens, output_tokens, true AS from_totals
+SELECT *, true AS from_totals
 FROM otel.joule_calls_hourly
 WHERE hour < (SELECT if(count() = 0, toDateTime('2106-01-01 00:00:00', 'UTC'), toStartOfHour(min(started_at)))
               FROM otel.joule_calls);
