@@ -13,10 +13,12 @@ database of their own, dropped afterwards).
 from __future__ import annotations
 
 import base64
+import fcntl
 import gzip
 import json
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -297,15 +299,30 @@ class _Sink(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict[str, Any]:
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory, worker_id) -> dict[str, Any]:
     """Real OTLP exports of a Python app (call events and spans) and of Node (openai, Vercel AI SDK), with the
-    DuckDB ledgers joule-otel wrote for the same calls: the app's own, and collect's from Node's exports."""
+    DuckDB ledgers joule-otel wrote for the same calls: the app's own, and collect's from Node's exports.
+
+    Made once a run: under xdist the first worker to ask makes them in the run's shared folder, the others read them.
+    """
+    if worker_id == "master":
+        return make_exports(tmp_path_factory.mktemp("exports"))
+    shared = tmp_path_factory.getbasetemp().parent / "clickhouse-exports"
+    shared.mkdir(exist_ok=True)
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        made = shared / "exports.pickle"
+        if not made.exists():
+            made.write_bytes(pickle.dumps(make_exports(shared)))
+        return pickle.loads(made.read_bytes())  # written by this run, just above
+
+
+def make_exports(tmp: Path) -> dict[str, Any]:
     from test_collect import node_clients_path, start_collect, stop
 
     from joule_otel.simulator import running
 
-    tmp = tmp_path_factory.mktemp("exports")
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     server.exports = []  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
