@@ -332,7 +332,8 @@ def make_exports(tmp: Path) -> dict[str, Any]:
     with running(seed=7) as sim:
         sim.set_energy_budget("jc_broke", 0.0)
         env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "JOULE_OTEL_"))},
+            # (the suite's clock, moved a month on in CI's second run, moves the app too: see tests/clock)
+            **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "JOULE_OTEL_")) or "CLOCK" in k},
             "OTEL_EXPORTER_OTLP_ENDPOINT": sink,
             "OTEL_SERVICE_NAME": "py-shop",
             "OTEL_METRICS_EXPORTER": "none",
@@ -500,9 +501,14 @@ def test_the_ledger_in_clickhouse_equals_the_duckdb_ledgers_and_every_panel_adds
     deliver(clickhouse, exports["python"] + exports["node"])
     clickhouse.refresh("joule_calls_from_spans")
     assert len(clickhouse_rows(clickhouse)) == len(truth)
-    figures = _panel_figures(clickhouse)
+    # the dashboard's range: every call (Node keeps the real date when the suite's clock is moved: tests/clock)
+    window = (
+        datetime.fromtimestamp(min(r["started_us"] for r in truth.values()) / 1e6, timezone.utc) - timedelta(hours=1),
+        datetime.fromtimestamp(max(r["started_us"] for r in truth.values()) / 1e6, timezone.utc) + timedelta(hours=1),
+    )
+    figures = _panel_figures(clickhouse, *window)
     clickhouse.execute("OPTIMIZE TABLE otel.joule_calls FINAL")
-    assert_same_figures(_panel_figures(clickhouse), figures)  # (sums in another order: equal to the last bits)
+    assert_same_figures(_panel_figures(clickhouse, *window), figures)  # (sums in another order: equal to the last bits)
 
     rows = list(truth.values())
     energy = sum(r["energy_j"] or 0 for r in rows)
@@ -525,7 +531,7 @@ def test_the_ledger_in_clickhouse_equals_the_duckdb_ledgers_and_every_panel_adds
     assert figures["Receipts"] == len(rows)
 
     # a variable narrows every panel: the workload "support" alone
-    narrowed = _panel_figures(clickhouse, workload=["support"])
+    narrowed = _panel_figures(clickhouse, *window, workload=["support"])
     assert narrowed["Energy"] == pytest.approx(by_workload["support"] / 1000)
 
 
@@ -538,10 +544,8 @@ def assert_same_figures(got: Any, expected: Any) -> None:
         assert got == pytest.approx(expected, rel=1e-12)
 
 
-def _panel_figures(engine: Engine, **chosen: list[str]) -> dict[str, Any]:
+def _panel_figures(engine: Engine, since: datetime, until: datetime, **chosen: list[str]) -> dict[str, Any]:
     """Each panel's answer, as one figure (stats), per-series sums (time series) or a count/map (tables)."""
-    since = datetime.now(timezone.utc) - timedelta(days=7)
-    until = datetime.now(timezone.utc) + timedelta(hours=1)
     figures: dict[str, Any] = {}
     for title, sql in panels().items():
         rows = engine.rows(panel_sql(sql, since, until, **chosen))
@@ -591,25 +595,29 @@ def test_rows_the_ttl_removes_keep_their_totals_in_every_panel(clickhouse, expor
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
     log_exports = [body for path, body in exports["python"] if path.endswith("/v1/logs")]
-    deliver(clickhouse, [("/v1/logs", body) for body in log_exports])
+    # the engine's clock decides what is settled and what the TTL removes: the calls are dated by it, now and five
+    # days ago (other receipts then), whatever the clock of the app that sent them
+    now_ns = clickhouse.rows("SELECT toUnixTimestamp64Nano(now64(9)) AS now")[0]["now"]
+    recent_bodies, old_bodies = [], []
+    for days_ago, bodies in ((0, recent_bodies), (5, old_bodies)):
+        for body in log_exports:
+            request = ExportLogsServiceRequest.FromString(body)
+            for resource_logs in request.resource_logs:
+                for scope_logs in resource_logs.scope_logs:
+                    for n, record in enumerate(scope_logs.log_records):
+                        record.time_unix_nano = now_ns - days_ago * 86_400 * 10**9 - (n + 1) * 10**9
+                        for attribute in record.attributes:
+                            if days_ago and attribute.key == "joule.receipt_id":
+                                attribute.value.string_value = "old_" + attribute.value.string_value
+                        if days_ago:
+                            record.span_id = bytes(8)  # the 402 (no receipt) is then keyed by its record's hash
+            bodies.append(("/v1/logs", request.SerializeToString()))
+    deliver(clickhouse, recent_bodies)
     recent = clickhouse_rows(clickhouse)
-    # the same call events, as if sent five days ago (other receipts): they settle, and the rollup takes them
-    old_bodies = []
-    for body in log_exports:
-        request = ExportLogsServiceRequest.FromString(body)
-        for resource_logs in request.resource_logs:
-            for scope_logs in resource_logs.scope_logs:
-                for record in scope_logs.log_records:
-                    record.time_unix_nano -= 5 * 86_400 * 10**9
-                    for attribute in record.attributes:
-                        if attribute.key == "joule.receipt_id":
-                            attribute.value.string_value = "old_" + attribute.value.string_value
-                    record.span_id = bytes(8)  # the 402 (no receipt) is keyed by its hash then
-        old_bodies.append(("/v1/logs", request.SerializeToString()))
     deliver(clickhouse, old_bodies)
     clickhouse.refresh("joule_calls_hourly_refresh")
-    since = datetime.now(timezone.utc) - timedelta(days=30)
-    until = datetime.now(timezone.utc) + timedelta(hours=1)
+    since = datetime.fromtimestamp(now_ns / 1e9, timezone.utc) - timedelta(days=30)
+    until = datetime.fromtimestamp(now_ns / 1e9, timezone.utc) + timedelta(hours=1)
     totals_sql = panel_sql(panels()["Calls"], since, until)
     energy_sql = panel_sql(panels()["Energy"], since, until)
     before = (clickhouse.rows(totals_sql), clickhouse.rows(energy_sql))
