@@ -83,13 +83,22 @@ def billed(spent, name: str) -> float:
     return json.loads((spent / f"{name}.json").read_text())["joules"]
 
 
-def run(pytester, *args: str):
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "anyio", *args)
+PLUGINS = ("-p", "joule_otel.pytest_plugin", "-p", "anyio.pytest_plugin", "-p", "xdist.plugin")
+"""What the inner suites use, loaded by name: every other plugin of this venv (langsmith's, Hypothesis') would cost
+each run a second and a half of imports. The entry point that finds ours is tested with autoloading on."""
+
+
+def run(pytester, *args: str, autoload: bool = False):
+    if autoload:
+        return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "anyio", *args)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+        return pytester.runpytest_subprocess("-p", "no:cacheprovider", *PLUGINS, *args)
 
 
 def test_joule_prints_energy_per_test_and_writes_a_report(pytester, suite, tmp_path):
     report_file = tmp_path / "energy-report.json"
-    result = run(pytester, "--joule", "--joule-report", str(report_file))
+    result = run(pytester, "--joule", "--joule-report", str(report_file), autoload=True)  # found by its entry point
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*joule energy*", "*test_suite.py::test_summary*", "total: 4 calls*in 4 tests"])
     report = json.loads(report_file.read_text())
@@ -156,7 +165,7 @@ def test_nothing_instrumented():
     assert inst._state is None
 """
     )
-    run(pytester, "test_plain.py").assert_outcomes(passed=1)
+    run(pytester, "test_plain.py", autoload=True).assert_outcomes(passed=1)
 
 
 def test_xdist_workers_each_count_their_own_tests_once(pytester, suite, tmp_path):
