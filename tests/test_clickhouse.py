@@ -702,3 +702,42 @@ def test_the_sql_reads_the_attributes_joule_otel_sends():
     sql = (DEPLOY / "joule.sql").read_text()
     for column, attribute in FIELDS.items():
         assert f"LogAttributes['{attribute}']" in sql, (column, attribute)
+
+
+ODD_VALUES = [
+    "12.5", " 1.25e1 ", "+5", "1.", ".5", "0", "-0", "-1", "abc", "NaN", "nan", "inf", "-inf", "1e400", "1_000",
+    "１２", "١٢", "", " ", "1e7", "10000001", "3.4028235e38", "0x10", "1,5", "\t7\t", "2e-3",
+]  # fmt: skip
+
+
+def test_the_sql_functions_read_odd_values_as_joule_otel_does(clickhouse):
+    """Every value a server can send, read by the SQL as the Python ledger reads it (headers, routes)."""
+    from joule_otel._genai import INFERENCE_OPERATIONS, route_operation
+    from joule_otel._headers import parse_energy
+    from joule_otel.collect._spans import _header
+
+    values = ", ".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in ODD_VALUES)
+    got = clickhouse.rows(f"SELECT v, joule_quantity(v, 1e7) AS q FROM (SELECT arrayJoin([{values}]) AS v)")
+    assert {r["v"]: r["q"] for r in got} == {v: parse_energy(v) for v in ODD_VALUES}
+
+    headers = ['["a","0.5"]', "0.5", "1, 2", " 3 ", "[]", "", '["only"]']
+    listed = ", ".join("'" + h.replace("'", "\\'") + "'" for h in headers)
+    got = clickhouse.rows(f"SELECT h, joule_header(h) AS v FROM (SELECT arrayJoin([{listed}]) AS h)")
+    python = {h: _header({"k": json.loads(h) if h.startswith("[") else h}, "k") or "" for h in headers}
+    assert {r["h"]: r["v"] for r in got} == python
+
+    paths = [
+        "/v1/chat/completions", "/openai/v1/chat/completions/", "/v1/completions?x=1", "/v1/embeddings",
+        "/v1/responses/resp_1", "/v1/models", "/v1/files/f", "/v1/threads/t/runs", "/v1/unknown", "/health",
+        "/v1/images/generations", "/v1/audio/speech", "/v1/chat/completionsX",
+    ]  # fmt: skip
+    listed = ", ".join(f"'{p}'" for p in paths)
+    got = clickhouse.rows(f"SELECT p, joule_operation(p) AS op FROM (SELECT arrayJoin([{listed}]) AS p)")
+
+    def python_operation(
+        path: str,
+    ) -> str:  # span_row's rule: no known route is "other"; one that bills nothing, no row
+        operation = route_operation(path)
+        return "other" if operation is None else operation if operation in INFERENCE_OPERATIONS else ""
+
+    assert {r["p"]: r["op"] for r in got} == {p: python_operation(p) for p in paths}

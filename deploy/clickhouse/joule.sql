@@ -23,11 +23,12 @@ CREATE FUNCTION IF NOT EXISTS joule_text AS (v) -> nullIf(
     trimBoth(substringUTF8(trimBoth(replaceRegexpAll(v, '[[:cntrl:]]', '')), 1, 256)), ''
 );
 
--- A finite, non-negative decimal no larger than `ceiling`, else NULL (`abc`, `NaN`, `inf`, `1_000`, `-1` are NULL).
+-- A finite, non-negative decimal no larger than `ceiling`, else NULL (`abc`, `NaN`, `inf`, `1_000`, `-1` are NULL),
+-- as joule_otel/_headers.py's parse_quantity reads one.
 CREATE FUNCTION IF NOT EXISTS joule_quantity AS (v, ceiling) -> if(
-    match(trimBoth(v), '^[0-9]*\\.?[0-9]+([eE][+-]?[0-9]+)?$|^[0-9]+\\.$')
-        AND toFloat64OrZero(trimBoth(v)) <= ceiling,
-    toFloat64OrNull(trimBoth(v)) + 0,
+    match(v, '^\\s*[+-]?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)([eE][+-]?[0-9]+)?\\s*$')
+        AND toFloat64OrZero(replaceRegexpAll(v, '^\\s+|\\s+$', '')) BETWEEN 0 AND ceiling,
+    toFloat64OrNull(replaceRegexpAll(v, '^\\s+|\\s+$', '')) + 0,
     NULL
 );
 
@@ -43,7 +44,7 @@ CREATE FUNCTION IF NOT EXISTS joule_operation AS (path) -> if(
                 arrayMap(
                     (prefix, name) -> if(
                         replaceRegexpOne(arrayElement(splitByString('/v1/', splitByChar('?', path)[1]), -1), '/+$', '')
-                            IN (prefix)
+                            = prefix
                         OR startsWith(
                             arrayElement(splitByString('/v1/', splitByChar('?', path)[1]), -1), concat(prefix, '/')
                         ),
@@ -52,9 +53,9 @@ CREATE FUNCTION IF NOT EXISTS joule_operation AS (path) -> if(
                     ),
                     ['chat/completions', 'completions', 'embeddings', 'responses', 'images', 'audio', 'models',
                      'moderations', 'files', 'batches', 'uploads', 'fine_tuning', 'vector_stores', 'assistants',
-                     'threads', 'realtime'],
+                     'threads'],
                     ['chat', 'text_completion', 'embeddings', 'responses', 'images', 'audio', '', '', '', '', '', '',
-                     '', '', '', '']
+                     '', '', '']
                 )
             ),
             ['other']
