@@ -150,7 +150,8 @@ def instrument(
             uninstrument()  # the pytest plugin's stand-in gives way: the suite's own settings (ledger, metrics) hold
         with app_signals_blocked():  # the SDK's export threads are born here: the app's signals are not theirs
             providers = resolve_providers(settings, tracer_provider, meter_provider)
-        guard_forks()  # ... and born again in forked children by the SDK's fork hooks
+        if providers.created:
+            guard_forks()  # ... and born again in forked children by the fork hooks of the providers made here
         state = _instrument_clients(settings, providers)
         state.pipeline.row_listeners = _row_listeners
         state.pipeline.start()
