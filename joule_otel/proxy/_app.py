@@ -2,8 +2,9 @@
 
 Every request under ``/v1/`` goes to the upstream through the proxy's own HTTP/1.1 client (:mod:`._upstream`). The
 process runs ``joule_otel.instrument()``; each call that client makes goes to the same capture as an app's (the same
-call record, parsing, row builder, dedupe, metrics and ledger writer), opened when the answer's head arrives and
-finished when its body ends. The proxy itself only forwards: method, path, query, body and end-to-end headers go
+call record, parsing, row builder, dedupe, metrics and ledger writer), opened once the answer's first bytes are on
+their way to the client and finished when its body ends: what capture does is never between the upstream's bytes
+and the client. The proxy itself only forwards: method, path, query, body and end-to-end headers go
 upstream unchanged, status, headers and body come back unchanged, a stream chunk by chunk as it arrives. It never
 adds energy of its own: every row's figures are the upstream's.
 """
@@ -23,7 +24,7 @@ from urllib.parse import unquote
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from joule_otel._capture import Capture, operation_of
+from joule_otel._capture import operation_of
 from joule_otel._genai import redact_url
 from joule_otel._headers import clean_string
 from joule_otel._instrument import active_capture
@@ -31,7 +32,7 @@ from joule_otel._record import ForwardedCall, RawHeaders
 from joule_otel._tags import clean_key
 from joule_otel._workload import baggage_workload
 from joule_otel.proxy._server import Reply, Request, error_body
-from joule_otel.proxy._upstream import Answer, Upstream, UpstreamError, UpstreamTimeout
+from joule_otel.proxy._upstream import Exchange, Upstream, UpstreamError, UpstreamTimeout
 
 _log = logging.getLogger("joule_otel.proxy")
 
@@ -126,26 +127,22 @@ class Proxy:
         self.forwarded = 0
         self.refused = 0
 
-    async def handle(self, request: Request, reply: Reply) -> None:
-        """Answer one request: ``/healthz``, a refusal, or the upstream's answer to it."""
+    def handle(self, request: Request, reply: Reply) -> None:
+        """Answer one request: ``/healthz``, a refusal, or the upstream's answer to it (finished later, as it comes)."""
         raw_path = request.path
-        path = unquote(raw_path.decode("latin-1"))
+        path = unquote(raw_path.decode("latin-1")) if b"%" in raw_path else raw_path.decode("latin-1")
         if path == "/healthz":
-            await reply.respond(200, json.dumps({"status": "ok", "in_flight": self.in_flight}).encode())
+            reply.respond_now(200, json.dumps({"status": "ok", "in_flight": self.in_flight}).encode())
             return
-        if not (path == "/v1" or path.startswith("/v1/")) or _climbs(path):
+        if not (path == "/v1" or path.startswith("/v1/")) or ("/." in path and _climbs(path)):
             self.refused += 1
-            await reply.respond(*error_body(404, f"joule-otel proxy forwards /v1/… only, not {path!r}", "not_found"))
+            reply.respond_now(*error_body(404, f"joule-otel proxy forwards /v1/… only, not {path!r}", "not_found"))
             return
         if self.config.token is not None and not _token_ok(request.headers, self.config.token):
             self.refused += 1
-            await reply.respond(*error_body(401, "X-Joule-Proxy-Token is missing or wrong", "proxy_token"))
+            reply.respond_now(*error_body(401, "X-Joule-Proxy-Token is missing or wrong", "proxy_token"))
             return
-        self.in_flight += 1
-        try:
-            await self._forward(request, path, reply)
-        finally:
-            self.in_flight -= 1
+        self._forward(request, path, reply)
 
     def close(self) -> None:
         """Close the upstream's idle connections."""
@@ -173,8 +170,8 @@ class Proxy:
                     return found
         return self.config.workload
 
-    async def _forward(self, request: Request, path: str, reply: Reply) -> None:
-        """Forward one request and stream its answer back, handing the call to capture on the way."""
+    def _forward(self, request: Request, path: str, reply: Reply) -> None:
+        """Send one request upstream; its answer goes back through a :class:`_Forwarded` as it arrives."""
         outgoing: list[tuple[bytes, bytes]] = []
         named = auth = None
         carried: dict[str, str] = {}
@@ -200,7 +197,6 @@ class Proxy:
             outgoing.append((b"authorization", f"Bearer {self.config.api_key}".encode()))
         context = propagate.extract(carried) if carried else None
         method = request.method
-        body = request.body
         raw_path = request.path
         target = raw_path + b"?" + request.query if request.query else raw_path
         served = client = None
@@ -232,76 +228,177 @@ class Proxy:
             injected: dict[str, str] = {}
             propagate.inject(injected, context=context)
             outgoing += [(name.encode(), value.encode()) for name, value in injected.items() if name != "baggage"]
-        capture = active_capture()
-        workload = self._workload_of(named, auth, context)
-        t0, started_ns = perf_counter_ns(), time_ns()
-        try:
-            answer = await self.upstream.request(method, target, outgoing, body)
-        except UpstreamError as exc:
-            timed_out = isinstance(exc, UpstreamTimeout)
-            status = 504 if timed_out else 502
-            operation = operation_of(raw_path, None)
-            if capture is not None and operation is not None:
-                failed = ForwardedCall(
-                    self.upstream.host, outgoing, body, operation, t0, started_ns, context, workload, tagged
-                )
-                failed.error = "TimeoutException" if timed_out else "ConnectError"
-                capture.open(failed)
-                capture.finish(failed)
-            _end(client, status, type(exc).__name__)
-            message = (
-                f"the upstream {self.upstream_url} did not answer in time"
-                if timed_out
-                else f"the upstream {self.upstream_url} cannot be reached: {exc}"
-            )
-            await reply.respond(*error_body(status, message, "timeout" if timed_out else "unreachable"))
-            _end(served, status)
+        forwarded = _Forwarded(self, reply, raw_path, outgoing, request.body, context, served, client)
+        forwarded.named, forwarded.auth, forwarded.tagged = named, auth, tagged
+        self.in_flight += 1
+        self.upstream.send(method, target, outgoing, request.body, forwarded)
+
+
+class _Forwarded(Exchange):
+    """One forwarded request: the upstream's answer to the client as it arrives, then the call to capture.
+
+    Each step writes to the client first and notes the call after, so capture's work is never on the way of a byte.
+    """
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        reply: Reply,
+        raw_path: bytes,
+        outgoing: list[tuple[bytes, bytes]],
+        body: bytes,
+        context: Any,
+        served: Any,
+        client: Any,
+    ) -> None:
+        self.proxy = proxy
+        self.reply = reply
+        self.raw_path = raw_path
+        self.outgoing = outgoing
+        self.body = body
+        self.context = context
+        self.served = served
+        self.client = client
+        self.named: bytes | None = None
+        self.auth: bytes | None = None
+        self.tagged: dict[str, str] = {}
+        self.t0, self.started_ns = perf_counter_ns(), time_ns()
+        self.t_first = 0
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_ns: int | None = None
+        self.call: ForwardedCall | None = None
+        self.opened = False
+        self.ended = False
+
+    # -- what the upstream sends ---------------------------------------------------------------
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        self.status, self.headers = status, headers
+        self.proxy.forwarded += 1
+        reply = self.reply
+        reply.head(status, _headers_back(headers), length)
+        reply.on_resume(self.resume)
+        if length is None:  # a stream: its head is on its way; a client that goes away stops the upstream at once
+            reply.on_gone(self._gone)
+        if self.client is not None:  # the client span ends here, once capture has given it the call's attributes
+            self.head_ns = time_ns()
+
+    def on_data(self, chunk: bytes) -> None:
+        arrived = perf_counter_ns()
+        reply = self.reply
+        if not reply.gone:
+            reply.write(chunk)
+            if reply.paused:
+                self.pause()
+        if not self.t_first:
+            self.t_first = arrived
+        call = self._open()
+        if call is not None and call.kept >= 0:
+            try:
+                call.keep(chunk)
+            except Exception:
+                _capture_failed()
+
+    def on_end(self) -> None:
+        ended = perf_counter_ns()
+        self.reply.finish()
+        self._end(ended)
+
+    def on_error(self, error: UpstreamError) -> None:
+        if self.status:  # the upstream broke off mid-body: the client's answer ends short, as the upstream's did
+            if not self.reply.gone:
+                _log.info("joule-otel proxy: the upstream broke off a response (%s)", error)
+            self.reply.cut()
+            self._end(perf_counter_ns())
             return
-        self.forwarded += 1
-        call = None
-        if capture is not None:
-            call = _open(
-                capture,
-                answer,
-                raw_path,
-                ForwardedCall(self.upstream.host, outgoing, body, "", t0, started_ns, context, workload, tagged),
-                client,
-            )
-        _end(client, answer.status)
+        timed_out = isinstance(error, UpstreamTimeout)
+        status = 504 if timed_out else 502
+        self.status = status
+        proxy = self.proxy
+        capture = active_capture()
+        operation = operation_of(self.raw_path, None)
+        if capture is not None and operation is not None:
+            failed = self._record(operation)
+            failed.error = "TimeoutException" if timed_out else "ConnectError"
+            capture.open(failed)
+            capture.finish(failed)
+            self.opened = True
+        _end(self.client, status, type(error).__name__)
+        self.client = None
+        message = (
+            f"the upstream {proxy.upstream_url} did not answer in time"
+            if timed_out
+            else f"the upstream {proxy.upstream_url} cannot be reached: {error}"
+        )
+        self.reply.respond_now(*error_body(status, message, "timeout" if timed_out else "unreachable"))
+        self._end(perf_counter_ns())
+
+    def _gone(self) -> None:
+        """The client went away mid-answer: the upstream request stops, and the call is written as it stands."""
+        self.cancel()
+        self._end(perf_counter_ns())
+
+    # -- the call, for capture ------------------------------------------------------------------
+    def _record(self, operation: str) -> ForwardedCall:
+        workload = self.proxy._workload_of(self.named, self.auth, self.context)
+        return ForwardedCall(
+            self.proxy.upstream.host,
+            self.outgoing,
+            self.body,
+            operation,
+            self.t0,
+            self.started_ns,
+            self.context,
+            workload,
+            self.tagged,
+        )
+
+    def _open(self) -> ForwardedCall | None:
+        """The call, opened in capture as a wrapped transport's is (once); None if not a row."""
+        if self.opened:
+            return self.call
+        self.opened = True
+        capture = active_capture()
+        if capture is None:
+            return None
         try:
-            back = _headers_back(answer.headers)
-            length = _length(answer.headers)
-            await reply.start(answer.status, back, length)
-            if length is None:  # a stream: a client that goes away stops the upstream request at once
-                reply.on_gone(answer.close)
-            await _stream(answer, call, reply)
+            headers = RawHeaders(self.headers)
+            operation = operation_of(self.raw_path, headers)
+            if operation is None:
+                return None
+            call = self._record(operation)
+            call.t_first = self.t_first
+            capture.open(call, self.status, headers, self.client)
+            self.call = call
+        except Exception:
+            capture.internal_error("the proxy's call")
         finally:
-            answer.close()
-            if call is not None:
-                if not call.t_end:
-                    call.t_end = perf_counter_ns()
-                capture.finish(call)  # type: ignore[union-attr]
-            _end(served, answer.status)
+            self._client_span_done()
+        return self.call
 
+    def _client_span_done(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            _end(client, self.status, end_time=self.head_ns)
 
-async def _stream(answer: Answer, call: ForwardedCall | None, reply: Reply) -> None:
-    """Each chunk to the client as the upstream sends it, a copy kept for capture."""
-    try:
-        async for chunk in answer.body():
-            if call is not None:
-                if not call.t_first:
-                    call.t_first = perf_counter_ns()
-                if call.kept >= 0:
-                    call.keep(chunk)
-            if reply.gone:
-                return
-            await reply.send(chunk)
+    def _end(self, ended: int) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.proxy.in_flight -= 1
+        call = self._open() if self.status else self.call
+        self._client_span_done()
         if call is not None:
-            call.t_end = perf_counter_ns()
-        await reply.end()
-    except UpstreamError:
-        if not reply.gone:  # the upstream broke off mid-body: the client's answer ends short, as the upstream's did
-            _log.info("joule-otel proxy: the upstream broke off a response", exc_info=True)
+            if not call.t_first:
+                call.t_first = self.t_first
+            call.t_end = ended
+            try:
+                capture = active_capture()
+                if capture is not None:
+                    capture.finish(call)
+            except Exception:
+                _capture_failed()
+        _end(self.served, self.status)
 
 
 def _connection_options(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -317,48 +414,33 @@ def _climbs(path: str) -> bool:
     return any(segment in (".", "..") for segment in path.split("/"))
 
 
-def _open(capture: Capture, answer: Answer, raw_path: bytes, call: ForwardedCall, span: Any) -> ForwardedCall | None:
-    """The call of an answer whose head arrived, opened in capture as a wrapped transport's is; None if not a row."""
-    try:
-        headers = RawHeaders(answer.headers)
-        operation = operation_of(raw_path, headers)
-        if operation is None:
-            return None
-        call.operation = operation
-        capture.open(call, answer.status, headers, span)
-        return call
-    except Exception:
-        capture.internal_error("the proxy's call")
-        return None
-
-
-def _end(span: Any, status: int, error: str | None = None) -> None:
+def _end(span: Any, status: int, error: str | None = None, end_time: int | None = None) -> None:
     if span is None:
         return
     span.set_attribute("http.response.status_code", status)
     if status >= 500 or error is not None:
         span.set_attribute("error.type", error or str(status))
         span.set_status(Status(StatusCode.ERROR))
-    span.end()
+    span.end(end_time=end_time)
 
 
+def _capture_failed() -> None:
+    capture = active_capture()
+    if capture is not None:
+        capture.internal_error("the proxy's call")
+
+
+_HOP_SIZES = frozenset(len(name) for name in HOP_BY_HOP)
+"""Names of other lengths are end-to-end: a dozen headers are sorted without lower-casing each."""
 _UNSENDABLE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 """What HTTP forbids in a header value: control characters other than tab."""
 
 
 def _headers_back(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The upstream's headers that go on to the client: end-to-end ones whose values can be sent again."""
-    if _UNSENDABLE.search(b"\t".join(value for _, value in headers)) is None:  # the usual case: every value is fine
-        return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+    if _UNSENDABLE.search(b"\t".join([value for _, value in headers])) is None:  # the usual case: every value is fine
+        return [(k, v) for k, v in headers if len(k) not in _HOP_SIZES or k.lower() not in HOP_BY_HOP]
     return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and _UNSENDABLE.search(v) is None]
-
-
-def _length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    """The upstream's Content-Length when the body is forwarded as it came (raw bytes, so the length holds)."""
-    for name, value in headers:
-        if name.lower() == b"content-length" and value.strip().isdigit():
-            return int(value)
-    return None
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -7,6 +7,11 @@ asks of a server: kept-alive connections, pipelined requests answered in order, 
 known length, chunked or (for HTTP/1.0 clients) ended by the close, ``HEAD`` without a body, a bounded request body
 (413, before it is read), a 400 for what is not HTTP, timeouts for clients that send slowly, stop reading or sit idle,
 back-pressure both ways, and a drain on shutdown that lets every request under way finish.
+
+A handler answers in one of two ways: as a coroutine (awaiting :meth:`Reply.start`, :meth:`Reply.send`,
+:meth:`Reply.end`), run as a task; or at once, returning None, having finished its reply or holding it to finish
+from callbacks later (:meth:`Reply.head`, :meth:`Reply.write`, :meth:`Reply.finish`). The proxy's forwarding is the
+second kind: a call costs no task.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ MAX_PIPELINED = 16
 LINGER_S = 2.0
 """How long a connection that refused a request still reads and drops what the client sends before closing."""
 
-Handler = Callable[["Request", "Reply"], Awaitable[None]]
+Handler = Callable[["Request", "Reply"], "Awaitable[None] | None"]
 
 
 class Request:
@@ -86,6 +91,8 @@ class Reply:
         "_http10",
         "_no_body",
         "_on_gone",
+        "_on_resume",
+        "detached",
         "finished",
         "keep_alive",
         "started",
@@ -100,14 +107,22 @@ class Reply:
         """The head of an answer of known length, held to go out with its body."""
         self._no_body = False
         self._on_gone: Callable[[], object] | None = None
+        self._on_resume: Callable[[], object] | None = None
         self.keep_alive = request.keep_alive
         self.started = False
         self.finished = False
+        self.detached = False
+        """Finished later by callbacks (the handler returned without a coroutine): :meth:`finish` moves on."""
 
     @property
     def gone(self) -> bool:
         """The client closed its connection: nothing more it is sent arrives."""
         return self._connection.gone
+
+    @property
+    def paused(self) -> bool:
+        """The client reads slower than it is sent: write no more until the ``on_resume`` callback."""
+        return self._connection.write_paused
 
     def on_gone(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` once if the client goes away before this reply is finished (now, if it has)."""
@@ -115,6 +130,10 @@ class Reply:
             callback()
         else:
             self._on_gone = callback
+
+    def on_resume(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` each time a client that was sent more than it read has caught up."""
+        self._on_resume = callback
 
     def _lost(self) -> None:
         callback, self._on_gone = self._on_gone, None
@@ -124,8 +143,12 @@ class Reply:
             except Exception:
                 _log.warning("joule-otel proxy: a disconnect callback failed", exc_info=True)
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
-        """The status line and headers; the body follows with :meth:`send` and :meth:`end`.
+    def _resumed(self) -> None:
+        if self._on_resume is not None:
+            self._on_resume()
+
+    def head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        """The status line and headers; the body follows with :meth:`write` and :meth:`finish`.
 
         ``headers`` must not frame the body: ``length`` is its ``Content-Length``, or None for a body sent as it
         comes (chunked; ended by closing the connection for an HTTP/1.0 client).
@@ -133,13 +156,14 @@ class Reply:
         self.started = True
         if self._connection.server.closing:  # shutting down: this answer is the connection's last
             self.keep_alive = False
-        self._no_body = self._head_only or status in (204, 304) or status < 200
+        no_body = status in (204, 304) or status < 200
+        self._no_body = self._head_only or no_body
         parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         if length is not None:
             parts += (b"content-length: ", str(length).encode(), b"\r\n")
-        elif not (status in (204, 304) or status < 200):
+        elif not no_body:
             if self._http10:
                 self.keep_alive = False  # the close ends the body
             elif not self._head_only:
@@ -155,39 +179,64 @@ class Reply:
         else:  # a stream's head goes now: a client sees the answer begin before the first event
             self._connection.write(b"".join(parts))
 
-    async def send(self, chunk: bytes) -> None:
-        """A piece of the body, written now; waits while the client is slower than what it is sent."""
+    def write(self, chunk: bytes) -> None:
+        """A piece of the body, written now (see :attr:`paused`)."""
         if not chunk or self._no_body:
             return
-        connection = self._connection
         if self._head:
             chunk, self._head = self._head + chunk, b""
         if self._chunked:
-            connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self._connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
-            connection.write(chunk)
-        if connection.write_paused:
-            await connection.drain()
+            self._connection.write(chunk)
 
-    async def end(self) -> None:
-        """The body is complete."""
+    def finish(self) -> None:
+        """The body is complete; the connection goes on to its next request."""
+        if self.finished:
+            return
         if self._head:  # the body promised was not sent: the head alone, and the connection cannot be reused
             self._connection.write(self._head)
             self._head = b""
-            return
-        if self._chunked:
+            self.keep_alive = False
+        elif self._chunked:
             self._connection.write(_LAST_CHUNK)
         self.finished = True
+        if self.detached:
+            self._connection.replied(self)
+
+    def cut(self) -> None:
+        """The answer ends short (what was sent is all there is): the connection closes."""
+        self.keep_alive = False
+        if self.detached:
+            self._connection.replied(self)
+
+    def respond_now(self, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
+        """A whole answer of the server's own, written at once."""
+        self.head(status, [(b"content-type", content_type)], len(body))
+        self.write(body)
+        self.finish()
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        """:meth:`head`, for a handler that is a coroutine."""
+        self.head(status, headers, length)
+
+    async def send(self, chunk: bytes) -> None:
+        """:meth:`write`, then wait while the client is slower than what it is sent."""
+        self.write(chunk)
+        if self._connection.write_paused:
+            await self._connection.drain()
+
+    async def end(self) -> None:
+        """:meth:`finish`, for a handler that is a coroutine."""
+        self.finish()
 
     async def respond(self, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
-        """A whole answer of the server's own."""
-        await self.start(status, [(b"content-type", content_type)], len(body))
-        await self.send(body)
-        await self.end()
+        """:meth:`respond_now`, for a handler that is a coroutine."""
+        self.respond_now(status, body, content_type)
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: the parser's callbacks build requests, one task answers them in order."""
+    """One client connection: the parser's callbacks build requests, answered one at a time in the order they came."""
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
@@ -202,6 +251,9 @@ class _Connection(asyncio.Protocol):
         self.read_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        self._stall: asyncio.TimerHandle | None = None
+        self._answering = False
         self._refused = False
         self._parsing = False
         self._continue = False
@@ -227,26 +279,36 @@ class _Connection(asyncio.Protocol):
             # Upgrade (h2c, websocket) is not taken: the request is answered over HTTP/1.1, then the connection ends,
             # since what follows it on the wire is not HTTP/1.1
             self._stop_reading()
-            if self.pending:
-                self.pending[-1].keep_alive = False
         except httptools.HttpParserError as exc:
             self._refuse(400, f"not an HTTP/1.1 request ({exc})", "bad_request")
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        # a client that stops reading is let go after a while
+        self._stall = self.loop.call_later(self.server.request_timeout_s, self._stalled)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self._wake()
+        if self.reply is not None:
+            self.reply._resumed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
         self.server.connections.discard(self)
         self._disarm()
+        if self._stall is not None:
+            self._stall.cancel()
         self.pending.clear()  # requests after the one under way: nobody is there to read their answers
         self._wake()
-        if self.reply is not None:
-            self.reply._lost()
+        reply = self.reply
+        if reply is not None:
+            reply._lost()
+            if reply.detached:  # answered by callbacks: nothing more to wait for
+                self.replied(reply)
 
     # -- httptools callbacks --------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -267,7 +329,8 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self._refused:
             return
-        self._keep_alive = self.parser.should_keep_alive()  # the parser says so only until the message is complete
+        # the parser says so only until the message is complete; an upgrade's answer is the connection's last
+        self._keep_alive = self.parser.should_keep_alive() and not self.parser.should_upgrade()
         self._http10 = self.parser.get_http_version() == "1.0"
         limit = self.server.max_body_bytes
         for name, value in self._headers:
@@ -276,7 +339,7 @@ class _Connection(asyncio.Protocol):
                 return
             if name == b"expect" and value.strip().lower() == b"100-continue":
                 self._continue = True
-        if self._continue and self.task is None and not self.pending:
+        if self._continue and self.reply is None and not self.pending:
             self._write_continue()
 
     def on_body(self, body: bytes) -> None:
@@ -293,12 +356,16 @@ class _Connection(asyncio.Protocol):
             return
         self._parsing = False
         self._disarm()
-        try:
-            url = httptools.parse_url(self._url)
-            path, query = url.path or b"/", url.query or b""
-        except httptools.HttpParserInvalidURLError:
-            self._refuse(400, "the request's target is not a URL", "bad_request")
-            return
+        url = self._url
+        if url[:1] == b"/":  # origin form, what clients send (the parser has checked its characters)
+            path, _, query = url.partition(b"?")
+        else:  # absolute form, what a client sends to a proxy it was told of
+            try:
+                parsed = httptools.parse_url(url)
+                path, query = parsed.path or b"/", parsed.query or b""
+            except httptools.HttpParserInvalidURLError:
+                self._refuse(400, "the request's target is not a URL", "bad_request")
+                return
         method = self.parser.get_method().decode("ascii", "replace")
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._queue(Request(method, path, query, self._headers, body, self._keep_alive, self._http10))
@@ -308,49 +375,85 @@ class _Connection(asyncio.Protocol):
         self.pending.append(request)
         if len(self.pending) >= MAX_PIPELINED:
             self._stop_reading()
-        if self.task is None:
-            self.task = task = self.loop.create_task(self._answer())
-            self.server.tasks.add(task)  # a connection the client closed may still be finishing its answer
-            task.add_done_callback(self.server.tasks.discard)
+        if self.reply is None:
+            self._answer()
 
-    async def _answer(self) -> None:
-        """Answer the queued requests in the order they came, until none is left or the connection ends."""
+    def _answer(self) -> None:
+        """Answer the queued requests in the order they came, while each is answered at once."""
+        if self._answering:  # a reply finished inside the loop below: the loop goes on
+            return
+        self._answering = True
         try:
-            while self.pending and not self.gone:
+            while self.reply is None and self.pending and not self.gone:
                 request = self.pending.popleft()
                 if self.read_paused and not self._refused and len(self.pending) < MAX_PIPELINED // 2:
                     self._resume_reading()
                 reply = self.reply = Reply(self, request)
+                self.server.busy.add(self)
                 if request.refusal is not None:
                     reply.keep_alive = False
-                    await reply.respond(*error_body(*request.refusal))
+                    reply.respond_now(*error_body(*request.refusal))
                 else:
-                    await self._handle(request, reply)
-                self.reply = None
-                if not reply.finished or not reply.keep_alive:
-                    self.close()
-                    return
-                if self._continue and self._parsing:  # a request waiting on 100-continue: its turn now
-                    self._write_continue()
+                    try:
+                        answering = self.server.handler(request, reply)
+                    except Exception:
+                        self._failed(reply)  # answered with a 500, or cut short if its answer had begun
+                    else:
+                        if answering is not None:  # a coroutine: the connection waits for its task
+                            self.task = self.loop.create_task(self._run(answering, reply))
+                            return
+                        if not reply.finished and not self.gone:
+                            reply.detached = True  # finished later, by callbacks
+                            return
+                self._done(reply)
+        finally:
+            self._answering = False
+        if self.reply is None:
+            self._settle()
+
+    async def _run(self, answering: Awaitable[None], reply: Reply) -> None:
+        try:
+            await answering
+        except Exception:
+            self._failed(reply)
         finally:
             self.task = None
-            self.reply = None
-            if not self.gone:
-                if self._parsing:  # the next request's arrival is timed from here
-                    self._arm(self.server.request_timeout_s)
-                elif self.server.closing:
-                    self.close()
-                elif not self.pending:
-                    self._arm(self.server.idle_timeout_s)
+            self._done(reply)
+            self._answer()
 
-    async def _handle(self, request: Request, reply: Reply) -> None:
-        try:
-            await self.server.handler(request, reply)
-        except Exception:
-            _log.exception("joule-otel proxy: a request failed")
-            if not reply.started and not self.gone:
-                reply.keep_alive = False
-                await reply.respond(*error_body(500, "the proxy failed on this request", "proxy_failure"))
+    def replied(self, reply: Reply) -> None:
+        """A reply answered by callbacks is finished, cut short, or its client gone: on to the next request."""
+        if reply is not self.reply:
+            return
+        self._done(reply)
+        self._answer()
+
+    def _done(self, reply: Reply) -> None:
+        self.reply = None
+        self.server.idle(self)
+        if self.gone:
+            return
+        if not reply.finished or not reply.keep_alive:
+            self.close()
+        elif self._continue and self._parsing:  # a request waiting on 100-continue: its turn now
+            self._write_continue()
+
+    def _settle(self) -> None:
+        """Nothing under way: time what comes next."""
+        if self.gone or self.transport is None or self.transport.is_closing():
+            return
+        if self._parsing:  # the next request's arrival is timed from here
+            self._arm(self.server.request_timeout_s)
+        elif self.server.closing:
+            self.close()
+        elif not self.pending:
+            self._arm(self.server.idle_timeout_s)
+
+    def _failed(self, reply: Reply) -> None:
+        _log.exception("joule-otel proxy: a request failed")
+        if not reply.started and not self.gone:
+            reply.keep_alive = False
+            reply.respond_now(*error_body(500, "the proxy failed on this request", "proxy_failure"))
 
     def _refuse(self, status: int, message: str, code: str) -> None:
         """Answer with an error of the server's own after the requests before it, read nothing more, then close."""
@@ -368,18 +471,17 @@ class _Connection(asyncio.Protocol):
             self.transport.write(data)
 
     async def drain(self) -> None:
-        """Until the client has read enough of what it was sent; a client that stops reading is let go."""
+        """Until the client has read enough of what it was sent (one that stops reading is let go)."""
         if not self.write_paused or self.gone:
             return
         self._drained = self.loop.create_future()
-        timer = self.loop.call_later(self.server.request_timeout_s, self._stalled)
         try:
             await self._drained
         finally:
-            timer.cancel()
             self._drained = None
 
     def _stalled(self) -> None:
+        self._stall = None
         _log.info("joule-otel proxy: a client read nothing for %ss; connection closed", self.server.request_timeout_s)
         self.abort()
 
@@ -398,18 +500,28 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     # -- timers ---------------------------------------------------------------------------------
+    # One timer a connection, moved on only when it fires: a request's arrival and an idle wait each set a deadline,
+    # and a kept-alive connection's requests cost no timer of their own.
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(seconds, self._timed_out)
+        deadline = self._deadline = self.loop.time() + seconds
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._timed_out)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None
 
     def _timed_out(self) -> None:
         self._timer = None
-        if self.task is not None or self.pending:  # answering: timed again when done
+        deadline = self._deadline
+        if deadline is None or self.gone:
+            return
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._timed_out)
+            return
+        self._deadline = None
+        if self.reply is not None or self.pending:  # answering: timed again when done
             return
         if self._parsing:  # a request begun and never finished
             self._refuse(408, f"the request did not arrive in {self.server.request_timeout_s}s", "timeout")
@@ -427,7 +539,7 @@ class _Connection(asyncio.Protocol):
             transport.write_eof()
             self._resume_reading()
             self._disarm()
-            self._timer = self.loop.call_later(LINGER_S, transport.close)
+            self.loop.call_later(LINGER_S, transport.close)
             return
         transport.close()  # after what is buffered is written
 
@@ -460,8 +572,9 @@ class HttpServer:
         self.idle_timeout_s = idle_timeout_s
         """A kept-alive connection with nothing under way is closed after this long."""
         self.connections: set[_Connection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        """Each connection's answering, while under way."""
+        self.busy: set[_Connection] = set()
+        """The connections answering a request."""
+        self._all_idle: asyncio.Future[None] | None = None
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self.loop: asyncio.AbstractEventLoop
@@ -474,19 +587,33 @@ class HttpServer:
         )
         return int(self._server.sockets[0].getsockname()[1])
 
+    def idle(self, connection: _Connection) -> None:
+        """``connection`` answered its request."""
+        self.busy.discard(connection)
+        if not self.busy and self._all_idle is not None and not self._all_idle.done():
+            self._all_idle.set_result(None)
+
     async def shutdown(self, grace_s: float = 30.0) -> None:
         """Stop listening, close idle connections, let each request under way finish (at most ``grace_s``)."""
         self.closing = True
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
-            if connection.task is None and not connection._parsing:
+            if connection.reply is None and not connection._parsing:
                 connection.close()
-        if self.tasks:
-            _, late = await asyncio.wait(set(self.tasks), timeout=grace_s)
-            for task in late:  # past the grace: cancelled, so what their handlers do on the way out still runs
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        if self.busy:
+            self._all_idle = self.loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._all_idle), grace_s)
+            except asyncio.TimeoutError:
+                # past the grace: a coroutine's task is cancelled and every connection cut, so what their handlers
+                # do on the way out (a forwarded call's row) still runs
+                late = [c.task for c in self.busy if c.task is not None]
+                for task in late:
+                    task.cancel()
+                for connection in list(self.busy):
+                    connection.abort()
+                await asyncio.gather(*late, return_exceptions=True)
         for connection in list(self.connections):
             connection.abort()
         if self._server is not None:

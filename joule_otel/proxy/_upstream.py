@@ -2,11 +2,13 @@
 
 A general client (httpx) costs a millisecond a call on the proxy's path: its pool, its models and anyio's layers
 are built for every kind of use. The proxy needs one kind: forward a request it has read whole to one origin, and
-hand the answer back chunk by chunk. This client does that on asyncio's transports with the C parser uvicorn uses
-(``benchmarks/run.py --only proxy`` measures the difference). What HTTP requires of it, it does: the ``Host`` and
-``Content-Length`` of the next hop, interim (1xx) answers skipped, bodies framed by length, by chunks or by the
-connection's end, a connection reused only when both ends keep it alive, TLS with the system's or certifi's trust
-store, and ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` honoured as httpx honours them.
+hand the answer on as it arrives. This client does that on asyncio's transports with the C parser uvicorn uses, and
+tells an :class:`Exchange` what arrives from inside the transport's own callbacks: a forwarded call costs no task,
+no future and no coroutine frame, which at a few calls a second (every cache cold) was half of what the proxy added
+(``benchmarks/run.py --only proxy``). What HTTP requires of it, it does: the ``Host`` and ``Content-Length`` of the
+next hop, interim (1xx) answers skipped, bodies framed by length, by chunks or by the connection's end, a connection
+reused only when both ends keep it alive, TLS with the system's or certifi's trust store, and
+``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` honoured as httpx honours them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import collections
 import os
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -25,22 +26,61 @@ import httptools
 
 IDLE_CONNECTIONS = 128
 """Kept-alive connections held for reuse; more can be open at once, the rest close when done."""
-PAUSE_AT_BYTES = 1 << 20
-"""Answer bytes buffered for a client that reads slower than the upstream sends before the upstream is paused."""
 
 
 class UpstreamError(Exception):
-    """The upstream could not be reached, or broke off before its answer began."""
+    """The upstream could not be reached, or broke off before its answer was complete."""
 
 
 class UpstreamTimeout(UpstreamError):
     """The upstream took longer than the timeout to connect, to answer, or between two pieces of an answer."""
 
 
-class _Connection(asyncio.Protocol):
-    """One connection to the upstream: the parser's callbacks fill the answer under way."""
+class Exchange:
+    """One request's answer, told as it arrives.
 
-    def __init__(self) -> None:
+    :meth:`on_head`, :meth:`on_data` as often as bytes come, then :meth:`on_end` or :meth:`on_error` (once, before or
+    after the head). Subclasses answer them; they run inside the transport's callbacks, so they never block.
+    """
+
+    connection: _Connection | None = None
+    """The connection carrying the request, once it has one."""
+    cancelled = False
+
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        """The final answer's status, headers and ``Content-Length`` (interim 1xx answers are never told)."""
+
+    def on_data(self, chunk: bytes) -> None:
+        """The body that arrived in one read, de-chunked, never decoded."""
+
+    def on_end(self) -> None:
+        """The answer is complete."""
+
+    def on_error(self, error: UpstreamError) -> None:
+        """No answer, or one broken off: before :meth:`on_head` nothing was answered."""
+
+    def cancel(self) -> None:
+        """Stop the request: its connection closes, and nothing more is told."""
+        self.cancelled = True
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.drop()
+
+    def pause(self) -> None:
+        """Read no more of the answer until :meth:`resume` (the client reads slower than the upstream sends)."""
+        if self.connection is not None and self.connection.transport is not None:
+            self.connection.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.connection is not None and self.connection.transport is not None:
+            self.connection.transport.resume_reading()
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to the upstream: the parser's callbacks note the answer, each read is told to the exchange."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         # a header value with a control character in it is passed on as httpx passes it (then dropped as unsendable
@@ -50,22 +90,42 @@ class _Connection(asyncio.Protocol):
             lenient(lenient_headers=True)
         self.lost = False
         self.received = 0
+        self.exchange: Exchange | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done = False
+        self.head_told = False
         self.complete = False
         self.framed = False
         """The answer's body has a length or chunks (else it runs to the connection's end)."""
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.buffered = 0
-        self.error: BaseException | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.paused = False
+        self.length: int | None = None
+        """The answer's ``Content-Length``."""
+        self.chunks: list[bytes] = []
         self.head_only = False
         self.keep_alive = False
+        self.reused = False
+        self.message = b""
+        self.sent_at = 0
+        """``received`` when the request was sent: nothing since means the upstream answered nothing."""
+        self.last = 0.0
+
+    def begin(self, exchange: Exchange, message: bytes, head_only: bool, reused: bool) -> None:
+        """Send one request; what comes back goes to ``exchange``."""
+        self._reset()
+        self.exchange = exchange
+        exchange.connection = self
+        self.head_only, self.reused, self.message = head_only, reused, message
+        self.sent_at = self.received
+        loop = self.upstream.loop
+        self.last = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(self.last + self.upstream.read_timeout_s, self._check_timeout)
+        assert self.transport is not None
+        self.transport.write(message)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -73,28 +133,51 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        exchange = self.exchange
+        if exchange is None:  # bytes no request asked for: the connection cannot be trusted again
+            self.drop()
+            return
+        self.last = self.upstream.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.error = UpstreamError(f"the upstream's answer is not HTTP/1.1 ({exc})")
-            self.lost = True
-            if self.transport is not None:
-                self.transport.close()
-        if self.buffered > PAUSE_AT_BYTES and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
-        self._wake()
+            self._fail(UpstreamError(f"the upstream's answer is not HTTP/1.1 ({exc})"))
+            return
+        # told in order, each only if the exchange is still this connection's (a callback may cancel it)
+        if self.head_done and not self.head_told:
+            self.head_told = True
+            exchange.on_head(self.status, self.headers, self.length)
+        if self.chunks and self.exchange is exchange:
+            chunks = self.chunks
+            # a stream's events come several to a read: told together, they cost the client one write, not one each
+            chunk = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.chunks = []
+            exchange.on_data(chunk)
+        if self.complete and self.exchange is exchange:
+            self._finish()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: an upstream that ends its half is done with the connection
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        exchange = self.exchange
+        if exchange is None:
+            return
         if self.head_done and not self.framed and not self.complete:
             self.complete = True  # a body that runs to the connection's end has ended
-        elif not self.complete and self.error is None:
-            self.error = UpstreamError("the upstream closed the connection before its answer was complete")
-        self._wake()
+            if not self.head_told:
+                self.head_told = True
+                exchange.on_head(self.status, self.headers, self.length)
+            if self.exchange is exchange:
+                self._finish()
+        elif self.reused and not self.head_done and self.received == self.sent_at:
+            # a kept-alive connection the upstream had closed meanwhile: nothing was answered, so nothing was done;
+            # once more on a new connection (what browsers, curl and Go's net/http do)
+            self._release()
+            self.upstream.send_new(exchange, self.message, self.head_only)
+        else:
+            self._fail(UpstreamError("the upstream closed the connection before its answer was complete"))
 
     # -- httptools callbacks --------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -108,54 +191,60 @@ class _Connection(asyncio.Protocol):
         self.status = status
         self.head_done = True
         self.keep_alive = self.parser.should_keep_alive()  # the parser says so only until the message is complete
-        self.framed = status in (204, 304) or any(
-            name.lower() == b"content-length" or (name.lower() == b"transfer-encoding" and b"chunked" in value.lower())
-            for name, value in self.headers
-        )
+        framed = status in (204, 304)
+        for name, value in self.headers:  # lengths first: lower-casing each of a dozen names costs more
+            size = len(name)
+            if size == 14 and name.lower() == b"content-length":
+                framed = True
+                if value.strip().isdigit():
+                    self.length = int(value)
+            elif size == 17 and name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
+                framed = True
+        self.framed = framed
         if self.head_only:  # a HEAD's answer has no body, whatever its length says
             self.complete = True
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
-        self.buffered += len(body)
 
     def on_message_complete(self) -> None:
         if self.head_done:
             self.complete = True
 
-    # -- waiting ---------------------------------------------------------------------------------
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    # -- ending ---------------------------------------------------------------------------------
+    def _release(self) -> Exchange | None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.connection = None
+        return exchange
 
-    async def wait(self, timeout_s: float) -> None:
-        """Until something arrives (or the connection ends), at most ``timeout_s``."""
-        loop = asyncio.get_running_loop()
-        self.waiter = waiter = loop.create_future()
-        timer = loop.call_later(timeout_s, _time_out, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self.waiter = None
+    def _finish(self) -> None:
+        """The answer is whole: the connection back to the pool (when both ends keep it), then the exchange told."""
+        exchange = self._release()
+        if self.reusable() and len(self.upstream.idle) < IDLE_CONNECTIONS:
+            self.upstream.idle.append(self)
+        else:
+            self.drop()
+        if exchange is not None:
+            exchange.on_end()
 
-    def take(self) -> bytes | None:
-        """The body that has arrived and not been taken, if any: the pieces of one read, together.
+    def _fail(self, error: UpstreamError) -> None:
+        exchange = self._release()
+        self.drop()
+        if exchange is not None:
+            exchange.on_error(error)
 
-        A stream's events come several to a read; handed on together they cost the client one write, not one each,
-        and none waits for anything that has not arrived.
-        """
-        chunks = self.chunks
-        if not chunks:
-            return None
-        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self.buffered -= len(chunk)
-        if self.paused and self.buffered <= PAUSE_AT_BYTES // 2 and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
-        return chunk
+    def _check_timeout(self) -> None:
+        """The read timeout, by the time of the last byte: one timer a connection, moved on only when it fires."""
+        self._timer = None
+        if self.exchange is None or self.lost:
+            return
+        loop = self.upstream.loop
+        deadline = self.last + self.upstream.read_timeout_s
+        if loop.time() < deadline:
+            self._timer = loop.call_at(deadline, self._check_timeout)
+            return
+        self._fail(UpstreamTimeout("the upstream did not answer in time"))
 
     def reusable(self) -> bool:
         return (
@@ -163,21 +252,20 @@ class _Connection(asyncio.Protocol):
             and self.framed
             and not self.lost
             and not self.head_only
-            and self.error is None
             and self.keep_alive
             and self.transport is not None
             and not self.transport.is_closing()
         )
 
-    def close(self) -> None:
+    def drop(self) -> None:
+        """Close the connection; an exchange still on it is told nothing more."""
+        self._release()
         self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.close()
-
-
-def _time_out(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(UpstreamTimeout("the upstream did not answer in time"))
 
 
 class _TunnelOpening(asyncio.Protocol):
@@ -197,50 +285,6 @@ class _TunnelOpening(asyncio.Protocol):
             self.head.set_exception(OSError("the egress proxy closed the connection"))
 
 
-class Answer:
-    """The upstream's answer: its status and headers now, its body as it arrives (:meth:`body`)."""
-
-    def __init__(self, upstream: Upstream, connection: _Connection) -> None:
-        self._upstream = upstream
-        self._connection = connection
-        self.status = connection.status
-        self.headers = connection.headers
-        self._closed = False
-
-    async def body(self) -> AsyncIterator[bytes]:
-        """Each piece of the body as the upstream sends it (de-chunked, never decoded).
-
-        Raises:
-            UpstreamTimeout: no piece in the read timeout.
-            UpstreamError: the upstream broke off mid-body.
-        """
-        connection = self._connection
-        timeout_s = self._upstream.read_timeout_s
-        while True:
-            chunk = connection.take()
-            if chunk is not None:
-                yield chunk
-                continue
-            if connection.complete:
-                return
-            if connection.error is not None:
-                raise connection.error
-            if connection.lost:
-                raise UpstreamError("the upstream closed the connection mid-body")
-            await connection.wait(timeout_s)
-
-    def close(self) -> None:
-        """Done with the answer: its connection goes back to the pool when whole and kept alive, else it closes."""
-        if self._closed:
-            return
-        self._closed = True
-        connection = self._connection
-        if connection.reusable() and len(self._upstream.idle) < IDLE_CONNECTIONS:
-            self._upstream.idle.append(connection)
-        else:
-            connection.close()
-
-
 class Upstream:
     """Requests to one origin (``scheme://host[:port][/prefix]``) over a pool of kept-alive connections."""
 
@@ -258,17 +302,18 @@ class Upstream:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.idle: collections.deque[_Connection] = collections.deque()
+        self._connecting: set[asyncio.Task[None]] = set()
         self._ssl: ssl.SSLContext | None = _ssl_context() if self.tls else None
         self._via = _egress_proxy(parts.scheme, self.host)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def request(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> Answer:
-        """Send one request (``target``: path and query as the client sent them) and wait for its answer's head.
+    def send(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, exchange: Exchange
+    ) -> None:
+        """Send one request (``target``: path and query as the client sent them); its answer goes to ``exchange``.
 
-        ``headers`` are sent as given, after ``Host`` and before ``Content-Length`` (both this hop's own).
-
-        Raises:
-            UpstreamTimeout: no connection or no answer in the timeouts.
-            UpstreamError: the upstream cannot be reached, or broke off before answering.
+        ``headers`` are sent as given, after ``Host`` and before ``Content-Length`` (both this hop's own). On a
+        kept-alive connection the request is written before this returns; else once a connection is made.
         """
         path = self.prefix + target
         if self._via is not None and not self.tls:  # a plain-HTTP egress proxy takes the whole URL
@@ -280,35 +325,29 @@ class Upstream:
             head += (b"content-length: ", str(len(body)).encode(), b"\r\n")
         head.append(b"\r\n")
         message = b"".join(head) + body
-        for attempt in range(2):
-            connection = self._idle_connection()
-            reused = connection is not None
-            if connection is None:
-                connection = await self._connect()
-            connection._reset()
-            connection.head_only = method == "HEAD"
-            before = connection.received
-            try:
-                assert connection.transport is not None
-                connection.transport.write(message)
-                while not connection.head_done:
-                    if connection.error is not None:
-                        raise connection.error
-                    if connection.lost:
-                        raise UpstreamError("the upstream closed the connection before answering")
-                    await connection.wait(self.read_timeout_s)
-            except UpstreamTimeout:
-                connection.close()
-                raise
-            except (UpstreamError, RuntimeError, OSError) as exc:
-                connection.close()
-                # a kept-alive connection the upstream had closed meanwhile: nothing was answered, so nothing was done;
-                # once more on a new connection (what browsers, curl and Go's net/http do)
-                if reused and attempt == 0 and connection.received == before:
-                    continue
-                raise exc if isinstance(exc, UpstreamError) else UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-            return Answer(self, connection)
-        raise AssertionError("unreachable")
+        connection = self._idle_connection()
+        if connection is not None:
+            connection.begin(exchange, message, method == "HEAD", reused=True)
+        else:
+            self.send_new(exchange, message, method == "HEAD")
+
+    def send_new(self, exchange: Exchange, message: bytes, head_only: bool) -> None:
+        """Send on a connection of its own, once it is made."""
+        task = self.loop.create_task(self._send_new(exchange, message, head_only))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _send_new(self, exchange: Exchange, message: bytes, head_only: bool) -> None:
+        try:
+            connection = await self._connect()
+        except UpstreamError as exc:
+            if not exchange.cancelled:
+                exchange.on_error(exc)
+            return
+        if exchange.cancelled:
+            connection.drop()
+            return
+        connection.begin(exchange, message, head_only, reused=False)
 
     def _idle_connection(self) -> _Connection | None:
         """The most recently used kept-alive connection still open (those the upstream closed are dropped)."""
@@ -319,13 +358,19 @@ class Upstream:
                 return connection
         return None
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
     async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         try:
             if self._via is None:
                 _, connection = await asyncio.wait_for(
                     loop.create_connection(
-                        _Connection,
+                        lambda: _Connection(self),
                         self.host,
                         self.port,
                         ssl=self._ssl,
@@ -346,7 +391,7 @@ class Upstream:
         assert self._via is not None
         proxy_host, proxy_port, auth = self._via
         if not self.tls:
-            _, connection = await loop.create_connection(_Connection, proxy_host, proxy_port)
+            _, connection = await loop.create_connection(lambda: _Connection(self), proxy_host, proxy_port)
             return connection
         transport, opening = await loop.create_connection(_TunnelOpening, proxy_host, proxy_port)
         target = f"{self.host}:{self.port}".encode("idna")
@@ -359,7 +404,7 @@ class Upstream:
         if not status.startswith(b"2"):
             transport.close()
             raise OSError(f"the egress proxy {proxy_host}:{proxy_port} refused the tunnel: {head.splitlines()[0]!r}")
-        connection = _Connection()
+        connection = _Connection(self)
         tls = await loop.start_tls(transport, connection, self._ssl, server_hostname=self.host)  # type: ignore[arg-type]
         if tls is None:
             raise OSError("TLS through the egress proxy failed")
@@ -368,7 +413,7 @@ class Upstream:
 
     def close(self) -> None:
         while self.idle:
-            self.idle.pop().close()
+            self.idle.pop().drop()
 
 
 def _ssl_context() -> ssl.SSLContext:
