@@ -633,6 +633,11 @@ class Counted(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("X-Energy-Joules", "2.5")
         self.send_header("X-Receipt-Id", f"rcpt_{len(type(self).connections)}_{time.monotonic_ns()}")
+        if type(self).mode == "big":  # more than a client's socket and the proxy's buffers hold
+            body = json.dumps(
+                {"id": "c", "pad": "x" * (8 << 20), "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+            )
+            body = body.encode()
         if type(self).mode == "until-close":  # no length, no chunks: the body is what comes before the close
             self.send_header("Connection", "close")
             self.end_headers()
@@ -755,3 +760,30 @@ def _relay(source: socket.socket, sink: socket.socket) -> None:
         for end in (source, sink):
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_slow_reader_gets_a_large_answer_whole_and_the_upstream_connection_is_reused(counted_upstream, tmp_path):
+    Counted.mode = "big"
+    through = start_proxy(counted_upstream, tmp_path / "big.duckdb")
+    port = int(through.url.rsplit(":", 1)[1])
+    request = json.dumps({"model": "auto", "messages": HI}).encode()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(request), request)
+            )
+            data = b""
+            while chunk := sock.recv(256 << 10):  # slower than the proxy can send: it pauses the upstream, then resumes
+                data += chunk
+                time.sleep(0.005)
+        with httpx.Client() as client:  # the next call goes on the same upstream connection, read from the start
+            after = client.post(through.base_url + "/chat/completions", json={"model": "auto", "messages": HI})
+    finally:
+        log = through.stop()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(json.loads(body)["pad"]) == 8 << 20, log
+    assert after.status_code == 200 and len(after.json()["pad"]) == 8 << 20
+    assert len(Counted.connections) == 1
+    rows = through.rows()
+    assert len(rows) == 2 and all(r["energy_j"] == 2.5 for r in rows)

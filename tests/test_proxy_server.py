@@ -261,3 +261,25 @@ def test_a_client_that_leaves_is_told_to_the_handler(served):
         sock.sendall(b"GET /s HTTP/1.1\r\nHost: h\r\n\r\n")
         assert sock.recv(100).startswith(b"HTTP/1.1 200")
     assert left.wait(timeout=10)
+
+
+def test_a_handler_answering_later_by_callbacks_keeps_pipelined_answers_in_order(served):
+    def later(request: Request, reply: Reply) -> None:
+        def answer() -> None:
+            reply.head(200, [(b"content-type", b"text/plain")], None)
+            reply.write(request.path)
+            reply.finish()
+
+        if request.path == b"/slow":  # held, then answered from a timer: the next request waits its turn
+            asyncio.get_running_loop().call_later(0.05, answer)
+        else:
+            answer()
+
+    served.server.handler = later
+    with served.connect() as sock:
+        sock.sendall(
+            b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\nGET /fast HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"GET /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        )
+        found = answers(read_all(sock))
+    assert [(status, body) for status, _, body in found] == [(200, b"/slow"), (200, b"/fast"), (200, b"/last")]

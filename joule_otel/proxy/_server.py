@@ -284,8 +284,8 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        # a client that stops reading is let go after a while
-        self._stall = self.loop.call_later(self.server.request_timeout_s, self._stalled)
+        if self._stall is None:  # a client that stops reading is let go after a while
+            self._stall = self.loop.call_later(self.server.request_timeout_s, self._stalled)
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -616,5 +616,6 @@ class HttpServer:
                 await asyncio.gather(*late, return_exceptions=True)
         for connection in list(self.connections):
             connection.abort()
+        await asyncio.sleep(0)  # each connection's loss is told (a forwarded call cut short is written)
         if self._server is not None:
             await self._server.wait_closed()

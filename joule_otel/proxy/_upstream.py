@@ -68,12 +68,12 @@ class Exchange:
 
     def pause(self) -> None:
         """Read no more of the answer until :meth:`resume` (the client reads slower than the upstream sends)."""
-        if self.connection is not None and self.connection.transport is not None:
-            self.connection.transport.pause_reading()
+        if self.connection is not None:
+            self.connection.pause(True)
 
     def resume(self) -> None:
-        if self.connection is not None and self.connection.transport is not None:
-            self.connection.transport.resume_reading()
+        if self.connection is not None:
+            self.connection.pause(False)
 
 
 class _Connection(asyncio.Protocol):
@@ -90,6 +90,7 @@ class _Connection(asyncio.Protocol):
             lenient(lenient_headers=True)
         self.lost = False
         self.received = 0
+        self.paused = False
         self.exchange: Exchange | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._reset()
@@ -218,9 +219,18 @@ class _Connection(asyncio.Protocol):
             exchange.connection = None
         return exchange
 
+    def pause(self, paused: bool) -> None:
+        if paused != self.paused and self.transport is not None and not self.lost:
+            self.paused = paused
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
     def _finish(self) -> None:
         """The answer is whole: the connection back to the pool (when both ends keep it), then the exchange told."""
         exchange = self._release()
+        self.pause(False)  # paused for a slow client by the read that completed the answer
         if self.reusable() and len(self.upstream.idle) < IDLE_CONNECTIONS:
             self.upstream.idle.append(self)
         else:
