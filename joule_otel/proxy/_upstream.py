@@ -328,13 +328,12 @@ class Upstream:
         path = self.prefix + target
         if self._via is not None and not self.tls:  # a plain-HTTP egress proxy takes the whole URL
             path = b"http://" + self.authority + path
-        head = [method.encode(), b" ", path, b" HTTP/1.1\r\nhost: ", self.authority, b"\r\n"]
-        for name, value in headers:
-            head += (name, b": ", value, b"\r\n")
+        head = [method.encode() + b" " + path + b" HTTP/1.1\r\nhost: " + self.authority + b"\r\n"]
+        head += [name + b": " + value + b"\r\n" for name, value in headers]
         if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            head += (b"content-length: ", str(len(body)).encode(), b"\r\n")
-        head.append(b"\r\n")
-        message = b"".join(head) + body
+            head.append(b"content-length: %d\r\n" % len(body))
+        head += (b"\r\n", body)
+        message = b"".join(head)
         connection = self._idle_connection()
         if connection is not None:
             connection.begin(exchange, message, method == "HEAD", reused=True)
