@@ -228,10 +228,12 @@ class Proxy:
             injected: dict[str, str] = {}
             propagate.inject(injected, context=context)
             outgoing += [(name.encode(), value.encode()) for name, value in injected.items() if name != "baggage"]
-        forwarded = _Forwarded(self, reply, raw_path, outgoing, request.body, context, served, client)
-        forwarded.named, forwarded.auth, forwarded.tagged = named, auth, tagged
-        self.in_flight += 1
+        t0, started_ns = perf_counter_ns(), time_ns()
+        forwarded = _Forwarded(self, reply)
         self.upstream.send(method, target, outgoing, request.body, forwarded)
+        # what the call's row needs, noted while the request is on its way (no answer is read before this returns)
+        forwarded.note(raw_path, outgoing, request.body, context, served, client, named, auth, tagged, t0, started_ns)
+        self.in_flight += 1
 
 
 class _Forwarded(Exchange):
@@ -240,36 +242,37 @@ class _Forwarded(Exchange):
     Each step writes to the client first and notes the call after, so capture's work is never on the way of a byte.
     """
 
-    def __init__(
+    # until the answer says otherwise
+    status = 0
+    t_first = 0
+    head_ns: int | None = None
+    call: ForwardedCall | None = None
+    opened = False
+    ended = False
+
+    def __init__(self, proxy: Proxy, reply: Reply) -> None:
+        self.proxy = proxy
+        self.reply = reply
+
+    def note(
         self,
-        proxy: Proxy,
-        reply: Reply,
         raw_path: bytes,
         outgoing: list[tuple[bytes, bytes]],
         body: bytes,
         context: Any,
         served: Any,
         client: Any,
+        named: bytes | None,
+        auth: bytes | None,
+        tagged: dict[str, str],
+        t0: int,
+        started_ns: int,
     ) -> None:
-        self.proxy = proxy
-        self.reply = reply
-        self.raw_path = raw_path
-        self.outgoing = outgoing
-        self.body = body
-        self.context = context
-        self.served = served
-        self.client = client
-        self.named: bytes | None = None
-        self.auth: bytes | None = None
-        self.tagged: dict[str, str] = {}
-        self.t0, self.started_ns = perf_counter_ns(), time_ns()
-        self.t_first = 0
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_ns: int | None = None
-        self.call: ForwardedCall | None = None
-        self.opened = False
-        self.ended = False
+        """The request as it went, for the call's row and spans."""
+        self.raw_path, self.outgoing, self.body, self.context = raw_path, outgoing, body, context
+        self.served, self.client = served, client
+        self.named, self.auth, self.tagged = named, auth, tagged
+        self.t0, self.started_ns = t0, started_ns
 
     # -- what the upstream sends ---------------------------------------------------------------
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
@@ -317,12 +320,12 @@ class _Forwarded(Exchange):
         proxy = self.proxy
         capture = active_capture()
         operation = operation_of(self.raw_path, None)
+        self.opened = True  # the call is this one, or none
         if capture is not None and operation is not None:
             failed = self._record(operation)
             failed.error = "TimeoutException" if timed_out else "ConnectError"
             capture.open(failed)
             capture.finish(failed)
-            self.opened = True
         _end(self.client, status, type(error).__name__)
         self.client = None
         message = (

@@ -116,6 +116,8 @@ class _Connection(asyncio.Protocol):
 
     def begin(self, exchange: Exchange, message: bytes, head_only: bool, reused: bool) -> None:
         """Send one request; what comes back goes to ``exchange``."""
+        assert self.transport is not None
+        self.transport.write(message)  # first: the answer is read only once this callback returns
         self._reset()
         self.exchange = exchange
         exchange.connection = self
@@ -125,8 +127,6 @@ class _Connection(asyncio.Protocol):
         self.last = loop.time()
         if self._timer is None:
             self._timer = loop.call_at(self.last + self.upstream.read_timeout_s, self._check_timeout)
-        assert self.transport is not None
-        self.transport.write(message)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
