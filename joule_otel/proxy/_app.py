@@ -322,10 +322,13 @@ class _Forwarded(Exchange):
         operation = operation_of(self.raw_path, None)
         self.opened = True  # the call is this one, or none
         if capture is not None and operation is not None:
-            failed = self._record(operation)
-            failed.error = "TimeoutException" if timed_out else "ConnectError"
-            capture.open(failed)
-            capture.finish(failed)
+            try:
+                failed = self._record(operation)
+                failed.error = "TimeoutException" if timed_out else "ConnectError"
+                capture.open(failed)
+                capture.finish(failed)
+            except Exception:
+                capture.internal_error("the proxy's call")
         _end(self.client, status, type(error).__name__)
         self.client = None
         message = (

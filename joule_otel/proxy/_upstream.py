@@ -4,7 +4,7 @@ A general client (httpx) costs a millisecond a call on the proxy's path: its poo
 are built for every kind of use. The proxy needs one kind: forward a request it has read whole to one origin, and
 hand the answer on as it arrives. This client does that on asyncio's transports with the C parser uvicorn uses, and
 tells an :class:`Exchange` what arrives from inside the transport's own callbacks: a forwarded call costs no task,
-no future and no coroutine frame, which at a few calls a second (every cache cold) was half of what the proxy added
+no future and no coroutine frame, which matter most at a few calls a second, when every cache is cold
 (``benchmarks/run.py --only proxy``). What HTTP requires of it, it does: the ``Host`` and ``Content-Length`` of the
 next hop, interim (1xx) answers skipped, bodies framed by length, by chunks or by the connection's end, a connection
 reused only when both ends keep it alive, TLS with the system's or certifi's trust store, and
