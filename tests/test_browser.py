@@ -163,11 +163,10 @@ def visit_tabs(page, name: str, tabs: list[str] = TABS) -> dict[str, str]:
 
 
 def time_axis_ticks(page) -> list[str]:
-    """The x tick labels of the energy-over-time chart (the first chart of the Overview)."""
-    return page.eval_on_selector_all(
-        "[role='tabpanel']:visible .js-plotly-plot >> nth=0",
-        "els => els.length ? [...els[0].querySelectorAll('.xtick text')].map(t => t.textContent) : []",
-    )
+    """The x tick labels of the energy-over-time chart (the first chart of the Overview), once it has drawn them."""
+    ticks = page.locator("[role='tabpanel']:visible .js-plotly-plot").first.locator(".xtick text")
+    ticks.first.wait_for(state="attached", timeout=90_000)  # other charts may be drawn before this one
+    return ticks.all_text_contents()
 
 
 def test_every_tab_of_the_demo_ledger_draws(demo_ledger, browser, tmp_path):
